@@ -1,0 +1,186 @@
+"""Pipeline schedules (GPipe, 1F1B) over per-microbatch routes.
+
+A route is the sequence of hops one microbatch takes; a hop is (stage, parts) where parts is a
+subset of ("embed", "layers", "head"). The plain route visits every stage once. CheckFree+ sends
+odd microbatches along a swapped route (E, S2, S1, S3, ..., S_n, S_{n-1}, E^-1) so neighbouring
+end stages learn to stand in for each other; there the first stage runs twice per microbatch
+(embedding, then its layers) and so does the last.
+
+Deadlock freedom: every stage executes its actions in an order that is a subsequence of one global
+topological order, and sends never block (they are awaited at the end), so the earliest unfinished
+action always has its input available.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .transport import Transport
+
+EMBED, LAYERS, HEAD = "embed", "layers", "head"
+
+
+@dataclass(frozen=True)
+class Hop:
+    stage: int
+    parts: Tuple[str, ...]
+
+
+Route = Tuple[Hop, ...]
+
+
+def plain_route(num_stages: int) -> Route:
+    hops = []
+    for s in range(num_stages):
+        parts = ((EMBED,) if s == 0 else ()) + (LAYERS,) + ((HEAD,) if s == num_stages - 1 else ())
+        hops.append(Hop(s, parts))
+    return tuple(hops)
+
+
+def swap_partners(num_stages: int) -> Dict[int, int]:
+    """Which stage stands in for which under CheckFree+: the first two swap, the last two swap.
+    With 3 stages only the first pair can swap (the middle stage cannot be in both pairs)."""
+    if num_stages < 2:
+        return {}
+    partners = {0: 1, 1: 0}
+    if num_stages >= 4:
+        partners.update({num_stages - 1: num_stages - 2, num_stages - 2: num_stages - 1})
+    elif num_stages == 2:
+        pass  # the two stages are each other's partner already
+    return partners
+
+
+def swapped_route(num_stages: int) -> Route:
+    """CheckFree+'s odd-microbatch route for any stage count >= 2."""
+    if num_stages < 2:
+        return plain_route(num_stages)
+    order = list(range(num_stages))
+    order[0], order[1] = order[1], order[0]
+    if num_stages >= 4:
+        order[-1], order[-2] = order[-2], order[-1]
+    last = num_stages - 1
+    hops = [Hop(0, (EMBED,))]
+    hops += [Hop(s, (LAYERS,)) for s in order]
+    hops.append(Hop(last, (HEAD,)))
+    # Merge the embedding / head into the adjacent hop when the stage is the same anyway.
+    merged: List[Hop] = []
+    for hop in hops:
+        if merged and merged[-1].stage == hop.stage:
+            merged[-1] = Hop(hop.stage, merged[-1].parts + hop.parts)
+        else:
+            merged.append(hop)
+    return tuple(merged)
+
+
+def routes_for(num_stages: int, num_microbatches: int, alternate: bool) -> List[Route]:
+    plain = plain_route(num_stages)
+    if not alternate:
+        return [plain] * num_microbatches
+    swapped = swapped_route(num_stages)
+    return [swapped if mb % 2 == 1 else plain for mb in range(num_microbatches)]
+
+
+Action = Tuple[str, int, int]  # ("F" | "B", microbatch, hop index in its route)
+
+
+def gpipe_actions(stage: int, routes: Sequence[Route]) -> List[Action]:
+    fwd = [("F", mb, h) for mb, r in enumerate(routes) for h, hop in enumerate(r) if hop.stage == stage]
+    bwd = [("B", mb, h) for mb in reversed(range(len(routes)))
+           for h in reversed(range(len(routes[mb]))) if routes[mb][h].stage == stage]
+    return fwd + bwd
+
+
+def one_f_one_b_actions(stage: int, num_stages: int, num_microbatches: int) -> List[Action]:
+    """Classic 1F1B on the plain route: warm up with (S - s - 1) forwards, alternate, cool down."""
+    warmup = min(num_stages - stage - 1, num_microbatches)
+    acts: List[Action] = [("F", mb, stage) for mb in range(warmup)]
+    f, b = warmup, 0
+    while f < num_microbatches:
+        acts.append(("F", f, stage))
+        f += 1
+        acts.append(("B", b, stage))
+        b += 1
+    while b < num_microbatches:
+        acts.append(("B", b, stage))
+        b += 1
+    return acts
+
+
+def actions_for(schedule: str, stage: int, num_stages: int, routes: Sequence[Route]) -> List[Action]:
+    plain = plain_route(num_stages)
+    if schedule == "1f1b" and all(r == plain for r in routes):
+        return one_f_one_b_actions(stage, num_stages, len(routes))
+    return gpipe_actions(stage, routes)
+
+
+def run_parts(model, parts: Sequence[str], x: torch.Tensor) -> torch.Tensor:
+    if EMBED in parts:
+        x = model.embed(x)
+    if LAYERS in parts:
+        x = model.forward_layers(x)
+    if HEAD in parts:
+        x = model.head(x)
+    return x
+
+
+class StageExecutor:
+    """Runs one stage's share of a step: forwards, backwards and the p2p traffic between them."""
+
+    def __init__(self, model, stage: int, num_stages: int, transport: Transport,
+                 rank_of_stage: Callable[[int], int], hidden_dim: int,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.model, self.stage, self.num_stages = model, stage, num_stages
+        self.transport, self.rank_of_stage = transport, rank_of_stage
+        self.hidden_dim, self.loss_fn = hidden_dim, loss_fn
+
+    @staticmethod
+    def _tag(mb: int, hop: int, backward: bool) -> int:
+        return (mb * 64 + hop) * 2 + int(backward)
+
+    def run(self, inputs: torch.Tensor, targets: torch.Tensor,
+            routes: Sequence[Route], actions: Sequence[Action], train: bool = True) -> Optional[float]:
+        """Execute `actions`. Returns the summed per-microbatch mean loss on the stage that runs a
+        head hop (divided by the microbatch count, i.e. the batch mean), else None."""
+        num_mb = len(routes)
+        mb_size = inputs.shape[0] // num_mb  # every stage gets the batch; only shapes matter off the ends
+        saved: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+        loss_total = torch.zeros((), dtype=torch.float64)
+        has_loss = False
+        for kind, mb, h in actions:
+            route = routes[mb]
+            hop = route[h]
+            if kind == "F":
+                if h == 0:
+                    x = inputs[mb * mb_size:(mb + 1) * mb_size]
+                else:
+                    x = self.transport.recv((mb_size, inputs.shape[1], self.hidden_dim),
+                                            self.rank_of_stage(route[h - 1].stage), self._tag(mb, h, False))
+                    x.requires_grad_(train)
+                with torch.set_grad_enabled(train):
+                    out = run_parts(self.model, hop.parts, x)
+                    if HEAD in hop.parts:
+                        tgt = targets[mb * mb_size:(mb + 1) * mb_size]
+                        out = self.loss_fn(out, tgt) / num_mb
+                        loss_total += out.detach().to(torch.float64)
+                        has_loss = True
+                    else:
+                        self.transport.send(out, self.rank_of_stage(route[h + 1].stage), self._tag(mb, h + 1, False))
+                if train:
+                    saved[(mb, h)] = (x, out)
+            else:
+                x, out = saved.pop((mb, h))
+                if HEAD in hop.parts:
+                    grad = None
+                else:
+                    grad = self.transport.recv(out.shape, self.rank_of_stage(route[h + 1].stage),
+                                               self._tag(mb, h + 1, True), channel="p2p_grad")
+                if out.requires_grad:
+                    torch.autograd.backward(out, grad)
+                if h > 0:
+                    g = x.grad if x.grad is not None else torch.zeros_like(x)
+                    self.transport.send(g, self.rank_of_stage(route[h - 1].stage), self._tag(mb, h, True),
+                                        channel="p2p_grad")
+        self.transport.flush()
+        return float(loss_total) if has_loss else None

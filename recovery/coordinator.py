@@ -1,0 +1,267 @@
+"""The coordinator: a process that is not a worker, so no worker's death takes the store down.
+
+It hosts the TCPStore and owns membership: which worker holds which (replica, stage) slot, the spare
+pool, heartbeats, the generation number and each generation's rebuild plan. It also collects the
+committed steps into `metrics.jsonl` and shows progress. Run it standalone on a stable host with
+`python -m recovery.coordinator --port 29400 --run-dir outputs/run --job job.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from . import protocol as P
+from .tiers import Unrecoverable, plan_rebuilds
+
+log = logging.getLogger(__name__)
+Slot = Tuple[int, int]
+
+
+@dataclass
+class WorkerInfo:
+    wid: str
+    pid: int
+    host: str
+    machine: str
+    hb: int = -1
+    hb_changed: float = field(default_factory=time.time)
+    state: str = "spare"          # spare | active | dead | left
+    slot: Optional[Slot] = None
+
+
+class Coordinator:
+    def __init__(self, job: dict, run_dir: str, port: int, host: str = "0.0.0.0", token: Optional[str] = None,
+                 progress: bool = True):
+        self.job, self.run_dir = job, run_dir
+        par = job["parallel"]
+        self.R, self.S = par["replicas"], par["stages"]
+        self.max_steps = job["train"]["max_steps"]
+        rec = job["recovery"]
+        self.hb_timeout = rec["heartbeat_timeout_s"]
+        self.strategy = rec["strategy"]
+        self.diloco = job["diloco"]["enabled"]
+        self.token = token
+        self.store = P.connect(host, port, is_master=True, timeout_s=rec["init_timeout_s"])
+        P.put_json(self.store, "job", job)
+        self.store.set("gen", "-1")
+        self.workers: Dict[str, WorkerInfo] = {}
+        self.slots: Dict[Slot, str] = {}
+        self.gen = -1
+        self.pending_lost: Dict[Slot, dict] = {}   # slot -> {detected_at, handed_off, leaver}
+        self.committed = {r: -1 for r in range(self.R)}
+        self.rebuilds: List[dict] = []
+        self.failures = 0
+        self.final_val: Optional[float] = None
+        self.error: Optional[str] = None
+        self.readers = {name: P.LogReader(self.store, name) for name in
+                        ("join", "suspect", "leave", "commit", "eval", "event")}
+        os.makedirs(run_dir, exist_ok=True)
+        self.metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        self.t0 = time.time()
+        self.tokens = 0
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.max_steps * self.R, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    # --- membership -------------------------------------------------------------------------------
+    def _on_join(self, req: dict) -> None:
+        wid = req["wid"]
+        if self.token and req.get("token") != self.token:
+            log.warning("refused join from %s (pid %s on %s): wrong or missing token", wid, req.get("pid"),
+                        req.get("host"))
+            self.store.set(f"ack/{wid}", "refused")
+            self._event({"kind": "join_refused", "wid": wid, "host": req.get("host")})
+            return
+        self.workers[wid] = WorkerInfo(wid, req["pid"], req["host"], req.get("machine", req["host"]))
+        self.store.set(f"ack/{wid}", "ok")
+        log.info("worker %s joined (pid %s on %s)", wid, req["pid"], req["host"])
+
+    def _declare_dead(self, wid: str, why: str, handed_off: bool = False) -> None:
+        w = self.workers.get(wid)
+        if w is None or w.state in ("dead", "left"):
+            return
+        was_active = w.state == "active"
+        w.state = "left" if handed_off else "dead"
+        log.warning("worker %s %s (%s)", wid, "left" if handed_off else "declared dead", why)
+        if was_active and w.slot is not None:
+            if not handed_off:
+                self.failures += 1
+            self.pending_lost[w.slot] = {"detected_at": time.time(), "handed_off": handed_off,
+                                         "leaver": wid if handed_off else None, "why": why,
+                                         "step": self.committed[w.slot[0]] + 1}
+            del self.slots[w.slot]
+
+    def _check_heartbeats(self) -> None:
+        now = time.time()
+        for w in list(self.workers.values()):
+            if w.state not in ("active", "spare"):
+                continue
+            hb = int(self.store.add(f"hb/{w.wid}", 0))
+            if hb != w.hb:
+                w.hb, w.hb_changed = hb, now
+            elif now - w.hb_changed > self.hb_timeout:
+                self._declare_dead(w.wid, f"no heartbeat for {now - w.hb_changed:.1f}s")
+
+    # --- generations ------------------------------------------------------------------------------
+    def _maybe_publish(self) -> None:
+        if self.gen >= 0 and not self.pending_lost:
+            return
+        spares = [w for w in self.workers.values() if w.state == "spare"]
+        if self.gen < 0:
+            if len(spares) < self.R * self.S:
+                return
+            for slot, w in zip([(r, s) for r in range(self.R) for s in range(self.S)], spares):
+                self._assign(slot, w)
+            self._publish({}, leavers=[])
+            return
+        if len(spares) < len(self.pending_lost):
+            return  # wait for replacements (the launcher respawns spares; `kintsugi join` adds more)
+        lost = sorted(self.pending_lost)
+        handed = {s for s, v in self.pending_lost.items() if v["handed_off"]}
+        try:
+            plans = plan_rebuilds(lost, self.R, self.S, self.strategy, handed_off=handed, diloco=self.diloco,
+                                  have_checkpoint=self._have_checkpoint())
+        except Unrecoverable as e:
+            self.error = str(e)
+            log.error("cannot recover: %s", e)
+            return
+        for slot, w in zip(lost, spares):
+            self._assign(slot, w)
+        leavers = [v["leaver"] for v in self.pending_lost.values() if v["leaver"]]
+        rebuild = {}
+        for slot, plan in plans.items():
+            info = self.pending_lost[slot]
+            rebuild[f"{slot[0]},{slot[1]}"] = dict(plan.to_json(), detected_at=info["detected_at"],
+                                                   step=info["step"], leaver=info["leaver"])
+        self._publish(rebuild, leavers)
+        self.pending_lost.clear()
+
+    def _assign(self, slot: Slot, w: WorkerInfo) -> None:
+        w.state, w.slot = "active", slot
+        self.slots[slot] = w.wid
+
+    def _publish(self, rebuild: dict, leavers: List[str]) -> None:
+        self.gen += 1
+        ranks = {self.slots[(r, s)]: r * self.S + s for r in range(self.R) for s in range(self.S)}
+        for j, wid in enumerate(leavers):  # leavers join the new group only to hand their state over
+            ranks[wid] = self.R * self.S + j
+        plan = {"gen": self.gen, "slots": {f"{r},{s}": wid for (r, s), wid in self.slots.items()},
+                "ranks": ranks, "world_size": len(ranks), "rebuild": rebuild, "leavers": leavers,
+                "committed": {str(r): k for r, k in self.committed.items()}, "published_at": time.time()}
+        P.put_json(self.store, f"gen/{self.gen}", plan)
+        self.store.set("gen", str(self.gen))
+        if rebuild:
+            log.warning("generation %d: rebuilding %s", self.gen,
+                        ", ".join(f"slot {k} via {v['tier']}" for k, v in rebuild.items()))
+        else:
+            log.info("generation %d published (%d workers)", self.gen, len(ranks))
+
+    def _have_checkpoint(self) -> bool:
+        return P.has(self.store, "checkpoint/latest")
+
+    # --- metrics ----------------------------------------------------------------------------------
+    def _event(self, ev: dict) -> None:
+        ev = dict(ev, t=time.time() - self.t0)
+        self.metrics_f.write(json.dumps({"event": ev}) + "\n")
+
+    def _drain_logs(self) -> None:
+        for req in self.readers["join"].poll():
+            self._on_join(req)
+        for rep in self.readers["suspect"].poll():
+            if rep["gen"] == self.gen and rep["peer_wid"] in self.workers:
+                self._declare_dead(rep["peer_wid"], f"reported by {rep['reporter']}: {rep['why'][:80]}")
+        for lv in self.readers["leave"].poll():
+            self._declare_dead(lv["wid"], lv.get("why", "leaving"), handed_off=True)
+        for c in self.readers["commit"].poll():
+            r, k = c["replica"], c["step"]
+            if k <= self.committed[r]:
+                continue  # a retried step that had already committed
+            self.committed[r] = k
+            self.tokens += c.get("tokens", 0)
+            rec = dict(c, wall_s=time.time() - self.t0, gen=self.gen)
+            self.metrics_f.write(json.dumps(rec) + "\n")
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{c['loss']:.3f}", tok_s=f"{self.tokens / (time.time() - self.t0):.0f}",
+                                     gen=self.gen, refresh=False)
+        for e in self.readers["eval"].poll():
+            rec = dict(e, wall_s=time.time() - self.t0)
+            self.metrics_f.write(json.dumps(rec) + "\n")
+            if e.get("final"):
+                self.final_val = e["val_loss"]
+            if self.bar is not None:
+                self.bar.write(f"step {e['step']}: val_loss {e['val_loss']:.4f}")
+        for ev in self.readers["event"].poll():
+            if ev.get("kind") == "rebuild":
+                self.rebuilds.append({k: ev[k] for k in ("step", "slot", "tier", "detect_s", "recover_s")})
+                if self.bar is not None:
+                    self.bar.write(f"rebuilt slot {ev['slot']} via {ev['tier']} at step {ev['step']}: detected in "
+                                   f"{ev['detect_s']:.3f}s, training again {ev['recover_s']:.2f}s after the failure")
+            self._event(ev)
+
+    def _bytes(self) -> Dict[str, int]:
+        total: Dict[str, int] = {}
+        for wid in self.workers:
+            for ch, n in (P.get_json_or(self.store, f"bytes/{wid}", {}) or {}).items():
+                total[ch] = total.get(ch, 0) + n
+        return total
+
+    def finished(self) -> bool:
+        return all(k >= self.max_steps - 1 for k in self.committed.values()) and self.final_val is not None
+
+    # --- main loop --------------------------------------------------------------------------------
+    def serve(self, poll_s: float = 0.01) -> int:
+        try:
+            while True:
+                self._drain_logs()
+                if self.gen >= 0:
+                    self._check_heartbeats()
+                self._maybe_publish()
+                if self.error or self.finished():
+                    break
+                time.sleep(poll_s)
+        finally:
+            self.store.set("shutdown", self.error or "ok")
+            state = {"final_val_loss": self.final_val, "committed": self.committed, "rebuilds": self.rebuilds,
+                     "failures": self.failures, "bytes": self._bytes(), "tokens": self.tokens,
+                     "wall_s": time.time() - self.t0, "generations": self.gen + 1, "error": self.error}
+            with open(os.path.join(self.run_dir, "coordinator_state.json"), "w") as f:
+                json.dump(state, f, indent=1)
+            if self.bar is not None:
+                self.bar.close()
+            self.metrics_f.close()
+            time.sleep(1.0)  # let workers read `shutdown` before the store goes away
+        if self.error:
+            print(f"kintsugi: run stopped: {self.error}", file=sys.stderr)
+            return 3
+        return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Kintsugi coordinator (hosts the store, owns membership)")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--job", required=True, help="job config JSON written by the launcher")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("KINTSUGI_LOG", "INFO"),
+                        format="[coordinator] %(levelname)s %(message)s")
+    with open(args.job) as f:
+        job = json.load(f)
+    token = P.resolve_token(job["recovery"].get("token", ""))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    return Coordinator(job, args.run_dir, args.port, args.host, token, progress=not args.no_progress).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

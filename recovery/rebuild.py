@@ -1,0 +1,84 @@
+"""Rebuilding a stage's state from what the survivors hold.
+
+State travels as "packages": a dict of tensors and plain values, serialised with torch.save and sent
+over the new generation's process group as a length + uint8 payload. Layer parameters are keyed
+positionally (`layers.<j>.<suffix>` with j the stage-local index) so the neighbours' j-th layers
+can be averaged into the lost stage's j-th layer, whatever their global indices.
+"""
+from __future__ import annotations
+
+import io
+import re
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from parallel.transport import Transport
+
+_LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
+EPS = 1e-4  # CheckFree adds it to each gradient norm so two zero norms still average
+
+
+def to_positional(sd: Dict[str, torch.Tensor], layer_ids: Sequence[int]) -> Dict[str, torch.Tensor]:
+    pos = {g: j for j, g in enumerate(sorted(layer_ids))}
+    out = {}
+    for k, v in sd.items():
+        m = _LAYER.match(k)
+        out[f"layers.{pos[int(m.group(1))]}.{m.group(2)}" if m else k] = v
+    return out
+
+
+def from_positional(sd: Dict[str, torch.Tensor], layer_ids: Sequence[int],
+                    source_count: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Inverse of to_positional for a stage holding `layer_ids`. If the source stage had fewer layers
+    (uneven partition), its layers are reused cyclically."""
+    ids = sorted(layer_ids)
+    out = {}
+    n_src = source_count or len(ids)
+    for j, g in enumerate(ids):
+        prefix = f"layers.{j % n_src}."
+        for k, v in sd.items():
+            if k.startswith(prefix):
+                out[f"layers.{g}.{k[len(prefix):]}"] = v
+    for k, v in sd.items():
+        if not k.startswith("layers."):
+            out[k] = v
+    return out
+
+
+def checkfree_average(prev: Dict[str, torch.Tensor], nxt: Dict[str, torch.Tensor], w_prev: float,
+                      w_next: float) -> Dict[str, torch.Tensor]:
+    """W = (w_prev * W_prev + w_next * W_next) / (w_prev + w_next) for every layer tensor both hold.
+    Computed in fp32 (the weights are norms + 1e-4, so the denominator is never zero)."""
+    out = {}
+    denom = w_prev + w_next
+    for k, a in prev.items():
+        if k in nxt and k.startswith("layers."):
+            b = nxt[k]
+            out[k] = ((w_prev * a.float() + w_next * b.float()) / denom).to(a.dtype)
+    return out
+
+
+def pack(obj) -> torch.Tensor:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def unpack(payload: torch.Tensor):
+    return torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=False)
+
+
+def send_package(transport: Transport, obj, dst: int, tag: int) -> int:
+    payload = pack(obj)
+    transport.send(torch.tensor([payload.numel()], dtype=torch.int64), dst, tag, channel="rebuild")
+    transport.send(payload, dst, tag + 1, channel="rebuild")
+    transport.flush()
+    return payload.numel()
+
+
+def recv_package(transport: Transport, src: int, tag: int):
+    n = transport.recv((1,), src, tag, channel="rebuild", dtype=torch.int64)
+    payload = transport.recv((int(n.item()),), src, tag + 1, channel="rebuild", dtype=torch.uint8)
+    return unpack(payload)

@@ -1,0 +1,69 @@
+"""Command line: `kintsugi [hydra overrides]` trains; later subcommands (export, report, join)
+dispatch here too. Configuration errors are caught before Hydra starts a run, so a typo gives one
+line naming the key and the fix instead of a traceback, and no process is started."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from .config import ConfigError
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def compose_job(overrides: List[str]):
+    """Compose the real Hydra config (as the CLI would) and convert it to a typed JobConfig."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .config_store import register, to_job_config
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    return to_job_config(cfg), cfg
+
+
+def _one_line(err: BaseException) -> str:
+    msg = str(err).strip().splitlines()
+    text = msg[0] if msg else type(err).__name__
+    # OmegaConf/Hydra add "full_key:" context lines; keep the first line and the key when present.
+    key = next((l.split(":", 1)[1].strip() for l in msg if l.strip().startswith("full_key:")), None)
+    if key and key not in text:
+        text = f"{key}: {text}"
+    return text
+
+
+def validate_overrides(overrides: List[str]) -> Optional[str]:
+    try:
+        compose_job([o for o in overrides if not o.startswith("-")])
+    except ConfigError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf errors: unknown keys, bad types, bad groups
+        text = _one_line(e)
+        if "not in struct" in text or "Could not override" in text or "Key '" in text:
+            text += " (unknown key; run `python -m trainer --cfg job` to list the valid keys)"
+        return text
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("export", "report", "join"):
+        from . import commands
+        return commands.dispatch(argv)
+    if not any(a in ("--help", "-h", "--cfg", "-c", "--info") or a.startswith("--cfg") for a in argv):
+        err = validate_overrides(argv)
+        if err:
+            print(f"kintsugi: config error: {err}", file=sys.stderr)
+            return 2
+    from .entry import hydra_entry
+    sys.argv = [sys.argv[0]] + argv
+    try:
+        hydra_entry()
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0

@@ -1,0 +1,309 @@
+"""Typed job configuration.
+
+Hydra composes YAML from `conf/`; `to_job_config` turns the result into these dataclasses once, at
+the entry point. Nothing below `trainer/` sees a DictConfig. Each field check lives in the
+`__post_init__` of the dataclass that owns it, cross-field checks in `JobConfig.__post_init__`; every
+failure is a `ConfigError` whose message is one line naming the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .data import DataConfig
+from .model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A user configuration mistake; its message is a single line naming the key and the fix."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _choice(key: str, value: str, choices) -> None:
+    _check(value in choices, f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    seed: int = 0
+    batch_size: int = 16          # sequences per replica per step
+    microbatches: int = 4
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1     # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0        # global norm over the whole pipeline; 0 disables
+    optimizer: str = "adamw"
+    eval_every: int = 50          # 0 = only at the end
+    eval_batches: int = 8
+    log_every: int = 1
+    resume: Optional[str] = None
+
+    def __post_init__(self):
+        _check(self.max_steps >= 1, f"train.max_steps={self.max_steps} must be >= 1")
+        _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
+        _check(self.microbatches >= 1, f"train.microbatches={self.microbatches} must be >= 1")
+        _check(self.batch_size % self.microbatches == 0,
+               f"train.batch_size={self.batch_size} is not divisible into train.microbatches="
+               f"{self.microbatches}; pick a batch size that is a multiple of the microbatch count")
+        _check(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(self.eval_batches >= 1, f"train.eval_batches={self.eval_batches} must be >= 1")
+        _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        _choice("train.optimizer", self.optimizer, ("adamw",))
+
+
+@dataclass
+class ParallelConfig:
+    stages: int = 4
+    replicas: int = 1
+    schedule: str = "gpipe"                       # gpipe | 1f1b
+    layers_per_stage: Optional[List[int]] = None  # None = balanced
+    backend: str = "auto"                         # auto | gloo | nccl
+
+    def __post_init__(self):
+        _check(self.stages >= 1, f"parallel.stages={self.stages} must be >= 1")
+        _check(self.replicas >= 1, f"parallel.replicas={self.replicas} must be >= 1")
+        _choice("parallel.schedule", self.schedule, ("gpipe", "1f1b"))
+        _choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
+        if self.layers_per_stage is not None:
+            self.layers_per_stage = list(self.layers_per_stage)
+            _check(len(self.layers_per_stage) == self.stages,
+                   f"parallel.layers_per_stage has {len(self.layers_per_stage)} entries but parallel.stages="
+                   f"{self.stages}; give one layer count per stage or null to balance")
+            _check(all(n >= 1 for n in self.layers_per_stage),
+                   "parallel.layers_per_stage entries must all be >= 1")
+
+
+@dataclass
+class DilocoConfig:
+    enabled: bool = False
+    sync_every: int = 100       # H
+    fragments: int = 1          # P, per stage
+    assignment: str = "strided"  # strided | sequential
+    overlap: int = 1            # tau
+    alpha: float = 0.5
+    quant: str = "none"         # none | bf16 | int8 | fp4
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    offload: bool = False
+
+    def __post_init__(self):
+        _check(self.sync_every >= 1, f"diloco.sync_every={self.sync_every} must be >= 1")
+        _check(self.fragments >= 1, f"diloco.fragments={self.fragments} must be >= 1")
+        _choice("diloco.assignment", self.assignment, ("strided", "sequential"))
+        _check(self.overlap >= 0, f"diloco.overlap={self.overlap} must be >= 0")
+        _check(0.0 <= self.alpha <= 1.0, f"diloco.alpha={self.alpha} must be in [0, 1]")
+        _choice("diloco.quant", self.quant, ("none", "bf16", "int8", "fp4"))
+
+
+@dataclass
+class RecoveryConfig:
+    strategy: str = "tiered"
+    token: str = ""                 # shared secret; empty = KINTSUGI_TOKEN or a random one per run
+    coordinator: Optional[str] = None  # host:port of an external coordinator
+    heartbeat_interval_s: float = 0.2
+    heartbeat_timeout_s: float = 3.0
+    lr_bump: float = 1.1
+    embedding_copy_every: int = 10
+    checkpoint_every: int = 0       # 0 = no checkpoints unless strategy=checkpoint
+    init_timeout_s: float = 120.0
+    notice_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    notice: str = "none"
+
+    STRATEGIES = ("tiered", "checkfree", "checkfree_plus", "copy", "average", "random", "checkpoint", "none")
+
+    def __post_init__(self):
+        _choice("recovery.strategy", self.strategy, self.STRATEGIES)
+        _check(self.heartbeat_interval_s > 0, "recovery.heartbeat_interval_s must be > 0")
+        _check(self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s,
+               f"recovery.heartbeat_timeout_s={self.heartbeat_timeout_s} must exceed twice "
+               f"recovery.heartbeat_interval_s={self.heartbeat_interval_s}")
+        _check(self.lr_bump > 0, f"recovery.lr_bump={self.lr_bump} must be > 0")
+        _check(self.embedding_copy_every >= 1, "recovery.embedding_copy_every must be >= 1")
+        _choice("recovery.notice", self.notice, ("none", "aws", "gcp", "azure"))
+
+
+@dataclass
+class FaultsConfig:
+    schedule: List[Dict[str, Any]] = field(default_factory=list)  # [{step, replica, stage, kind}]
+    rate_per_hour: float = 0.0
+    step_time_s: float = 90.0       # the step time the hourly rate is converted with (paper: ~90 s)
+    seed: int = 0
+    spares: int = 1                 # workers started up front and waiting in the pool
+    respawn: bool = True            # start a new spare whenever one is consumed
+
+    KINDS = ("kill", "stop", "term")
+
+    def __post_init__(self):
+        self.schedule = [dict(e) for e in self.schedule]
+        for i, e in enumerate(self.schedule):
+            unknown = set(e) - {"step", "replica", "stage", "kind"}
+            _check(not unknown, f"faults.schedule[{i}] has unknown keys {sorted(unknown)}; "
+                                "use step, replica, stage, kind")
+            _check("step" in e and "stage" in e, f"faults.schedule[{i}] needs at least step and stage")
+            e.setdefault("replica", 0)
+            e.setdefault("kind", "kill")
+            _choice(f"faults.schedule[{i}].kind", e["kind"], self.KINDS)
+        _check(0.0 <= self.rate_per_hour < 1.0, f"faults.rate_per_hour={self.rate_per_hour} must be in [0, 1)")
+        _check(self.step_time_s > 0, "faults.step_time_s must be > 0")
+        _check(self.spares >= 0, "faults.spares must be >= 0")
+
+    def per_step_probability(self) -> float:
+        """The paper's conversion of an hourly failure rate to a per-stage, per-step probability."""
+        return 1.0 - (1.0 - self.rate_per_hour) ** (self.step_time_s / 3600.0)
+
+
+@dataclass
+class LisaConfig:
+    enabled: bool = False
+    layers_per_stage: int = 1     # gamma per stage
+    interval: int = 20            # K
+    sampling: str = "uniform"     # uniform | importance
+    per_replica: bool = False
+    freeze_embeddings: bool = False
+    state_policy: str = "reset"   # reset | offload | keep
+
+    def __post_init__(self):
+        _check(self.layers_per_stage >= 1, "lisa.layers_per_stage must be >= 1")
+        _check(self.interval >= 1, "lisa.interval must be >= 1")
+        _choice("lisa.sampling", self.sampling, ("uniform", "importance"))
+        _choice("lisa.state_policy", self.state_policy, ("reset", "offload", "keep"))
+
+
+CODECS = ("none", "bf16", "fp16", "int8", "fp8_e4m3", "int4", "fp4_e3m0")
+
+
+@dataclass
+class CompressionConfig:
+    activations: str = "none"
+    gradients: str = "none"
+    block_size: int = 256
+    error_feedback: bool = False
+
+    def __post_init__(self):
+        _choice("compression.activations", self.activations, CODECS)
+        _choice("compression.gradients", self.gradients, CODECS)
+        _check(self.block_size >= 8 and self.block_size % 8 == 0,
+               f"compression.block_size={self.block_size} must be a multiple of 8")
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"           # local | torchrun
+    start_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        _choice("launcher.name", self.name, ("local", "torchrun"))
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"         # offline | online | disabled
+    project: str = "kintsugi"
+    tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        _choice("logger.wandb.mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class LoggerConfig:
+    progress: bool = True
+    level: str = "INFO"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    diloco: DilocoConfig = field(default_factory=DilocoConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    lisa: LisaConfig = field(default_factory=LisaConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    name: str = "default"
+
+    def __post_init__(self):
+        p, m, t = self.parallel, self.model, self.train
+        _check(p.stages <= m.n_layers,
+               f"parallel.stages={p.stages} exceeds model.n_layers={m.n_layers}; use at most "
+               f"{m.n_layers} stages or a deeper model")
+        if p.layers_per_stage is not None:
+            _check(sum(p.layers_per_stage) == m.n_layers,
+                   f"parallel.layers_per_stage sums to {sum(p.layers_per_stage)} but model.n_layers="
+                   f"{m.n_layers}; make the counts add up")
+        _check(self.data.seq_len <= m.max_seq_len,
+               f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+               "raise model.max_seq_len or shorten data.seq_len")
+        if self.lisa.enabled:
+            _check(self.lisa.layers_per_stage <= m.n_layers // p.stages,
+                   f"lisa.layers_per_stage={self.lisa.layers_per_stage} exceeds the smallest stage "
+                   f"({m.n_layers // p.stages} layers); lower it or use fewer stages")
+        if self.diloco.enabled:
+            _check(self.diloco.overlap < self.diloco.sync_every,
+                   f"diloco.overlap={self.diloco.overlap} must be smaller than diloco.sync_every="
+                   f"{self.diloco.sync_every}")
+        for i, e in enumerate(self.faults.schedule):
+            _check(0 <= e["stage"] < p.stages, f"faults.schedule[{i}].stage={e['stage']} is outside "
+                                               f"0..{p.stages - 1} (parallel.stages={p.stages})")
+            _check(0 <= e["replica"] < p.replicas, f"faults.schedule[{i}].replica={e['replica']} is "
+                                                   f"outside 0..{p.replicas - 1}")
+            _check(0 <= e["step"] < t.max_steps, f"faults.schedule[{i}].step={e['step']} is outside "
+                                                 f"0..{t.max_steps - 1} (train.max_steps={t.max_steps})")
+
+    # --- serialisation: the coordinator hands this to every worker that joins -------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "JobConfig":
+        def build(tp, value):
+            if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+                kwargs = {}
+                for f in dataclasses.fields(tp):
+                    if f.name in value:
+                        sub = _nested_type(tp, f.name)
+                        kwargs[f.name] = build(sub, value[f.name]) if sub else value[f.name]
+                return tp(**kwargs)
+            return value
+        return build(cls, d)
+
+
+def _nested_type(tp, name):
+    default = {f.name: f for f in dataclasses.fields(tp)}[name]
+    if default.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        probe = default.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(probe):
+            return type(probe)
+    return None
+
+
+def lr_at(step: int, train: TrainConfig) -> float:
+    """Linear warmup then cosine to lr*min_lr_ratio: a pure function of the step, so a rebuilt stage
+    or a resumed run lands on the same schedule."""
+    if train.warmup_steps and step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    span = max(1, train.max_steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / span)
+    floor = train.lr * train.min_lr_ratio
+    return floor + (train.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))

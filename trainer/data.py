@@ -1,0 +1,487 @@
+"""Corpus preparation, tokenizers, the on-disk token cache and deterministic sharded batches.
+
+`prepare_corpus` runs once, in the launcher, before any worker starts: it lists the documents,
+splits them into train/val by a hash of each document's key, tokenizes, and writes two flat token
+files (`train.bin`, `val.bin`) plus `meta.json` under `cache_dir/<cache_key>/`. Workers only
+memmap those files (`load_tokens`), so a replacement worker joins in milliseconds.
+
+Documents are separated by an end-of-text token appended after each one. The byte tokenizer has
+vocab 256 and uses byte 0 (NUL) as end-of-text: NUL does not occur in text files, and keeping the
+vocabulary at 256 keeps the cache at one byte per token. BPE and Hugging Face tokenizers use their
+own end-of-text token (`<|endoftext|>` for the BPE trained here).
+
+`ShardedBatches` turns a token file into a replica's stream of batches: `batch_at(k)` is a pure
+function of k, and the cursor advances only when a step commits, so a retried step, a rebuilt
+worker or a resumed run sees exactly the same samples.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sysconfig
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("stdlib", "files", "hf")
+FORMATS = ("auto", "text", "json", "jsonl", "parquet")
+BYTE_EOT = 0
+BPE_EOT = "<|endoftext|>"
+_EOT_CANDIDATES = (BPE_EOT, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+_CACHE_VERSION = 1
+_BPE_TRAIN_BYTES = 256 << 20  # BPE merges stabilise long before this; bounds training time
+_ENCODE_CHUNK = 256
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | files | hf
+    paths: List[str] = field(default_factory=list)  # files, directories or globs for source=files
+    format: str = "auto"  # auto | text | json | jsonl | parquet (auto: by extension)
+    text_field: str = "text"
+    hf_name: Optional[str] = None  # a hub dataset name, only where a hub is reachable (source=hf)
+    tokenizer: str = "byte"  # byte | bpe | path to a local Hugging Face tokenizer directory
+    bpe_vocab_size: int = 4096
+    seq_len: int = 128
+    val_fraction: float = 0.02  # fraction of documents held out, chosen by hash
+    split_seed: int = 0
+    max_files: int = 0  # 0 = all; else the first N files after a deterministic sort
+    cache_dir: str = "~/.cache/kintsugi"
+
+
+@dataclass
+class CorpusInfo:
+    train_path: str
+    val_path: str
+    vocab_size: int
+    dtype: np.dtype
+    num_train_tokens: int
+    num_val_tokens: int
+    num_files: int  # files (or hf records) read successfully
+    skipped_files: int  # files skipped because they are not UTF-8
+    cache_key: str
+    eot_id: int = BYTE_EOT
+    tokenizer_path: Optional[str] = None  # directory usable as data.tokenizer; None for bytes
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    if vocab_size <= 1 << 8:
+        return np.dtype(np.uint8)
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+# ---- configuration and file listing ---------------------------------------------------------
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Cheap checks (no reading, no tokenization); each error is one line naming key and fix."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"data.source={cfg.source}: unknown; use one of {', '.join(SOURCES)}")
+    if cfg.format not in FORMATS:
+        raise ValueError(f"data.format={cfg.format}: unknown; use one of {', '.join(FORMATS)}")
+    if cfg.tokenizer not in ("byte", "bpe") and not os.path.isdir(os.path.expanduser(cfg.tokenizer)):
+        raise ValueError(f"data.tokenizer={cfg.tokenizer}: neither 'byte', 'bpe' nor an existing tokenizer directory; use byte, bpe or a local path")
+    if cfg.tokenizer == "bpe" and cfg.bpe_vocab_size < 258:
+        raise ValueError(f"data.bpe_vocab_size={cfg.bpe_vocab_size}: must exceed the 256-byte alphabet plus end-of-text; use >= 258")
+    if cfg.seq_len < 2:
+        raise ValueError(f"data.seq_len={cfg.seq_len}: must be >= 2; set data.seq_len to e.g. 128")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={cfg.val_fraction}: must be in (0, 1); use e.g. 0.02")
+    if cfg.max_files < 0:
+        raise ValueError(f"data.max_files={cfg.max_files}: must be >= 0; use 0 for all files")
+    if cfg.source == "hf" and not cfg.hf_name:
+        raise ValueError("data.hf_name=None: required with data.source=hf; set data.hf_name=<dataset>")
+    if cfg.source == "files":
+        _list_files(cfg)  # raises on missing paths / no files
+
+
+def _list_files(cfg: DataConfig) -> Tuple[str, List[str]]:
+    """(root, sorted absolute paths); documents are keyed by their path relative to root."""
+    if cfg.source == "stdlib":
+        root = sysconfig.get_paths()["stdlib"]
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")]
+            files += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+    else:
+        if not cfg.paths:
+            raise ValueError("data.paths=[]: empty but data.source=files; list files, directories or globs")
+        files = []
+        for raw in cfg.paths:
+            path = os.path.expanduser(str(raw))
+            if os.path.isdir(path):
+                for dirpath, dirnames, filenames in os.walk(path):
+                    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                    files += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
+            elif os.path.isfile(path):
+                files.append(path)
+            else:
+                matches = [m for m in glob.glob(path, recursive=True) if os.path.isfile(m)]
+                if not matches:
+                    raise ValueError(f"data.paths={raw} does not exist; give existing files, directories or globs")
+                files += matches
+        files = sorted({os.path.abspath(f) for f in files})
+        if not files:
+            raise ValueError(f"data.paths={list(cfg.paths)}: no files found; point it at non-empty directories or files")
+        root = os.path.commonpath([os.path.dirname(f) for f in files])
+    files.sort(key=lambda f: os.path.relpath(f, root))
+    if cfg.max_files:
+        files = files[:cfg.max_files]
+    return root, files
+
+
+def _format_of(path: str, cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return "json" if cfg.format == "jsonl" else cfg.format
+    ext = os.path.splitext(path)[1].lower()
+    return {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(ext, "text")
+
+
+# ---- documents and the train/val split ------------------------------------------------------
+
+def _iter_documents(cfg: DataConfig, root: str, files: List[str], stats: dict) -> Iterator[Tuple[str, bytes]]:
+    """Yields (key, utf-8 bytes) per document; a text file is one document, a record is one."""
+    if cfg.source == "hf":
+        import datasets
+
+        for i, rec in enumerate(datasets.load_dataset(cfg.hf_name, split="train", streaming=True)):
+            if cfg.max_files and i >= cfg.max_files:
+                break
+            stats["num_files"] += 1
+            yield f"{i}", str(rec[cfg.text_field]).encode()
+        return
+    from tqdm import tqdm
+
+    for path in tqdm(files, desc="reading corpus", unit="file", disable=None, leave=False):
+        rel = os.path.relpath(path, root)
+        fmt = _format_of(path, cfg)
+        if fmt == "text":
+            with open(path, "rb") as f:
+                raw = f.read()
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                stats["skipped"].append(rel)
+                continue
+            stats["num_files"] += 1
+            yield rel, raw
+            continue
+        import datasets
+
+        records = datasets.load_dataset(fmt, data_files=path, split="train", streaming=True)
+        stats["num_files"] += 1
+        for i, rec in enumerate(records):
+            if cfg.text_field not in rec:
+                raise ValueError(f"data.text_field={cfg.text_field}: missing in {path}; use one of {sorted(rec)}")
+            if rec[cfg.text_field] is not None:
+                yield f"{rel}#{i}", str(rec[cfg.text_field]).encode()
+
+
+def _unit_hash(key: str, seed: int) -> float:
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0 ** 64
+
+
+def _assign_splits(docs: Iterator[Tuple[str, bytes]], cfg: DataConfig) -> Iterator[Tuple[bool, str, bytes]]:
+    """Yields (is_val, key, doc). A document is held out iff hash(key) < val_fraction, except that
+    neither split may end empty: the train document nearest the threshold is held back until the
+    end and moved to val if val would otherwise be empty (and symmetrically for train)."""
+    keep = {False: None, True: None}  # split -> (distance from threshold, key, doc)
+    count = {False: 0, True: 0}
+    for key, doc in docs:
+        if not doc:
+            continue
+        u = _unit_hash(key, cfg.split_seed)
+        is_val = u < cfg.val_fraction
+        count[is_val] += 1
+        cand = (abs(u - cfg.val_fraction), key, doc)
+        if keep[is_val] is None or cand[0] < keep[is_val][0]:
+            cand, keep[is_val] = keep[is_val], cand
+        if cand is not None:
+            yield is_val, cand[1], cand[2]
+    if count[False] + count[True] < 2:
+        where = "the Python stdlib" if cfg.source == "stdlib" else f"data.paths={list(cfg.paths)}"
+        raise ValueError(f"{where}: found {count[False] + count[True]} non-empty document(s); need at least 2 so one can be held out; add files or raise data.max_files")
+    for is_val in (False, True):
+        if keep[is_val] is not None:
+            moved = count[not is_val] == 0  # the other split is empty
+            yield (not is_val) if moved else is_val, keep[is_val][1], keep[is_val][2]
+
+
+# ---- tokenizers -----------------------------------------------------------------------------
+
+Encoder = Callable[[List[str]], List[List[int]]]
+
+
+def _train_bpe(texts: Iterator[str], vocab_size: int, out_dir: str) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    # Makes the directory loadable as data.tokenizer and by transformers' AutoTokenizer.
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": BPE_EOT}, f)
+
+
+def _load_tokenizer(directory: str) -> Tuple[Encoder, int, int]:
+    """(encode, vocab_size, eot_id) for a local Hugging Face tokenizer directory."""
+    directory = os.path.expanduser(directory)
+    eos = None
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            eos = json.load(f).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+    if os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+        eot_id = next((tok.token_to_id(t) for t in (eos, *_EOT_CANDIDATES) if t and tok.token_to_id(t) is not None), None)
+        encode: Encoder = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        eot_id = tok.eos_token_id
+        encode = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]
+        vocab_size = len(tok)
+    if eot_id is None:
+        raise ValueError(f"data.tokenizer={directory}: has no end-of-text token; set eos_token in its tokenizer_config.json")
+    return encode, vocab_size, eot_id
+
+
+# ---- the cache ------------------------------------------------------------------------------
+
+def _cache_key(cfg: DataConfig, files: List[str]) -> str:
+    h = hashlib.sha256()
+    settings = dict(v=_CACHE_VERSION, source=cfg.source, format=cfg.format, text_field=cfg.text_field,
+                    hf_name=cfg.hf_name, tokenizer=cfg.tokenizer, val_fraction=cfg.val_fraction,
+                    split_seed=cfg.split_seed, max_files=cfg.max_files,
+                    bpe_vocab_size=cfg.bpe_vocab_size if cfg.tokenizer == "bpe" else None)
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    if cfg.tokenizer not in ("byte", "bpe"):
+        for name in sorted(os.listdir(os.path.expanduser(cfg.tokenizer))):
+            path = os.path.join(os.path.expanduser(cfg.tokenizer), name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    h.update(name.encode() + hashlib.sha256(f.read()).digest())
+    for path in files:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _info_from_meta(directory: str) -> CorpusInfo:
+    with open(os.path.join(directory, "meta.json")) as f:
+        meta = json.load(f)["info"]
+    meta.update(train_path=os.path.join(directory, "train.bin"), val_path=os.path.join(directory, "val.bin"),
+                dtype=np.dtype(meta["dtype"]))
+    if meta["tokenizer_path"]:
+        meta["tokenizer_path"] = os.path.join(directory, "tokenizer")
+    return CorpusInfo(**meta)
+
+
+def _read_docs(path: str, ends: List[int]) -> Iterator[str]:
+    data = np.memmap(path, dtype=np.uint8, mode="r") if ends else []
+    start = 0
+    for end in ends:
+        yield bytes(data[start:end]).decode("utf-8")
+        start = end + 1  # skip the NUL separator
+
+
+def prepare_corpus(cfg: DataConfig) -> CorpusInfo:
+    """Tokenize the corpus into cache_dir/<cache_key>/ once; later calls return the cached files."""
+    validate_data_config(cfg)
+    root, files = _list_files(cfg) if cfg.source != "hf" else ("", [])
+    key = _cache_key(cfg, files)
+    cache_dir = os.path.expanduser(cfg.cache_dir)
+    final = os.path.join(cache_dir, key)
+    if os.path.isfile(os.path.join(final, "meta.json")):
+        log.info("data: reusing token cache %s", final)
+        return _info_from_meta(final)
+
+    t0 = time.perf_counter()
+    # Built in a private directory and renamed into place, so concurrent preparers never see
+    # (or write into) a half-built cache.
+    tmp = os.path.join(cache_dir, f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        stats = {"num_files": 0, "skipped": []}
+        ends = {False: [], True: []}
+        val_keys = []
+        paths = {s: os.path.join(tmp, f"{'val' if s else 'train'}.bytes") for s in (False, True)}
+        with open(paths[False], "wb") as f_train, open(paths[True], "wb") as f_val:
+            out = {False: f_train, True: f_val}
+            for is_val, doc_key, doc in _assign_splits(_iter_documents(cfg, root, files, stats), cfg):
+                out[is_val].write(doc)
+                ends[is_val].append(out[is_val].tell())
+                out[is_val].write(bytes([BYTE_EOT]))
+                if is_val:
+                    val_keys.append(doc_key)
+
+        tokenizer_path = None
+        if cfg.tokenizer == "byte":
+            vocab_size, eot_id = 256, BYTE_EOT
+            for s in (False, True):
+                os.replace(paths[s], os.path.join(tmp, f"{'val' if s else 'train'}.bin"))
+        else:
+            if cfg.tokenizer == "bpe":
+                tokenizer_path = os.path.join(tmp, "tokenizer")
+                _train_bpe(_bounded(_read_docs(paths[False], ends[False]), _BPE_TRAIN_BYTES),
+                           cfg.bpe_vocab_size, tokenizer_path)
+            encode, vocab_size, eot_id = _load_tokenizer(tokenizer_path or cfg.tokenizer)
+            for s in (False, True):
+                _encode_file(paths[s], ends[s], encode, eot_id, token_dtype(vocab_size),
+                             os.path.join(tmp, f"{'val' if s else 'train'}.bin"))
+                os.remove(paths[s])
+
+        dtype = token_dtype(vocab_size)
+        info = CorpusInfo(
+            train_path="", val_path="", vocab_size=vocab_size, dtype=dtype,
+            num_train_tokens=os.path.getsize(os.path.join(tmp, "train.bin")) // dtype.itemsize,
+            num_val_tokens=os.path.getsize(os.path.join(tmp, "val.bin")) // dtype.itemsize,
+            num_files=stats["num_files"], skipped_files=len(stats["skipped"]), cache_key=key,
+            eot_id=eot_id, tokenizer_path=tokenizer_path)
+        meta = dict(info=dict(asdict(info), dtype=dtype.name), config=asdict(cfg), skipped=stats["skipped"])
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        with open(os.path.join(tmp, "val_keys.txt"), "w") as f:
+            f.write("".join(k + "\n" for k in val_keys))
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another preparer finished first; its cache is identical
+            if not os.path.isfile(os.path.join(final, "meta.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    info = _info_from_meta(final)
+    log.info("data: %d files (%d skipped, not UTF-8) -> %d train / %d val tokens, vocab %d, in %.1fs -> %s",
+             info.num_files, info.skipped_files, info.num_train_tokens, info.num_val_tokens,
+             info.vocab_size, time.perf_counter() - t0, final)
+    return info
+
+
+def _bounded(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
+    seen = 0
+    for text in texts:
+        if seen >= max_bytes:
+            return
+        seen += len(text)
+        yield text
+
+
+def _encode_file(src: str, ends: List[int], encode: Encoder, eot_id: int, dtype: np.dtype, dst: str) -> None:
+    docs = _read_docs(src, ends)
+    with open(dst, "wb") as f:
+        while True:
+            chunk = [d for _, d in zip(range(_ENCODE_CHUNK), docs)]
+            if not chunk:
+                return
+            for ids in encode(chunk):
+                f.write(np.asarray(list(ids) + [eot_id], dtype=dtype).tobytes())
+
+
+def load_tokens(path: str, dtype) -> np.memmap:
+    return np.memmap(path, dtype=np.dtype(dtype), mode="r")
+
+
+# ---- batches --------------------------------------------------------------------------------
+
+class ShardedBatches:
+    """A replica's deterministic stream of (inputs, targets) batches over a flat token array.
+
+    Sequence i is tokens[i*seq_len : i*seq_len + seq_len + 1]; it belongs to replica
+    i % num_replicas. Each epoch visits the replica's sequences in a permutation seeded by
+    (seed, epoch, replica) and drops the remainder that does not fill a batch.
+    """
+
+    def __init__(self, tokens, seq_len: int, batch_size: int, replica: int = 0, num_replicas: int = 1, seed: int = 0):
+        if not 0 <= replica < num_replicas:
+            raise ValueError(f"replica={replica}: must be in [0, parallel.replicas={num_replicas})")
+        if batch_size < 1:
+            raise ValueError(f"batch size {batch_size}: must be >= 1")
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.replica, self.num_replicas, self.seed = replica, num_replicas, seed
+        self.num_sequences = max(0, (len(tokens) - 1) // seq_len)
+        self.local_ids = np.arange(replica, self.num_sequences, num_replicas, dtype=np.int64)
+        self.batches_per_epoch = len(self.local_ids) // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"data.seq_len={seq_len}: replica {replica} has {len(self.local_ids)} sequences, fewer than one batch of {batch_size}; lower data.seq_len or the batch size, or use more data")
+        self.position = 0
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:  # memo only; the value depends on epoch alone
+            rng = np.random.default_rng([self.seed, epoch, self.replica])
+            self._perm, self._perm_epoch = rng.permutation(len(self.local_ids)), epoch
+        return self._perm
+
+    def batch_ids(self, k: int) -> List[int]:
+        """Global sequence indices of the k-th batch this replica consumes."""
+        epoch, j = divmod(k, self.batches_per_epoch)
+        perm = self._permutation(epoch)
+        return self.local_ids[perm[j * self.batch_size:(j + 1) * self.batch_size]].tolist()
+
+    def batch_at(self, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _gather(self.tokens, self.batch_ids(k), self.seq_len)
+
+    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The batch of the step in progress; call `advance()` once that step commits."""
+        return self.batch_at(self.position)
+
+    def advance(self) -> None:
+        self.position += 1
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.batches_per_epoch
+
+    def _identity(self) -> dict:
+        return dict(seed=self.seed, replica=self.replica, num_replicas=self.num_replicas,
+                    seq_len=self.seq_len, batch_size=self.batch_size, num_sequences=self.num_sequences)
+
+    def state_dict(self) -> dict:
+        return dict(self._identity(), position=self.position)
+
+    def load_state_dict(self, state: dict) -> None:
+        mismatched = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
+        if mismatched:
+            raise ValueError(f"data cursor was saved with different settings {mismatched} (saved, current); restore with the same data and batch settings")
+        self.position = int(state["position"])
+
+
+def _gather(tokens, ids: List[int], seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    windows = np.stack([np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1]) for i in ids])
+    windows = torch.from_numpy(windows.astype(np.int64))  # (B, T+1)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def val_batches(tokens, seq_len: int, batch_size: int, max_batches: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Up to max_batches (0 = all) full batches of sequences spread evenly over the val tokens;
+    one smaller batch if there are fewer sequences than batch_size. Same on every process."""
+    num_seqs = max(0, (len(tokens) - 1) // seq_len)
+    if num_seqs == 0:
+        raise ValueError(f"data.seq_len={seq_len}: the validation split has {len(tokens)} tokens, less than one sequence; raise data.val_fraction or lower data.seq_len")
+    num_batches = max(1, num_seqs // batch_size)
+    if max_batches > 0:
+        num_batches = min(num_batches, max_batches)
+    total = min(num_seqs, num_batches * batch_size)
+    ids = (np.arange(total) * num_seqs // total).tolist()  # evenly spread, distinct
+    return [_gather(tokens, ids[i:i + batch_size], seq_len) for i in range(0, total, batch_size)]

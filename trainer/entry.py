@@ -1,0 +1,59 @@
+"""The Hydra entry point and `train(job, run_dir)`, a plain importable function."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from .cli import CONF_DIR
+from .config import JobConfig
+from .config_store import register, to_job_config
+
+log = logging.getLogger("kintsugi")
+
+
+def train(job: JobConfig, run_dir: str) -> int:
+    """Prepare the corpus, run the job with the configured launcher, write the outputs."""
+    from .data import prepare_corpus, validate_data_config
+    from .outputs import write_outputs
+
+    validate_data_config(job.data)
+    t0 = time.time()
+    corpus = prepare_corpus(job.data)
+    log.info("corpus: %d train / %d val tokens from %d files (%d skipped, not UTF-8), vocab %d",
+             corpus.num_train_tokens, corpus.num_val_tokens, corpus.num_files, corpus.skipped_files,
+             corpus.vocab_size)
+    if job.model.vocab_size <= 0:
+        job.model.vocab_size = corpus.vocab_size
+    corpus_d = {"train_path": corpus.train_path, "val_path": corpus.val_path, "dtype": str(corpus.dtype),
+                "vocab_size": corpus.vocab_size}
+    if job.launcher.name == "local":
+        from .launch import LocalLauncher
+        rc = LocalLauncher(job, run_dir, corpus_d, progress=job.logger.progress).run()
+    else:
+        from .torchrun import run_torchrun
+        rc = run_torchrun(job, run_dir, corpus_d)
+    if rc == 0 or os.path.exists(os.path.join(run_dir, "coordinator_state.json")):
+        summary = write_outputs(run_dir, job, time.time() - t0)
+        if summary is not None:
+            log.info("done: final val loss %s, %d steps, %.0f tokens/s, %d failures, %d rebuilds -> %s",
+                     summary["final_val_loss"], summary["steps"], summary["tokens_per_s"], summary["failures"],
+                     len(summary["rebuilds"]), run_dir)
+    return rc
+
+
+register()
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def hydra_entry(cfg: DictConfig) -> None:
+    job = to_job_config(cfg)
+    run_dir = HydraConfig.get().runtime.output_dir
+    rc = train(job, run_dir)
+    if rc:
+        sys.exit(rc)

@@ -1,0 +1,129 @@
+"""Run outputs: `summary.json` (keys in DESIGN.md), `loss.png`, and the wandb run.
+
+Built after the run from `metrics.jsonl` (written live by the coordinator) and the coordinator's
+final state, so a worker dying mid-run cannot lose them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Dict, List, Optional
+
+from .config import JobConfig
+
+log = logging.getLogger("kintsugi.outputs")
+
+
+def read_metrics(run_dir: str):
+    commits, evals, events = [], [], []
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return commits, evals, events
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "event" in rec:
+                events.append(rec["event"])
+            elif "val_loss" in rec:
+                evals.append(rec)
+            else:
+                commits.append(rec)
+    return commits, evals, events
+
+
+def param_count(job: JobConfig) -> int:
+    m = job.model
+    hd = m.dim // m.n_heads
+    ffn = m.ffn_hidden or (m.multiple_of * ((int(2 * 4 * m.dim / 3) + m.multiple_of - 1) // m.multiple_of))
+    per_layer = m.dim * m.dim * 2 + 2 * m.dim * m.n_kv_heads * hd + 3 * m.dim * ffn + 2 * m.dim
+    return m.n_layers * per_layer + 2 * m.vocab_size * m.dim + m.dim
+
+
+def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]:
+    state_path = os.path.join(run_dir, "coordinator_state.json")
+    if not os.path.exists(state_path):
+        return None
+    with open(state_path) as f:
+        state = json.load(f)
+    commits, evals, events = read_metrics(run_dir)
+    by_channel: Dict[str, int] = state.get("bytes", {})
+    steps = max((c["step"] for c in commits), default=-1) + 1
+    # What per-step data-parallel all-reduce of fp32 gradients would have sent (ring: 2(R-1)/R x size
+    # per replica per step), for comparison with the outer syncs.
+    R = job.parallel.replicas
+    dp_equiv = int(2 * (R - 1) / R * param_count(job) * 4 * steps * R) if R > 1 else 0
+    tokens = sum(c.get("tokens", 0) for c in commits)
+    summary = {
+        "final_val_loss": state.get("final_val_loss"),
+        "steps": steps,
+        "tokens": tokens,
+        "wall_s": wall_s,
+        "tokens_per_s": tokens / max(state.get("wall_s", wall_s), 1e-9),
+        "failures": state.get("failures", 0),
+        "rebuilds": state.get("rebuilds", []),
+        "bytes": {"p2p": sum(v for k, v in by_channel.items() if k.startswith("p2p")),
+                  "outer_sync": by_channel.get("outer_sync", 0),
+                  "data_parallel": by_channel.get("data_parallel", 0),
+                  "rebuild": by_channel.get("rebuild", 0),
+                  "data_parallel_equivalent": dp_equiv},
+        "generations": state.get("generations"),
+        "error": state.get("error"),
+        "config": job.to_dict(),
+    }
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    try:
+        plot_loss(os.path.join(run_dir, "loss.png"), commits, evals, summary["rebuilds"])
+    except Exception as e:  # noqa: BLE001 - a plot must never fail a finished run
+        log.warning("could not draw loss.png: %s", e)
+    log_wandb(job, run_dir, commits, evals, summary)
+    return summary
+
+
+def plot_loss(path: str, commits: List[dict], evals: List[dict], rebuilds: List[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, xkey, xlabel in ((axes[0], "step", "step"), (axes[1], "wall_s", "wall-clock (s)")):
+        for r in sorted({c["replica"] for c in commits}):
+            pts = [c for c in commits if c["replica"] == r]
+            ax.plot([c[xkey] for c in pts], [c["loss"] for c in pts], lw=0.8, label=f"train (replica {r})")
+        if evals:
+            ax.plot([e[xkey] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation")
+        if xkey == "step":
+            for rb in rebuilds:
+                ax.axvline(rb["step"], color="red", ls=":", lw=0.8)
+                ax.text(rb["step"], ax.get_ylim()[1], rb["tier"], rotation=90, va="top", fontsize=7, color="red")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def log_wandb(job: JobConfig, run_dir: str, commits, evals, summary) -> None:
+    mode = job.logger.wandb.mode
+    if mode == "disabled":
+        return
+    try:
+        import wandb
+    except ImportError:
+        log.warning("logger.wandb.mode=%s but wandb is not installed; skipping", mode)
+        return
+    run = wandb.init(project=job.logger.wandb.project, mode=mode, dir=run_dir, config=job.to_dict(),
+                     tags=list(job.logger.wandb.tags), name=os.path.basename(os.path.normpath(run_dir)),
+                     reinit=True)
+    ev = {e["step"]: e for e in evals}
+    for c in sorted((c for c in commits if c["replica"] == 0), key=lambda c: c["step"]):
+        row = {"train/loss": c["loss"], "train/grad_norm": c["grad_norm"], "train/lr": c["lr"]}
+        if c["step"] + 1 in ev:
+            row["val/loss"] = ev[c["step"] + 1]["val_loss"]
+        run.log(row, step=c["step"])
+    for rb in summary["rebuilds"]:
+        run.log({"rebuild/tier": rb["tier"], "rebuild/recover_s": rb["recover_s"]}, step=rb["step"])
+    run.summary.update({k: v for k, v in summary.items() if k not in ("config", "rebuilds")})
+    run.finish()

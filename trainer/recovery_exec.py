@@ -1,0 +1,73 @@
+"""The worker's side of a generation's rebuild plan: who sends which state to whom, and the
+periodic copies of the end stages' embedding / head that CheckFree+ restores from.
+
+Deadlock freedom: targets of a rebuild never serve as sources in the same generation (the planner
+refuses adjacent losses), so every exchange is a one-way source -> target transfer.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from parallel.topology import Grid
+from parallel.transport import Transport
+from recovery.rebuild import recv_package, send_package
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("kintsugi.recovery")
+REBUILD_TAG = 1 << 20
+COPY_TAG = 1 << 22
+EXACT_TIERS = ("handoff",)
+
+
+def _slot(key: str):
+    r, s = key.split(",")
+    return int(r), int(s)
+
+
+def execute_plan(worker: "Worker", plan: dict, grid: Grid, transport: Transport, slot, my_rebuild) -> None:
+    for key, rb in sorted(plan["rebuild"].items()):
+        target = _slot(key)
+        tier = rb["tier"]
+        sources = [tuple(s) for s in rb["sources"]]
+        tgt_rank = grid.rank(target)
+        if tier == "handoff":
+            if target == slot:
+                pkg = recv_package(transport, plan["ranks"][rb["leaver"]], REBUILD_TAG)
+                worker.state.import_exact(pkg)
+            continue
+        if tier == "checkpoint":
+            raise NotImplementedError("checkpoint rollback is planned by the coordinator but not implemented yet")
+        if target == slot:
+            packages = [recv_package(transport, grid.rank(src), REBUILD_TAG + 4 * i) for i, src in enumerate(sources)]
+            if tier == "peer":
+                worker.state.import_exact(packages[0])
+            else:
+                step = rb["step"]
+                worker.state.rebuild_from(tier, packages, worker.job.recovery.lr_bump, step)
+            log.warning("slot %s rebuilt via %s from %s", slot, tier, sources)
+        elif slot in sources:
+            i = sources.index(slot)
+            send_package(transport, worker.state.export(exact=(tier == "peer")), tgt_rank, REBUILD_TAG + 4 * i)
+
+
+def refresh_neighbour_copies(worker: "Worker", grid: Grid, transport: Transport, slot, step: int) -> None:
+    """Every `recovery.embedding_copy_every` steps the first stage sends its embedding to stage 1 and
+    the last stage its norm + head to stage S-2, so a lost end stage gets them back exactly as of
+    the last copy. Lower stage sends first, so the S=2 exchange cannot deadlock."""
+    job = worker.job
+    S = job.parallel.stages
+    if S < 2 or not worker._alternate() or step % job.recovery.embedding_copy_every != 0:
+        return
+    r, s = slot
+    st = worker.state
+    if s == 0:
+        send_package(transport, st.end_params(), grid.rank((r, 1)), COPY_TAG)
+    if s == 1 or (S == 2 and s == 1):
+        st.neighbour_copy.update(recv_package(transport, grid.rank((r, 0)), COPY_TAG))
+    if s == S - 2:
+        st.neighbour_copy.update(recv_package(transport, grid.rank((r, S - 1)), COPY_TAG + 2))
+    if s == S - 1:
+        send_package(transport, st.end_params(), grid.rank((r, S - 2)), COPY_TAG + 2)

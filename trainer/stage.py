@@ -1,0 +1,142 @@
+"""One pipeline stage's training state: its slice of the model, its optimizer, its last gradient norm,
+and the export / import of that state that rebuilds and handoffs use."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+
+from parallel.topology import per_stage_layers
+from recovery.rebuild import checkfree_average, from_positional, to_positional
+
+from .config import JobConfig, lr_at
+from .model import Llama
+
+
+class StageState:
+    def __init__(self, job: JobConfig, stage: int, seed_offset: int = 0):
+        self.job, self.stage = job, stage
+        S = job.parallel.stages
+        self.layer_ids = per_stage_layers(job.model.n_layers, S, job.parallel.layers_per_stage)[stage]
+        self.is_first, self.is_last = stage == 0, stage == S - 1
+        self.model = Llama(job.model, self.layer_ids, has_embedding=self.is_first, has_head=self.is_last,
+                           seed=job.train.seed + seed_offset)
+        self.lr_scale = 1.0
+        self.grad_norm = 1.0          # CheckFree weight before any gradient exists
+        self.step_done = -1           # last step whose optimizer step ran on this stage
+        # Copies of the neighbouring end stage's embedding / head (CheckFree+), refreshed periodically.
+        self.neighbour_copy: Dict[str, torch.Tensor] = {}
+        self.optimizer = self._build_optimizer()
+
+    # --- optimisation -----------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        t = self.job.train
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 else decay).append(p)  # norm gains are not decayed
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # foreach=False: identical per-parameter math whatever the stage holds, so a stage reproduces
+        # the single-process optimizer step bit for bit.
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=False)
+
+    def fresh_optimizer(self) -> None:
+        self.optimizer = self._build_optimizer()
+
+    def zero_grad(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+
+    def local_grad_sq(self) -> float:
+        sq = 0.0
+        for p in self.model.parameters():
+            if p.grad is not None:
+                sq += float(p.grad.detach().double().pow(2).sum())
+        return sq
+
+    def apply_step(self, step: int, total_sq: float, local_sq: float) -> float:
+        """Clip by the pipeline-wide norm, record this stage's clipped norm, step. Returns the global
+        (pre-clip) gradient norm."""
+        t = self.job.train
+        total_norm = math.sqrt(max(total_sq, 0.0))
+        coef = 1.0
+        if t.grad_clip > 0 and total_norm > t.grad_clip:
+            coef = t.grad_clip / (total_norm + 1e-6)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        self.grad_norm = math.sqrt(local_sq) * coef
+        lr = lr_at(step, t) * self.lr_scale
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.zero_grad()
+        self.step_done = step
+        return total_norm
+
+    # --- state for rebuilds ---------------------------------------------------------------------------
+    def positional_params(self) -> Dict[str, torch.Tensor]:
+        sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return to_positional(sd, self.layer_ids)
+
+    def export(self, exact: bool) -> dict:
+        pkg = {"params": self.positional_params(), "layer_count": len(self.layer_ids), "grad_norm": self.grad_norm,
+               "neighbour_copy": {k: v.clone() for k, v in self.neighbour_copy.items()}, "stage": self.stage}
+        if exact:
+            pkg.update(optimizer=self.optimizer.state_dict(), lr_scale=self.lr_scale, step_done=self.step_done)
+        return pkg
+
+    def import_exact(self, pkg: dict) -> None:
+        self._load_params(pkg["params"], pkg["layer_count"])
+        self.optimizer.load_state_dict(pkg["optimizer"])
+        self.lr_scale, self.step_done, self.grad_norm = pkg["lr_scale"], pkg["step_done"], pkg["grad_norm"]
+        self.neighbour_copy = dict(pkg["neighbour_copy"])
+
+    def _load_params(self, positional: Dict[str, torch.Tensor], source_count: int, strict_extra: bool = False):
+        sd = from_positional(positional, self.layer_ids, source_count)
+        own = self.model.state_dict()
+        with torch.no_grad():
+            for k, v in sd.items():
+                if k in own:
+                    own[k].copy_(v)
+
+    def rebuild_from(self, tier: str, packages: list, lr_bump: float, step: int) -> None:
+        """Approximate tiers: checkfree / average / copy / checkfree_plus / random. The optimizer is
+        fresh and the learning rate permanently times `lr_bump` (not compounding)."""
+        if tier in ("checkfree", "average"):
+            prev, nxt = packages
+            w_prev = prev["grad_norm"] + 1e-4 if tier == "checkfree" else 1.0
+            w_next = nxt["grad_norm"] + 1e-4 if tier == "checkfree" else 1.0
+            n = len(self.layer_ids)
+            a = to_positional(from_positional(prev["params"], range(n), prev["layer_count"]), range(n))
+            b = to_positional(from_positional(nxt["params"], range(n), nxt["layer_count"]), range(n))
+            self._load_params(checkfree_average(a, b, w_prev, w_next), n)
+            self._restore_ends(packages)
+        elif tier in ("copy", "checkfree_plus"):
+            (src,) = packages
+            self._load_params({k: v for k, v in src["params"].items() if k.startswith("layers.")},
+                              src["layer_count"])
+            self._restore_ends(packages)
+        elif tier == "random":
+            self.model.reset_parameters(self.job.train.seed + 7919 * (step + 1))
+        else:
+            raise ValueError(f"unknown approximate tier {tier}")
+        self.fresh_optimizer()
+        self.lr_scale = lr_bump
+        self.step_done = step - 1
+
+    def _restore_ends(self, packages: list) -> None:
+        """Embedding / final norm / head of an end stage come from the copy a neighbour kept. A rebuilt
+        middle stage also takes its neighbours' end parameters as its own copy again, exactly."""
+        own = self.model.state_dict()
+        for pkg in packages:
+            self.neighbour_copy.update({k: v for k, v in pkg["params"].items() if not k.startswith("layers.")})
+        with torch.no_grad():
+            for pkg in packages:
+                for k, v in pkg.get("neighbour_copy", {}).items():
+                    if k in own and not k.startswith("layers."):
+                        own[k].copy_(v)
+
+    def end_params(self) -> Dict[str, torch.Tensor]:
+        """The parameters a neighbour keeps a copy of: embedding on the first stage, norm+head on the last."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if not k.startswith("layers.")}

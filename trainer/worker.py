@@ -1,0 +1,321 @@
+"""A worker process: joins the coordinator, takes a (replica, stage) slot, trains, and survives
+membership changes without restarting.
+
+Life of a worker: join with the token -> wait for a generation that gives it a slot -> build the
+generation's process group under the store prefix `gen<g>` -> execute its part of the rebuild plan
+-> train until the run ends or the generation changes -> drop the group and go again.
+
+Commit protocol: after its backward every stage adds [grad sq-norm, loss, tokens] into a chain
+reduction towards stage 0. Stage 0 holding the total means every stage finished its backward; it
+writes `committed/<replica>` (with the total) to the store BEFORE broadcasting it back. A stage cut
+off before the broadcast arrives finishes the step from the store in the next generation, so the
+optimizer step runs on all stages of a replica or on none, and an uncommitted step is retried on
+the same batch.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from parallel.schedules import StageExecutor, actions_for, routes_for
+from parallel.topology import Grid
+from parallel.transport import Aborted, ByteCounter, PeerFailure, Transport, wait_abortable
+from recovery import protocol as P
+from recovery.rebuild import recv_package, send_package
+
+from .config import JobConfig
+from .data import ShardedBatches, load_tokens, val_batches
+from .model import cross_entropy_loss
+from .stage import StageState
+
+log = logging.getLogger("kintsugi.worker")
+REBUILD_TAG = 1 << 20
+COMMIT_TAG = 1 << 21
+COPY_TAG = 1 << 22
+
+
+class Shutdown(Exception):
+    pass
+
+
+class Heartbeat(threading.Thread):
+    """Bumps hb/<wid>, publishes byte counts, and raises the abort flag when the generation moves on
+    or the run ends. Runs beside the training thread, so a long step never looks like a hang."""
+
+    def __init__(self, store, wid: str, interval: float, counter: ByteCounter):
+        super().__init__(daemon=True, name="kintsugi-heartbeat")
+        self.store, self.wid, self.interval, self.counter = store, wid, interval, counter
+        self.working_gen = -1
+        self.latest_gen = -1
+        self.abort = threading.Event()
+        self.shutdown = threading.Event()
+        self.store_lost = threading.Event()
+
+    def run(self):
+        misses = 0
+        while not self.shutdown.is_set():
+            try:
+                self.store.add(f"hb/{self.wid}", 1)
+                P.put_json(self.store, f"bytes/{self.wid}", self.counter.as_dict())
+                self.latest_gen = int(self.store.get("gen"))
+                if self.store.check(["shutdown"]):
+                    self.shutdown.set()
+                misses = 0
+            except Exception:  # noqa: BLE001 - the coordinator is gone or unreachable
+                misses += 1
+                if misses * self.interval > 10.0:
+                    self.store_lost.set()
+                    self.shutdown.set()
+            if self.latest_gen > self.working_gen >= 0 or self.shutdown.is_set():
+                self.abort.set()
+            time.sleep(self.interval)
+
+
+class Worker:
+    def __init__(self, store, wid: str, token: Optional[str]):
+        self.store, self.wid = store, wid
+        self.job = JobConfig.from_dict(P.get_json(store, "job"))
+        torch.manual_seed(self.job.train.seed)
+        self.counter = ByteCounter()
+        self._join(token)
+        self.hb = Heartbeat(store, wid, self.job.recovery.heartbeat_interval_s, self.counter)
+        self.hb.start()
+        self.leaving = threading.Event()
+        for name in self.job.recovery.notice_signals:
+            signal.signal(getattr(signal, name), lambda *_: self.leaving.set())
+        self.slot = None
+        self.state: Optional[StageState] = None
+        self.data = None
+        corpus = P.get_json(store, "corpus")
+        self.train_tokens = load_tokens(corpus["train_path"], corpus["dtype"])
+        self.val_tokens = load_tokens(corpus["val_path"], corpus["dtype"])
+        self.pending = None  # (step, local_sq) of a step whose backward finished but not its commit
+
+    def _join(self, token):
+        P.append(self.store, "join", {"wid": self.wid, "token": token, "pid": os.getpid(),
+                                      "host": socket.gethostname(), "machine": os.environ.get("KINTSUGI_MACHINE", socket.gethostname())})
+        ack = self.store.get(f"ack/{self.wid}").decode()
+        if ack != "ok":
+            raise SystemExit(f"kintsugi: the coordinator refused this worker ({ack}); set KINTSUGI_TOKEN or recovery.token")
+
+    # --- generation loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        seen = -1
+        while True:
+            plan = self._next_plan(seen)
+            if plan is None:
+                return 0
+            seen = plan["gen"]
+            if self.wid not in plan["ranks"]:
+                if self.slot is not None:
+                    log.warning("no longer in the plan of generation %d; exiting", seen)
+                    return 0
+                continue  # still a spare
+            try:
+                done = self._run_generation(plan)
+            except (Aborted, PeerFailure) as e:
+                if isinstance(e, PeerFailure):
+                    self._report(plan, e)
+                done = False
+            finally:
+                self._drop_group()
+            if done:
+                return 0
+
+    def _next_plan(self, seen: int):
+        while True:
+            if self.hb.shutdown.is_set():
+                return None
+            g = int(self.store.get("gen"))
+            if g > seen:
+                return P.get_json(self.store, f"gen/{g}")
+            time.sleep(0.01)
+
+    def _report(self, plan, err: PeerFailure) -> None:
+        peer_wid = next((w for w, r in plan["ranks"].items() if r == err.peer), None)
+        if peer_wid is not None:
+            P.append(self.store, "suspect", {"gen": plan["gen"], "reporter": self.wid, "peer_wid": peer_wid,
+                                             "why": str(err)})
+        # Wait for the coordinator to move on (or for the run to end) before rebuilding.
+        while not self.hb.abort.is_set():
+            time.sleep(0.005)
+
+    def _drop_group(self):
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - the old group may already be broken
+                pass
+
+    def _run_generation(self, plan) -> bool:
+        gen = plan["gen"]
+        self.hb.abort.clear()
+        self.hb.working_gen = gen
+        rank, world = plan["ranks"][self.wid], plan["world_size"]
+        backend = "gloo"
+        dist.init_process_group(backend, store=dist.PrefixStore(f"gen{gen}", self.store), rank=rank,
+                                world_size=world, timeout=timedelta(seconds=self.job.recovery.init_timeout_s))
+        grid = Grid(self.job.parallel.replicas, self.job.parallel.stages)
+        wait_abortable(dist.barrier(async_op=True), self.hb.abort)
+        transport = Transport(None, self.hb.abort, self.counter, self._codecs())
+        if self.wid in plan["leavers"]:
+            self._hand_off(plan, transport)
+            raise SystemExit(0)
+        slot = next(tuple(map(int, k.split(","))) for k, w in plan["slots"].items() if w == self.wid)
+        t_start = time.time()
+        rebuild = plan["rebuild"].get(f"{slot[0]},{slot[1]}")
+        if self.slot != slot:  # new here: build the stage (it is replaced below if being rebuilt)
+            self.slot = slot
+            self.state = StageState(self.job, slot[1])
+            self.data = ShardedBatches(self.train_tokens, self.job.data.seq_len, self.job.train.batch_size,
+                                       slot[0], self.job.parallel.replicas, self.job.train.seed)
+        self._finish_pending(slot)
+        from .recovery_exec import execute_plan  # the rebuild exchanges of this generation
+        execute_plan(self, plan, grid, transport, slot, rebuild)
+        if rebuild is not None:
+            now = time.time()
+            P.append(self.store, "event", {"kind": "rebuild", "slot": list(slot), "tier": rebuild["tier"],
+                                           "step": rebuild["step"], "detect_s": plan["published_at"] - rebuild["detected_at"],
+                                           "recover_s": now - rebuild["detected_at"], "setup_s": now - t_start})
+        return self._train(plan, grid, transport, slot)
+
+    def _codecs(self):
+        c = self.job.compression
+        if c.activations == "none" and c.gradients == "none":
+            return {}
+        from compression import get_codec
+        return {"p2p": get_codec(c.activations, c.block_size), "p2p_grad": get_codec(c.gradients, c.block_size)}
+
+    def _finish_pending(self, slot):
+        """If our replica committed the step we had finished the backward of, apply it now."""
+        rec = P.get_json_or(self.store, f"committed/{slot[0]}")
+        if self.pending is not None and rec is not None and rec["step"] == self.pending[0] \
+                and self.state.step_done < rec["step"]:
+            self.state.apply_step(rec["step"], rec["total"][0], self.pending[1])
+            self.data.position = rec["step"] + 1
+        self.pending = None
+        self.state.zero_grad()
+
+    def _hand_off(self, plan, transport):
+        """Graceful leave: stream the exact state to the worker that takes our slot."""
+        dst_wid = plan["slots"][f"{self.slot[0]},{self.slot[1]}"]
+        send_package(transport, self.state.export(exact=True), plan["ranks"][dst_wid], REBUILD_TAG)
+        log.info("handed slot %s over to %s", self.slot, dst_wid)
+
+    # --- training -----------------------------------------------------------------------------------
+    def _train(self, plan, grid: Grid, transport: Transport, slot) -> bool:
+        job, st = self.job, self.state
+        r, s = slot
+        S = job.parallel.stages
+        pipe = grid.pipeline_ranks(r)
+        rec = P.get_json_or(self.store, f"committed/{r}")
+        step = (rec["step"] + 1) if rec else 0
+        self.data.position = step
+        routes = routes_for(S, job.train.microbatches, alternate=self._alternate())
+        actions = actions_for(job.parallel.schedule, s, S, routes)
+        executor = StageExecutor(st.model, s, S, transport, lambda stage: pipe[stage], job.model.dim,
+                                 cross_entropy_loss)
+        tokens_per_step = job.train.batch_size * job.data.seq_len
+        while step < job.train.max_steps:
+            t0 = time.time()
+            inputs, targets = self.data.batch_at(step)
+            st.zero_grad()
+            loss = executor.run(inputs, targets, routes, actions)
+            local_sq = st.local_grad_sq()
+            self.pending = (step, local_sq)
+            vec = torch.tensor([local_sq, loss or 0.0, 0.0], dtype=torch.float64)
+
+            def commit(total, _step=step):  # runs on stage 0 only, before the broadcast
+                P.put_json(self.store, f"committed/{r}", {"step": _step, "total": total.tolist()})
+                P.append(self.store, "commit", {"replica": r, "step": _step, "loss": float(total[1]),
+                                                "grad_norm": float(total[0]) ** 0.5, "tokens": tokens_per_step,
+                                                "lr": st.optimizer.param_groups[0]["lr"], "step_s": time.time() - t0,
+                                                "batch_ids": self.data.batch_ids(_step)})
+            total = transport.chain_allreduce(vec, pipe, COMMIT_TAG + 2 * (step % 1000), on_total=commit)
+            st.apply_step(step, float(total[0]), local_sq)
+            self.pending = None
+            self.data.advance()
+            step += 1
+            self._after_step(plan, grid, transport, slot, step)
+            if self.leaving.is_set():
+                P.append(self.store, "leave", {"wid": self.wid, "why": "notice signal"})
+                self._wait_for_handoff_gen(plan)
+                return False
+            ev = job.train.eval_every
+            if r == 0 and ((ev and step % ev == 0 and step < job.train.max_steps) or step == job.train.max_steps):
+                self._evaluate(executor, step, final=(step == job.train.max_steps))
+        self._wait_for_shutdown()
+        return True
+
+    def _alternate(self) -> bool:
+        return self.job.recovery.strategy in ("checkfree_plus", "tiered") and self.job.parallel.stages >= 2
+
+    def _after_step(self, plan, grid, transport, slot, step):
+        from .recovery_exec import refresh_neighbour_copies
+        refresh_neighbour_copies(self, grid, transport, slot, step)
+
+    def _evaluate(self, executor: StageExecutor, step: int, final: bool):
+        job = self.job
+        S = job.parallel.stages
+        batches = val_batches(self.val_tokens, job.data.seq_len, job.train.batch_size, job.train.eval_batches)
+        routes = routes_for(S, job.train.microbatches, alternate=False)
+        fwd = [a for a in actions_for("gpipe", executor.stage, S, routes) if a[0] == "F"]
+        total, n = 0.0, 0
+        for inputs, targets in batches:
+            loss = executor.run(inputs, targets, routes, fwd, train=False)
+            if loss is not None:
+                total, n = total + loss, n + 1
+        if executor.stage == S - 1:
+            P.append(self.store, "eval", {"step": step, "val_loss": total / max(n, 1), "final": final})
+
+    def _wait_for_handoff_gen(self, plan):
+        while not self.hb.abort.is_set():
+            time.sleep(0.005)
+
+    def _wait_for_shutdown(self):
+        while not self.hb.shutdown.is_set():
+            time.sleep(0.02)
+
+
+def _die_with_parent():
+    """When started by the local launcher, die with it (no orphans even if it is SIGKILLed)."""
+    if os.environ.get("KINTSUGI_PDEATHSIG") == "1" and sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Kintsugi worker: joins a coordinator and trains one stage")
+    ap.add_argument("--coordinator", required=True, help="host:port of the coordinator")
+    ap.add_argument("--wid", default=None)
+    args = ap.parse_args(argv)
+    _die_with_parent()
+    torch.set_num_threads(1)
+    wid = args.wid or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    logging.basicConfig(level=os.environ.get("KINTSUGI_LOG", "WARNING"),
+                        format=f"[worker {wid}] %(levelname)s %(message)s")
+    host, port = P.parse_addr(args.coordinator)
+    store = P.connect(host, port, timeout_s=120)
+    token = os.environ.get(P.TOKEN_ENV)
+    try:
+        return Worker(store, wid, token).run()
+    except Shutdown:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
