@@ -96,6 +96,9 @@ class _GroupWorker:
                     fut.set_result(fn())
                 except BaseException as err:  # handed to the waiter, who re-raises it
                     fut.set_exception(err)
+            # Drop the job (and the process group it holds) now: a group kept alive by this
+            # idle thread is destroyed at interpreter exit, which aborts inside gloo.
+            del item, fn, fut
 
 
 _workers: "weakref.WeakKeyDictionary[object, _GroupWorker]" = weakref.WeakKeyDictionary()
@@ -148,7 +151,7 @@ def _world_size(group) -> int:
 
 def _all_gather(out: Tensor, inp: Tensor, group) -> None:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, inp, group=group)
+    gather(out.view(-1), inp.view(-1), group=group)  # gloo wants flat tensors
 
 
 def _reduce_flat(plan: AllReducePlan, codec: Codec, flat: Tensor, group, world: int, avg: bool,

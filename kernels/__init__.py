@@ -15,6 +15,7 @@ import logging
 import os
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from kernels import reference
@@ -73,6 +74,8 @@ def encode(spec: CodecSpec, x: Tensor, block_size: int, *, seed: Optional[int] =
     (element index, seed). With `residual` (R, C, fp32) the encoded values are x + residual and
     residual is overwritten with the part the encoding lost (error feedback), in the same pass.
     """
+    if x.numel() == 0:
+        return x.new_empty((x.shape[0], 0), dtype=torch.uint8)
     return backend_for(x, spec).encode(spec, x, block_size, seed=seed, residual=residual)
 
 
@@ -83,5 +86,7 @@ def decode(spec: CodecSpec, payload: Tensor, numel: int, block_size: int, *, num
     Each group of `num_sum` consecutive rows is summed in row order (fp32), times alpha, then
     written to `out` or added to it (accumulate): ``out = out + alpha * (v_0 + v_1 + ...)``.
     """
+    if numel == 0 or payload.shape[0] == 0:
+        return out if out is not None else payload.new_empty(0, dtype=torch.float32)
     return backend_for(payload, spec).decode(spec, payload, numel, block_size, num_sum=num_sum,
                                              alpha=alpha, out=out, accumulate=accumulate)

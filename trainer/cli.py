@@ -39,8 +39,10 @@ def _one_line(err: BaseException) -> str:
 
 def validate_overrides(overrides: List[str]) -> Optional[str]:
     try:
-        compose_job([o for o in overrides if not o.startswith("-")])
-    except ConfigError as e:
+        job, _ = compose_job([o for o in overrides if not o.startswith("-")])
+        from .data import validate_data_config
+        validate_data_config(job.data)
+    except (ConfigError, ValueError) as e:
         return str(e)
     except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf errors: unknown keys, bad types, bad groups
         text = _one_line(e)

@@ -1,0 +1,284 @@
+"""Pipeline training throughput: Kintsugi's StageExecutor + Transport against torch.distributed.pipelining.
+
+Every variant trains the same tiny LLaMA split into the same stages (parallel.topology.per_stage_layers),
+on the same fixed batches, with the same microbatch count, one thread per process and AdamW. A step is
+forward + backward of every microbatch + one optimizer step; tokens/s = steps * batch * seq / wall time.
+
+The S stage processes are spawned once and build every variant side by side (each from the same
+seeded weights), then time them in interleaved repetitions whose order flips every repetition
+(ours, theirs, ..., then theirs, ours, ...), with a barrier around each timed block. The CPU is shared
+with other jobs, so the headline ratio is the median of the per-repetition paired ratios, which
+cancels load drift that a ratio of medians would not.
+
+A framework is a runner class in `RUNNERS`: built per (stage, schedule) inside an initialised gloo
+group whose rank equals the stage, it owns its stage module and optimizer and exposes
+`step(inputs, targets) -> loss or None`. Adding a baseline (e.g. DeepSpeed's PipelineModule) is one
+more class and one more entry; its ratio against ours is reported automatically.
+
+    python -m benchmarks.pipeline_throughput [--stages 2] [--microbatches 4] [--steps N] [--quick]
+
+prints one JSON line on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from parallel.schedules import StageExecutor, actions_for, routes_for
+from parallel.topology import per_stage_layers
+from parallel.transport import Transport
+from trainer.model import Llama, ModelConfig, cross_entropy_loss
+
+log = logging.getLogger("benchmarks.pipeline_throughput")  # not __name__: spawned children see __mp_main__
+
+SCHEDULES = ("gpipe", "1f1b")
+REFERENCE = "ours"  # every other framework's ratio is ours / theirs
+
+
+def _tiny_llama() -> ModelConfig:
+    return ModelConfig(dim=128, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=256)
+
+
+@dataclass
+class BenchConfig:
+    stages: int = 2
+    microbatches: int = 4
+    steps: int = 6             # timed steps per variant per repetition
+    warmup: int = 2            # untimed steps per variant, once, before the first repetition
+    repetitions: int = 3
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    frameworks: Tuple[str, ...] = ("ours", "torch")
+    schedules: Tuple[str, ...] = SCHEDULES
+    # The trainer always hands Transport its heartbeat's abort event, which makes every wait run in
+    # a helper thread; "none" measures the plain blocking waits instead.
+    ours_abort: str = "event"
+    timeout_s: float = 120.0
+    model: ModelConfig = field(default_factory=_tiny_llama)
+
+    def __post_init__(self):
+        for key in ("stages", "microbatches", "steps", "repetitions", "batch_size", "seq_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")
+        if self.warmup < 1:
+            raise ValueError(f"warmup={self.warmup}: must be >= 1 (the first step also infers shapes in torch.distributed.pipelining)")
+        if self.stages > self.model.n_layers:
+            raise ValueError(f"stages={self.stages}: more than model.n_layers={self.model.n_layers}; use fewer stages")
+        if self.batch_size % self.microbatches:
+            raise ValueError(f"microbatches={self.microbatches}: does not divide batch_size={self.batch_size}; pick a divisor")
+        if self.seq_len > self.model.max_seq_len:
+            raise ValueError(f"seq_len={self.seq_len}: exceeds model.max_seq_len={self.model.max_seq_len}")
+        unknown = [f for f in self.frameworks if f not in RUNNERS]
+        if unknown or REFERENCE not in self.frameworks:
+            raise ValueError(f"frameworks={list(self.frameworks)}: must include {REFERENCE!r} and only {sorted(RUNNERS)}")
+        if not self.schedules or any(s not in SCHEDULES for s in self.schedules):
+            raise ValueError(f"schedules={list(self.schedules)}: pick from {list(SCHEDULES)}")
+        if self.ours_abort not in ("event", "none"):
+            raise ValueError(f"ours_abort={self.ours_abort!r}: use 'event' (as the trainer runs) or 'none'")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+def build_stage(bench: BenchConfig, stage: int) -> Llama:
+    """The stage's slice of the model; Llama.forward maps that stage's input to its output (ids or
+    hidden in; hidden or logits out), which is what PipelineStage needs."""
+    layer_ids = per_stage_layers(bench.model.n_layers, bench.stages)[stage]
+    return Llama(bench.model, layer_ids, has_embedding=stage == 0, has_head=stage == bench.stages - 1,
+                 seed=bench.seed)
+
+
+def _optimizer(model: torch.nn.Module, bench: BenchConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=bench.lr)
+
+
+# --- runners: one per framework ----------------------------------------------------------------------
+class OursRunner:
+    """Kintsugi's StageExecutor over its own Transport, as trainer/worker.py drives it (no clipping
+    or commit all-reduce: those are trainer features the baseline does not have)."""
+
+    def __init__(self, bench: BenchConfig, stage: int, schedule: str):
+        self.model = build_stage(bench, stage)
+        self.optimizer = _optimizer(self.model, bench)
+        self.routes = routes_for(bench.stages, bench.microbatches, alternate=False)
+        self.actions = actions_for(schedule, stage, bench.stages, self.routes)
+        abort = threading.Event() if bench.ours_abort == "event" else None
+        transport = Transport(None, abort=abort)
+        self.executor = StageExecutor(self.model, stage, bench.stages, transport, lambda s: s,
+                                      bench.model.dim, cross_entropy_loss)
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> Optional[float]:
+        loss = self.executor.run(inputs, targets, self.routes, self.actions)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
+class TorchPipeliningRunner:
+    """torch.distributed.pipelining's PipelineStage with ScheduleGPipe / Schedule1F1B."""
+
+    def __init__(self, bench: BenchConfig, stage: int, schedule: str):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.model = build_stage(bench, stage)
+        self.optimizer = _optimizer(self.model, bench)
+        self.is_first, self.is_last = stage == 0, stage == bench.stages - 1
+        pipe_stage = PipelineStage(self.model, stage, bench.stages, torch.device("cpu"))
+        cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+        # scale_grads (default) divides by the microbatch count, as ours does with loss / num_mb.
+        self.schedule = cls(pipe_stage, bench.microbatches, loss_fn=cross_entropy_loss)
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> Optional[float]:
+        args = (inputs,) if self.is_first else ()
+        losses: List[torch.Tensor] = []
+        if self.is_last:
+            # return_outputs=False: ours does not gather the logits either.
+            self.schedule.step(*args, target=targets, losses=losses, return_outputs=False)
+        else:
+            self.schedule.step(*args, return_outputs=False)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(torch.stack(losses).detach().mean()) if losses else None
+
+
+RUNNERS = {"ours": OursRunner, "torch": TorchPipeliningRunner}
+
+
+# --- one stage process ----------------------------------------------------------------------------
+def _batches(bench: BenchConfig, count: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed random batches, identical on every rank (the executor reads shapes off the end stages)."""
+    gen = torch.Generator().manual_seed(bench.seed + 1)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, bench.model.vocab_size, (bench.batch_size, bench.seq_len + 1), generator=gen)
+        out.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
+    return out
+
+
+def _variants(bench: BenchConfig) -> List[str]:
+    # Schedule-major, so each framework's block sits next to its counterpart on the same schedule.
+    return [f"{fw}/{sched}" for sched in bench.schedules for fw in bench.frameworks]
+
+
+def _worker(rank: int, bench: BenchConfig, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(name)s: %(message)s", stream=sys.stderr)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=bench.stages,
+                            timeout=timedelta(seconds=bench.timeout_s))
+    try:
+        t_start = time.perf_counter()
+        batches = _batches(bench, 4)
+        runners = {}
+        first_loss: Dict[str, Optional[float]] = {}
+        for name in _variants(bench):
+            fw, sched = name.split("/")
+            runners[name] = RUNNERS[fw](bench, rank, sched)
+            for i in range(bench.warmup):
+                loss = runners[name].step(*batches[i % len(batches)])
+                if i == 0:
+                    first_loss[name] = loss  # same weights + same batch: must agree across frameworks
+        if rank == 0:
+            log.info("built and warmed up %d variants in %.1f s", len(runners), time.perf_counter() - t_start)
+        elapsed: Dict[str, List[float]] = {name: [] for name in runners}
+        for rep in range(bench.repetitions):
+            order = list(runners) if rep % 2 == 0 else list(reversed(runners))
+            for name in order:
+                dist.barrier()
+                t0 = time.perf_counter()
+                for i in range(bench.steps):
+                    runners[name].step(*batches[i % len(batches)])
+                dist.barrier()  # the step is done only when the slowest stage is
+                elapsed[name].append(time.perf_counter() - t0)
+            if rank == 0:
+                log.info("repetition %d/%d done", rep + 1, bench.repetitions)
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"elapsed": elapsed, "first_loss": first_loss}, f)
+
+
+# --- driver ---------------------------------------------------------------------------------------
+def run(bench: BenchConfig) -> dict:
+    """Spawn the stages, time every variant, and summarise as one JSON-able dict."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned stages
+    with tempfile.TemporaryDirectory(prefix="kintsugi-pipebench-") as tmp:
+        mp.start_processes(_worker, args=(bench, os.path.join(tmp, "init"), tmp), nprocs=bench.stages,
+                           join=True, start_method="spawn")
+        per_rank = []
+        for r in range(bench.stages):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                per_rank.append(json.load(f))
+    variants = _variants(bench)
+    # Barriers bracket each block, so ranks agree to within a barrier; take the slowest anyway.
+    tps_reps = {v: [bench.steps * bench.tokens_per_step / max(pr["elapsed"][v][i] for pr in per_rank)
+                    for i in range(bench.repetitions)] for v in variants}
+    first_loss = {v: next(pr["first_loss"][v] for pr in per_rank if pr["first_loss"][v] is not None)
+                  for v in variants}
+    ratios = {}
+    for fw in bench.frameworks:
+        if fw == REFERENCE:
+            continue
+        for sched in bench.schedules:
+            ours, theirs = tps_reps[f"{REFERENCE}/{sched}"], tps_reps[f"{fw}/{sched}"]
+            ratios[f"{REFERENCE}_over_{fw}/{sched}"] = round(statistics.median(a / b for a, b in zip(ours, theirs)), 4)
+    cfg = asdict(bench)
+    return {
+        "benchmark": "pipeline_throughput",
+        "tokens_per_s": {v: round(statistics.median(t), 1) for v, t in tps_reps.items()},
+        "ratio": ratios,
+        "tokens_per_s_reps": {v: [round(x, 1) for x in t] for v, t in tps_reps.items()},
+        "first_step_loss": first_loss,
+        "config": {k: cfg[k] for k in ("stages", "microbatches", "steps", "warmup", "repetitions",
+                                       "batch_size", "seq_len", "ours_abort")}
+        | {"model": cfg["model"], "threads_per_process": 1},
+        "torch": torch.__version__,
+    }
+
+
+def parse_args(argv: Optional[List[str]] = None) -> BenchConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant per repetition")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--frameworks", default="ours,torch")
+    p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--ours-abort", choices=("event", "none"), default="event")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 stages, 2 steps, 1 warmup, 1 repetition")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.stages, a.steps, a.warmup, a.repetitions = 2, 2, 1, 1
+    return BenchConfig(stages=a.stages, microbatches=a.microbatches, steps=a.steps, warmup=a.warmup,
+                       repetitions=a.repetitions, frameworks=tuple(a.frameworks.split(",")),
+                       schedules=tuple(a.schedules.split(",")), ours_abort=a.ours_abort)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    bench = parse_args(argv)
+    t0 = time.time()
+    result = run(bench)
+    result["wall_s"] = round(time.time() - t0, 1)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

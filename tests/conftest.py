@@ -1,0 +1,52 @@
+"""Shared test fixtures: one thread per process, wandb off, and a helper that runs the real CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_trainer(run_dir, *overrides, timeout=240, check=True):
+    """Run `python -m trainer` for real (coordinator + worker processes) and return
+    (completed process, summary dict or None, metrics records)."""
+    cmd = [sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", *overrides]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    summary = None
+    path = os.path.join(run_dir, "summary.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+    records = []
+    mpath = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(mpath):
+        with open(mpath) as f:
+            records = [json.loads(l) for l in f]
+    return proc, summary, records
+
+
+def commits(records, replica=0):
+    out = {}
+    for r in records:
+        if "loss" in r and r.get("replica") == replica and "val_loss" not in r:
+            out[r["step"]] = r
+    return [out[k] for k in sorted(out)]
