@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 import torch.distributed as dist
@@ -57,9 +57,12 @@ def _tiny_llama() -> ModelConfig:
 class BenchConfig:
     stages: int = 2
     microbatches: int = 4
-    steps: int = 6             # timed steps per variant per repetition
+    # Short blocks, many repetitions: on a shared CPU the load drifts over seconds and only what runs
+    # close together compares fairly (loaded 2-core box: 3-step blocks x 7 spread the paired ratios
+    # over 0.75-2.3, 1-step blocks x 21 over 0.57-1.6).
+    steps: int = 1             # timed steps per variant per repetition
     warmup: int = 2            # untimed steps per variant, once, before the first repetition
-    repetitions: int = 3
+    repetitions: int = 21
     batch_size: int = 16
     seq_len: int = 128
     lr: float = 1e-3
@@ -85,10 +88,12 @@ class BenchConfig:
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len}: exceeds model.max_seq_len={self.model.max_seq_len}")
         unknown = [f for f in self.frameworks if f not in RUNNERS]
-        if unknown or REFERENCE not in self.frameworks:
-            raise ValueError(f"frameworks={list(self.frameworks)}: must include {REFERENCE!r} and only {sorted(RUNNERS)}")
+        if unknown or not self.frameworks:
+            raise ValueError(f"frameworks={list(self.frameworks)}: pick from {sorted(RUNNERS)}")
         if not self.schedules or any(s not in SCHEDULES for s in self.schedules):
             raise ValueError(f"schedules={list(self.schedules)}: pick from {list(SCHEDULES)}")
+        if "1f1b" in self.schedules and "torch" in self.frameworks and self.microbatches < self.stages:
+            raise ValueError(f"microbatches={self.microbatches}: Schedule1F1B needs at least stages={self.stages}; raise microbatches")
         if self.ours_abort not in ("event", "none"):
             raise ValueError(f"ours_abort={self.ours_abort!r}: use 'event' (as the trainer runs) or 'none'")
 
@@ -110,6 +115,14 @@ def _optimizer(model: torch.nn.Module, bench: BenchConfig) -> torch.optim.Optimi
 
 
 # --- runners: one per framework ----------------------------------------------------------------------
+class StageRunner(Protocol):
+    """One stage of one framework, built as RUNNERS[name](bench, stage, schedule) after the gloo
+    group is up (rank == stage). It owns its module (build_stage, so weights match the others) and
+    its optimizer; `step` trains on the whole batch and returns the batch-mean loss on the last stage."""
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> Optional[float]: ...
+
+
 class OursRunner:
     """Kintsugi's StageExecutor over its own Transport, as trainer/worker.py drives it (no clipping
     or commit all-reduce: those are trainer features the baseline does not have)."""
@@ -158,7 +171,8 @@ class TorchPipeliningRunner:
         return float(torch.stack(losses).detach().mean()) if losses else None
 
 
-RUNNERS = {"ours": OursRunner, "torch": TorchPipeliningRunner}
+RUNNERS: Dict[str, Callable[[BenchConfig, int, str], StageRunner]] = {
+    "ours": OursRunner, "torch": TorchPipeliningRunner}
 
 
 # --- one stage process ----------------------------------------------------------------------------
@@ -177,6 +191,38 @@ def _variants(bench: BenchConfig) -> List[str]:
     return [f"{fw}/{sched}" for sched in bench.schedules for fw in bench.frameworks]
 
 
+def _build_and_warm(bench: BenchConfig, rank: int, batches) -> Tuple[Dict[str, StageRunner], Dict[str, Optional[float]]]:
+    runners: Dict[str, StageRunner] = {}
+    first_loss: Dict[str, Optional[float]] = {}
+    for name in _variants(bench):
+        fw, sched = name.split("/")
+        runners[name] = RUNNERS[fw](bench, rank, sched)
+        for i in range(bench.warmup):
+            loss = runners[name].step(*batches[i % len(batches)])
+            if i == 0:
+                first_loss[name] = loss  # same weights + same batch: must agree across frameworks
+    return runners, first_loss
+
+
+def _time_blocks(bench: BenchConfig, rank: int, runners: Dict[str, StageRunner], batches) -> Dict[str, Dict[str, List[float]]]:
+    """Wall and CPU seconds of each variant's block of `steps` steps, per repetition; the order flips
+    every repetition so neither framework always runs first after the other."""
+    times: Dict[str, Dict[str, List[float]]] = {"elapsed": {n: [] for n in runners}, "cpu": {n: [] for n in runners}}
+    for rep in range(bench.repetitions):
+        for name in (list(runners) if rep % 2 == 0 else list(reversed(runners))):
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(bench.steps):
+                runners[name].step(*batches[i % len(batches)])
+            c1 = time.process_time()  # all threads of this process, gloo's and the wait helpers' included
+            dist.barrier()  # the step is done only when the slowest stage is
+            times["elapsed"][name].append(time.perf_counter() - t0)
+            times["cpu"][name].append(c1 - c0)
+        if rank == 0:
+            log.info("repetition %d/%d done", rep + 1, bench.repetitions)
+    return times
+
+
 def _worker(rank: int, bench: BenchConfig, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(name)s: %(message)s", stream=sys.stderr)
@@ -185,33 +231,14 @@ def _worker(rank: int, bench: BenchConfig, init_file: str, out_dir: str) -> None
     try:
         t_start = time.perf_counter()
         batches = _batches(bench, 4)
-        runners = {}
-        first_loss: Dict[str, Optional[float]] = {}
-        for name in _variants(bench):
-            fw, sched = name.split("/")
-            runners[name] = RUNNERS[fw](bench, rank, sched)
-            for i in range(bench.warmup):
-                loss = runners[name].step(*batches[i % len(batches)])
-                if i == 0:
-                    first_loss[name] = loss  # same weights + same batch: must agree across frameworks
+        runners, first_loss = _build_and_warm(bench, rank, batches)
         if rank == 0:
             log.info("built and warmed up %d variants in %.1f s", len(runners), time.perf_counter() - t_start)
-        elapsed: Dict[str, List[float]] = {name: [] for name in runners}
-        for rep in range(bench.repetitions):
-            order = list(runners) if rep % 2 == 0 else list(reversed(runners))
-            for name in order:
-                dist.barrier()
-                t0 = time.perf_counter()
-                for i in range(bench.steps):
-                    runners[name].step(*batches[i % len(batches)])
-                dist.barrier()  # the step is done only when the slowest stage is
-                elapsed[name].append(time.perf_counter() - t0)
-            if rank == 0:
-                log.info("repetition %d/%d done", rep + 1, bench.repetitions)
+        times = _time_blocks(bench, rank, runners, batches)
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"elapsed": elapsed, "first_loss": first_loss}, f)
+        json.dump({**times, "first_loss": first_loss}, f)
 
 
 # --- driver ---------------------------------------------------------------------------------------
@@ -229,20 +256,29 @@ def run(bench: BenchConfig) -> dict:
     # Barriers bracket each block, so ranks agree to within a barrier; take the slowest anyway.
     tps_reps = {v: [bench.steps * bench.tokens_per_step / max(pr["elapsed"][v][i] for pr in per_rank)
                     for i in range(bench.repetitions)] for v in variants}
+    # CPU seconds per step summed over the stages: what the work costs, whatever the other load on
+    # the machine (wall time is what counts, but on a shared CPU it is the noisier of the two).
+    cpu_reps = {v: [sum(pr["cpu"][v][i] for pr in per_rank) / bench.steps for i in range(bench.repetitions)]
+                for v in variants}
     first_loss = {v: next(pr["first_loss"][v] for pr in per_rank if pr["first_loss"][v] is not None)
                   for v in variants}
-    ratios = {}
+    ratios, ratio_spread = {}, {}
     for fw in bench.frameworks:
-        if fw == REFERENCE:
+        if fw == REFERENCE or REFERENCE not in bench.frameworks:
             continue
         for sched in bench.schedules:
             ours, theirs = tps_reps[f"{REFERENCE}/{sched}"], tps_reps[f"{fw}/{sched}"]
-            ratios[f"{REFERENCE}_over_{fw}/{sched}"] = round(statistics.median(a / b for a, b in zip(ours, theirs)), 4)
+            paired = sorted(a / b for a, b in zip(ours, theirs))
+            key = f"{REFERENCE}_over_{fw}/{sched}"
+            ratios[key] = round(statistics.median(paired), 4)
+            ratio_spread[key] = [round(paired[0], 3), round(paired[-1], 3)]
     cfg = asdict(bench)
     return {
         "benchmark": "pipeline_throughput",
         "tokens_per_s": {v: round(statistics.median(t), 1) for v, t in tps_reps.items()},
         "ratio": ratios,
+        "ratio_min_max": ratio_spread,
+        "cpu_s_per_step": {v: round(statistics.median(c), 4) for v, c in cpu_reps.items()},
         "tokens_per_s_reps": {v: [round(x, 1) for x in t] for v, t in tps_reps.items()},
         "first_step_loss": first_loss,
         "config": {k: cfg[k] for k in ("stages", "microbatches", "steps", "warmup", "repetitions",
@@ -256,9 +292,9 @@ def parse_args(argv: Optional[List[str]] = None) -> BenchConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per variant per repetition")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--steps", type=int, default=BenchConfig.steps, help="timed steps per variant per repetition")
+    p.add_argument("--warmup", type=int, default=BenchConfig.warmup)
+    p.add_argument("--repetitions", type=int, default=BenchConfig.repetitions)
     p.add_argument("--frameworks", default="ours,torch")
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     p.add_argument("--ours-abort", choices=("event", "none"), default="event")

@@ -3,8 +3,9 @@
 Algorithms (all send raw uint8 payloads; integer codes are never summed as integers):
 
 - "two_shot": split the packed buffer into one chunk per rank; encode every chunk (one launch),
-  all-to-all, each rank decodes the W versions of the chunk it owns and sums them in fp32, re-encodes
-  that sum once, all-gather, decode. Two quantizations; each rank sends 2 (W-1)/W of a payload.
+  all-to-all; each rank decodes the W versions of the chunk it owns and sums them in fp32,
+  re-encodes that sum once; all-gather, decode. Two quantizations; each rank sends 2 (W-1)/W of
+  a payload.
 - "gather": encode the whole buffer once, all-gather, every rank decodes and sums all W payloads.
   One quantization but (W-1) payloads sent; best for W = 2 (same bytes) and small buffers.
 - codec "none": an ordinary fp32 `dist.all_reduce`.
@@ -231,10 +232,12 @@ def all_reduce(
     if ef is not None and plan.algorithm != "fp32":
         key = key if key is not None else tuple((t.data_ptr(), t.numel()) for t in tensors)
         send_res = ef.residual_buffer(("all_reduce", key), numel, flat.device)
-        if plan.algorithm == "two_shot":  # ownership changes with the world: start afresh then
-            owner_key = ("all_reduce_owner", key)
-            if (r := ef.residual(owner_key)) is not None and r.numel() != plan.chunk:
-                ef.reset(owner_key)
+        if plan.algorithm == "two_shot":
+            # The owned chunk depends on (world, rank); after a membership change start afresh.
+            owner_key = ("all_reduce_owner", key, world, rank)
+            for k in ef.keys():
+                if isinstance(k, tuple) and k[:2] == owner_key[:2] and k != owner_key:
+                    ef.reset(k)
             owner_res = ef.residual_buffer(owner_key, plan.chunk, flat.device)
     avg = op == "avg"
 

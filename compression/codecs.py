@@ -11,6 +11,7 @@ so a 1-D bias costs the same bytes per element as a large matrix.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -47,7 +48,8 @@ class Codec:
                  seed: int = 0):
         kernels.check_block_size(block_size)
         if stochastic and spec.kind == "raw":
-            raise ValueError("stochastic=True needs a lossy codec; codec 'none' is exact")
+            warnings.warn("codec 'none' is exact: stochastic=True is ignored", stacklevel=3)
+            stochastic = False
         self.spec = spec
         self.block_size = block_size
         self.stochastic = stochastic
@@ -107,10 +109,11 @@ class Codec:
                accumulate: bool = False) -> Tensor:
         """Payload -> fp32 1-D tensor of `numel` values, written to (or added to) `out` if given."""
         check_payload(self, payload, numel)
-        if out is not None:
-            check_out(out, numel)
-            out = out.view(-1)
-        return self.decode_rows(payload.view(1, -1), numel, out=out, accumulate=accumulate)
+        if out is None:
+            return self.decode_rows(payload.view(1, -1), numel)
+        check_out(out, numel)
+        self.decode_rows(payload.view(1, -1), numel, out=out.view(-1), accumulate=accumulate)
+        return out
 
 
 def check_payload(codec, payload: Tensor, numel: int) -> None:

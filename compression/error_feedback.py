@@ -57,6 +57,10 @@ class ErrorFeedback:
                              f"{numel}: use a distinct key per buffer")
         return r
 
+    def keys(self) -> list:
+        """Keys holding a residual (tuples are the all-reduce's own, see `all_reduce`)."""
+        return list(self._residuals)
+
     def residual(self, key: Hashable = None) -> Optional[Tensor]:
         return self._residuals.get(key)
 

@@ -1,12 +1,15 @@
 """Pure-torch reference of the codec kernels: runs anywhere (CPU, GPU without Triton) and defines
 the results the Triton kernels must reproduce (see `kernels.spec` for the format).
 
-Every rounding step is an exact fp32 operation or an IEEE-rounded one that Triton performs the same
-way (one multiply, one add, one division per block), so kernel and reference agree bit for bit.
+Every step is an exact fp32 operation or an IEEE-rounded one that Triton performs the same way
+(one multiply and one round per element, two divisions per block), so kernel and reference agree
+bit for bit. Where torch has a fast op with the same result (fp8/fp16/bf16 casts, int8 bytes) it is
+used instead of the generic formula, for CPU speed.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -51,27 +54,36 @@ def _pow2(exp: Tensor) -> Tensor:
     return ((exp + 127) << 23).view(torch.float32)
 
 
-def _quantize(spec: CodecSpec, z: Tensor, rnd: Tensor | float) -> Tensor:
-    """Codes (int32, in [0, 2^bits)) of already-scaled values z; rnd is 0.5 or uniform noise."""
+def _quantize(spec: CodecSpec, z: Tensor, noise: Optional[Tensor]) -> Tensor:
+    """Codes of already-scaled values z (consumed in place).
+
+    noise=None rounds to nearest even; otherwise floor(v + noise) with noise uniform in [0, 1),
+    which rounds up with probability frac(v): unbiased. Returns uint8 codes for 8- and 4-bit
+    codecs, int32 for 16-bit ones.
+    """
     if spec.kind == "int":
-        k = torch.trunc(z.abs() + rnd).clamp_(max=spec.qmax).to(torch.int32)
-        q = torch.where(z < 0, -k, k)
-        return q & 0xFF if spec.bits == 8 else q + 8
-    # Float grid: spacing 2^(e - mant) with e = max(floor(log2|z|), min_exp); all steps exact.
-    a = z.abs().clamp_(max=spec.qmax)
-    e = ((a.view(torch.int32) >> 23) - 127).clamp_(min=spec.min_exp)
-    k = torch.trunc(a * _pow2(spec.mant_bits - e) + rnd).to(torch.int32)
-    qv = k.to(torch.float32) * _pow2(e - spec.mant_bits)
-    biased = qv.view(torch.int32) >> 23
-    normal = biased - 127 >= spec.min_exp
-    exp_field = torch.where(normal, biased - 127 - spec.min_exp + 1, 0)
-    mant = torch.where(normal, (qv.view(torch.int32) & 0x7FFFFF) >> (23 - spec.mant_bits), k)
-    sign = (z < 0).to(torch.int32) << (spec.bits - 1)
-    return sign | (exp_field << spec.mant_bits) | mant
+        z = z.round_() if noise is None else z.add_(noise).floor_()
+        z.clamp_(-spec.qmax, spec.qmax)
+        return z.to(torch.int8).view(torch.uint8) if spec.bits == 8 else z.add_(8).to(torch.uint8)
+    if noise is None and spec.name == "fp8_e4m3":  # the grid below, as torch's (fast) cast
+        return z.clamp_(-spec.qmax, spec.qmax).to(torch.float8_e4m3fn).view(torch.uint8)
+    # Float grid: spacing 2^(e - m), e = max(floor(log2|z|), min_exp); k = round(|z| / spacing).
+    # Float codes are monotonic integers: code = (e - min_exp) * 2^m + k covers normals,
+    # subnormals (e = min_exp, k < 2^m) and rounding up into the next binade (k = 2^(m+1)).
+    m = spec.mant_bits
+    sign = (z.view(torch.int32) >> 31) & 1  # sign bit, so -0.0 keeps it like a cast does
+    a = z.abs_().clamp_(max=spec.qmax)
+    e = (a.view(torch.int32) >> 23).sub_(127).clamp_(min=spec.min_exp)
+    a.mul_(((127 + m) - e).bitwise_left_shift_(23).view(torch.float32))
+    a = a.round_() if noise is None else a.add_(noise).floor_()
+    code = (e.sub_(spec.min_exp) << m).add_(a.to(torch.int32))
+    code.bitwise_or_(sign << (spec.bits - 1))
+    return code.to(torch.uint8) if spec.bits <= 8 else code
 
 
 def _dequantize(spec: CodecSpec, code: Tensor) -> Tensor:
-    """fp32 grid values of int32 codes (before multiplying by the scale)."""
+    """fp32 grid values of integer codes (before the scale): the formula the kernel uses."""
+    code = code.to(torch.int32)
     if spec.kind == "int":
         if spec.bits == 8:
             return code.to(torch.uint8).view(torch.int8).to(torch.float32)
@@ -85,9 +97,32 @@ def _dequantize(spec: CodecSpec, code: Tensor) -> Tensor:
     return torch.where((code >> (spec.bits - 1)) & 1 == 1, -val, val)
 
 
-def _bf16_codes(y: Tensor, noise_index: Optional[Tensor], seed: int) -> Tensor:
-    if noise_index is None:  # round to nearest even, as the hardware cast does
-        return y.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+@functools.lru_cache(maxsize=None)
+def _code_table(spec: CodecSpec) -> Tensor:
+    """Values of every code of an 8- or 4-bit codec: (2^bits,) fp32."""
+    return _dequantize(spec, torch.arange(1 << spec.bits, dtype=torch.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_table(spec: CodecSpec) -> Tensor:
+    """Values of every byte: (256,) for 8-bit codes, (256, 2) for two 4-bit codes per byte."""
+    byte = torch.arange(256, dtype=torch.int32)
+    if spec.bits == 8:
+        return _dequantize(spec, byte)
+    return torch.stack([_dequantize(spec, byte & 0xF), _dequantize(spec, byte >> 4)], dim=-1)
+
+
+def _byte_values(spec: CodecSpec, data: Tensor, numel: int) -> Tensor:
+    """(R, nbytes) uint8 codes -> (R, numel) fp32 grid values, by table lookup."""
+    if spec.kind == "int" and spec.bits == 8:  # two's complement bytes: a cast is faster
+        return data.contiguous().view(torch.int8).to(torch.float32)
+    table = _byte_table(spec).to(data.device)
+    vals = table.index_select(0, data.reshape(-1).to(torch.int32))
+    return vals.view(data.shape[0], -1)[:, :numel]
+
+
+def _bf16_codes(y: Tensor, noise_index: Tensor, seed: int) -> Tensor:
+    """Stochastic bf16: add 16 random bits below the kept ones, then truncate."""
     bits = y.view(torch.int32).to(torch.int64) & _M32
     h = (uniform_from_index(noise_index, seed) * 2.0**24).to(torch.int64) >> 8  # top 16 bits
     code = ((bits + h) >> 16) & 0xFFFF
@@ -95,24 +130,15 @@ def _bf16_codes(y: Tensor, noise_index: Optional[Tensor], seed: int) -> Tensor:
 
 
 def _code_bytes(spec: CodecSpec, code: Tensor) -> Tensor:
-    """(R, n) int32 codes -> (R, code_nbytes) uint8, little-endian / low nibble first."""
+    """(R, n) codes -> (R, code_nbytes) uint8, little-endian / low nibble first."""
     if spec.bits == 8:
-        return code.to(torch.uint8)
+        return code
     if spec.bits == 16:
         return torch.stack([code & 0xFF, code >> 8], dim=-1).flatten(-2).to(torch.uint8)
     if code.shape[-1] % 2:
-        code = torch.nn.functional.pad(code, (0, 1), value=int(_quantize(spec, torch.zeros(1), 0.5)))
-    return (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
-
-
-def _byte_codes(spec: CodecSpec, data: Tensor, numel: int) -> Tensor:
-    """Inverse of `_code_bytes`: (R, nbytes) uint8 -> (R, numel) int32 codes."""
-    d = data.to(torch.int32)
-    if spec.bits == 8:
-        return d
-    if spec.bits == 16:
-        return d[..., 0::2] | (d[..., 1::2] << 8)
-    return torch.stack([d & 0xF, d >> 4], dim=-1).flatten(-2)[..., :numel]
+        zero_code = int(_quantize(spec, torch.zeros(1), None))
+        code = torch.nn.functional.pad(code, (0, 1), value=zero_code)
+    return code[..., 0::2] | (code[..., 1::2] << 4)
 
 
 def encode(
@@ -139,57 +165,66 @@ def encode(
         noise_index = torch.arange(num_rows * numel, device=x.device, dtype=torch.int64)
         noise_index = noise_index.view(num_rows, numel)
     if spec.kind == "bf16":
-        code = _bf16_codes(y, noise_index, seed or 0).view(num_rows, numel)
-        payload = _code_bytes(spec, code)
+        if noise_index is None:  # round to nearest even, as the hardware cast does
+            payload = y.to(torch.bfloat16).view(torch.uint8)
+        else:
+            payload = _code_bytes(spec, _bf16_codes(y, noise_index, seed or 0))
         if residual is not None:
             residual.copy_(y - payload.view(torch.bfloat16).to(torch.float32))
         return payload
-    nb = num_blocks(numel, block_size) if spec.scaled else 1
-    width = nb * block_size if spec.scaled else numel
-    yb = torch.nn.functional.pad(y, (0, width - numel)).view(num_rows, nb, -1)
-    if spec.scaled:
-        scale = round_up_bf16(yb.abs().amax(dim=-1) / spec.qmax)  # (R, nb)
-        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-        z = yb * inv.unsqueeze(-1)
-    else:
-        z = yb
-    if noise_index is None:
-        rnd: Tensor | float = 0.5
-    else:
+    if not spec.scaled:  # fp16
+        if noise_index is None:  # round to nearest even, as the hardware cast does
+            half = y.clamp(-spec.qmax, spec.qmax).to(torch.float16)
+            payload = half.view(torch.uint8)
+        else:
+            code = _quantize(spec, y.clone(), uniform_from_index(noise_index, seed or 0))
+            payload = _code_bytes(spec, code)
+            half = payload.view(torch.float16)
+        if residual is not None:
+            residual.copy_(y - half.to(torch.float32))
+        return payload
+    nb = num_blocks(numel, block_size)
+    width = nb * block_size
+    yb = y if width == numel else torch.nn.functional.pad(y, (0, width - numel))
+    yb = yb.view(num_rows, nb, block_size)
+    # max |y| per block (faster than abs().amax()); + 0.0 turns a -0.0 of all-zero blocks into +0.0
+    amax = torch.maximum(yb.amax(dim=-1), yb.amin(dim=-1).neg_()).add_(0.0)
+    scale = round_up_bf16(amax / spec.qmax)  # (R, nb)
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    z = yb * inv.unsqueeze(-1)
+    noise = None
+    if noise_index is not None:
         idx = torch.nn.functional.pad(noise_index, (0, width - numel), value=0).view_as(z)
-        rnd = uniform_from_index(idx, seed or 0)
-    code = _quantize(spec, z, rnd).view(num_rows, width)[:, :numel]
-    data = _code_bytes(spec, code)
+        noise = uniform_from_index(idx, seed or 0)
+    code = _quantize(spec, z, noise).view(num_rows, width)
     if residual is not None:
-        deq = _dequantize(spec, code)
-        if spec.scaled:
-            deq = torch.nn.functional.pad(deq, (0, width - numel)).view(num_rows, nb, -1)
-            deq = (deq * scale.unsqueeze(-1)).view(num_rows, width)[:, :numel]
-        residual.copy_(y - deq)
-    if not spec.scaled:
-        return data
+        deq = _code_table(spec).to(x.device).index_select(0, code.reshape(-1).to(torch.int32))
+        deq = (deq.view(num_rows, nb, block_size) * scale.unsqueeze(-1)).view(num_rows, width)
+        residual.copy_(y - deq[:, :numel])
+    data = _code_bytes(spec, code[:, :numel])
     sbits = (scale.view(torch.int32) >> 16) & 0xFFFF
     sbytes = torch.stack([sbits & 0xFF, sbits >> 8], dim=-1).flatten(-2).to(torch.uint8)
     return torch.cat([sbytes, data], dim=1)
 
 
 def dequantize_rows(spec: CodecSpec, payload: Tensor, numel: int, block_size: int) -> Tensor:
-    """Payload rows (R, S) -> fp32 values (R, numel)."""
+    """Payload rows (R, S) -> fp32 values (R, numel); a view of the payload for codec "none"."""
     num_rows = payload.shape[0]
     if spec.kind == "raw":
         return payload.contiguous().view(torch.float32)[:, :numel]
     if spec.kind == "bf16":
         return payload.contiguous().view(torch.bfloat16).to(torch.float32)
-    sb = scale_nbytes(spec, numel, block_size)
-    code = _byte_codes(spec, payload[:, sb : sb + code_nbytes(spec, numel)], numel)
-    val = _dequantize(spec, code)
     if not spec.scaled:
-        return val
+        return payload.contiguous().view(torch.float16).to(torch.float32)
+    sb = scale_nbytes(spec, numel, block_size)
+    val = _byte_values(spec, payload[:, sb : sb + code_nbytes(spec, numel)], numel)
     s = payload[:, :sb].to(torch.int32)
     scale = ((s[:, 0::2] | (s[:, 1::2] << 8)) << 16).view(torch.float32)  # (R, nb)
     nb = scale.shape[1]
-    val = torch.nn.functional.pad(val, (0, nb * block_size - numel)).view(num_rows, nb, -1)
-    return (val * scale.unsqueeze(-1)).view(num_rows, -1)[:, :numel]
+    if nb * block_size != numel:
+        val = torch.nn.functional.pad(val, (0, nb * block_size - numel))
+    val = val.view(num_rows, nb, block_size) * scale.unsqueeze(-1)
+    return val.view(num_rows, -1)[:, :numel]
 
 
 def decode(
@@ -208,14 +243,16 @@ def decode(
     Groups of `num_sum` consecutive rows are summed in row order, then multiplied by alpha, then
     added to `out` if accumulate: ``out = out + alpha * (v_0 + v_1 + ...)``.
     """
-    vals = dequantize_rows(spec, payload, numel, block_size)
-    vals = vals.view(-1, num_sum, numel)
-    total = vals[:, 0].clone()
+    vals = dequantize_rows(spec, payload, numel, block_size).reshape(-1, num_sum, numel)
+    total = vals[:, 0]
     for i in range(1, num_sum):
-        total += vals[:, i]
-    total = (total * alpha).reshape(-1)
+        total = total + vals[:, i]
+    if alpha != 1.0:  # x * 1.0 == x exactly, so skipping it changes no bit
+        total = total * alpha
+    total = total.reshape(-1)
     if out is None:
-        return total
+        aliases_payload = spec.kind == "raw" and num_sum == 1 and alpha == 1.0
+        return total.clone() if aliases_payload else total
     if accumulate:
         out += total
     else:

@@ -1,12 +1,12 @@
 """Codec formats and payload layout shared by the Triton kernels and their torch reference.
 
 A codec turns fp32 values into fixed-width codes. Block-scaled codecs ("int8", "fp8_e4m3", "int4",
-"fp4_e3m0") divide the values into blocks of `block_size` consecutive elements, each with one scale:
-``scale = round_up_to_bf16(max|x| / qmax)``, codes are the values divided by the scale on the codec's
-grid. The scale is stored as bf16 rounded *up*, so no value overflows the grid and a scale costs 2
-bytes (int8 at block 256: 8.0625 bits per element, 3.97x fewer bytes than fp32; int4 at block 32:
-4.5 bits, 7.1x). bf16 keeps fp32's exponent range, so tiny gradients do not flush to zero as they
-would with fp16 scales.
+"fp4_e3m0") divide the values into blocks of `block_size` consecutive elements, each with one scale,
+``scale = round_up_to_bf16(max|x| / qmax)``; codes are the values divided by the scale, rounded to
+the codec's grid. The scale is stored as bf16 rounded *up*, so no value overflows the grid and a
+scale costs 2 bytes (int8 at block 256: 8.0625 bits per element, 3.97x fewer bytes than fp32; int4
+at block 32: 4.5 bits, 7.1x). bf16 keeps fp32's exponent range, so tiny gradients do not flush to
+zero as they would with fp16 scales.
 
 Payload layout of one row of ``numel`` elements (rows are independent; the all-reduce encodes one
 row per destination rank)::
@@ -17,10 +17,11 @@ Codes: 8-bit codecs one byte per element; 4-bit codecs two per byte (element 2i 
 2i+1 in the high one); 16-bit codecs two bytes per element, little-endian. A partial last block is
 padded with zeros that quantize to the code of 0.
 
-Rounding is defined with exact fp32 operations (power-of-two scaling, truncation of |y| + 0.5, or of
-|y| + u with u uniform in [0, 1) for stochastic rounding) so that the kernel and the reference agree
-bit for bit. Float grids (fp16, fp8 e4m3, fp4 e3m0) round to the nearest grid point, ties away from
-zero; bf16 rounds to nearest even, like a hardware cast.
+Rounding: to the nearest grid point, ties to even, like a hardware cast (the fp8 and fp16 codes are
+exactly what torch's casts give); stochastic rounding takes floor(v + u) with u uniform in [0, 1)
+hashed from (element index, seed), which is unbiased. Grid steps are powers of two applied with
+exact fp32 operations, so the kernel and the reference agree bit for bit. Rows whose scale would be
+0 (all-zero blocks) encode as zeros. Non-finite inputs are not supported by the scaled codecs.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def row_nbytes(spec: CodecSpec, numel: int, block_size: int) -> int:
 
 
 def check_block_size(block_size: int) -> None:
-    if block_size < 2 or block_size > 65536 or block_size & (block_size - 1):
-        raise ValueError(
-            f"block_size={block_size} is invalid: use a power of two between 2 and 65536 (e.g. 256)"
-        )
+    # Even, so that 4-bit pairs never straddle a block and rows of whole blocks stay byte-aligned.
+    if not isinstance(block_size, int) or block_size < 2 or block_size > 65536 or block_size % 2:
+        raise ValueError(f"block_size={block_size} is invalid: use an even number between 2 and "
+                         "65536 (powers of two such as 256 are fastest on GPUs)")

@@ -256,18 +256,22 @@ class StreamingDiLoCo:
                     p.copy_(g.to(p.device, p.dtype))
 
     @torch.no_grad()
-    def resync(self, src: int = 0) -> None:
-        """Broadcast the global copies and momentum from group rank `src` to the whole stage group
-        and reset local parameters to them: restores bitwise agreement after a generation change."""
-        assert not self._inflight, "resync with syncs in flight"
+    def resync(self, src: int = 0, reset_local: bool = False) -> None:
+        """Broadcast the global copies and momentum from group rank `src` to the whole stage group:
+        restores bitwise agreement after a generation change (or builds it for a stage that every
+        replica lost). `reset_local` also sets the local parameters to the global ones; survivors
+        keep theirs, so they lose no inner progress."""
+        if self._inflight:
+            raise RuntimeError("diloco syncs are in flight; call finish_all() or abandon() before resync()")
         gsrc = dist.get_global_rank(self.group, src) if self.group is not None else src
         for f in self.fragments:
             bufs = [f.opt.state.setdefault(g, {}).setdefault("momentum_buffer", torch.zeros_like(g))
                     for g in f.glob] if self.cfg.outer_momentum > 0 else []
             for t in list(f.glob) + bufs:
                 wait_abortable(dist.broadcast(t.data, gsrc, group=self.group, async_op=True), self.abort)
-            for g, p in zip(f.glob, f.local):
-                p.copy_(g.to(p.device, p.dtype))
+            if reset_local:
+                for g, p in zip(f.glob, f.local):
+                    p.copy_(g.to(p.device, p.dtype))
 
 
 # --- the data-parallel baseline ------------------------------------------------------------------------

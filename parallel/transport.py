@@ -92,12 +92,18 @@ class Transport:
 
     # --- raw -----------------------------------------------------------------------------------
     def _isend(self, buf: torch.Tensor, dst: int, tag: int, channel: str):
-        work = dist.isend(buf, dst=dst, group=self.group, tag=tag)
+        try:
+            work = dist.isend(buf, dst=dst, group=self.group, tag=tag)
+        except RuntimeError as e:  # gloo raises synchronously once the pair is known broken
+            raise PeerFailure(dst, e) from e
         self.counter.add(channel, buf.numel() * buf.element_size())
         self._pending.append((work, dst, buf))
 
     def _recv_into(self, buf: torch.Tensor, src: int, tag: int) -> None:
-        work = dist.irecv(buf, src=src, group=self.group, tag=tag)
+        try:
+            work = dist.irecv(buf, src=src, group=self.group, tag=tag)
+        except RuntimeError as e:
+            raise PeerFailure(src, e) from e
         wait_abortable(work, self.abort, src)
 
     # --- public --------------------------------------------------------------------------------

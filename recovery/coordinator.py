@@ -95,7 +95,10 @@ class Coordinator:
         if was_active and w.slot is not None:
             if not handed_off:
                 self.failures += 1
-            self.pending_lost[w.slot] = {"detected_at": time.time(), "handed_off": handed_off,
+            # When did it fail? The injector records its kills; otherwise the last sign of life.
+            injected = P.get_json_or(self.store, f"injected/{wid}")
+            failed_at = injected["t"] if injected else (time.time() if handed_off else w.hb_changed)
+            self.pending_lost[w.slot] = {"detected_at": time.time(), "failed_at": failed_at, "handed_off": handed_off,
                                          "leaver": wid if handed_off else None, "why": why,
                                          "step": self.committed[w.slot[0]] + 1}
             del self.slots[w.slot]
@@ -141,6 +144,7 @@ class Coordinator:
         for slot, plan in plans.items():
             info = self.pending_lost[slot]
             rebuild[f"{slot[0]},{slot[1]}"] = dict(plan.to_json(), detected_at=info["detected_at"],
+                                                   failed_at=info["failed_at"],
                                                    step=info["step"], leaver=info["leaver"])
         self._publish(rebuild, leavers)
         self.pending_lost.clear()

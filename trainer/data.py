@@ -1,18 +1,15 @@
 """Corpus preparation, tokenizers, the on-disk token cache and deterministic sharded batches.
 
-`prepare_corpus` runs once, in the launcher, before any worker starts: it lists the documents,
-splits them into train/val by a hash of each document's key, tokenizes, and writes two flat token
-files (`train.bin`, `val.bin`) plus `meta.json` under `cache_dir/<cache_key>/`. Workers only
-memmap those files (`load_tokens`), so a replacement worker joins in milliseconds.
+`prepare_corpus` runs once, in the launcher, before any worker starts: it splits the documents into
+train/val by a hash of each document's key, tokenizes, and writes `train.bin`, `val.bin` and
+`meta.json` under `cache_dir/<cache_key>/`. Workers only memmap those files (`load_tokens`).
 
-Documents are separated by an end-of-text token appended after each one. The byte tokenizer has
-vocab 256 and uses byte 0 (NUL) as end-of-text: NUL does not occur in text files, and keeping the
-vocabulary at 256 keeps the cache at one byte per token. BPE and Hugging Face tokenizers use their
-own end-of-text token (`<|endoftext|>` for the BPE trained here).
+An end-of-text token follows every document. The byte tokenizer keeps vocab 256 (one byte per
+cached token) and uses byte 0 (NUL), which text files do not contain, as end-of-text; BPE uses
+`<|endoftext|>`, a Hugging Face tokenizer its eos token.
 
-`ShardedBatches` turns a token file into a replica's stream of batches: `batch_at(k)` is a pure
-function of k, and the cursor advances only when a step commits, so a retried step, a rebuilt
-worker or a resumed run sees exactly the same samples.
+`ShardedBatches.batch_at(k)` is a pure function of k and the cursor advances only when a step
+commits, so a retried step, a rebuilt worker or a resumed run sees exactly the same samples.
 """
 
 from __future__ import annotations
@@ -108,36 +105,35 @@ def validate_data_config(cfg: DataConfig) -> None:
 def _list_files(cfg: DataConfig) -> Tuple[str, List[str]]:
     """(root, sorted absolute paths); documents are keyed by their path relative to root."""
     if cfg.source == "stdlib":
-        root = sysconfig.get_paths()["stdlib"]
-        files = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")]
-            files += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+        root, tops = sysconfig.get_paths()["stdlib"], None
+        skip_dirs = ("site-packages", "dist-packages", "__pycache__")
     else:
         if not cfg.paths:
             raise ValueError("data.paths=[]: empty but data.source=files; list files, directories or globs")
-        files = []
+        tops = []
         for raw in cfg.paths:
             path = os.path.expanduser(str(raw))
-            if os.path.isdir(path):
-                for dirpath, dirnames, filenames in os.walk(path):
-                    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                    files += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
-            elif os.path.isfile(path):
-                files.append(path)
-            else:
-                matches = [m for m in glob.glob(path, recursive=True) if os.path.isfile(m)]
-                if not matches:
-                    raise ValueError(f"data.paths={raw} does not exist; give existing files, directories or globs")
-                files += matches
-        files = sorted({os.path.abspath(f) for f in files})
-        if not files:
-            raise ValueError(f"data.paths={list(cfg.paths)}: no files found; point it at non-empty directories or files")
+            found = [path] if os.path.exists(path) else glob.glob(path, recursive=True)
+            if not found:
+                raise ValueError(f"data.paths={raw} does not exist; give existing files, directories or globs")
+            tops += found
+    files = []
+    for top in tops or [root]:
+        if os.path.isfile(top):
+            files.append(os.path.abspath(top))
+        for dirpath, dirnames, filenames in os.walk(top):
+            if tops is None:
+                dirnames[:] = [d for d in dirnames if d not in skip_dirs]
+                files += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+            else:  # hidden entries are VCS metadata and editor droppings, not corpus
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                files += [os.path.abspath(os.path.join(dirpath, f)) for f in filenames if not f.startswith(".")]
+    files = sorted(set(files))
+    if not files:
+        raise ValueError(f"data.paths={list(cfg.paths)}: no files found; point it at non-empty directories or files")
+    if tops is not None:
         root = os.path.commonpath([os.path.dirname(f) for f in files])
-    files.sort(key=lambda f: os.path.relpath(f, root))
-    if cfg.max_files:
-        files = files[:cfg.max_files]
-    return root, files
+    return root, files[:cfg.max_files or None]
 
 
 def _format_of(path: str, cfg: DataConfig) -> str:
@@ -150,41 +146,46 @@ def _format_of(path: str, cfg: DataConfig) -> str:
 # ---- documents and the train/val split ------------------------------------------------------
 
 def _iter_documents(cfg: DataConfig, root: str, files: List[str], stats: dict) -> Iterator[Tuple[str, bytes]]:
-    """Yields (key, utf-8 bytes) per document; a text file is one document, a record is one."""
+    """Yields (key, utf-8 bytes) per document; a text file is one document, so is a record."""
     if cfg.source == "hf":
         import datasets
 
-        for i, rec in enumerate(datasets.load_dataset(cfg.hf_name, split="train", streaming=True)):
-            if cfg.max_files and i >= cfg.max_files:
-                break
-            stats["num_files"] += 1
-            yield f"{i}", str(rec[cfg.text_field]).encode()
+        records = datasets.load_dataset(cfg.hf_name, split="train", streaming=True)
+        for key, doc in _records(records, cfg, cfg.hf_name, "", limit=cfg.max_files):
+            stats["num_files"] += 1  # with no files, max_files and num_files count records
+            yield key, doc
         return
     from tqdm import tqdm
 
     for path in tqdm(files, desc="reading corpus", unit="file", disable=None, leave=False):
         rel = os.path.relpath(path, root)
         fmt = _format_of(path, cfg)
-        if fmt == "text":
-            with open(path, "rb") as f:
-                raw = f.read()
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                stats["skipped"].append(rel)
-                continue
-            stats["num_files"] += 1
-            yield rel, raw
-            continue
-        import datasets
+        if fmt != "text":
+            import datasets
 
-        records = datasets.load_dataset(fmt, data_files=path, split="train", streaming=True)
+            stats["num_files"] += 1
+            records = datasets.load_dataset(fmt, data_files=path, split="train", streaming=True)
+            yield from _records(records, cfg, path, f"{rel}#")
+            continue
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            stats["skipped"].append(rel)
+            continue
         stats["num_files"] += 1
-        for i, rec in enumerate(records):
-            if cfg.text_field not in rec:
-                raise ValueError(f"data.text_field={cfg.text_field}: missing in {path}; use one of {sorted(rec)}")
-            if rec[cfg.text_field] is not None:
-                yield f"{rel}#{i}", str(rec[cfg.text_field]).encode()
+        yield rel, raw
+
+
+def _records(records, cfg: DataConfig, where: str, prefix: str, limit: int = 0) -> Iterator[Tuple[str, bytes]]:
+    for i, rec in enumerate(records):
+        if limit and i >= limit:
+            return
+        if cfg.text_field not in rec:
+            raise ValueError(f"data.text_field={cfg.text_field}: missing in {where}; use one of {sorted(rec)}")
+        if rec[cfg.text_field] is not None:
+            yield f"{prefix}{i}", str(rec[cfg.text_field]).encode()
 
 
 def _unit_hash(key: str, seed: int) -> float:
@@ -276,12 +277,9 @@ def _cache_key(cfg: DataConfig, files: List[str]) -> str:
                     split_seed=cfg.split_seed, max_files=cfg.max_files,
                     bpe_vocab_size=cfg.bpe_vocab_size if cfg.tokenizer == "bpe" else None)
     h.update(json.dumps(settings, sort_keys=True).encode())
-    if cfg.tokenizer not in ("byte", "bpe"):
-        for name in sorted(os.listdir(os.path.expanduser(cfg.tokenizer))):
-            path = os.path.join(os.path.expanduser(cfg.tokenizer), name)
-            if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    h.update(name.encode() + hashlib.sha256(f.read()).digest())
+    if cfg.tokenizer not in ("byte", "bpe"):  # stat, not content: the dir may also hold weights
+        tok_dir = os.path.abspath(os.path.expanduser(cfg.tokenizer))
+        files = [os.path.join(tok_dir, n) for n in sorted(os.listdir(tok_dir))] + files
     for path in files:
         st = os.stat(path)
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -293,15 +291,17 @@ def _info_from_meta(directory: str) -> CorpusInfo:
         meta = json.load(f)["info"]
     meta.update(train_path=os.path.join(directory, "train.bin"), val_path=os.path.join(directory, "val.bin"),
                 dtype=np.dtype(meta["dtype"]))
-    if meta["tokenizer_path"]:
-        meta["tokenizer_path"] = os.path.join(directory, "tokenizer")
+    if meta["tokenizer_path"]:  # relative for a BPE trained into the cache, else absolute
+        meta["tokenizer_path"] = os.path.join(directory, meta["tokenizer_path"])
     return CorpusInfo(**meta)
 
 
-def _read_docs(path: str, ends: List[int]) -> Iterator[str]:
+def _read_docs(path: str, ends: List[int], max_bytes: int = 1 << 62) -> Iterator[str]:
     data = np.memmap(path, dtype=np.uint8, mode="r") if ends else []
     start = 0
     for end in ends:
+        if start >= max_bytes:
+            return
         yield bytes(data[start:end]).decode("utf-8")
         start = end + 1  # skip the NUL separator
 
@@ -316,54 +316,13 @@ def prepare_corpus(cfg: DataConfig) -> CorpusInfo:
     if os.path.isfile(os.path.join(final, "meta.json")):
         log.info("data: reusing token cache %s", final)
         return _info_from_meta(final)
-
     t0 = time.perf_counter()
     # Built in a private directory and renamed into place, so concurrent preparers never see
     # (or write into) a half-built cache.
     tmp = os.path.join(cache_dir, f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        stats = {"num_files": 0, "skipped": []}
-        ends = {False: [], True: []}
-        val_keys = []
-        paths = {s: os.path.join(tmp, f"{'val' if s else 'train'}.bytes") for s in (False, True)}
-        with open(paths[False], "wb") as f_train, open(paths[True], "wb") as f_val:
-            out = {False: f_train, True: f_val}
-            for is_val, doc_key, doc in _assign_splits(_iter_documents(cfg, root, files, stats), cfg):
-                out[is_val].write(doc)
-                ends[is_val].append(out[is_val].tell())
-                out[is_val].write(bytes([BYTE_EOT]))
-                if is_val:
-                    val_keys.append(doc_key)
-
-        tokenizer_path = None
-        if cfg.tokenizer == "byte":
-            vocab_size, eot_id = 256, BYTE_EOT
-            for s in (False, True):
-                os.replace(paths[s], os.path.join(tmp, f"{'val' if s else 'train'}.bin"))
-        else:
-            if cfg.tokenizer == "bpe":
-                tokenizer_path = os.path.join(tmp, "tokenizer")
-                _train_bpe(_bounded(_read_docs(paths[False], ends[False]), _BPE_TRAIN_BYTES),
-                           cfg.bpe_vocab_size, tokenizer_path)
-            encode, vocab_size, eot_id = _load_tokenizer(tokenizer_path or cfg.tokenizer)
-            for s in (False, True):
-                _encode_file(paths[s], ends[s], encode, eot_id, token_dtype(vocab_size),
-                             os.path.join(tmp, f"{'val' if s else 'train'}.bin"))
-                os.remove(paths[s])
-
-        dtype = token_dtype(vocab_size)
-        info = CorpusInfo(
-            train_path="", val_path="", vocab_size=vocab_size, dtype=dtype,
-            num_train_tokens=os.path.getsize(os.path.join(tmp, "train.bin")) // dtype.itemsize,
-            num_val_tokens=os.path.getsize(os.path.join(tmp, "val.bin")) // dtype.itemsize,
-            num_files=stats["num_files"], skipped_files=len(stats["skipped"]), cache_key=key,
-            eot_id=eot_id, tokenizer_path=tokenizer_path)
-        meta = dict(info=dict(asdict(info), dtype=dtype.name), config=asdict(cfg), skipped=stats["skipped"])
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        with open(os.path.join(tmp, "val_keys.txt"), "w") as f:
-            f.write("".join(k + "\n" for k in val_keys))
+        _build(cfg, root, files, key, tmp)
         try:
             os.replace(tmp, final)
         except OSError:  # another preparer finished first; its cache is identical
@@ -378,22 +337,53 @@ def prepare_corpus(cfg: DataConfig) -> CorpusInfo:
     return info
 
 
-def _bounded(texts: Iterator[str], max_bytes: int) -> Iterator[str]:
-    seen = 0
-    for text in texts:
-        if seen >= max_bytes:
-            return
-        seen += len(text)
-        yield text
+def _build(cfg: DataConfig, root: str, files: List[str], key: str, out_dir: str) -> None:
+    # Pass 1 stores raw UTF-8 documents per split (the final files for the byte tokenizer); other
+    # tokenizers need the whole train split first (BPE trains on it), then encode from these.
+    stats = {"num_files": 0, "skipped": []}
+    raw = [os.path.join(out_dir, f"{split}.bytes") for split in ("train", "val")]
+    ends: List[List[int]] = [[], []]
+    val_keys = []
+    with open(raw[0], "wb") as f_train, open(raw[1], "wb") as f_val:
+        out = (f_train, f_val)
+        for is_val, doc_key, doc in _assign_splits(_iter_documents(cfg, root, files, stats), cfg):
+            out[is_val].write(doc)
+            ends[is_val].append(out[is_val].tell())
+            out[is_val].write(bytes([BYTE_EOT]))
+            if is_val:
+                val_keys.append(doc_key)
+    bins = [os.path.join(out_dir, f"{split}.bin") for split in ("train", "val")]
+    if cfg.tokenizer == "byte":
+        vocab_size, eot_id, tokenizer_path = 256, BYTE_EOT, None
+        for src, dst in zip(raw, bins):
+            os.replace(src, dst)
+    else:
+        tokenizer_path = os.path.abspath(os.path.expanduser(cfg.tokenizer))
+        if cfg.tokenizer == "bpe":
+            tokenizer_path = "tokenizer"  # relative to the cache directory, which moves into place
+            _train_bpe(_read_docs(raw[0], ends[0], _BPE_TRAIN_BYTES), cfg.bpe_vocab_size,
+                       os.path.join(out_dir, tokenizer_path))
+        encode, vocab_size, eot_id = _load_tokenizer(os.path.join(out_dir, tokenizer_path))
+        for src, doc_ends, dst in zip(raw, ends, bins):
+            _encode_file(src, doc_ends, encode, eot_id, token_dtype(vocab_size), dst)
+            os.remove(src)
+    dtype = token_dtype(vocab_size)
+    num_tokens = [os.path.getsize(b) // dtype.itemsize for b in bins]
+    info = CorpusInfo(train_path="", val_path="", vocab_size=vocab_size, dtype=dtype,
+                      num_train_tokens=num_tokens[0], num_val_tokens=num_tokens[1],
+                      num_files=stats["num_files"], skipped_files=len(stats["skipped"]), cache_key=key,
+                      eot_id=eot_id, tokenizer_path=tokenizer_path)
+    meta = dict(info=dict(asdict(info), dtype=dtype.name), config=asdict(cfg), skipped=stats["skipped"])
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    with open(os.path.join(out_dir, "val_keys.txt"), "w") as f:
+        f.write("".join(k + "\n" for k in val_keys))
 
 
 def _encode_file(src: str, ends: List[int], encode: Encoder, eot_id: int, dtype: np.dtype, dst: str) -> None:
     docs = _read_docs(src, ends)
     with open(dst, "wb") as f:
-        while True:
-            chunk = [d for _, d in zip(range(_ENCODE_CHUNK), docs)]
-            if not chunk:
-                return
+        while chunk := [d for _, d in zip(range(_ENCODE_CHUNK), docs)]:
             for ids in encode(chunk):
                 f.write(np.asarray(list(ids) + [eot_id], dtype=dtype).tobytes())
 

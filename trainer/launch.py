@@ -143,6 +143,7 @@ class LocalLauncher:
                 continue
             log.warning("injecting %s into %s (replica %d, stage %d) at step %d", e["kind"], wid, r, e["stage"],
                         e["step"])
+            P.put_json(self.store, f"injected/{wid}", {"t": time.time(), "kind": e["kind"], "step": e["step"]})
             os.kill(proc.pid, SIGNALS[e["kind"]])
             self.injected.append(dict(e, wid=wid, t=time.time()))
 

@@ -196,7 +196,10 @@ class LisaController:
                 "scores": dict(self._scores),
                 "anchors": {i: {"step": a["step"], "params": [t.clone() for t in a["params"]]}
                             for i, a in self._anchors.items()},
-                "stash": {i: [_move_state(st, torch.device("cpu")) if st else None for st in sts]
+                # Copies: on a CPU-only stage a parked tensor IS the one a re-sampled layer's
+                # optimizer later updates in place, and a saved state must not change after saving.
+                "stash": {i: [{k: (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v)
+                               for k, v in st.items()} if st else None for st in sts]
                           for i, sts in self._stash.items()}}
 
     def load_state_dict(self, sd: dict) -> None:

@@ -121,7 +121,7 @@ def load_into_stage(state, directory: str) -> List[str]:
     if hf_format:
         # Tied HF checkpoints store no lm_head: the head starts as a copy of the embedding.
         sources: Dict[str, Tuple[str, str]] = {}
-        for ours, theirs in to_hf_state_dict({k: None for k in own}, cfg).items():
+        for theirs, ours in to_hf_state_dict({k: k for k in own}, cfg).items():  # HF name -> ours
             if theirs == "lm_head.weight" and theirs not in where:
                 theirs = "model.embed_tokens.weight"
             sources[ours] = (theirs, where.get(theirs, ""))

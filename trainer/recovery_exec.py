@@ -7,6 +7,7 @@ refuses adjacent losses), so every exchange is a one-way source -> target transf
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from parallel.topology import Grid
@@ -41,16 +42,19 @@ def execute_plan(worker: "Worker", plan: dict, grid: Grid, transport: Transport,
         if tier == "checkpoint":
             raise NotImplementedError("checkpoint rollback is planned by the coordinator but not implemented yet")
         if target == slot:
+            t0 = time.time()
             packages = [recv_package(transport, grid.rank(src), REBUILD_TAG + 4 * i) for i, src in enumerate(sources)]
             if tier == "peer":
                 worker.state.import_exact(packages[0])
             else:
                 step = rb["step"]
                 worker.state.rebuild_from(tier, packages, worker.job.recovery.lr_bump, step)
-            log.warning("slot %s rebuilt via %s from %s", slot, tier, sources)
+            log.warning("slot %s rebuilt via %s from %s (%.3fs)", slot, tier, sources, time.time() - t0)
         elif slot in sources:
             i = sources.index(slot)
+            t0 = time.time()
             send_package(transport, worker.state.export(exact=(tier == "peer")), tgt_rank, REBUILD_TAG + 4 * i)
+            log.info("sent %s state to %s in %.3fs", tier, target, time.time() - t0)
 
 
 def refresh_neighbour_copies(worker: "Worker", grid: Grid, transport: Transport, slot, step: int) -> None:

@@ -86,13 +86,15 @@ class Heartbeat(threading.Thread):
 
 
 class Worker:
-    def __init__(self, store, wid: str, token: Optional[str]):
+    def __init__(self, store, wid: str, token: Optional[str], hb_store=None):
         self.store, self.wid = store, wid
         self.job = JobConfig.from_dict(P.get_json(store, "job"))
         torch.manual_seed(self.job.train.seed)
         self.counter = ByteCounter()
         self._join(token)
-        self.hb = Heartbeat(store, wid, self.job.recovery.heartbeat_interval_s, self.counter)
+        # Its own store connection: a TCPStore client serialises requests, and the main thread's
+        # blocking rendezvous inside init_process_group must never delay a heartbeat.
+        self.hb = Heartbeat(hb_store or store, wid, self.job.recovery.heartbeat_interval_s, self.counter)
         self.hb.start()
         self.leaving = threading.Event()
         for name in self.job.recovery.notice_signals:
@@ -104,6 +106,15 @@ class Worker:
         self.train_tokens = load_tokens(corpus["train_path"], corpus["dtype"])
         self.val_tokens = load_tokens(corpus["val_path"], corpus["dtype"])
         self.pending = None  # (step, local_sq) of a step whose backward finished but not its commit
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Pay the first-use costs (model construction, autograd, kernels) while waiting in the pool,
+        not in the middle of someone's recovery: a spare then takes a slot in milliseconds."""
+        st = StageState(self.job, self.job.parallel.stages - 1)
+        x = torch.randn(1, 8, self.job.model.dim)
+        st.model.forward_layers(x).sum().backward()
+        st.zero_grad()
 
     def _join(self, token):
         P.append(self.store, "join", {"wid": self.wid, "token": token, "pid": os.getpid(),
@@ -131,6 +142,10 @@ class Worker:
                 if isinstance(e, PeerFailure):
                     self._report(plan, e)
                 done = False
+            except RuntimeError as e:  # any other torch.distributed error: let the coordinator decide
+                log.warning("generation %d failed: %s", seen, str(e).splitlines()[0][:200])
+                self._await_next_generation()
+                done = False
             finally:
                 self._drop_group()
             if done:
@@ -150,7 +165,10 @@ class Worker:
         if peer_wid is not None:
             P.append(self.store, "suspect", {"gen": plan["gen"], "reporter": self.wid, "peer_wid": peer_wid,
                                              "why": str(err)})
-        # Wait for the coordinator to move on (or for the run to end) before rebuilding.
+        self._await_next_generation()
+
+    def _await_next_generation(self) -> None:
+        """Wait for the coordinator to move on (or for the run to end) before rebuilding."""
         while not self.hb.abort.is_set():
             time.sleep(0.005)
 
@@ -167,10 +185,14 @@ class Worker:
         self.hb.working_gen = gen
         rank, world = plan["ranks"][self.wid], plan["world_size"]
         backend = "gloo"
+        t_gen = time.time()
+        log.info("gen %d: building group (rank %d of %d), %.3fs after publication", gen, rank, world,
+                 t_gen - plan["published_at"])
         dist.init_process_group(backend, store=dist.PrefixStore(f"gen{gen}", self.store), rank=rank,
                                 world_size=world, timeout=timedelta(seconds=self.job.recovery.init_timeout_s))
         grid = Grid(self.job.parallel.replicas, self.job.parallel.stages)
         wait_abortable(dist.barrier(async_op=True), self.hb.abort)
+        log.info("gen %d: group ready in %.3fs", gen, time.time() - t_gen)
         transport = Transport(None, self.hb.abort, self.counter, self._codecs())
         if self.wid in plan["leavers"]:
             self._hand_off(plan, transport)
@@ -186,11 +208,13 @@ class Worker:
         self._finish_pending(slot)
         from .recovery_exec import execute_plan  # the rebuild exchanges of this generation
         execute_plan(self, plan, grid, transport, slot, rebuild)
+        log.info("gen %d: plan executed %.3fs after publication", gen, time.time() - plan["published_at"])
         if rebuild is not None:
             now = time.time()
             P.append(self.store, "event", {"kind": "rebuild", "slot": list(slot), "tier": rebuild["tier"],
-                                           "step": rebuild["step"], "detect_s": plan["published_at"] - rebuild["detected_at"],
-                                           "recover_s": now - rebuild["detected_at"], "setup_s": now - t_start})
+                                           "step": rebuild["step"], "detect_s": rebuild["detected_at"] - rebuild["failed_at"],
+                                           "recover_s": now - rebuild["failed_at"], "setup_s": now - t_start,
+                                           "failed_at": rebuild["failed_at"], "resumed_at": now})
         return self._train(plan, grid, transport, slot)
 
     def _codecs(self):
@@ -312,7 +336,7 @@ def main(argv=None) -> int:
     store = P.connect(host, port, timeout_s=120)
     token = os.environ.get(P.TOKEN_ENV)
     try:
-        return Worker(store, wid, token).run()
+        return Worker(store, wid, token, hb_store=P.connect(host, port, timeout_s=120)).run()
     except Shutdown:
         return 0
 

@@ -1,7 +1,8 @@
 """Quantized all-reduce across 2 and 4 spawned gloo processes, checked against the fp32 all-reduce.
 
-Each world size is spawned once (process start-up dominates the cost); every rank runs all the
-scenarios and writes its measurements to a JSON file that the tests below read.
+Four processes are spawned once (start-up dominates the cost). They run every scenario on the
+4-rank world group, then on two 2-rank subgroups ({0, 1} and {2, 3}, concurrently), and write their
+measurements to JSON files that the tests below read.
 """
 
 from __future__ import annotations
@@ -50,22 +51,27 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _exact(ts, op="avg"):
+def _exact(ts, group, op="avg"):
     out = [t.clone() for t in ts]
     for t in out:
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
         if op == "avg":
-            t /= dist.get_world_size()
+            t /= dist.get_world_size(group)
     return out
 
 
-def _scenarios(rank: int, world: int) -> dict:
-    from compression import ErrorFeedback, all_reduce, get_codec
+def _scenarios(rank: int, group) -> dict:
+    import functools
 
+    from compression import ErrorFeedback, get_codec
+    from compression import all_reduce as _all_reduce
+
+    all_reduce = functools.partial(_all_reduce, group=group)
+    _exact_g = functools.partial(_exact, group=group)
     res: dict = {}
     for kind in ("gauss", "t"):
         data = _data(kind, rank)
-        exact = _flat(_exact(data))
+        exact = _flat(_exact_g(data))
         for (name, bs) in BOUNDS:
             for alg in ("two_shot", "gather"):
                 ts = [t.clone() for t in data]
@@ -79,12 +85,12 @@ def _scenarios(rank: int, world: int) -> dict:
     data = [t.to(torch.bfloat16) if i == 1 else t for i, t in enumerate(_data("gauss", rank))]
     ts = [t.clone() for t in data]
     all_reduce(ts, get_codec("int8"), op="sum", algorithm="two_shot")
-    exact = _exact([t.float() for t in data], op="sum")
+    exact = _exact_g([t.float() for t in data], op="sum")
     res["sum_rel"] = _rel(_flat([t.float() for t in ts]), _flat(exact))
     res["sum_dtypes"] = [str(t.dtype) for t in ts] == [str(t.dtype) for t in data]
     # Two async all-reduces in flight at once, waited in reverse order.
     a, b = _data("gauss", rank, 1), _data("gauss", rank, 2)
-    ea, eb = _flat(_exact(a)), _flat(_exact(b))
+    ea, eb = _flat(_exact_g(a)), _flat(_exact_g(b))
     ha = all_reduce(a, get_codec("int8"), algorithm="two_shot", async_op=True)
     hb = all_reduce(b, get_codec("fp4"), algorithm="gather", async_op=True)
     hb.wait(timeout=60)
@@ -92,7 +98,7 @@ def _scenarios(rank: int, world: int) -> dict:
     res["overlap_rel"] = [_rel(_flat(a), ea), _rel(_flat(b), eb)]
     # Stochastic rounding is unbiased: averaging many reductions of the same data converges.
     x = _data("gauss", rank, 3)
-    ex = _flat(_exact(x))
+    ex = _flat(_exact_g(x))
     codec = get_codec("int4", 32, stochastic=True)
     acc = torch.zeros_like(ex)
     rels = {}
@@ -110,13 +116,13 @@ def _scenarios(rank: int, world: int) -> dict:
             codec = ErrorFeedback(codec) if use_ef else codec
             acc = torch.zeros_like(ex)
             rels = {}
-            for step in range(1, 33):
+            for step in range(1, 17):
                 ts = [t.clone() for t in x]
                 all_reduce(ts, codec, algorithm=alg, key="frag0")
                 acc += _flat(ts)
-                if step in (1, 4, 32):
+                if step in (1, 4, 16):
                     rels[step] = _rel(acc / step, ex)
-            res[f"ef/{alg}/{use_ef}"] = [rels[1], rels[4], rels[32]]
+            res[f"ef/{alg}/{use_ef}"] = [rels[1], rels[4], rels[16]]
     return res
 
 
@@ -124,24 +130,28 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
-    try:
-        res = _scenarios(rank, world)
-    finally:
-        dist.destroy_process_group()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    res = {4: _scenarios(rank, dist.group.WORLD), 2: _scenarios(rank, pairs[rank // 2])}
+    dist.barrier()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
+    # Skip interpreter teardown (seconds per process on a loaded 2-core machine); results are on
+    # disk and every rank passed the barrier, so no peer still needs this one.
+    os._exit(0)
 
 
-def _spawn(world: int, tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp(f"ar{world}")
+@pytest.fixture(scope="module")
+def all_results(tmp_path_factory) -> dict[int, list[dict]]:
+    tmp = tmp_path_factory.mktemp("allreduce")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
-    mp.spawn(_worker, args=(world, str(tmp / "init"), str(tmp)), nprocs=world, join=True)
-    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
+    mp.spawn(_worker, args=(4, str(tmp / "init"), str(tmp)), nprocs=4, join=True)
+    ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(4)]
+    return {4: [r["4"] for r in ranks], 2: [r["2"] for r in ranks[:2]]}
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
-def results(request, tmp_path_factory):
-    return request.param, _spawn(request.param, tmp_path_factory)
+@pytest.fixture(params=[2, 4], ids=["world2", "world4"])
+def results(request, all_results):
+    return request.param, all_results[request.param]
 
 
 def test_matches_fp32_within_codec_bound(results):
@@ -168,9 +178,11 @@ def test_bytes_on_the_wire(results):
     r0 = ranks[0]
     fp32 = r0["gauss/none/two_shot"]["bytes_sent"]
     assert fp32 > 0
-    for name, min_ratio in (("bf16", 1.9), ("int8", 3.9), ("fp8_e4m3", 3.8), ("int4", 6.5)):
+    # Targets 3.9x (8-bit) and 7x (4-bit) hold for large buffers (tests/unit/test_codecs.py);
+    # this 31k-element one loses up to 3% to chunk padding (W x block_size elements).
+    for name, min_ratio in (("bf16", 2.0), ("int8", 3.9), ("fp8_e4m3", 3.9), ("int4", 7.0)):
         ratio = fp32 / r0[f"gauss/{name}/two_shot"]["bytes_sent"]
-        assert ratio >= min_ratio, (name, ratio)
+        assert ratio >= 0.97 * min_ratio, (name, ratio)
     # gather sends (W-1) payloads, two-shot 2(W-1)/W: equal at W=2, gather costlier beyond.
     g, t = r0["gauss/int8/gather"]["bytes_sent"], r0["gauss/int8/two_shot"]["bytes_sent"]
     assert (g <= 1.05 * t) if world == 2 else (g > t)

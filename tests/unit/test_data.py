@@ -136,6 +136,7 @@ def test_bpe_trains_caches_and_reloads_as_tokenizer_dir(tmp_path):
     shutil.copy(os.path.join(info.tokenizer_path, "tokenizer.json"), hf_dir / "tokenizer.json")
     local = prepare_corpus(_files_cfg(tmp_path, tokenizer=str(hf_dir)))
     assert local.vocab_size == info.vocab_size and local.eot_id == info.eot_id
+    assert local.tokenizer_path == str(hf_dir)
     assert np.array_equal(load_tokens(local.train_path, local.dtype), train)
 
 
