@@ -28,6 +28,9 @@ def train(job: JobConfig, run_dir: str) -> int:
     log.info("corpus: %d train / %d val tokens from %d files (%d skipped, not UTF-8), vocab %d",
              corpus.num_train_tokens, corpus.num_val_tokens, corpus.num_files, corpus.skipped_files,
              corpus.vocab_size)
+    if job.model.init_from:
+        from .pretrained import checkpoint_model_config
+        job.model = checkpoint_model_config(job.model.init_from, job.model)
     if job.model.vocab_size <= 0:
         job.model.vocab_size = corpus.vocab_size
     corpus_d = {"train_path": corpus.train_path, "val_path": corpus.val_path, "dtype": str(corpus.dtype),
@@ -38,6 +41,8 @@ def train(job: JobConfig, run_dir: str) -> int:
     else:
         from .torchrun import run_torchrun
         rc = run_torchrun(job, run_dir, corpus_d)
+    if job.launcher.name == "torchrun" and os.environ.get("RANK", "0") != "0":
+        return rc  # outputs are written once, by global rank 0 beside the coordinator
     if rc == 0 or os.path.exists(os.path.join(run_dir, "coordinator_state.json")):
         summary = write_outputs(run_dir, job, time.time() - t0)
         if summary is not None:

@@ -27,6 +27,7 @@ class StageState:
         self.step_done = -1           # last step whose optimizer step ran on this stage
         # Copies of the neighbouring end stage's embedding / head (CheckFree+), refreshed periodically.
         self.neighbour_copy: Dict[str, torch.Tensor] = {}
+        self.lisa = None              # a LisaController when lisa.enabled: owns which layers train
         self.optimizer = self._build_optimizer()
 
     # --- optimisation -----------------------------------------------------------------------------
@@ -42,6 +43,8 @@ class StageState:
 
     def fresh_optimizer(self) -> None:
         self.optimizer = self._build_optimizer()
+        if self.lisa is not None:
+            self.lisa.reapply()  # the fresh optimizer must again hold only the active layers
 
     def zero_grad(self) -> None:
         for p in self.model.parameters():
@@ -84,10 +87,14 @@ class StageState:
                "neighbour_copy": {k: v.clone() for k, v in self.neighbour_copy.items()}, "stage": self.stage}
         if exact:
             pkg.update(optimizer=self.optimizer.state_dict(), lr_scale=self.lr_scale, step_done=self.step_done)
+            if self.lisa is not None:
+                pkg["lisa"] = self.lisa.state_dict()
         return pkg
 
     def import_exact(self, pkg: dict) -> None:
         self._load_params(pkg["params"], pkg["layer_count"])
+        if self.lisa is not None and "lisa" in pkg:
+            self.lisa.load_state_dict(pkg["lisa"])  # first: it rebuilds the optimizer's param lists
         self.optimizer.load_state_dict(pkg["optimizer"])
         self.lr_scale, self.step_done, self.grad_norm = pkg["lr_scale"], pkg["step_done"], pkg["grad_norm"]
         self.neighbour_copy = dict(pkg["neighbour_copy"])

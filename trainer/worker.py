@@ -203,6 +203,12 @@ class Worker:
         if self.slot != slot:  # new here: build the stage (it is replaced below if being rebuilt)
             self.slot = slot
             self.state = StageState(self.job, slot[1])
+            if self.job.model.init_from:
+                from .pretrained import load_into_stage
+                load_into_stage(self.state, self.job.model.init_from)
+            if self.job.lisa.enabled:
+                from .lisa import LisaController
+                self.state.lisa = LisaController(self.job.lisa, self.state, self.job.train.seed, replica=slot[0])
             self.data = ShardedBatches(self.train_tokens, self.job.data.seq_len, self.job.train.batch_size,
                                        slot[0], self.job.parallel.replicas, self.job.train.seed)
         self._finish_pending(slot)
@@ -257,6 +263,8 @@ class Worker:
         while step < job.train.max_steps:
             t0 = time.time()
             inputs, targets = self.data.batch_at(step)
+            if st.lisa is not None:
+                st.lisa.before_step(step)
             st.zero_grad()
             loss = executor.run(inputs, targets, routes, actions)
             local_sq = st.local_grad_sq()
