@@ -55,6 +55,12 @@ class Coordinator:
         self.slots: Dict[Slot, str] = {}
         self.gen = -1
         self.pending_lost: Dict[Slot, dict] = {}   # slot -> {detected_at, handed_off, leaver}
+        # Approximately rebuilt slots -> the step they resume at; they are no source for another
+        # rebuild until their replica commits that step.
+        self.unsettled: Dict[Slot, int] = {}
+        # Failures that happen together (one machine, one SIGKILL of a group) are reported within
+        # milliseconds of each other; wait this long after the first so they are planned together.
+        self.settle_s = max(0.25, 2 * rec["heartbeat_interval_s"])
         self.committed = {r: -1 for r in range(self.R)}
         self.rebuilds: List[dict] = []
         self.failures = 0
@@ -128,11 +134,14 @@ class Coordinator:
             return
         if len(spares) < len(self.pending_lost):
             return  # wait for replacements (the launcher respawns spares; `kintsugi join` adds more)
+        if time.time() - min(v["detected_at"] for v in self.pending_lost.values()) < self.settle_s:
+            return
         lost = sorted(self.pending_lost)
         handed = {s for s, v in self.pending_lost.items() if v["handed_off"]}
+        unsettled = {slot for slot, step in self.unsettled.items() if self.committed[slot[0]] < step}
         try:
             plans = plan_rebuilds(lost, self.R, self.S, self.strategy, handed_off=handed, diloco=self.diloco,
-                                  have_checkpoint=self._have_checkpoint())
+                                  have_checkpoint=self._have_checkpoint(), unsettled=unsettled)
         except Unrecoverable as e:
             self.error = str(e)
             log.error("cannot recover: %s", e)
@@ -143,6 +152,8 @@ class Coordinator:
         rebuild = {}
         for slot, plan in plans.items():
             info = self.pending_lost[slot]
+            if plan.tier not in ("handoff", "peer"):
+                self.unsettled[slot] = self.committed[slot[0]] + 1
             rebuild[f"{slot[0]},{slot[1]}"] = dict(plan.to_json(), detected_at=info["detected_at"],
                                                    failed_at=info["failed_at"],
                                                    step=info["step"], leaver=info["leaver"])

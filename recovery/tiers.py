@@ -35,11 +35,12 @@ def swap_partner(stage: int, num_stages: int) -> Optional[int]:
 
 def plan_rebuilds(lost: Sequence[Slot], num_replicas: int, num_stages: int, strategy: str,
                   handed_off: Set[Slot] = frozenset(), diloco: bool = False,
-                  have_checkpoint: bool = False) -> Dict[Slot, RebuildPlan]:
-    """Map each lost slot to a RebuildPlan. Sources are always slots that were NOT lost: a rebuilt
-    neighbour is never used as a source (averaging from a guess would compound the error)."""
+                  have_checkpoint: bool = False, unsettled: Set[Slot] = frozenset()) -> Dict[Slot, RebuildPlan]:
+    """Map each lost slot to a RebuildPlan. Sources are always slots that were NOT lost and are not
+    `unsettled` (approximately rebuilt and not yet through a committed step): averaging from a guess
+    would compound the error, so such a neighbour counts as missing."""
     lost_set = set(lost)
-    alive = lambda slot: slot not in lost_set  # noqa: E731
+    alive = lambda slot: slot not in lost_set and slot not in unsettled  # noqa: E731
     plans: Dict[Slot, RebuildPlan] = {}
     for slot in sorted(lost_set):
         r, s = slot

@@ -6,7 +6,9 @@ refuses adjacent losses), so every exchange is a one-way source -> target transf
 """
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -28,7 +30,25 @@ def _slot(key: str):
     return int(r), int(s)
 
 
+def dump(name: str, obj) -> None:
+    """Test hook: with KINTSUGI_DUMP_DIR set, states around a rebuild are saved so tests can check the
+    rebuild against the formula and the sources against themselves. Off (and free) otherwise."""
+    directory = os.environ.get("KINTSUGI_DUMP_DIR")
+    if directory:
+        import torch
+        os.makedirs(directory, exist_ok=True)
+        torch.save(obj, os.path.join(directory, name + ".pt"))
+
+
+def snapshot(worker: "Worker") -> dict:
+    st = worker.state
+    return {"params": {k: v.detach().clone() for k, v in st.model.state_dict().items()},
+            "optimizer": copy.deepcopy(st.optimizer.state_dict()), "lr_scale": st.lr_scale,
+            "grad_norm": st.grad_norm}
+
+
 def execute_plan(worker: "Worker", plan: dict, grid: Grid, transport: Transport, slot, my_rebuild) -> None:
+    gen = plan["gen"]
     for key, rb in sorted(plan["rebuild"].items()):
         target = _slot(key)
         tier = rb["tier"]
@@ -38,6 +58,7 @@ def execute_plan(worker: "Worker", plan: dict, grid: Grid, transport: Transport,
             if target == slot:
                 pkg = recv_package(transport, plan["ranks"][rb["leaver"]], REBUILD_TAG)
                 worker.state.import_exact(pkg)
+                dump(f"g{gen}_target_{key}", dict(snapshot(worker), tier=tier))
             continue
         if tier == "checkpoint":
             raise NotImplementedError("checkpoint rollback is planned by the coordinator but not implemented yet")
@@ -49,11 +70,14 @@ def execute_plan(worker: "Worker", plan: dict, grid: Grid, transport: Transport,
             else:
                 step = rb["step"]
                 worker.state.rebuild_from(tier, packages, worker.job.recovery.lr_bump, step)
+            dump(f"g{gen}_target_{key}", dict(snapshot(worker), tier=tier, packages=packages))
             log.warning("slot %s rebuilt via %s from %s (%.3fs)", slot, tier, sources, time.time() - t0)
         elif slot in sources:
             i = sources.index(slot)
             t0 = time.time()
+            dump(f"g{gen}_source{i}_{key}_before", snapshot(worker))
             send_package(transport, worker.state.export(exact=(tier == "peer")), tgt_rank, REBUILD_TAG + 4 * i)
+            dump(f"g{gen}_source{i}_{key}_after", snapshot(worker))
             log.info("sent %s state to %s in %.3fs", tier, target, time.time() - t0)
 
 

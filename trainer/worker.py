@@ -243,6 +243,8 @@ class Worker:
     def _hand_off(self, plan, transport):
         """Graceful leave: stream the exact state to the worker that takes our slot."""
         dst_wid = plan["slots"][f"{self.slot[0]},{self.slot[1]}"]
+        from .recovery_exec import dump, snapshot
+        dump(f"g{plan['gen']}_leaver_{self.slot[0]},{self.slot[1]}", snapshot(self))
         send_package(transport, self.state.export(exact=True), plan["ranks"][dst_wid], REBUILD_TAG)
         log.info("handed slot %s over to %s", self.slot, dst_wid)
 
