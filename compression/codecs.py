@@ -110,9 +110,9 @@ class Codec:
         """Payload -> fp32 1-D tensor of `numel` values, written to (or added to) `out` if given."""
         check_payload(self, payload, numel)
         if out is None:
-            return self.decode_rows(payload.view(1, -1), numel)
+            return self.decode_rows(payload.reshape(1, -1), numel)
         check_out(out, numel)
-        self.decode_rows(payload.view(1, -1), numel, out=out.view(-1), accumulate=accumulate)
+        self.decode_rows(payload.reshape(1, -1), numel, out=out.view(-1), accumulate=accumulate)
         return out
 
 

@@ -269,6 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument("--job", required=True, help="job config JSON written by the launcher")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    P.die_with_parent()
     logging.basicConfig(level=os.environ.get("KINTSUGI_LOG", "INFO"),
                         format="[coordinator] %(levelname)s %(message)s")
     with open(args.job) as f:

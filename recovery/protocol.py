@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from datetime import timedelta
 from typing import Any, Optional
@@ -101,6 +102,15 @@ class LogReader:
             self.next += 1  # the writer died between reserving and writing
             self._hole_since = None
         return out
+
+
+def die_with_parent() -> None:
+    """When started by the local launcher (KINTSUGI_PDEATHSIG=1), die with it: no orphan processes
+    even if the launcher is SIGKILLed."""
+    if os.environ.get("KINTSUGI_PDEATHSIG") == "1" and sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def resolve_token(configured: str) -> Optional[str]:

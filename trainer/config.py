@@ -190,7 +190,6 @@ class CompressionConfig:
     activations: str = "none"
     gradients: str = "none"
     block_size: int = 256
-    error_feedback: bool = False
 
     def __post_init__(self):
         _choice("compression.activations", self.activations, CODECS)

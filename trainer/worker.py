@@ -15,7 +15,6 @@ the same batch.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -325,19 +324,12 @@ class Worker:
             time.sleep(0.02)
 
 
-def _die_with_parent():
-    """When started by the local launcher, die with it (no orphans even if it is SIGKILLed)."""
-    if os.environ.get("KINTSUGI_PDEATHSIG") == "1" and sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Kintsugi worker: joins a coordinator and trains one stage")
     ap.add_argument("--coordinator", required=True, help="host:port of the coordinator")
     ap.add_argument("--wid", default=None)
     args = ap.parse_args(argv)
-    _die_with_parent()
+    P.die_with_parent()
     torch.set_num_threads(1)
     wid = args.wid or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     logging.basicConfig(level=os.environ.get("KINTSUGI_LOG", "WARNING"),
