@@ -67,7 +67,10 @@ class Coordinator:
         self.final_val: Optional[float] = None
         self.error: Optional[str] = None
         self.readers = {name: P.LogReader(self.store, name) for name in
-                        ("join", "suspect", "leave", "commit", "eval", "event")}
+                        ("join", "suspect", "leave", "commit", "eval", "event", "ckpt")}
+        self.store.set("run_dir", os.path.abspath(run_dir))
+        self.ckpt_counts: Dict[int, int] = {}
+        self.latest_checkpoint: Optional[int] = None
         os.makedirs(run_dir, exist_ok=True)
         self.metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         self.t0 = time.time()
@@ -149,6 +152,13 @@ class Coordinator:
         for slot, w in zip(lost, spares):
             self._assign(slot, w)
         leavers = [v["leaver"] for v in self.pending_lost.values() if v["leaver"]]
+        rollback = None
+        if any(p.tier == "checkpoint" for p in plans.values()):
+            # Every slot restores the last complete checkpoint; the replicas resume after it.
+            rollback = self.latest_checkpoint
+            for r in range(self.R):
+                self.committed[r] = rollback
+                P.put_json(self.store, f"committed/{r}", {"step": rollback, "total": None})
         rebuild = {}
         for slot, plan in plans.items():
             info = self.pending_lost[slot]
@@ -157,20 +167,20 @@ class Coordinator:
             rebuild[f"{slot[0]},{slot[1]}"] = dict(plan.to_json(), detected_at=info["detected_at"],
                                                    failed_at=info["failed_at"],
                                                    step=info["step"], leaver=info["leaver"])
-        self._publish(rebuild, leavers)
+        self._publish(rebuild, leavers, rollback)
         self.pending_lost.clear()
 
     def _assign(self, slot: Slot, w: WorkerInfo) -> None:
         w.state, w.slot = "active", slot
         self.slots[slot] = w.wid
 
-    def _publish(self, rebuild: dict, leavers: List[str]) -> None:
+    def _publish(self, rebuild: dict, leavers: List[str], rollback: Optional[int] = None) -> None:
         self.gen += 1
         ranks = {self.slots[(r, s)]: r * self.S + s for r in range(self.R) for s in range(self.S)}
         for j, wid in enumerate(leavers):  # leavers join the new group only to hand their state over
             ranks[wid] = self.R * self.S + j
         plan = {"gen": self.gen, "slots": {f"{r},{s}": wid for (r, s), wid in self.slots.items()},
-                "ranks": ranks, "world_size": len(ranks), "rebuild": rebuild, "leavers": leavers,
+                "ranks": ranks, "world_size": len(ranks), "rebuild": rebuild, "leavers": leavers, "rollback": rollback,
                 "committed": {str(r): k for r, k in self.committed.items()}, "published_at": time.time()}
         P.put_json(self.store, f"gen/{self.gen}", plan)
         self.store.set("gen", str(self.gen))
@@ -181,7 +191,7 @@ class Coordinator:
             log.info("generation %d published (%d workers)", self.gen, len(ranks))
 
     def _have_checkpoint(self) -> bool:
-        return P.has(self.store, "checkpoint/latest")
+        return self.latest_checkpoint is not None
 
     # --- metrics ----------------------------------------------------------------------------------
     def _event(self, ev: dict) -> None:
@@ -215,6 +225,10 @@ class Coordinator:
                 self.final_val = e["val_loss"]
             if self.bar is not None:
                 self.bar.write(f"step {e['step']}: val_loss {e['val_loss']:.4f}")
+        for c in self.readers["ckpt"].poll():
+            self.ckpt_counts[c["step"]] = self.ckpt_counts.get(c["step"], 0) + 1
+            if self.ckpt_counts[c["step"]] == self.R * self.S:
+                self.latest_checkpoint = max(self.latest_checkpoint or -1, c["step"])
         for ev in self.readers["event"].poll():
             if ev.get("kind") == "rebuild":
                 self.rebuilds.append({k: ev[k] for k in ("step", "slot", "tier", "detect_s", "recover_s")})

@@ -63,6 +63,7 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         "failures": state.get("failures", 0),
         "rebuilds": state.get("rebuilds", []),
         "bytes": {"p2p": sum(v for k, v in by_channel.items() if k.startswith("p2p")),
+                  "p2p_activations": by_channel.get("p2p", 0), "p2p_gradients": by_channel.get("p2p_grad", 0),
                   "outer_sync": by_channel.get("outer_sync", 0),
                   "data_parallel": by_channel.get("data_parallel", 0),
                   "rebuild": by_channel.get("rebuild", 0),

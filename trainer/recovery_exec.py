@@ -49,6 +49,11 @@ def snapshot(worker: "Worker") -> dict:
 
 def execute_plan(worker: "Worker", plan: dict, grid: Grid, transport: Transport, slot, my_rebuild) -> None:
     gen = plan["gen"]
+    if plan.get("rollback") is not None:
+        from .checkpoint import restore
+        restore(worker.state, worker.run_dir, slot, plan["rollback"])
+        worker.data.position = plan["rollback"] + 1
+        return
     for key, rb in sorted(plan["rebuild"].items()):
         target = _slot(key)
         tier = rb["tier"]
@@ -60,8 +65,6 @@ def execute_plan(worker: "Worker", plan: dict, grid: Grid, transport: Transport,
                 worker.state.import_exact(pkg)
                 dump(f"g{gen}_target_{key}", dict(snapshot(worker), tier=tier))
             continue
-        if tier == "checkpoint":
-            raise NotImplementedError("checkpoint rollback is planned by the coordinator but not implemented yet")
         if target == slot:
             t0 = time.time()
             packages = [recv_package(transport, grid.rank(src), REBUILD_TAG + 4 * i) for i, src in enumerate(sources)]

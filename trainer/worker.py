@@ -105,6 +105,11 @@ class Worker:
         self.train_tokens = load_tokens(corpus["train_path"], corpus["dtype"])
         self.val_tokens = load_tokens(corpus["val_path"], corpus["dtype"])
         self.pending = None  # (step, local_sq) of a step whose backward finished but not its commit
+        self.run_dir = store.get("run_dir").decode()
+        rec = self.job.recovery
+        every = rec.checkpoint_every or (10 if rec.strategy == "checkpoint" else 0)
+        from .checkpoint import AsyncCheckpointer
+        self.checkpointer = AsyncCheckpointer(store, self.run_dir, every)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -282,6 +287,8 @@ class Worker:
             st.apply_step(step, float(total[0]), local_sq)
             self.pending = None
             self.data.advance()
+            if self.checkpointer.due(step):
+                self.checkpointer.save(st, slot, step)
             step += 1
             self._after_step(plan, grid, transport, slot, step)
             if self.leaving.is_set():
