@@ -143,6 +143,7 @@ class FaultsConfig:
     seed: int = 0
     spares: int = 1                 # workers started up front and waiting in the pool
     respawn: bool = True            # start a new spare whenever one is consumed
+    demo: bool = False              # two kills placed relative to the run (the default job's show)
 
     KINDS = ("kill", "stop", "term")
 

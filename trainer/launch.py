@@ -38,6 +38,12 @@ def fault_events(job: JobConfig) -> List[dict]:
     """The explicit schedule plus the seeded Bernoulli failures of `faults.rate_per_hour`: every
     (step, replica, stage) draws from one seeded stream, so every strategy sees the same failures."""
     events = [dict(e) for e in job.faults.schedule]
+    S, T = job.parallel.stages, job.train.max_steps
+    if job.faults.demo and T >= 10:
+        if S >= 3:  # a middle stage: CheckFree averages its neighbours
+            events.append({"step": int(0.3 * T), "replica": 0, "stage": S // 2, "kind": "kill"})
+        if S >= 2:  # the first stage: CheckFree+ copies its swap partner
+            events.append({"step": int(0.65 * T), "replica": 0, "stage": 0, "kind": "kill"})
     p = job.faults.per_step_probability() if job.faults.rate_per_hour > 0 else 0.0
     if p > 0:
         rng = random.Random(job.faults.seed)

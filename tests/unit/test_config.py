@@ -1,0 +1,88 @@
+"""Every config group composes, every experiment preset is valid, and bad settings fail before any
+process starts with one line that names the key and the fix."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from trainer.cli import CONF_DIR, compose_job, validate_overrides
+from trainer.config import FaultsConfig, JobConfig, lr_at, TrainConfig
+
+
+def _options(group):
+    return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "data", "parallel", "launcher", "logger", "faults", "experiment"])
+def test_every_group_option_composes(group):
+    for option in _options(group):
+        overrides = [f"{group}={option}"]
+        if group == "data" and option == "text":
+            overrides.append(f"data.paths=[{ROOT}/README.md]")
+        job, _ = compose_job(overrides)
+        assert isinstance(job, JobConfig)
+
+
+def test_default_job_is_the_documented_one():
+    job, cfg = compose_job([])
+    assert job.parallel.stages == 4 and job.launcher.name == "local" and job.model.n_layers == 8
+    assert job.faults.demo and job.faults.spares >= 1, "the default job shows failures being survived"
+    assert cfg.hydra.run.dir.startswith("outputs/")
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["parallel.stages=20"], "parallel.stages=20 exceeds model.n_layers=8"),
+    (["train.batch_size=10", "train.microbatches=4"], "train.batch_size=10 is not divisible"),
+    (["parallel.schedule=zigzag"], "parallel.schedule='zigzag' is not valid"),
+    (["recovery.strategy=magic"], "recovery.strategy='magic' is not valid"),
+    (["data=text", "data.paths=[/no/such/corpus]"], "data.paths"),
+    (["data.seq_len=1024"], "data.seq_len=1024 exceeds model.max_seq_len"),
+    (["no_such_group.key=1"], "no_such_group"),
+    (["train.no_such_key=1"], "no_such_key"),
+    (["parallel.layers_per_stage=[1,2]"], "parallel.layers_per_stage has 2 entries"),
+    (["faults.schedule=[{step: 5, stage: 9}]"], "faults.schedule[0].stage=9"),
+    (["model.n_heads=3"], "model.n_heads"),
+])
+def test_bad_config_is_one_line_naming_the_key(overrides, needle):
+    msg = validate_overrides(overrides)
+    assert msg is not None and needle in msg, msg
+    assert "\n" not in msg
+
+
+def test_empty_corpus_is_rejected(tmp_path):
+    empty = tmp_path / "corpus"
+    empty.mkdir()
+    msg = validate_overrides(["data=text", f"data.paths=[{empty}]"])
+    assert msg is not None and "data.paths" in msg and "\n" not in msg
+
+
+def test_bad_config_fails_before_any_process_starts(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "trainer", "parallel.stages=20", f"hydra.run.dir={run_dir}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert lines == ["kintsugi: config error: parallel.stages=20 exceeds model.n_layers=8; use at most 8 stages "
+                     "or a deeper model"]
+    assert not run_dir.exists(), "nothing ran, nothing was written"
+
+
+def test_failure_rate_conversion_matches_the_paper():
+    # 500M model, ~90 s iterations: 5/10/16% per hour -> p = 0.0013 / 0.0026 / 0.0044 per step
+    for rate, p in ((0.05, 0.00128), (0.10, 0.00263), (0.16, 0.00435)):
+        assert FaultsConfig(rate_per_hour=rate, step_time_s=90).per_step_probability() == pytest.approx(p, rel=0.01)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    t = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(10, t) == pytest.approx(1.0) and lr_at(110, t) == pytest.approx(0.1)
+    assert all(lr_at(s, t) >= lr_at(s + 1, t) for s in range(10, 110))
+
+
+def test_job_config_round_trips_through_json():
+    job, _ = compose_job(["parallel=grid2x4", "faults=demo"])
+    again = JobConfig.from_dict(job.to_dict())
+    assert again == job
