@@ -78,8 +78,9 @@ class Coordinator:
         self.bar = None
         if progress:
             from tqdm import tqdm
+            # In a log file (not a terminal) a redraw per step would flood it: every 10 s is enough.
             self.bar = tqdm(total=self.max_steps * self.R, desc="train", unit="step", dynamic_ncols=True,
-                            file=sys.stderr)
+                            file=sys.stderr, mininterval=0.2 if sys.stderr.isatty() else 10.0)
 
     # --- membership -------------------------------------------------------------------------------
     def _on_join(self, req: dict) -> None:

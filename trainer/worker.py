@@ -345,9 +345,14 @@ def main(argv=None) -> int:
     store = P.connect(host, port, timeout_s=120)
     token = os.environ.get(P.TOKEN_ENV)
     try:
-        return Worker(store, wid, token, hb_store=P.connect(host, port, timeout_s=120)).run()
+        rc = Worker(store, wid, token, hb_store=P.connect(host, port, timeout_s=120)).run()
     except Shutdown:
-        return 0
+        rc = 0
+    # Waits abandoned in helper threads (a dead peer's recv) must not hold up or crash the exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
