@@ -298,6 +298,8 @@ class Worker:
             ev = job.train.eval_every
             if r == 0 and ((ev and step % ev == 0 and step < job.train.max_steps) or step == job.train.max_steps):
                 self._evaluate(executor, step, final=(step == job.train.max_steps))
+        if r == 0:
+            self._save_final(s)
         self._wait_for_shutdown()
         return True
 
@@ -307,6 +309,15 @@ class Worker:
     def _after_step(self, plan, grid, transport, slot, step):
         from .recovery_exec import refresh_neighbour_copies
         refresh_neighbour_copies(self, grid, transport, slot, step)
+
+    def _save_final(self, stage: int) -> None:
+        """Replica 0 writes its stage's final weights; `kintsugi export` assembles the full model."""
+        from safetensors.torch import save_file
+        out = os.path.join(self.run_dir, "final")
+        os.makedirs(out, exist_ok=True)
+        sd = {k: v.detach().contiguous() for k, v in self.state.model.state_dict().items()}
+        save_file(sd, os.path.join(out, f"stage{stage}.safetensors.tmp"))
+        os.replace(os.path.join(out, f"stage{stage}.safetensors.tmp"), os.path.join(out, f"stage{stage}.safetensors"))
 
     def _evaluate(self, executor: StageExecutor, step: int, final: bool):
         job = self.job

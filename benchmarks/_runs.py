@@ -1,0 +1,194 @@
+"""Shared helpers of the recovery benchmarks: run `python -m trainer` for real and read what it wrote.
+
+A run is the whole job (launcher, coordinator, one worker per stage, spares) in its own process
+session, watched by a stall guard: a run that commits nothing for `stall_s` seconds (a hung rebuild,
+a strategy that is not implemented yet) is interrupted and reported as an error instead of holding
+the benchmark hostage. Times in `metrics.jsonl` are seconds since the coordinator started (`wall_s`,
+event `t`); rebuild events also carry absolute `failed_at` / `resumed_at`, which `coordinator_t0`
+turns into the same clock.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Pinned so a change of the repository defaults (e.g. the default `faults` preset) cannot change
+# what a benchmark measures. `faults=none` has no spare; each benchmark sets faults.spares itself.
+BASE_OVERRIDES = ("model=tiny", "data=stdlib", "parallel=pipeline4", "launcher=local", "logger=quiet",
+                  "faults=none", "faults.respawn=true")
+REPORT_DIR = os.path.join(ROOT, "outputs", "benchmarks")  # outputs/ is gitignored
+
+
+@dataclass
+class RunResult:
+    name: str
+    run_dir: str
+    rc: Optional[int]
+    wall_s: float
+    error: Optional[str] = None
+    summary: Optional[dict] = None
+    commits: List[dict] = field(default_factory=list)
+    evals: List[dict] = field(default_factory=list)
+    events: List[dict] = field(default_factory=list)
+    stderr_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def schedule_override(events: Sequence[dict]) -> str:
+    """`faults.schedule=[{step: 15, replica: 0, stage: 2, kind: kill}, ...]` for Hydra."""
+    items = ", ".join(f"{{step: {e['step']}, replica: {e.get('replica', 0)}, stage: {e['stage']}, "
+                      f"kind: {e.get('kind', 'kill')}}}" for e in events)
+    return f"faults.schedule=[{items}]"
+
+
+def read_metrics(run_dir: str):
+    """(commits, evals, events) in file order, i.e. in the order the coordinator received them."""
+    commits, evals, events = [], [], []
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by an interrupted run
+                    continue
+                if "event" in rec:
+                    events.append(rec["event"])
+                elif "val_loss" in rec:
+                    evals.append(rec)
+                else:
+                    commits.append(rec)
+    return commits, evals, events
+
+
+def _count_lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def run_job(name: str, run_dir: str, overrides: Sequence[str], stall_s: float = 90.0,
+            timeout_s: float = 1200.0) -> RunResult:
+    """Run the trainer once; never raises for a failed run (the failure is in `error`)."""
+    os.makedirs(os.path.dirname(run_dir) or ".", exist_ok=True)
+    cmd = [sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", *BASE_OVERRIDES, *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", TORCH_CPP_LOG_LEVEL="ERROR",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    err_path = run_dir.rstrip("/") + ".stderr.log"
+    t0 = time.time()
+    error = None
+    with open(err_path, "w") as err_f:
+        # Own session: on a stall the whole job (launcher, coordinator, workers) is ended as a group.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=err_f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        last_lines, last_progress = 0, time.time()
+        while proc.poll() is None:
+            time.sleep(0.5)
+            n = _count_lines(metrics)
+            if n != last_lines:
+                last_lines, last_progress = n, time.time()
+            now = time.time()
+            # Start-up (imports, corpus, spawning) writes nothing for a while: allow for it.
+            stalled = now - last_progress > stall_s + (60.0 if last_lines == 0 else 0.0)
+            if stalled or now - t0 > timeout_s:
+                error = (f"stalled: no new metrics for {now - last_progress:.0f}s" if stalled
+                         else f"timed out after {timeout_s:.0f}s")
+                _stop(proc)
+                break
+    rc = proc.returncode
+    with open(err_path, errors="replace") as f:
+        tail = f.read()[-3000:]
+    if error is None and rc != 0:
+        error = f"exit code {rc}: " + _last_error_line(tail)
+    summary = None
+    spath = os.path.join(run_dir, "summary.json")
+    if os.path.exists(spath):
+        with open(spath) as f:
+            summary = json.load(f)
+        if error is None and summary.get("error"):
+            error = f"run stopped: {summary['error']}"
+    commits, evals, events = read_metrics(run_dir)
+    return RunResult(name, run_dir, rc, time.time() - t0, error, summary, commits, evals, events, tail)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C first (the launcher cleans up its children), then SIGKILL to the job's process group."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=20)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group is the job we started: nothing else is in it
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _last_error_line(text: str) -> str:
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    for l in reversed(lines):
+        if any(k in l for k in ("Error", "error", "kintsugi:", "cannot recover", "Unrecoverable")):
+            return l[:300]
+    return lines[-1][:300] if lines else ""
+
+
+# --- reading a run ---------------------------------------------------------------------------------
+def commits_of(result: RunResult, replica: int = 0) -> List[dict]:
+    """Replica's commit records in arrival order (a rollback would show repeated step numbers)."""
+    return [c for c in result.commits if c.get("replica", 0) == replica]
+
+
+def rebuilds_of(result: RunResult) -> List[dict]:
+    return [e for e in result.events if e.get("kind") == "rebuild"]
+
+
+def coordinator_t0(events: Sequence[dict]) -> Optional[float]:
+    """The coordinator's start on the absolute clock. An event is written at t0 + t, a little after
+    the worker stamped resumed_at, so each rebuild event bounds t0 from below by resumed_at - t; the
+    largest bound is the tightest (error: the coordinator's log-drain lag, ~10 ms)."""
+    bounds = [e["resumed_at"] - e["t"] for e in events if "resumed_at" in e and "t" in e]
+    return max(bounds) if bounds else None
+
+
+def steady_tokens_per_s(commits: Sequence[dict], skip: int, eval_steps: Sequence[int] = ()) -> Optional[float]:
+    """Tokens/s from the coordinator's commit times over steps after the first `skip` (start-up,
+    first-use costs): sum of tokens / sum of inter-commit gaps, leaving out the gaps that contain
+    an evaluation."""
+    by_step: Dict[int, dict] = {}
+    for c in commits:
+        by_step.setdefault(c["step"], c)
+    steps = sorted(s for s in by_step if s >= skip)
+    evals = set(eval_steps)
+    tokens, seconds = 0, 0.0
+    for a, b in zip(steps, steps[1:]):
+        if b != a + 1 or b in evals:  # eval after step a runs before step b (eval `step` = steps done)
+            continue
+        tokens += by_step[b].get("tokens", 0)
+        seconds += by_step[b]["wall_s"] - by_step[a]["wall_s"]
+    return tokens / seconds if seconds > 0 else None
+
+
+def median(xs: Sequence[float]) -> Optional[float]:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
+
+
+def rnd(x, n: int = 4):
+    return None if x is None else round(float(x), n)
