@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Pinned so a change of the repository defaults (e.g. the default `faults` preset) cannot change
@@ -38,6 +38,9 @@ class RunResult:
     evals: List[dict] = field(default_factory=list)
     events: List[dict] = field(default_factory=list)
     stderr_tail: str = ""
+    cpu_samples: List[tuple] = field(default_factory=list)  # (seconds since start, metrics lines, job CPU s)
+    startup_failures: List[str] = field(default_factory=list)
+    stopped_early: bool = False
 
     @property
     def ok(self) -> bool:
@@ -71,6 +74,24 @@ def read_metrics(run_dir: str):
     return commits, evals, events
 
 
+def session_cpu_s(sid: int, seen: Dict[int, float]) -> float:
+    """CPU seconds (user + system) used so far by the processes of session `sid`: the job we started.
+    `seen` keeps each pid's last reading, so a process that has exited still counts."""
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the ")" that ends the command name: state ppid pgrp session ... utime(12) stime(13).
+        if int(fields[3]) == sid:
+            seen[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
+    return sum(seen.values())
+
+
 def _count_lines(path: str) -> int:
     try:
         with open(path, "rb") as f:
@@ -80,26 +101,34 @@ def _count_lines(path: str) -> int:
 
 
 def run_job(name: str, run_dir: str, overrides: Sequence[str], stall_s: float = 90.0,
-            timeout_s: float = 1200.0) -> RunResult:
-    """Run the trainer once; never raises for a failed run (the failure is in `error`)."""
+            timeout_s: float = 1200.0, stop_when_evals: Optional[Callable[[List[dict]], bool]] = None) -> RunResult:
+    """Run the trainer once; never raises for a failed run (the failure is in `error`).
+    `stop_when_evals(evals)`: end the run early (not an error) once it returns True."""
     os.makedirs(os.path.dirname(run_dir) or ".", exist_ok=True)
     cmd = [sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", *BASE_OVERRIDES, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", TORCH_CPP_LOG_LEVEL="ERROR",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     err_path = run_dir.rstrip("/") + ".stderr.log"
     t0 = time.time()
-    error = None
+    error, stopped_early = None, False
     with open(err_path, "w") as err_f:
         # Own session: on a stall the whole job (launcher, coordinator, workers) is ended as a group.
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=err_f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         metrics = os.path.join(run_dir, "metrics.jsonl")
         last_lines, last_progress = 0, time.time()
+        cpu_seen: Dict[int, float] = {}
+        samples = []
         while proc.poll() is None:
-            time.sleep(0.5)
+            time.sleep(0.25)
             n = _count_lines(metrics)
+            samples.append((time.time() - t0, n, session_cpu_s(proc.pid, cpu_seen)))
             if n != last_lines:
                 last_lines, last_progress = n, time.time()
+                if stop_when_evals is not None and stop_when_evals(read_metrics(run_dir)[1]):
+                    stopped_early = True
+                    _stop(proc)
+                    break
             now = time.time()
             # Start-up (imports, corpus, spawning) writes nothing for a while: allow for it.
             stalled = now - last_progress > stall_s + (60.0 if last_lines == 0 else 0.0)
@@ -111,7 +140,7 @@ def run_job(name: str, run_dir: str, overrides: Sequence[str], stall_s: float = 
     rc = proc.returncode
     with open(err_path, errors="replace") as f:
         tail = f.read()[-3000:]
-    if error is None and rc != 0:
+    if error is None and rc != 0 and not stopped_early:
         error = f"exit code {rc}: " + _last_error_line(tail)
     summary = None
     spath = os.path.join(run_dir, "summary.json")
@@ -121,7 +150,22 @@ def run_job(name: str, run_dir: str, overrides: Sequence[str], stall_s: float = 
         if error is None and summary.get("error"):
             error = f"run stopped: {summary['error']}"
     commits, evals, events = read_metrics(run_dir)
-    return RunResult(name, run_dir, rc, time.time() - t0, error, summary, commits, evals, events, tail)
+    return RunResult(name, run_dir, rc, time.time() - t0, error, summary, commits, evals, events, tail, samples,
+                     stopped_early=stopped_early)
+
+
+def run_job_retrying(name: str, run_dir: str, overrides: Sequence[str], retries: int = 1, **kw) -> RunResult:
+    """run_job, run again (up to `retries` times) when a run fails before its first commit: on a
+    loaded machine a worker starved at start-up can miss its heartbeats and the job never starts
+    (see BENCHMARKS_recovery.md). The earlier failures are kept in `result.startup_failures`."""
+    failures = []
+    for attempt in range(retries + 1):
+        res = run_job(name, run_dir if attempt == 0 else f"{run_dir}-retry{attempt}", overrides, **kw)
+        if res.ok or res.commits or attempt == retries:
+            break
+        failures.append(res.error)
+    res.startup_failures = failures
+    return res
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -180,6 +224,21 @@ def steady_tokens_per_s(commits: Sequence[dict], skip: int, eval_steps: Sequence
         tokens += by_step[b].get("tokens", 0)
         seconds += by_step[b]["wall_s"] - by_step[a]["wall_s"]
     return tokens / seconds if seconds > 0 else None
+
+
+def steady_cpu_s_per_step(result: RunResult, skip: int) -> Optional[float]:
+    """Job CPU seconds (all its processes) per committed step between the poll that first saw
+    commit `skip` and the last poll before the final commit; less sensitive to other jobs' load, unlike wall
+    time. Assumes a failure-free run with no evaluation before the end (one line per commit)."""
+    n_commits = len(result.commits)
+    if n_commits <= skip + 1:
+        return None
+    # The last poll before the final commit arrived: the final evaluation is left out.
+    first = next((s for s in result.cpu_samples if s[1] >= skip + 1), None)
+    last = next((s for s in reversed(result.cpu_samples) if s[1] < n_commits), None)
+    if first is None or last is None or last[1] <= first[1]:
+        return None
+    return (last[2] - first[2]) / (last[1] - first[1])
 
 
 def median(xs: Sequence[float]) -> Optional[float]:

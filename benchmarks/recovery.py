@@ -36,7 +36,8 @@ import time
 from typing import Dict, List, Optional
 
 from benchmarks._runs import (REPORT_DIR, RunResult, commits_of, coordinator_t0, median, rebuilds_of, rnd,
-                              run_job, schedule_override, steady_tokens_per_s)
+                              run_job_retrying, schedule_override, steady_cpu_s_per_step,
+                              steady_tokens_per_s)
 
 log = logging.getLogger("benchmarks.recovery")
 SPACING = 10          # steps between injected failures: a respawned spare is up before the next one
@@ -99,19 +100,25 @@ def _stats(rows: List[dict], key: str) -> dict:
 def run_overhead(rounds: int, steps: int, variants: List[str], out_dir: str) -> dict:
     skip = 5  # start-up steps: first-use costs, the other processes still settling
     tps: Dict[str, List[Optional[float]]] = {v: [] for v in variants}
+    cpu: Dict[str, List[Optional[float]]] = {v: [] for v in variants}
     errors = {}
     for i in range(rounds):
         # Alternate the order every round so neither variant always runs right after the other.
         order = variants if i % 2 == 0 else list(reversed(variants))
         for v in order:
-            res = run_job(f"{v}-{i}", os.path.join(out_dir, f"overhead-{v}-{i}"),
+            res = run_job_retrying(f"{v}-{i}", os.path.join(out_dir, f"overhead-{v}-{i}"),
                           [f"train.max_steps={steps}", "train.eval_every=0", "faults.spares=0",
                            *OVERHEAD_VARIANTS[v]], stall_s=90)
-            if not res.ok:
-                errors[f"{v}-{i}"] = res.error
+            if not res.ok or res.startup_failures:
+                errors[f"{v}-{i}"] = [*res.startup_failures, res.error]
             tps[v].append(steady_tokens_per_s(commits_of(res), skip) if res.ok else None)
-            log.info("overhead %s round %d: %s tokens/s", v, i, rnd(tps[v][-1], 1))
+            cpu[v].append(steady_cpu_s_per_step(res, skip) if res.ok else None)
+            log.info("overhead %s round %d: %s tokens/s, %s CPU s/step", v, i, rnd(tps[v][-1], 1),
+                     rnd(cpu[v][-1], 3))
     paired = [a / b for a, b in zip(tps["default"], tps["disabled"]) if a and b]
+    # CPU seconds of the whole job per step: what the control plane costs in work, which another
+    # job's load on the shared machine disturbs far less than it disturbs wall time.
+    cpu_paired = [a / b for a, b in zip(cpu["default"], cpu["disabled"]) if a and b]
     out = {
         "disabled_means": DISABLED_MEANS,
         "steps_per_run": steps, "skipped_startup_steps": skip, "rounds": rounds,
@@ -120,10 +127,15 @@ def run_overhead(rounds: int, steps: int, variants: List[str], out_dir: str) -> 
         "ratio_default_over_disabled": rnd(median(paired)),
         "ratio_reps": [rnd(x) for x in paired],
         "overhead_pct": rnd(100 * (1 - median(paired)), 2) if paired else None,
+        "cpu_s_per_step": {v: [rnd(x) for x in xs] for v, xs in cpu.items()},
+        "cpu_ratio_default_over_disabled": rnd(median(cpu_paired)),
+        "cpu_ratio_reps": [rnd(x) for x in cpu_paired],
     }
     if "checkfree" in variants:
         pc = [a / b for a, b in zip(tps["checkfree"], tps["disabled"]) if a and b]
         out["ratio_checkfree_over_disabled"] = rnd(median(pc))
+        pcc = [a / b for a, b in zip(cpu["checkfree"], cpu["disabled"]) if a and b]
+        out["cpu_ratio_checkfree_over_disabled"] = rnd(median(pcc))
     if errors:
         out["errors"] = errors
     return out
@@ -135,7 +147,7 @@ def run(trials: int, quick: bool) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     schedule = fault_schedule(trials)
     max_steps = schedule[-1]["step"] + SPACING
-    fault = run_job("faults", os.path.join(out_dir, "faults"),
+    fault = run_job_retrying("faults", os.path.join(out_dir, "faults"),
                     [f"train.max_steps={max_steps}", "train.eval_every=0", "recovery.strategy=tiered",
                      f"faults.spares={SPARES}", schedule_override(schedule)], stall_s=120)
     rows, unplanned, step_s = measure_failures(fault, schedule)
@@ -151,6 +163,7 @@ def run(trials: int, quick: bool) -> dict:
     }
     result["trials"] = rows
     result["fault_run"] = {"max_steps": max_steps, "median_step_s": rnd(step_s), "error": fault.error,
+                           "startup_failures": fault.startup_failures,
                            "unplanned_rebuilds": unplanned, "heartbeat_timeout_s": 3.0,
                            "heartbeat_interval_s": 0.2, "spares": SPARES}
     variants = ["default", "disabled"] + ([] if quick else ["checkfree"])

@@ -21,7 +21,7 @@ and move one layer from it to its faster neighbour.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Hashable, List, Mapping, NamedTuple, Sequence, Tuple
+from typing import Dict, Hashable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .tiers import Unrecoverable, plan_rebuilds
 
@@ -103,6 +103,8 @@ def _initial(slots: List[Slot], machines: List[Machine], capacity: Dict[Machine,
     land on different machines (M >= 2), and so do both neighbours of a stage (M >= 3). When M
     divides S every row would start on the same machine and put all replicas of a stage together,
     so each row then starts one machine later: the (r + s) mod M stripe."""
+    if not slots:
+        return {}
     left, where, M = dict(capacity), {}, len(machines)
     shift = 1 if num_stages % M == 0 else 0
     p, row = 0, None
@@ -127,14 +129,19 @@ def _least_load_sq(num_slots: int, capacity: Dict[Machine, int]) -> int:
     return sum(n * n for n in load.values())
 
 
-def _improve(where: Dict[Slot, Machine], capacity: Dict[Machine, int], num_stages: int) -> None:
-    """Hill-climb on swaps of two slots and moves of one slot to a machine with room, accepting any
-    change that lowers the cost tuple, until a pass changes nothing or MAX_EVALS candidates have
-    been tried (deterministic either way)."""
+def _improve(where: Dict[Slot, Machine], movable: List[Slot], capacity: Dict[Machine, int],
+             num_stages: int) -> None:
+    """Hill-climb on swaps of two movable slots and moves of one to a machine with room, accepting
+    any change that lowers the cost tuple, until a pass changes nothing or MAX_EVALS candidates
+    have been tried (deterministic either way). Slots not in `movable` stay where they are but
+    count in the cost; `capacity` counts only the movable slots."""
     cost = _Cost(where, num_stages)
     best = list(cost.total())
-    slots = sorted(where)
+    slots = sorted(movable)
     machines = sorted(capacity, key=str)
+    used = {m: 0 for m in capacity}
+    for a in slots:
+        used[where[a]] += 1
     evals = 0
 
     def delta(changed, change: Dict[Slot, Machine]) -> Tuple[int, ...]:
@@ -159,7 +166,7 @@ def _improve(where: Dict[Slot, Machine], capacity: Dict[Machine, int], num_stage
                     where[a], where[b] = ma, mb
             for m in machines:
                 ma = where[a]
-                if m == ma or cost.load.get(m, 0) >= capacity[m]:
+                if m == ma or used[m] >= capacity[m]:
                     continue
                 evals += 1
                 d = delta((a,), {a: m})
@@ -169,6 +176,7 @@ def _improve(where: Dict[Slot, Machine], capacity: Dict[Machine, int], num_stage
                 if cand < best:
                     best, improved = cand, True
                     cost.load[ma], cost.load[m] = la - 1, lm + 1
+                    used[ma], used[m] = used[ma] - 1, used[m] + 1
                 else:
                     where[a] = ma
             if evals > MAX_EVALS:
@@ -178,28 +186,36 @@ def _improve(where: Dict[Slot, Machine], capacity: Dict[Machine, int], num_stage
             return
 
 
-def place(slots: Sequence[Slot], machines: Mapping[Machine, int], num_stages: int) -> Dict[Slot, Machine]:
-    """Assign each slot a machine (`machines`: machine id -> how many workers it can hold) so that
-    no single machine loss breaks the constraints above, where the fleet's size allows it. Logs a
-    warning naming the constraints it could not meet (see `constraint_violations`)."""
-    slots = sorted(set(map(tuple, slots)))
+def place(slots: Sequence[Slot], machines: Mapping[Machine, int], num_stages: int,
+          fixed: Optional[Mapping[Slot, Machine]] = None) -> Dict[Slot, Machine]:
+    """Assign each slot a machine (`machines`: machine id -> how many more workers it can hold) so
+    that no single machine loss breaks the constraints above, where the fleet's size allows it.
+    `fixed` holds slots already running (slot -> machine): they stay put and count in the
+    constraints, so replacements for lost slots are placed around the survivors. Returns the
+    assignment of `slots` only. Logs a warning naming the constraints it could not meet."""
+    fixed = dict(fixed or {})
+    slots = sorted(set(map(tuple, slots)) - set(fixed))
     capacity = {m: int(c) for m, c in machines.items() if c > 0}
     if sum(capacity.values()) < len(slots):
-        raise ValueError(f"the machines hold {sum(capacity.values())} workers but the grid has {len(slots)} slots; "
+        raise ValueError(f"the machines hold {sum(capacity.values())} workers but {len(slots)} slots need one; "
                          "start more workers or lower parallel.replicas / parallel.stages")
     bad = [s for s in slots if not 0 <= s[1] < num_stages]
     if bad:
         raise ValueError(f"slots {bad} name a stage outside 0..{num_stages - 1}")
     order = sorted(capacity, key=str)
-    where = _initial(slots, order, capacity, num_stages)
+    where = dict(fixed)
+    where.update(_initial(slots, order, capacity, num_stages))
     cost = _Cost(where, num_stages).total()
-    if cost[:3] != (0, 0, 0) or cost[3] > _least_load_sq(len(slots), capacity):
-        _improve(where, capacity, num_stages)  # O(slots^2) per pass: skipped when the stripe is perfect
+    if fixed or cost[:3] != (0, 0, 0) or cost[3] > _least_load_sq(len(slots), capacity):
+        _improve(where, slots, capacity, num_stages)  # O(slots^2) per pass: skipped when the stripe is perfect
     unmet = {c: v for c, v in constraint_violations(where, num_stages).items() if v}
+    num_machines = len(set(where.values()) | set(capacity))
     if unmet:
-        log.warning("placement on %d machines could not meet %s (best effort): %s", len(capacity),
-                    " / ".join(unmet), "; ".join(v for vs in unmet.values() for v in vs[:3]))
-    return where
+        # One machine (the local launcher) can meet nothing; that is no news worth a warning.
+        log.log(logging.WARNING if num_machines > 1 else logging.INFO,
+                "placement on %d machine(s) could not meet %s (best effort): %s", num_machines,
+                " / ".join(unmet), "; ".join(v for vs in unmet.values() for v in vs[:3]))
+    return {slot: where[slot] for slot in slots}
 
 
 # --- what each machine's loss means -------------------------------------------------------------------
@@ -244,8 +260,8 @@ def _summary(assignment, machines: List[dict], R: int, S: int, diloco: bool) -> 
     n = len(machines)
     if len(by_verdict) == 1:
         v = next(iter(by_verdict))
-        head = f"losing any one of the {n} machines is recoverable {words[v]}" if v != "none" else \
-            f"losing any one of the {n} machines is not recoverable"
+        which = "the only machine" if n == 1 else f"any one of the {n} machines"
+        head = f"losing {which} is " + (f"recoverable {words[v]}" if v != "none" else "not recoverable")
     else:
         head = "losing one machine is recoverable " + "; ".join(
             f"{words[v]} for {', '.join(by_verdict[v])}" for v in OUTCOMES if v in by_verdict)
@@ -257,7 +273,8 @@ def _summary(assignment, machines: List[dict], R: int, S: int, diloco: bool) -> 
         text += " With one replica no peer holds a copy of any stage."
     elif not diloco:
         text += " Peer copies are exact only with diloco.enabled=true."
-    text += " A machine that gets an interruption notice hands every slot off exactly."
+    text += (" With an interruption notice (recovery.notice) a machine's slots are handed off exactly instead,"
+             " given spares on other machines.")
     return text
 
 

@@ -28,6 +28,7 @@ class StageState:
         # Copies of the neighbouring end stage's embedding / head (CheckFree+), refreshed periodically.
         self.neighbour_copy: Dict[str, torch.Tensor] = {}
         self.lisa = None              # a LisaController when lisa.enabled: owns which layers train
+        self.diloco = None            # the stage's StreamingDiLoCo when replicas sync through it
         self.optimizer = self._build_optimizer()
 
     # --- optimisation -----------------------------------------------------------------------------
@@ -89,6 +90,8 @@ class StageState:
             pkg.update(optimizer=self.optimizer.state_dict(), lr_scale=self.lr_scale, step_done=self.step_done)
             if self.lisa is not None:
                 pkg["lisa"] = self.lisa.state_dict()
+            if self.diloco is not None:
+                pkg["diloco"] = self.diloco.state_dict()
         return pkg
 
     def import_exact(self, pkg: dict) -> None:
@@ -97,6 +100,10 @@ class StageState:
             self.lisa.load_state_dict(pkg["lisa"])  # first: it rebuilds the optimizer's param lists
         self.optimizer.load_state_dict(pkg["optimizer"])
         self.lr_scale, self.step_done, self.grad_norm = pkg["lr_scale"], pkg["step_done"], pkg["grad_norm"]
+        if self.diloco is not None and "diloco" in pkg:
+            # Peer tier: the global parameters and outer momentum of a live replica; the local
+            # parameters start from the global ones (exact up to the peer's last sync).
+            self.diloco.load_state_dict(pkg["diloco"], reset_local=True)
         self.neighbour_copy = dict(pkg["neighbour_copy"])
 
     def _load_params(self, positional: Dict[str, torch.Tensor], source_count: int, strict_extra: bool = False):

@@ -15,6 +15,7 @@ the same batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from parallel.diloco import StreamingDiLoCo, allreduce_gradients
 from parallel.schedules import StageExecutor, actions_for, routes_for
 from parallel.topology import Grid
 from parallel.transport import Aborted, ByteCounter, PeerFailure, Transport, wait_abortable
@@ -100,6 +102,8 @@ class Worker:
             signal.signal(getattr(signal, name), lambda *_: self.leaving.set())
         self.slot = None
         self.state: Optional[StageState] = None
+        self.diloco = None
+        self.stage_group = None
         self.data = None
         corpus = P.get_json(store, "corpus")
         self.train_tokens = load_tokens(corpus["train_path"], corpus["dtype"])
@@ -198,6 +202,9 @@ class Worker:
         wait_abortable(dist.barrier(async_op=True), self.hb.abort)
         log.info("gen %d: group ready in %.3fs", gen, time.time() - t_gen)
         transport = Transport(None, self.hb.abort, self.counter, self._codecs())
+        # Stage groups (one per stage, across replicas) for Streaming DiLoCo / data parallelism.
+        # new_group is collective over the whole world, so every rank (leavers too) creates all.
+        stage_groups = [dist.new_group(grid.stage_ranks(s)) for s in range(grid.stages)] if grid.replicas > 1 else None
         if self.wid in plan["leavers"]:
             self._hand_off(plan, transport)
             raise SystemExit(0)
@@ -216,8 +223,16 @@ class Worker:
             self.data = ShardedBatches(self.train_tokens, self.job.data.seq_len, self.job.train.batch_size,
                                        slot[0], self.job.parallel.replicas, self.job.train.seed)
         self._finish_pending(slot)
+        self.stage_group = stage_groups[slot[1]] if stage_groups else None
+        self._setup_outer_sync()
         from .recovery_exec import execute_plan  # the rebuild exchanges of this generation
         execute_plan(self, plan, grid, transport, slot, rebuild)
+        if self.diloco is not None:
+            # Bitwise agreement of the global copies again: a replica may have finished a sync that
+            # its peers abandoned. Broadcast from the first replica that was not rebuilt.
+            rebuilt = {int(k.split(",")[0]) for k, v in plan["rebuild"].items() if int(k.split(",")[1]) == slot[1]}
+            src = next((q for q in range(grid.replicas) if q not in rebuilt), 0)
+            self.diloco.resync(src=src, reset_local=slot[0] in rebuilt and src != slot[0])
         log.info("gen %d: plan executed %.3fs after publication", gen, time.time() - plan["published_at"])
         if rebuild is not None:
             now = time.time()
@@ -273,6 +288,9 @@ class Worker:
                 st.lisa.before_step(step)
             st.zero_grad()
             loss = executor.run(inputs, targets, routes, actions)
+            if self.stage_group is not None and self.diloco is None:
+                # The data-parallel baseline: average gradients across replicas every step.
+                allreduce_gradients(list(st.model.parameters()), self.stage_group, self.counter, self.hb.abort)
             local_sq = st.local_grad_sq()
             self.pending = (step, local_sq)
             vec = torch.tensor([local_sq, loss or 0.0, 0.0], dtype=torch.float64)
@@ -287,6 +305,8 @@ class Worker:
             st.apply_step(step, float(total[0]), local_sq)
             self.pending = None
             self.data.advance()
+            if self.diloco is not None:
+                self.diloco.after_inner_step(step + 1)
             if self.checkpointer.due(step):
                 self.checkpointer.save(st, slot, step)
             step += 1
@@ -319,6 +339,20 @@ class Worker:
         save_file(sd, os.path.join(out, f"stage{stage}.safetensors.tmp"))
         os.replace(os.path.join(out, f"stage{stage}.safetensors.tmp"), os.path.join(out, f"stage{stage}.safetensors"))
 
+    def _setup_outer_sync(self) -> None:
+        """Streaming DiLoCo across the replicas of this stage (only with several replicas)."""
+        if not (self.job.diloco.enabled and self.stage_group is not None):
+            self.diloco = None
+            return
+        if getattr(self, "diloco", None) is None or self.diloco_slot != self.slot:
+            self.diloco = StreamingDiLoCo(dict(self.state.model.named_parameters()), self.job.diloco,
+                                          self.stage_group, self.counter, self.hb.abort)
+            self.diloco_slot = self.slot
+        else:
+            self.diloco.abandon()  # syncs in flight belonged to the old generation's group
+            self.diloco.set_group(self.stage_group, self.hb.abort)
+        self.state.diloco = self.diloco
+
     def _evaluate(self, executor: StageExecutor, step: int, final: bool):
         job = self.job
         S = job.parallel.stages
@@ -326,10 +360,12 @@ class Worker:
         routes = routes_for(S, job.train.microbatches, alternate=False)
         fwd = [a for a in actions_for("gpipe", executor.stage, S, routes) if a[0] == "F"]
         total, n = 0.0, 0
-        for inputs, targets in batches:
-            loss = executor.run(inputs, targets, routes, fwd, train=False)
-            if loss is not None:
-                total, n = total + loss, n + 1
+        # Streaming DiLoCo evaluates the global (outer) parameters, as the paper does.
+        with (self.diloco.use_global_params() if self.diloco is not None else contextlib.nullcontext()):
+            for inputs, targets in batches:
+                loss = executor.run(inputs, targets, routes, fwd, train=False)
+                if loss is not None:
+                    total, n = total + loss, n + 1
         if executor.stage == S - 1:
             P.append(self.store, "eval", {"step": step, "val_loss": total / max(n, 1), "final": final})
 

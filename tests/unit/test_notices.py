@@ -265,3 +265,16 @@ def test_make_watcher():
         make_watcher("oracle", print)
     with pytest.raises(ValueError, match="interval_s"):
         make_watcher("gcp", print, interval_s=0)
+
+
+def test_worker_integration_sets_leaving():
+    """What the worker does: a notice sets its `leaving` event (the graceful-handoff trigger)."""
+    leaving = threading.Event()
+
+    def respond(h, method):
+        return 200, "TRUE"
+
+    with FakeMetadata(respond) as svc:
+        w = make_watcher("gcp", lambda notice: leaving.set(), address=svc.url, interval_s=FAST)
+        w.start()
+        assert leaving.wait(5.0)
