@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from . import protocol as P
+from .placement import place, recoverability_report
 from .tiers import Unrecoverable, plan_rebuilds
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,19 @@ class Coordinator:
         if self.gen < 0:
             if len(spares) < self.R * self.S:
                 return
-            for slot, w in zip([(r, s) for r in range(self.R) for s in range(self.S)], spares):
-                self._assign(slot, w)
+            slots = [(r, s) for r in range(self.R) for s in range(self.S)]
+            where = place(slots, self._pool_sizes(spares), self.S)
+            pool = self._pool(spares)
+            for slot in slots:
+                self._assign(slot, pool[where[slot]].pop(0))
+            report = recoverability_report(where, self.R, self.S, self.diloco, self.strategy,
+                                           have_checkpoint=bool(self.job["recovery"].get("checkpoint_every"))
+                                           or self.strategy == "checkpoint")
+            log.info("placement: %s", report.summary)
+            for entry in report.machines:
+                log.info("  %s", entry["line"])
+            self._event({"kind": "placement", "summary": report.summary,
+                         "machines": {str(e["machine"]): e["verdict"] for e in report.machines}})
             self._publish({}, leavers=[])
             return
         if len(spares) < len(self.pending_lost):
@@ -150,8 +162,12 @@ class Coordinator:
             self.error = str(e)
             log.error("cannot recover: %s", e)
             return
-        for slot, w in zip(lost, spares):
-            self._assign(slot, w)
+        # Replacements go where losing one machine still leaves the pipeline recoverable.
+        alive = {slot: self.workers[wid].machine for slot, wid in self.slots.items()}
+        where = place(lost, self._pool_sizes(spares), self.S, fixed=alive)
+        pool = self._pool(spares)
+        for slot in lost:
+            self._assign(slot, pool[where[slot]].pop(0))
         leavers = [v["leaver"] for v in self.pending_lost.values() if v["leaver"]]
         rollback = None
         if any(p.tier == "checkpoint" for p in plans.values()):
@@ -170,6 +186,16 @@ class Coordinator:
                                                    step=info["step"], leaver=info["leaver"])
         self._publish(rebuild, leavers, rollback)
         self.pending_lost.clear()
+
+    @staticmethod
+    def _pool(spares: List[WorkerInfo]) -> Dict[str, List[WorkerInfo]]:
+        pool: Dict[str, List[WorkerInfo]] = {}
+        for w in spares:
+            pool.setdefault(w.machine, []).append(w)
+        return pool
+
+    def _pool_sizes(self, spares: List[WorkerInfo]) -> Dict[str, int]:
+        return {m: len(ws) for m, ws in self._pool(spares).items()}
 
     def _assign(self, slot: Slot, w: WorkerInfo) -> None:
         w.state, w.slot = "active", slot

@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
-
-log = logging.getLogger(__name__)
 
 # Files of a Hugging Face tokenizer directory worth copying (never its weights).
 _TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
@@ -149,12 +146,13 @@ def export_run(run_dir: str, out_dir: str, force: bool = False) -> dict:
     copied = []
     if tok_dir is not None:
         for name in sorted(os.listdir(tok_dir)):
-            if name.startswith("tokenizer") or name in _TOKENIZER_FILES:
+            is_file = os.path.isfile(os.path.join(tok_dir, name))
+            if is_file and (name.startswith("tokenizer") or name in _TOKENIZER_FILES):
                 shutil.copy2(os.path.join(tok_dir, name), os.path.join(out_dir, name))
                 copied.append(name)
     summary = _read_json(os.path.join(run_dir, "summary.json")) or {}
     steps = summary.get("steps", job.train.max_steps)
-    _write_readme(out_dir, run_dir, job, summary, tok_note, copied)
+    _write_readme(out_dir, run_dir, job, steps, summary.get("final_val_loss"), tok_note, copied)
     return {"num_params": sum(v.numel() for v in sd.values()), "n_layers": job.model.n_layers,
             "num_stages": job.parallel.stages, "steps": steps, "tokenizer": tok_note, "tokenizer_files": copied}
 
@@ -214,11 +212,12 @@ def _read_json(path: str) -> Optional[dict]:
         return json.load(f)
 
 
-def _write_readme(out_dir, run_dir, job, summary, tok_note, copied) -> None:
+def _write_readme(out_dir, run_dir, job, steps, val_loss, tok_note, copied) -> None:
     m = job.model
     lines = [
         f"Exported by `kintsugi export` from {os.path.abspath(run_dir)}",
-        f"run {job.name!r}: {summary.get('steps', '?')} steps, final validation loss {summary.get('final_val_loss')}",
+        f"run {job.name!r}: {steps} steps, final validation loss "
+        f"{'unknown (no summary.json)' if val_loss is None else f'{val_loss:.4f}'}",
         f"model: {m.n_layers} layers, dim {m.dim}, {m.n_heads} heads ({m.n_kv_heads} kv), ffn {m.ffn_dim}, "
         f"vocab {m.vocab_size}, rope_theta {m.rope_theta}, trained on sequences of {job.data.seq_len} tokens",
         "",

@@ -120,7 +120,9 @@ class RecoveryConfig:
     checkpoint_every: int = 0       # 0 = no checkpoints unless strategy=checkpoint
     init_timeout_s: float = 120.0
     notice_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
-    notice: str = "none"
+    notice: str = "none"            # aws | gcp | azure | none: poll the instance-metadata service
+    metadata_address: Optional[str] = None  # instance-metadata host (tests: http://127.0.0.1:PORT)
+    notice_interval_s: float = 5.0
 
     STRATEGIES = ("tiered", "checkfree", "checkfree_plus", "copy", "average", "random", "checkpoint", "none")
 
@@ -133,6 +135,7 @@ class RecoveryConfig:
         _check(self.lr_bump > 0, f"recovery.lr_bump={self.lr_bump} must be > 0")
         _check(self.embedding_copy_every >= 1, "recovery.embedding_copy_every must be >= 1")
         _choice("recovery.notice", self.notice, ("none", "aws", "gcp", "azure"))
+        _check(self.notice_interval_s > 0, "recovery.notice_interval_s must be > 0")
 
 
 @dataclass
@@ -203,6 +206,7 @@ class CompressionConfig:
 class LauncherConfig:
     name: str = "local"           # local | torchrun
     start_timeout_s: float = 120.0
+    machines: int = 0             # local only: pretend workers sit on this many machines (placement demo)
 
     def __post_init__(self):
         _choice("launcher.name", self.name, ("local", "torchrun"))

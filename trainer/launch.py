@@ -68,10 +68,13 @@ class LocalLauncher:
 
     def start_worker(self) -> str:
         wid = f"w{self.n_workers}"
+        env = self.env
+        if self.job.launcher.machines > 0:  # simulated fleet: label workers with a machine id
+            env = dict(env, KINTSUGI_MACHINE=f"m{self.n_workers % self.job.launcher.machines}")
         self.n_workers += 1
         self.procs[wid] = subprocess.Popen(
             [sys.executable, "-m", "trainer.worker", "--coordinator", f"127.0.0.1:{self.port}", "--wid", wid],
-            env=self.env)
+            env=env)
         return wid
 
     def run(self) -> int:

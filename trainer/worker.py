@@ -100,6 +100,13 @@ class Worker:
         self.leaving = threading.Event()
         for name in self.job.recovery.notice_signals:
             signal.signal(getattr(signal, name), lambda *_: self.leaving.set())
+        # A spot interruption notice from the cloud's metadata service means the same as SIGTERM.
+        from recovery.notices import make_watcher
+        self.notice_watcher = make_watcher(self.job.recovery.notice, lambda notice: self.leaving.set(),
+                                           address=self.job.recovery.metadata_address,
+                                           interval_s=self.job.recovery.notice_interval_s)
+        if self.notice_watcher is not None:
+            self.notice_watcher.start()
         self.slot = None
         self.state: Optional[StageState] = None
         self.diloco = None
