@@ -154,6 +154,12 @@ def run_job(name: str, run_dir: str, overrides: Sequence[str], stall_s: float = 
                      stopped_early=stopped_early)
 
 
+def final_eval_seen(evals: List[dict]) -> bool:
+    """For `stop_when_evals`: the run's last evaluation is in, so its metrics are complete (ending
+    it there skips the trainer's shutdown, summary and plot, which a benchmark does not need)."""
+    return any(e.get("final") for e in evals)
+
+
 def run_job_retrying(name: str, run_dir: str, overrides: Sequence[str], retries: int = 1, **kw) -> RunResult:
     """run_job, run again (up to `retries` times) when a run fails before its first commit: on a
     loaded machine a worker starved at start-up can miss its heartbeats and the job never starts

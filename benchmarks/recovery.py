@@ -35,8 +35,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from benchmarks._runs import (REPORT_DIR, RunResult, commits_of, coordinator_t0, median, rebuilds_of, rnd,
-                              run_job_retrying, schedule_override, steady_cpu_s_per_step,
+from benchmarks._runs import (REPORT_DIR, RunResult, commits_of, coordinator_t0, final_eval_seen, median,
+                              rebuilds_of, rnd, run_job_retrying, schedule_override, steady_cpu_s_per_step,
                               steady_tokens_per_s)
 
 log = logging.getLogger("benchmarks.recovery")
@@ -108,7 +108,7 @@ def run_overhead(rounds: int, steps: int, variants: List[str], out_dir: str) -> 
         for v in order:
             res = run_job_retrying(f"{v}-{i}", os.path.join(out_dir, f"overhead-{v}-{i}"),
                           [f"train.max_steps={steps}", "train.eval_every=0", "faults.spares=0",
-                           *OVERHEAD_VARIANTS[v]], stall_s=90)
+                           *OVERHEAD_VARIANTS[v]], stall_s=90, stop_when_evals=final_eval_seen)
             if not res.ok or res.startup_failures:
                 errors[f"{v}-{i}"] = [*res.startup_failures, res.error]
             tps[v].append(steady_tokens_per_s(commits_of(res), skip) if res.ok else None)
@@ -149,7 +149,8 @@ def run(trials: int, quick: bool) -> dict:
     max_steps = schedule[-1]["step"] + SPACING
     fault = run_job_retrying("faults", os.path.join(out_dir, "faults"),
                     [f"train.max_steps={max_steps}", "train.eval_every=0", "recovery.strategy=tiered",
-                     f"faults.spares={SPARES}", schedule_override(schedule)], stall_s=120)
+                     f"faults.spares={SPARES}", schedule_override(schedule)], stall_s=120,
+                             stop_when_evals=final_eval_seen)
     rows, unplanned, step_s = measure_failures(fault, schedule)
     result = {"benchmark": "recovery", "mode": "quick" if quick else "full"}
     for kind in ("kill", "stop"):
@@ -167,7 +168,7 @@ def run(trials: int, quick: bool) -> dict:
                            "unplanned_rebuilds": unplanned, "heartbeat_timeout_s": 3.0,
                            "heartbeat_interval_s": 0.2, "spares": SPARES}
     variants = ["default", "disabled"] + ([] if quick else ["checkfree"])
-    result["overhead"] = run_overhead(1 if quick else trials, 30 if quick else 60, variants, out_dir)
+    result["overhead"] = run_overhead(1 if quick else trials, 25 if quick else 60, variants, out_dir)
     ratio = result["overhead"]["ratio_default_over_disabled"]
     result["targets"]["overhead_lt_2pct"] = ratio is not None and ratio > 0.98
     result["config"] = {"model": "tiny", "stages": 4, "batch_size": 16, "microbatches": 4, "seq_len": 128,
@@ -179,7 +180,7 @@ def run(trials: int, quick: bool) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=3, help="kills (and as many stops); overhead rounds")
-    p.add_argument("--quick", action="store_true", help="1 kill + 1 stop, one overhead round of 30 steps (~2 min)")
+    p.add_argument("--quick", action="store_true", help="1 kill + 1 stop, one overhead round of 25 steps (~2 min)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     trials = 1 if a.quick else a.trials

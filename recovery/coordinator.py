@@ -72,6 +72,11 @@ class Coordinator:
         self.store.set("run_dir", os.path.abspath(run_dir))
         self.ckpt_counts: Dict[int, int] = {}
         self.latest_checkpoint: Optional[int] = None
+        # train.resume: continue from the newest checkpoint every slot of this run dir completed.
+        self.resume_from = self._complete_checkpoint() if job["train"].get("resume") else None
+        if self.resume_from is not None:
+            self.latest_checkpoint = self.resume_from
+            log.info("resuming from the checkpoint of step %d in %s", self.resume_from, run_dir)
         os.makedirs(run_dir, exist_ok=True)
         self.metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         self.t0 = time.time()
@@ -146,7 +151,12 @@ class Coordinator:
                 log.info("  %s", entry["line"])
             self._event({"kind": "placement", "summary": report.summary,
                          "machines": {str(e["machine"]): e["verdict"] for e in report.machines}})
-            self._publish({}, leavers=[])
+            rollback = self.resume_from
+            if rollback is not None:
+                for r in range(self.R):
+                    self.committed[r] = rollback
+                    P.put_json(self.store, f"committed/{r}", {"step": rollback, "total": None})
+            self._publish({}, leavers=[], rollback=rollback)
             return
         if len(spares) < len(self.pending_lost):
             return  # wait for replacements (the launcher respawns spares; `kintsugi join` adds more)
@@ -216,6 +226,15 @@ class Coordinator:
                         ", ".join(f"slot {k} via {v['tier']}" for k, v in rebuild.items()))
         else:
             log.info("generation %d published (%d workers)", self.gen, len(ranks))
+
+    def _complete_checkpoint(self) -> Optional[int]:
+        root = os.path.join(self.run_dir, "checkpoints")
+        steps = []
+        for name in os.listdir(root) if os.path.isdir(root) else []:
+            files = os.listdir(os.path.join(root, name))
+            if name.startswith("step_") and sum(f.endswith(".pt") for f in files) == self.R * self.S:
+                steps.append(int(name[5:]))
+        return max(steps) if steps else None
 
     def _have_checkpoint(self) -> bool:
         return self.latest_checkpoint is not None

@@ -62,6 +62,11 @@ class TrainConfig:
         _check(self.eval_batches >= 1, f"train.eval_batches={self.eval_batches} must be >= 1")
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         _choice("train.optimizer", self.optimizer, ("adamw",))
+        if self.resume:
+            import os
+            ckpts = os.path.join(os.path.expanduser(self.resume), "checkpoints")
+            _check(os.path.isdir(ckpts), f"train.resume={self.resume} has no checkpoints/ folder; resume a run "
+                                         "that ran with recovery.checkpoint_every > 0")
 
 
 @dataclass

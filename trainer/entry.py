@@ -59,6 +59,8 @@ register()
 def hydra_entry(cfg: DictConfig) -> None:
     job = to_job_config(cfg)
     run_dir = HydraConfig.get().runtime.output_dir
+    if job.train.resume:  # a requeued job continues in the run dir it is resuming
+        run_dir = os.path.abspath(os.path.expanduser(job.train.resume))
     rc = train(job, run_dir)
     if rc:
         sys.exit(rc)

@@ -44,7 +44,9 @@ def snapshot(worker: "Worker") -> dict:
     st = worker.state
     return {"params": {k: v.detach().clone() for k, v in st.model.state_dict().items()},
             "optimizer": copy.deepcopy(st.optimizer.state_dict()), "lr_scale": st.lr_scale,
-            "grad_norm": st.grad_norm}
+            "grad_norm": st.grad_norm,
+            "diloco_global": ({k: v.clone() for k, v in worker.diloco.global_params().items()}
+                              if worker.diloco is not None else None)}
 
 
 def execute_plan(worker: "Worker", plan: dict, grid: Grid, transport: Transport, slot, my_rebuild) -> None:

@@ -314,6 +314,8 @@ class Worker:
             self.data.advance()
             if self.diloco is not None:
                 self.diloco.after_inner_step(step + 1)
+                if step + 1 == job.train.max_steps:
+                    self.diloco.finish_all()  # the last syncs land before the final evaluation
             if self.checkpointer.due(step):
                 self.checkpointer.save(st, slot, step)
             step += 1
