@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_OVERRIDES = ("model=tiny", "data=stdlib", "parallel=pipeline4", "launcher=local", "logger=quiet",
                   "faults=none", "faults.respawn=true")
 REPORT_DIR = os.path.join(ROOT, "outputs", "benchmarks")  # outputs/ is gitignored
+PYCACHE = os.path.join(REPORT_DIR, ".pycache")
 
 
 @dataclass
@@ -107,7 +108,11 @@ def run_job(name: str, run_dir: str, overrides: Sequence[str], stall_s: float = 
     os.makedirs(os.path.dirname(run_dir) or ".", exist_ok=True)
     cmd = [sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", *BASE_OVERRIDES, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", TORCH_CPP_LOG_LEVEL="ERROR",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONPYCACHEPREFIX=PYCACHE)
+    # Byte-code caching on (into a private directory), as in a normal Python install: with
+    # PYTHONDONTWRITEBYTECODE every worker recompiles torch's lazily imported modules, seconds of CPU
+    # per process that also starve its heartbeat thread (see BENCHMARKS_recovery.md).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     err_path = run_dir.rstrip("/") + ".stderr.log"
     t0 = time.time()
     error, stopped_early = None, False

@@ -107,7 +107,7 @@ def run_overhead(rounds: int, steps: int, variants: List[str], out_dir: str) -> 
         order = variants if i % 2 == 0 else list(reversed(variants))
         for v in order:
             res = run_job_retrying(f"{v}-{i}", os.path.join(out_dir, f"overhead-{v}-{i}"),
-                          [f"train.max_steps={steps}", "train.eval_every=0", "faults.spares=0",
+                          [f"train.max_steps={steps}", "train.eval_every=0", "train.eval_batches=1", "faults.spares=0",
                            *OVERHEAD_VARIANTS[v]], stall_s=90, stop_when_evals=final_eval_seen)
             if not res.ok or res.startup_failures:
                 errors[f"{v}-{i}"] = [*res.startup_failures, res.error]
@@ -148,7 +148,7 @@ def run(trials: int, quick: bool) -> dict:
     schedule = fault_schedule(trials)
     max_steps = schedule[-1]["step"] + SPACING
     fault = run_job_retrying("faults", os.path.join(out_dir, "faults"),
-                    [f"train.max_steps={max_steps}", "train.eval_every=0", "recovery.strategy=tiered",
+                    [f"train.max_steps={max_steps}", "train.eval_every=0", "train.eval_batches=1", "recovery.strategy=tiered",
                      f"faults.spares={SPARES}", schedule_override(schedule)], stall_s=120,
                              stop_when_evals=final_eval_seen)
     rows, unplanned, step_s = measure_failures(fault, schedule)

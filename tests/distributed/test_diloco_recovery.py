@@ -1,0 +1,34 @@
+"""Streaming DiLoCo inside the real trainer: replicas keep bitwise-identical global parameters, and a
+killed worker of replica 1 is rebuilt from replica 0 (peer tier) with bitwise-equal global state."""
+import glob
+import os
+
+import pytest
+import torch
+
+from conftest import commits, run_trainer
+
+pytestmark = pytest.mark.distributed
+
+
+def test_killed_replica_worker_rebuilt_exactly_from_its_peer(tmp_path, monkeypatch):
+    dumps = tmp_path / "dumps"
+    monkeypatch.setenv("KINTSUGI_DUMP_DIR", str(dumps))
+    _, summary, records = run_trainer(
+        tmp_path / "run", "experiment=quick", "parallel.replicas=2", "parallel.stages=2", "train.max_steps=12",
+        "diloco.enabled=true", "diloco.sync_every=4", "diloco.fragments=2", "diloco.quant=fp4", "faults.spares=1",
+        "model.n_layers=4", "train.eval_batches=1", "faults.schedule=[{step: 6, replica: 1, stage: 1, kind: kill}]")
+    (rb,) = summary["rebuilds"]
+    assert rb["tier"] == "peer" and rb["slot"] == [1, 1]
+    target = torch.load(glob.glob(os.path.join(dumps, "g1_target_1,1.pt"))[0], weights_only=False)
+    source = torch.load(glob.glob(os.path.join(dumps, "g1_source0_1,1_before.pt"))[0], weights_only=False)
+    assert target["diloco_global"].keys() == source["diloco_global"].keys()
+    for name, value in source["diloco_global"].items():
+        assert torch.equal(target["diloco_global"][name], value), name
+        # The rebuilt replica starts from the global parameters.
+        assert torch.equal(target["params"][name], value.to(target["params"][name].dtype)), name
+    assert summary["bytes"]["outer_sync"] > 0
+    assert summary["bytes"]["data_parallel_equivalent"] > 10 * summary["bytes"]["outer_sync"]
+    for r in (0, 1):
+        steps = [c["step"] for c in commits(records, replica=r)]
+        assert steps == list(range(12))
