@@ -108,10 +108,59 @@ def one_f_one_b_actions(stage: int, num_stages: int, num_microbatches: int) -> L
     return acts
 
 
+def simulated_1f1b(routes: Sequence[Route], num_stages: int) -> Dict[int, List[Action]]:
+    """1F1B for arbitrary routes (CheckFree+'s alternating ones), by simulating a run in unit-time
+    ticks: each tick every stage runs one ready action, a backward first, else the next forward if
+    fewer than S - s microbatches are in flight on it (the classic 1F1B memory bound). Each stage's
+    order is the order it ran things in the simulation, so all orders fit one global topological
+    order and the real run cannot deadlock."""
+    done = set()
+    pending = {s: [] for s in range(num_stages)}
+    for mb, r in enumerate(routes):
+        for h, hop in enumerate(r):
+            pending[hop.stage].append(("F", mb, h))
+            pending[hop.stage].append(("B", mb, h))
+    order: Dict[int, List[Action]] = {s: [] for s in range(num_stages)}
+    started = {s: set() for s in range(num_stages)}   # microbatches with a forward here
+    finished = {s: set() for s in range(num_stages)}  # ... whose every backward here is done
+
+    def ready(a):
+        kind, mb, h = a
+        if kind == "F":
+            return h == 0 or ("F", mb, h - 1) in done
+        last = len(routes[mb]) - 1
+        return ("F", mb, h) in done and (h == last or ("B", mb, h + 1) in done)
+
+    while any(pending.values()):
+        tick = []
+        for s in range(num_stages):
+            cands = [a for a in pending[s] if ready(a)]
+            bwd = sorted(a for a in cands if a[0] == "B")
+            fwd = sorted((a for a in cands if a[0] == "F"), key=lambda a: (a[1], a[2]))
+            limit = num_stages - s
+            fwd = [a for a in fwd if a[1] in started[s] or len(started[s] - finished[s]) < limit]
+            pick = bwd[0] if bwd else (fwd[0] if fwd else None)
+            if pick is not None:
+                tick.append((s, pick))
+        if not tick:
+            raise RuntimeError("1F1B simulation stalled")  # cannot happen with a limit >= 1
+        for s, a in tick:
+            pending[s].remove(a)
+            order[s].append(a)
+            done.add(a)
+            if a[0] == "F":
+                started[s].add(a[1])
+            elif not any(x[1] == a[1] and x[0] == "B" for x in pending[s]):
+                finished[s].add(a[1])
+    return order
+
+
 def actions_for(schedule: str, stage: int, num_stages: int, routes: Sequence[Route]) -> List[Action]:
     plain = plain_route(num_stages)
-    if schedule == "1f1b" and all(r == plain for r in routes):
-        return one_f_one_b_actions(stage, num_stages, len(routes))
+    if schedule == "1f1b":
+        if all(r == plain for r in routes):
+            return one_f_one_b_actions(stage, num_stages, len(routes))
+        return simulated_1f1b(routes, num_stages)[stage]
     return gpipe_actions(stage, routes)
 
 
