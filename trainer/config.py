@@ -82,6 +82,8 @@ class ParallelConfig:
         _check(self.replicas >= 1, f"parallel.replicas={self.replicas} must be >= 1")
         _choice("parallel.schedule", self.schedule, ("gpipe", "1f1b"))
         _choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
+        _check(self.backend != "nccl", "parallel.backend=nccl: GPU training is not implemented yet; use "
+                                       "parallel.backend=auto (gloo on CPU)")
         if self.layers_per_stage is not None:
             self.layers_per_stage = list(self.layers_per_stage)
             _check(len(self.layers_per_stage) == self.stages,
@@ -145,29 +147,55 @@ class RecoveryConfig:
 
 @dataclass
 class FaultsConfig:
-    schedule: List[Dict[str, Any]] = field(default_factory=list)  # [{step, replica, stage, kind}]
+    # [{step, replica, stage, kind}] or [{step, machine, kind}]: a machine event hits every worker
+    # labelled with that machine (launcher.machines), spares included. Machine events are moved to
+    # `machine_schedule` at construction, so `schedule` keeps its per-slot meaning everywhere.
+    schedule: List[Dict[str, Any]] = field(default_factory=list)
+    machine_schedule: List[Dict[str, Any]] = field(default_factory=list)  # [{step, machine, kind}]
     rate_per_hour: float = 0.0
     step_time_s: float = 90.0       # the step time the hourly rate is converted with (paper: ~90 s)
     seed: int = 0
     spares: int = 1                 # workers started up front and waiting in the pool
-    respawn: bool = True            # start a new spare whenever one is consumed
+    respawn: bool = True            # start a new spare whenever one is consumed (not for machine losses)
     demo: bool = False              # two kills placed relative to the run (the default job's show)
+    rejoin_delay_s: float = 0.0     # a preempted machine's replacement joins this long after the event
+    notice_s: float = 30.0          # machine `term`: processes still alive this long after it are SIGKILLed
 
     KINDS = ("kill", "stop", "term")
 
     def __post_init__(self):
-        self.schedule = [dict(e) for e in self.schedule]
-        for i, e in enumerate(self.schedule):
+        slot_events = []
+        machine_events = [(f"faults.machine_schedule[{i}]", dict(e)) for i, e in enumerate(self.machine_schedule)]
+        for i, e in enumerate(dict(e) for e in self.schedule):
+            if "machine" in e:
+                both = sorted({"replica", "stage"} & set(e))
+                _check(not both, f"faults.schedule[{i}] names machine and {'/'.join(both)}; give either "
+                                 "machine (a whole machine) or replica+stage (one slot), not both")
+                machine_events.append((f"faults.schedule[{i}]", e))
+                continue
             unknown = set(e) - {"step", "replica", "stage", "kind"}
             _check(not unknown, f"faults.schedule[{i}] has unknown keys {sorted(unknown)}; "
-                                "use step, replica, stage, kind")
-            _check("step" in e and "stage" in e, f"faults.schedule[{i}] needs at least step and stage")
+                                "use step, replica, stage, kind (or step, machine, kind)")
+            _check("step" in e and "stage" in e, f"faults.schedule[{i}] needs step and stage (or step and machine)")
             e.setdefault("replica", 0)
             e.setdefault("kind", "kill")
             _choice(f"faults.schedule[{i}].kind", e["kind"], self.KINDS)
+            slot_events.append(e)
+        for key, e in machine_events:
+            unknown = set(e) - {"step", "machine", "kind"}
+            _check(not unknown, f"{key} has unknown keys {sorted(unknown)}; use step, machine, kind")
+            _check("step" in e and "machine" in e, f"{key} needs step and machine")
+            _check(isinstance(e["step"], int) and e["step"] >= 0, f"{key}.step={e['step']!r} must be an int >= 0")
+            _check(isinstance(e["machine"], str) and e["machine"][:1] == "m" and e["machine"][1:].isdigit(),
+                   f"{key}.machine={e['machine']!r} is not a machine id; use m0, m1, ... (launcher.machines)")
+            e.setdefault("kind", "kill")
+            _choice(f"{key}.kind", e["kind"], self.KINDS)
+        self.schedule, self.machine_schedule = slot_events, [e for _, e in machine_events]
         _check(0.0 <= self.rate_per_hour < 1.0, f"faults.rate_per_hour={self.rate_per_hour} must be in [0, 1)")
         _check(self.step_time_s > 0, "faults.step_time_s must be > 0")
         _check(self.spares >= 0, "faults.spares must be >= 0")
+        _check(self.rejoin_delay_s >= 0, f"faults.rejoin_delay_s={self.rejoin_delay_s} must be >= 0")
+        _check(self.notice_s > 0, f"faults.notice_s={self.notice_s} must be > 0")
 
     def per_step_probability(self) -> float:
         """The paper's conversion of an hourly failure rate to a per-stage, per-step probability."""
@@ -215,6 +243,7 @@ class LauncherConfig:
 
     def __post_init__(self):
         _choice("launcher.name", self.name, ("local", "torchrun"))
+        _check(self.machines >= 0, f"launcher.machines={self.machines} must be >= 0 (0 = no machine labels)")
 
 
 @dataclass
