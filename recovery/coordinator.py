@@ -55,6 +55,7 @@ class Coordinator:
         self.workers: Dict[str, WorkerInfo] = {}
         self.slots: Dict[Slot, str] = {}
         self.gen = -1
+        self._full_since: Optional[float] = None
         self.pending_lost: Dict[Slot, dict] = {}   # slot -> {detected_at, handed_off, leaver}
         # Approximately rebuilt slots -> the step they resume at; they are no source for another
         # rebuild until their replica commits that step.
@@ -137,6 +138,13 @@ class Coordinator:
         spares = [w for w in self.workers.values() if w.state == "spare"]
         if self.gen < 0:
             if len(spares) < self.R * self.S:
+                return
+            # Place over the whole starting fleet: wait for the expected spares too (briefly), or the
+            # first R x S joiners, whatever machines they happen to be on, would decide the layout.
+            expected = self.R * self.S + int(self.job["faults"].get("spares", 0))
+            if self._full_since is None:
+                self._full_since = time.time()
+            if len(spares) < expected and time.time() - self._full_since < 3.0:
                 return
             slots = [(r, s) for r in range(self.R) for s in range(self.S)]
             where = place(slots, self._pool_sizes(spares), self.S)
@@ -252,6 +260,11 @@ class Coordinator:
                 self._declare_dead(rep["peer_wid"], f"reported by {rep['reporter']}: {rep['why'][:80]}")
         for lv in self.readers["leave"].poll():
             self._declare_dead(lv["wid"], lv.get("why", "leaving"), handed_off=True)
+            if lv.get("machine"):
+                # That machine is going away: its waiting spares get no slot (they leave too).
+                for w in self.workers.values():
+                    if w.machine == lv["machine"] and w.state == "spare":
+                        w.state = "left"
         for c in self.readers["commit"].poll():
             r, k = c["replica"], c["step"]
             if k <= self.committed[r]:

@@ -1,6 +1,16 @@
 """The local launcher: starts the coordinator and the worker processes on this machine, injects
 the configured faults into the real processes, starts replacements, and leaves nothing behind.
 
+Two kinds of fault. A slot event (`{step, replica, stage, kind}`) signals the one worker holding that
+slot; with `faults.respawn` a fresh spare is started for every slot a generation rebuilds. A machine
+event (`{step, machine, kind}`, needs `launcher.machines`) signals every worker labelled with that
+machine, spares included: the machine is gone, and `faults.rejoin_delay_s` later a replacement
+machine with as many workers joins under a new id (m{K}, m{K+1}, ...). The replacement machine is
+the only replacement for a machine loss: respawn-per-rebuild skips as many rebuilt slots as the
+machine had active workers, so no worker is started twice. `term` is a preemption with notice: the
+active workers hand their state off; whatever still runs `faults.notice_s` later is SIGKILLed (the
+cloud reclaims the machine). Machine lifetimes go to `machines.json` in the run directory.
+
 Children get PR_SET_PDEATHSIG (via KINTSUGI_PDEATHSIG=1), so even a SIGKILLed launcher leaves no
 orphan; a normal exit, Ctrl-C or an error kills whatever is still running.
 """
@@ -57,8 +67,18 @@ def fault_events(job: JobConfig) -> List[dict]:
 
 class LocalLauncher:
     def __init__(self, job: JobConfig, run_dir: str, corpus: dict, progress: bool = True):
+        from .config import ConfigError
+        if job.faults.machine_schedule and job.launcher.machines < 1:
+            raise ConfigError("faults.schedule names a machine but launcher.machines=0; set launcher.machines=K "
+                              "(workers are labelled m0..m{K-1}) or use replica+stage events")
         self.job, self.run_dir, self.corpus, self.progress = job, run_dir, corpus, progress
         self.procs: Dict[str, subprocess.Popen] = {}
+        self.machine_of: Dict[str, str] = {}       # wid -> machine label (launcher.machines > 0)
+        self.machines: Dict[str, dict] = {}        # machine -> {start, end, cause}; times are time.time()
+        self.machine_events = sorted((dict(e) for e in job.faults.machine_schedule), key=lambda e: e["step"])
+        self.joins: List[Tuple[float, int]] = []   # (when, how many workers) of replacement machines to start
+        self.reclaim: List[Tuple[float, str]] = []  # (when, machine): SIGKILL what a `term` left running
+        self.prepaid = 0                           # rebuilt slots a replacement machine already covers
         self.coordinator: Optional[subprocess.Popen] = None
         self.store = None
         self.n_workers = 0
@@ -66,11 +86,17 @@ class LocalLauncher:
         self.injected: List[dict] = []
         self.env = child_env({P.TOKEN_ENV: P.resolve_token(job.recovery.token) or os.urandom(8).hex()})
 
-    def start_worker(self) -> str:
+    def start_worker(self, machine: Optional[str] = None) -> str:
         wid = f"w{self.n_workers}"
         env = self.env
-        if self.job.launcher.machines > 0:  # simulated fleet: label workers with a machine id
-            env = dict(env, KINTSUGI_MACHINE=f"m{self.n_workers % self.job.launcher.machines}")
+        K = self.job.launcher.machines
+        if K > 0:  # simulated fleet: label workers with a machine id
+            if machine is None:  # a respawned spare joins the live machine with the fewest workers
+                live = [m for m, v in self.machines.items() if v["cause"] is None]
+                machine = min(live, key=lambda m: len(self._workers_on(m))) if live else f"m{len(self.machines)}"
+            self.machines.setdefault(machine, {"start": time.time(), "end": None, "cause": None})
+            self.machine_of[wid] = machine
+            env = dict(env, KINTSUGI_MACHINE=machine)
         self.n_workers += 1
         self.procs[wid] = subprocess.Popen(
             [sys.executable, "-m", "trainer.worker", "--coordinator", f"127.0.0.1:{self.port}", "--wid", wid],
@@ -91,8 +117,9 @@ class LocalLauncher:
             self.store = P.connect("127.0.0.1", self.port, timeout_s=self.job.launcher.start_timeout_s)
             self._wait_for("job")
             P.put_json(self.store, "corpus", self.corpus)
-            for _ in range(self.job.parallel.replicas * self.job.parallel.stages + self.job.faults.spares):
-                self.start_worker()
+            K = self.job.launcher.machines
+            for i in range(self.job.parallel.replicas * self.job.parallel.stages + self.job.faults.spares):
+                self.start_worker(machine=f"m{i % K}" if K > 0 else None)
             return self._supervise()
         except KeyboardInterrupt:
             print("kintsugi: interrupted; stopping all processes", file=sys.stderr)
@@ -127,12 +154,15 @@ class LocalLauncher:
                 for g in range(seen_gen + 1, gen + 1):
                     plan = P.get_json(self.store, f"gen/{g}")
                     if self.job.faults.respawn:
-                        for _ in plan["rebuild"]:
+                        covered = min(self.prepaid, len(plan["rebuild"]))  # a replacement machine's job
+                        self.prepaid -= covered
+                        for _ in range(len(plan["rebuild"]) - covered):
                             self.start_worker()
                 seen_gen = gen
             time.sleep(0.02)
 
     def _inject_due(self) -> None:
+        self._machine_due()
         if not self.events:
             return
         committed = {}
@@ -156,7 +186,75 @@ class LocalLauncher:
             os.kill(proc.pid, SIGNALS[e["kind"]])
             self.injected.append(dict(e, wid=wid, t=time.time()))
 
+    def _machine_due(self) -> None:
+        now = time.time()
+        for when, n in [j for j in self.joins if j[0] <= now]:
+            self.joins.remove((when, n))
+            new = f"m{len(self.machines)}"  # ids are never reused: m{K}, m{K+1}, ...
+            log.warning("replacement machine %s joins with %d workers", new, n)
+            for _ in range(n):
+                self.start_worker(machine=new)
+        for when, m in [r for r in self.reclaim if r[0] <= now]:
+            self.reclaim.remove((when, m))
+            for wid in self._workers_on(m):
+                self.procs[wid].kill()
+        for m, v in self.machines.items():  # a machine is billed until its last process is gone
+            if v["end"] is None and v["cause"] is not None and not self._workers_on(m):
+                v["end"] = now
+        if not self.machine_events:
+            return
+        top = -1
+        for r in range(self.job.parallel.replicas):
+            rec = P.get_json_or(self.store, f"committed/{r}")
+            top = max(top, rec["step"] if rec else -1)
+        for e in [e for e in self.machine_events if top + 1 >= e["step"]]:
+            self.machine_events.remove(e)
+            self._preempt(e)
+
+    def _workers_on(self, machine: str) -> List[str]:
+        return [w for w, m in self.machine_of.items() if m == machine and self.procs[w].poll() is None]
+
+    def _preempt(self, e: dict) -> None:
+        m, kind = e["machine"], e["kind"]
+        wids = self._workers_on(m)
+        info = self.machines.get(m)
+        if not wids or info is None or info["cause"] is not None:
+            log.warning("machine event %s ignored: no live workers on machine %s", e, m)
+            return
+        g = int(self.store.get("gen"))
+        held = set(P.get_json(self.store, f"gen/{g}")["slots"].values()) if g >= 0 else set()
+        active = [w for w in wids if w in held]
+        log.warning("preempting machine %s (%s) at step %d: %d workers, %d holding slots",
+                    m, kind, e["step"], len(wids), len(active))
+        now = time.time()
+        for wid in wids:
+            P.put_json(self.store, f"injected/{wid}", {"t": now, "kind": kind, "step": e["step"], "machine": m})
+            os.kill(self.procs[wid].pid, SIGNALS[kind])
+            self.injected.append(dict(e, wid=wid, t=now))
+        info["cause"] = kind
+        if kind == "stop":  # a hung machine is never coming back: bill it until now
+            info["end"] = now
+        if kind == "term":
+            self.reclaim.append((now + self.job.faults.notice_s, m))
+        self.prepaid += len(active)
+        self.joins.append((now + self.job.faults.rejoin_delay_s, len(wids)))
+
+    def write_machines(self) -> None:
+        """machines.json: each simulated machine's alive time, for goodput per machine-second."""
+        if not self.machines:
+            return
+        end = time.time()
+        out = {m: {"start": v["start"], "end": v["end"] if v["end"] is not None else end, "cause": v["cause"],
+                   "alive_s": (v["end"] if v["end"] is not None else end) - v["start"],
+                   "workers": [w for w, mm in self.machine_of.items() if mm == m]} for m, v in self.machines.items()}
+        with open(os.path.join(self.run_dir, "machines.json"), "w") as f:
+            json.dump(out, f, indent=1)
+
     def cleanup(self) -> None:
+        try:
+            self.write_machines()
+        except OSError as err:
+            log.warning("could not write machines.json: %s", err)
         for e in self.injected:  # a SIGSTOPped worker would never exit by itself
             p = self.procs.get(e["wid"])
             if e["kind"] == "stop" and p is not None and p.poll() is None:

@@ -102,8 +102,11 @@ class Worker:
             signal.signal(getattr(signal, name), lambda *_: self.leaving.set())
         # A spot interruption notice from the cloud's metadata service means the same as SIGTERM.
         from recovery.notices import make_watcher
+        address = self.job.recovery.metadata_address
+        if address and "{machine}" in address:  # one metadata endpoint per (simulated) machine
+            address = address.replace("{machine}", self.machine)
         self.notice_watcher = make_watcher(self.job.recovery.notice, lambda notice: self.leaving.set(),
-                                           address=self.job.recovery.metadata_address,
+                                           address=address,
                                            interval_s=self.job.recovery.notice_interval_s)
         if self.notice_watcher is not None:
             self.notice_watcher.start()
@@ -132,8 +135,9 @@ class Worker:
         st.zero_grad()
 
     def _join(self, token):
+        self.machine = os.environ.get("KINTSUGI_MACHINE", socket.gethostname())
         P.append(self.store, "join", {"wid": self.wid, "token": token, "pid": os.getpid(),
-                                      "host": socket.gethostname(), "machine": os.environ.get("KINTSUGI_MACHINE", socket.gethostname())})
+                                      "host": socket.gethostname(), "machine": self.machine})
         ack = self.store.get(f"ack/{self.wid}").decode()
         if ack != "ok":
             raise SystemExit(f"kintsugi: the coordinator refused this worker ({ack}); set KINTSUGI_TOKEN or recovery.token")
@@ -169,6 +173,11 @@ class Worker:
     def _next_plan(self, seen: int):
         while True:
             if self.hb.shutdown.is_set():
+                return None
+            if self.leaving.is_set() and self.slot is None:
+                # A spare whose machine is going away leaves the pool instead of taking a slot.
+                P.append(self.store, "leave", {"wid": self.wid, "why": "interruption notice (spare)",
+                                               "machine": self.machine})
                 return None
             g = int(self.store.get("gen"))
             if g > seen:
@@ -321,7 +330,7 @@ class Worker:
             step += 1
             self._after_step(plan, grid, transport, slot, step)
             if self.leaving.is_set():
-                P.append(self.store, "leave", {"wid": self.wid, "why": "notice signal"})
+                P.append(self.store, "leave", {"wid": self.wid, "why": "interruption notice", "machine": self.machine})
                 self._wait_for_handoff_gen(plan)
                 return False
             ev = job.train.eval_every

@@ -1,0 +1,87 @@
+"""Smoke tests of the recovery benchmarks (benchmarks/recovery.py, benchmarks/checkfree_convergence.py).
+
+Default run: one fast test of the shared helpers on a real 8-step trainer run with one SIGKILL
+(the rebuild event is read back, the coordinator clock is recovered, the failure's timings are
+consistent). The --quick benchmarks themselves take minutes, so they are marked slow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import _runs  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+
+def test_run_helpers_measure_one_kill(tmp_path):
+    schedule = [{"step": 4, "replica": 0, "stage": 1, "kind": "kill"}]
+    res = _runs.run_job("smoke", str(tmp_path / "run"),
+                        ["train.max_steps=8", "train.eval_every=0", "train.eval_batches=1", "faults.spares=1",
+                         "recovery.strategy=checkfree", _runs.schedule_override(schedule)],
+                        stall_s=60, timeout_s=150, stop_when_evals=_runs.final_eval_seen)
+    assert res.ok, res.error + "\n" + res.stderr_tail
+    assert res.stopped_early  # ended at the final evaluation, not left to shut down by itself
+    steps = [c["step"] for c in _runs.commits_of(res)]
+    assert steps == list(range(8))  # the failed step was retried, nothing lost or repeated
+    (ev,) = _runs.rebuilds_of(res)
+    assert ev["slot"] == [0, 1] and ev["tier"] == "checkfree" and ev["step"] == 4
+    assert 0 < ev["detect_s"] < ev["recover_s"]
+    t0 = _runs.coordinator_t0(res.events)
+    failed_rel = ev["failed_at"] - t0
+    # The failure lies between the commits of steps 3 and 4 on the coordinator's clock.
+    by_step = {c["step"]: c["wall_s"] for c in _runs.commits_of(res)}
+    assert by_step[3] - 0.2 <= failed_rel < by_step[4]  # slack: the coordinator drains its logs every 10 ms
+    assert _runs.steady_tokens_per_s(_runs.commits_of(res), skip=5) > 0
+    # CPU of the job's own processes was sampled and grows.
+    assert res.cpu_samples and res.cpu_samples[-1][2] > res.cpu_samples[0][2]
+
+
+def _run_module(module: str, timeout: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", module, "--quick"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one JSON line on stdout, got {lines!r}"
+    return json.loads(lines[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_recovery_quick():
+    out = _run_module("benchmarks.recovery", 590)
+    assert out["fault_run"]["error"] is None
+    kill, stop = out["kill"], out["stop"]
+    assert kill["detect_s"]["n"] == 1 and stop["detect_s"]["n"] == 1
+    # A SIGKILL is reported by the peers (milliseconds); a SIGSTOP only by the heartbeat timeout (3 s).
+    assert kill["detect_s"]["max"] < 1.0
+    assert stop["detect_s"]["min"] > 1.0
+    assert kill["detect_s"]["max"] <= kill["recover_s"]["max"] <= kill["commit_s"]["max"]
+    ov = out["overhead"]
+    assert ov["ratio_default_over_disabled"] > 0 and ov["cpu_ratio_default_over_disabled"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_checkfree_convergence_quick():
+    out = _run_module("benchmarks.checkfree_convergence", 890)
+    assert out["target_val_loss"] is not None
+    base = out["base"]
+    for strategy in ("random", "copy", "average", "checkfree", "checkfree_plus"):
+        row = base[strategy]
+        assert "error" not in row, row
+        assert row["rebuilds"] == len(base["kills"])
+        assert row["loss_jump_excess"] is not None
+    assert "checkpoint" in base  # it may carry an error, but it is reported
+    rate = out["rates"]["10%/h"]["checkfree_plus"]
+    assert "error" in rate or rate["reached_target"] in (True, False)
+    assert os.path.exists(ROOT / out["plot"])
