@@ -13,6 +13,7 @@ milliseconds on gloo; that becomes `PeerFailure` naming the peer so the worker c
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -89,6 +90,7 @@ class Transport:
         self._pending: List = []
         self._mailbox: Dict[int, torch.Tensor] = {}
         self.my_rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.recv_wait_s = 0.0  # time spent blocked on receives: step time minus this = compute
 
     # --- raw -----------------------------------------------------------------------------------
     def _isend(self, buf: torch.Tensor, dst: int, tag: int, channel: str):
@@ -104,7 +106,9 @@ class Transport:
             work = dist.irecv(buf, src=src, group=self.group, tag=tag)
         except RuntimeError as e:
             raise PeerFailure(src, e) from e
+        t0 = time.perf_counter()
         wait_abortable(work, self.abort, src)
+        self.recv_wait_s += time.perf_counter() - t0
 
     # --- public --------------------------------------------------------------------------------
     def send(self, tensor: torch.Tensor, dst: int, tag: int, channel: str = "p2p") -> None:

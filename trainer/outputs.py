@@ -68,6 +68,7 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
                   "data_parallel": by_channel.get("data_parallel", 0),
                   "rebuild": by_channel.get("rebuild", 0),
                   "data_parallel_equivalent": dp_equiv},
+        "slowest_stage": _slowest_stage(commits, job),
         "generations": state.get("generations"),
         "error": state.get("error"),
         "config": job.to_dict(),
@@ -80,6 +81,21 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         log.warning("could not draw loss.png: %s", e)
     log_wandb(job, run_dir, commits, evals, summary)
     return summary
+
+
+def _slowest_stage(commits: List[dict], job: JobConfig) -> Optional[dict]:
+    """Mean compute time per stage (excluding time blocked on receives) and the stage that sets the
+    pipeline's pace, with a rebalancing suggestion for parallel.layers_per_stage."""
+    rows = [c["stage_compute_s"] for c in commits if c.get("stage_compute_s")]
+    if not rows:
+        return None
+    mean = [sum(r[s] for r in rows) / len(rows) for s in range(len(rows[0]))]
+    slowest = max(range(len(mean)), key=mean.__getitem__)
+    from parallel.topology import per_stage_layers
+    from recovery.placement import rebalance
+    counts = [len(x) for x in per_stage_layers(job.model.n_layers, job.parallel.stages, job.parallel.layers_per_stage)]
+    return {"stage": slowest, "compute_s": mean[slowest], "per_stage_compute_s": mean,
+            "suggested_layers_per_stage": rebalance(counts, mean)}
 
 
 def plot_loss(path: str, commits: List[dict], evals: List[dict], rebuilds: List[dict]) -> None:

@@ -303,20 +303,25 @@ class Worker:
             if st.lisa is not None:
                 st.lisa.before_step(step)
             st.zero_grad()
+            wait0 = transport.recv_wait_s
             loss = executor.run(inputs, targets, routes, actions)
+            compute_s = time.time() - t0 - (transport.recv_wait_s - wait0)
             if self.stage_group is not None and self.diloco is None:
                 # The data-parallel baseline: average gradients across replicas every step.
                 allreduce_gradients(list(st.model.parameters()), self.stage_group, self.counter, self.hb.abort)
             local_sq = st.local_grad_sq()
             self.pending = (step, local_sq)
-            vec = torch.tensor([local_sq, loss or 0.0, 0.0], dtype=torch.float64)
+            # [grad sq-norm, loss, per-stage compute seconds...]: summed along the pipeline.
+            vec = torch.zeros(2 + S, dtype=torch.float64)
+            vec[0], vec[1], vec[2 + s] = local_sq, loss or 0.0, compute_s
 
             def commit(total, _step=step):  # runs on stage 0 only, before the broadcast
                 P.put_json(self.store, f"committed/{r}", {"step": _step, "total": total.tolist()})
                 P.append(self.store, "commit", {"replica": r, "step": _step, "loss": float(total[1]),
                                                 "grad_norm": float(total[0]) ** 0.5, "tokens": tokens_per_step,
                                                 "lr": st.optimizer.param_groups[0]["lr"], "step_s": time.time() - t0,
-                                                "batch_ids": self.data.batch_ids(_step)})
+                                                "batch_ids": self.data.batch_ids(_step),
+                                                "stage_compute_s": [round(float(x), 4) for x in total[2:]]})
             total = transport.chain_allreduce(vec, pipe, COMMIT_TAG + 2 * (step % 1000), on_total=commit)
             st.apply_step(step, float(total[0]), local_sq)
             self.pending = None
