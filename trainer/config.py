@@ -298,6 +298,11 @@ class JobConfig:
             _check(self.diloco.overlap < self.diloco.sync_every,
                    f"diloco.overlap={self.diloco.overlap} must be smaller than diloco.sync_every="
                    f"{self.diloco.sync_every}")
+        for i, e in enumerate(self.faults.machine_schedule):
+            _check(self.launcher.machines > 0, f"faults.schedule names machine {e['machine']!r} but launcher.machines=0; "
+                                               "set launcher.machines to the number of simulated machines")
+            _check(0 <= e["step"] < t.max_steps, f"faults.schedule machine event at step {e['step']} is outside "
+                                                 f"0..{t.max_steps - 1} (train.max_steps={t.max_steps})")
         for i, e in enumerate(self.faults.schedule):
             _check(0 <= e["stage"] < p.stages, f"faults.schedule[{i}].stage={e['stage']} is outside "
                                                f"0..{p.stages - 1} (parallel.stages={p.stages})")

@@ -278,6 +278,8 @@ class Worker:
     def _hand_off(self, plan, transport):
         """Graceful leave: stream the exact state to the worker that takes our slot."""
         dst_wid = plan["slots"][f"{self.slot[0]},{self.slot[1]}"]
+        if self.diloco is not None:
+            self.diloco.abandon()  # its syncs in flight belonged to the old group; the global copy is intact
         from .recovery_exec import dump, snapshot
         dump(f"g{plan['gen']}_leaver_{self.slot[0]},{self.slot[1]}", snapshot(self))
         send_package(transport, self.state.export(exact=True), plan["ranks"][dst_wid], REBUILD_TAG)
@@ -339,8 +341,12 @@ class Worker:
                 self._wait_for_handoff_gen(plan)
                 return False
             ev = job.train.eval_every
-            if r == 0 and ((ev and step % ev == 0 and step < job.train.max_steps) or step == job.train.max_steps):
-                self._evaluate(executor, step, final=(step == job.train.max_steps))
+            if r == 0 and ev and step % ev == 0 and step < job.train.max_steps:
+                self._evaluate(executor, step, final=False)
+        # The final evaluation also runs when a generation change landed after the last commit
+        # (the loop above is then empty); the last stage marks it done once it is published.
+        if r == 0 and not self.store.check(["final_eval_done"]):
+            self._evaluate(executor, job.train.max_steps, final=True)
         if r == 0:
             self._save_final(s)
         self._wait_for_shutdown()
@@ -391,6 +397,8 @@ class Worker:
                     total, n = total + loss, n + 1
         if executor.stage == S - 1:
             P.append(self.store, "eval", {"step": step, "val_loss": total / max(n, 1), "final": final})
+            if final:
+                self.store.set("final_eval_done", "1")
 
     def _wait_for_handoff_gen(self, plan):
         while not self.hb.abort.is_set():
