@@ -98,6 +98,7 @@ class Worker:
         self.hb = Heartbeat(hb_store or store, wid, self.job.recovery.heartbeat_interval_s, self.counter)
         self.hb.start()
         self.leaving = threading.Event()
+        self.machine_noticed = False
         for name in self.job.recovery.notice_signals:
             signal.signal(getattr(signal, name), lambda *_: self.leaving.set())
         # A spot interruption notice from the cloud's metadata service means the same as SIGTERM.
@@ -105,7 +106,7 @@ class Worker:
         address = self.job.recovery.metadata_address
         if address and "{machine}" in address:  # one metadata endpoint per (simulated) machine
             address = address.replace("{machine}", self.machine)
-        self.notice_watcher = make_watcher(self.job.recovery.notice, lambda notice: self.leaving.set(),
+        self.notice_watcher = make_watcher(self.job.recovery.notice, self._on_machine_notice,
                                            address=address,
                                            interval_s=self.job.recovery.notice_interval_s)
         if self.notice_watcher is not None:
@@ -133,6 +134,12 @@ class Worker:
         x = torch.randn(1, 8, self.job.model.dim)
         st.model.forward_layers(x).sum().backward()
         st.zero_grad()
+
+    def _on_machine_notice(self, notice) -> None:
+        # The whole machine is going away (unlike a SIGTERM to this one process): say so when
+        # leaving, so the coordinator stops handing this machine's spares any slot.
+        self.machine_noticed = True
+        self.leaving.set()
 
     def _join(self, token):
         self.machine = os.environ.get("KINTSUGI_MACHINE", socket.gethostname())
@@ -177,7 +184,7 @@ class Worker:
             if self.leaving.is_set() and self.slot is None:
                 # A spare whose machine is going away leaves the pool instead of taking a slot.
                 P.append(self.store, "leave", {"wid": self.wid, "why": "interruption notice (spare)",
-                                               "machine": self.machine})
+                                               "machine": self.machine if self.machine_noticed else None})
                 return None
             g = int(self.store.get("gen"))
             if g > seen:
@@ -337,7 +344,8 @@ class Worker:
             step += 1
             self._after_step(plan, grid, transport, slot, step)
             if self.leaving.is_set():
-                P.append(self.store, "leave", {"wid": self.wid, "why": "interruption notice", "machine": self.machine})
+                P.append(self.store, "leave", {"wid": self.wid, "why": "interruption notice",
+                                               "machine": self.machine if self.machine_noticed else None})
                 self._wait_for_handoff_gen(plan)
                 return False
             ev = job.train.eval_every
