@@ -19,10 +19,18 @@ identical payloads) and run the same fp32 outer step, so their global copies sta
 which is what lets a lost replica be rebuilt exactly from any peer (`state_dict` / `load_state_dict`).
 This needs identical global copies at construction: build every replica's stage from the same seed.
 
+Syncs are matched by number, not by step: the k-th sync of fragment p (k = 0, 1, ...) is due at
+t = H + t_p + k*H and starts at the first call with t at or past that point. In steady state that is
+exactly the formula above; after a generation change, when replicas resume from different committed
+steps, a replica that is past a due point starts the owed sync at once and a replica behind it starts
+it on arrival, so the k-th all-reduce of every replica meets the k-th of its peers (a schedule keyed
+on the step alone would leave the leader waiting in a sync the others had abandoned).
+
 Generation changes: a sync in flight belongs to the old process group. After `Aborted` (or any
 generation change) call `abandon()` — the fragment's progress is not lost, its next pseudo-gradient
 covers it — then `set_group(new_group, abort)`. A replica that finished a sync its peers abandoned
-would diverge; `resync(src)` re-broadcasts the global state from one replica to close that hole.
+would diverge; `resync(src)` re-broadcasts the global state and the per-fragment sync counts from one
+replica to close that hole.
 """
 from __future__ import annotations
 
@@ -70,6 +78,11 @@ def sync_due(t: int, p: int, H: int, P: int) -> bool:
     return t >= H and (t - sync_offset(p, H, P)) % H == 0
 
 
+def next_due(k: int, p: int, H: int, P: int) -> int:
+    """The step after which fragment p's k-th sync (0-based) is due: H + t_p + k*H."""
+    return H + sync_offset(p, H, P) + k * H
+
+
 def split_fragments(names: Iterable[str], P: int, assignment: str = "strided") -> List[List[str]]:
     """Parameter names per fragment. `layers.<global id>.*` go by the stage-local rank of the id;
     everything else (embedding, final norm, head) is fragment 0. P is clamped to the number of
@@ -102,6 +115,7 @@ class _Fragment:
         self.opt = torch.optim.SGD(self.glob, lr=cfg.outer_lr, momentum=cfg.outer_momentum,
                                    nesterov=cfg.outer_momentum > 0)
         self.numel = sum(g.numel() for g in self.glob)
+        self.syncs = 0  # completed outer steps of this fragment: the number of the next sync
 
 
 class StreamingDiLoCo:
@@ -146,7 +160,7 @@ class StreamingDiLoCo:
         self.step = t
         H, P = self.cfg.sync_every, self.num_fragments
         for frag in self.fragments:
-            if frag.index not in self._inflight and sync_due(t, frag.index, H, P):
+            if frag.index not in self._inflight and t >= next_due(frag.syncs, frag.index, H, P):
                 self._start(frag, t)
         for p, (t0, _) in sorted(self._inflight.items(), key=lambda kv: kv[1][0]):
             if t - t0 >= self.cfg.overlap:
@@ -187,6 +201,7 @@ class StreamingDiLoCo:
         wait_abortable(handle, self.abort)   # raises Aborted / PeerFailure; entry stays for abandon()
         del self._inflight[frag.index]
         frag.opt.step()
+        frag.syncs += 1
         a = self.cfg.alpha
         for g, p in zip(frag.glob, frag.local):
             merged = g.to(p.device, p.dtype)
@@ -231,7 +246,7 @@ class StreamingDiLoCo:
                 if buf is not None:
                     mom[n] = buf.clone()
             frags.append({"names": list(f.names), "global": {n: g.detach().clone() for n, g in zip(f.names, f.glob)},
-                          "momentum": mom})
+                          "momentum": mom, "syncs": f.syncs})
         return {"step": self.step, "num_syncs": self.num_syncs, "fragments": frags}
 
     @torch.no_grad()
@@ -243,6 +258,7 @@ class StreamingDiLoCo:
                              "diloco.assignment and stage layout as the peer")
         self.abandon()
         for f, fs in zip(self.fragments, state["fragments"]):
+            f.syncs = int(fs.get("syncs", 0))
             for n, g in zip(f.names, f.glob):
                 g.copy_(fs["global"][n])
                 if n in fs["momentum"]:
@@ -264,6 +280,11 @@ class StreamingDiLoCo:
         if self._inflight:
             raise RuntimeError("diloco syncs are in flight; call finish_all() or abandon() before resync()")
         gsrc = dist.get_global_rank(self.group, src) if self.group is not None else src
+        counts = torch.tensor([f.syncs for f in self.fragments] + [self.num_syncs], dtype=torch.int64)
+        wait_abortable(dist.broadcast(counts, gsrc, group=self.group, async_op=True), self.abort)
+        for f, c in zip(self.fragments, counts.tolist()):
+            f.syncs = int(c)
+        self.num_syncs = int(counts[-1])
         for f in self.fragments:
             bufs = [f.opt.state.setdefault(g, {}).setdefault("momentum_buffer", torch.zeros_like(g))
                     for g in f.glob] if self.cfg.outer_momentum > 0 else []

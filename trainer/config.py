@@ -61,7 +61,7 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
         _check(self.eval_batches >= 1, f"train.eval_batches={self.eval_batches} must be >= 1")
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
-        _choice("train.optimizer", self.optimizer, ("adamw",))
+        _choice("train.optimizer", self.optimizer, ("adamw", "deepspeed_adam", "deepspeed_cpu_adam"))
         if self.resume:
             import os
             ckpts = os.path.join(os.path.expanduser(self.resume), "checkpoints")
@@ -237,12 +237,12 @@ class CompressionConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = "local"           # local | torchrun
+    name: str = "local"           # local | torchrun | slurm | deepspeed
     start_timeout_s: float = 120.0
     machines: int = 0             # local only: pretend workers sit on this many machines (placement demo)
 
     def __post_init__(self):
-        _choice("launcher.name", self.name, ("local", "torchrun"))
+        _choice("launcher.name", self.name, ("local", "torchrun", "slurm", "deepspeed"))
         _check(self.machines >= 0, f"launcher.machines={self.machines} must be >= 0 (0 = no machine labels)")
 
 

@@ -38,10 +38,13 @@ def train(job: JobConfig, run_dir: str) -> int:
     if job.launcher.name == "local":
         from .launch import LocalLauncher
         rc = LocalLauncher(job, run_dir, corpus_d, progress=job.logger.progress).run()
-    else:
+    elif job.launcher.name == "slurm":  # inside an sbatch allocation: coordinator here, workers via srun
+        from .slurm import run_slurm
+        rc = run_slurm(job, run_dir, corpus_d)
+    else:  # torchrun and the deepspeed launcher both start every worker process with RANK / WORLD_SIZE
         from .torchrun import run_torchrun
         rc = run_torchrun(job, run_dir, corpus_d)
-    if job.launcher.name == "torchrun" and os.environ.get("RANK", "0") != "0":
+    if job.launcher.name in ("torchrun", "deepspeed") and os.environ.get("RANK", "0") != "0":
         return rc  # outputs are written once, by global rank 0 beside the coordinator
     if rc == 0 or os.path.exists(os.path.join(run_dir, "coordinator_state.json")):
         summary = write_outputs(run_dir, job, time.time() - t0)

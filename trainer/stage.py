@@ -38,6 +38,9 @@ class StageState:
         for name, p in self.model.named_parameters():
             (no_decay if p.ndim < 2 else decay).append(p)  # norm gains are not decayed
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if t.optimizer != "adamw":  # DeepSpeed's fused / CPU Adam (trainer/optim.py)
+            from .optim import build_deepspeed_adam
+            return build_deepspeed_adam(t.optimizer, groups, t)
         # foreach=False: identical per-parameter math whatever the stage holds, so a stage reproduces
         # the single-process optimizer step bit for bit.
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=False)
