@@ -52,3 +52,19 @@ def test_machine_event_accepted_and_kept_apart_from_slot_events():
     assert f.machine_schedule == [{"step": 5, "machine": "m1", "kind": "term"}]
     # Round trip (the coordinator hands the config to workers as a dict).
     assert FaultsConfig(schedule=f.schedule, machine_schedule=f.machine_schedule).machine_schedule == f.machine_schedule
+
+
+def test_peer_rebuild_then_handoff_of_the_same_slot_keeps_diloco_syncs_matched(tmp_path):
+    # Regression: m0 (slot 0,0) is killed and rebuilt from replica 1 (peer); its replacement m4 is
+    # then terminated and hands the slot off. The replicas resume from different committed steps
+    # after each generation change; when syncs were keyed on the step, replica 1 had abandoned the
+    # sync of step 20 that replica 0 later started, and replica 0 waited in it forever.
+    _, summary, records = run_trainer(
+        tmp_path / "run", "experiment=quick", "parallel=grid2x4", "parallel.stages=2", "train.max_steps=30",
+        "train.eval_batches=1", "diloco.enabled=true", "diloco.sync_every=10", "diloco.overlap=0",
+        "launcher.machines=4", "faults.spares=0", "faults.rejoin_delay_s=2", "faults.notice_s=60",
+        "faults.schedule=[{step: 9, machine: m0, kind: kill},{step: 19, machine: m4, kind: term}]", timeout=150)
+    assert [rb["tier"] for rb in summary["rebuilds"]] == ["peer", "handoff"], summary["rebuilds"]
+    for r in (0, 1):
+        assert [c["step"] for c in commits(records, replica=r)] == list(range(30))
+    assert summary["final_val_loss"] is not None
