@@ -178,6 +178,9 @@ class StreamingDiLoCo:
             log.info("abandoning %d diloco syncs in flight", len(self._inflight))
         self._inflight.clear()
 
+    def in_flight(self) -> bool:
+        return bool(self._inflight)
+
     def set_group(self, group, abort: Optional[threading.Event] = None) -> None:
         """Switch to a new generation's stage group; syncs of the old group must be abandoned."""
         if self._inflight:
@@ -233,10 +236,12 @@ class StreamingDiLoCo:
                     p.copy_(s)
 
     # --- state for the peer rebuild tier ----------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self, as_if_abandoned: bool = False) -> dict:
         """Global copies, outer momentum and counters (cloned). Only without syncs in flight: call
-        `finish_all()` (healthy group) or `abandon()` (broken group, on every replica) first."""
-        if self._inflight:
+        `finish_all()` (healthy group) or `abandon()` (broken group, on every replica) first, or pass
+        `as_if_abandoned` (a checkpoint: syncs in flight have not touched this state and are redone
+        after a restore, which is what `abandon()` would leave)."""
+        if self._inflight and not as_if_abandoned:
             raise RuntimeError("diloco syncs are in flight; call finish_all() or abandon() before state_dict()")
         frags = []
         for f in self.fragments:

@@ -23,6 +23,7 @@ from .tiers import Unrecoverable, plan_rebuilds
 
 log = logging.getLogger(__name__)
 Slot = Tuple[int, int]
+EX_SUSPENDED = 75  # EX_TEMPFAIL: the job saved its state and stopped; resume it (a batch script requeues)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class WorkerInfo:
     hb_changed: float = field(default_factory=time.time)
     state: str = "spare"          # spare | active | dead | left
     slot: Optional[Slot] = None
+    leaving: bool = False         # announced a notice (SIGTERM / Slurm warning / spot notice)
 
 
 class Coordinator:
@@ -69,15 +71,27 @@ class Coordinator:
         self.final_val: Optional[float] = None
         self.error: Optional[str] = None
         self.readers = {name: P.LogReader(self.store, name) for name in
-                        ("join", "suspect", "leave", "commit", "eval", "event", "ckpt")}
+                        ("join", "suspect", "leave", "commit", "eval", "event", "ckpt", "intent", "suspended")}
         self.store.set("run_dir", os.path.abspath(run_dir))
         self.ckpt_counts: Dict[int, int] = {}
         self.latest_checkpoint: Optional[int] = None
-        # train.resume: continue from the newest checkpoint every slot of this run dir completed.
-        self.resume_from = self._complete_checkpoint() if job["train"].get("resume") else None
-        if self.resume_from is not None:
-            self.latest_checkpoint = self.resume_from
-            log.info("resuming from the checkpoint of step %d in %s", self.resume_from, run_dir)
+        # Suspend (whole job preempted, nobody to hand off to): the generation that asked every
+        # holder to save, and the slots saved so far.
+        self.suspend_gen: Optional[int] = None
+        self.suspended: Dict[Slot, int] = {}
+        self.suspend_deadline = 0.0
+        # train.resume: each replica continues from the newest step all its stages checkpointed.
+        self.resume_from: Optional[Dict[int, int]] = None
+        if job["train"].get("resume"):
+            from trainer.checkpoint import resume_points
+            self.resume_from = resume_points(run_dir, self.R, self.S)
+            if self.resume_from is None:
+                self.error = f"train.resume={run_dir} holds no checkpoint complete for every replica"
+            else:
+                steps = set(self.resume_from.values())
+                self.latest_checkpoint = steps.pop() if len(steps) == 1 else None
+                log.info("resuming in %s from step(s) %s", run_dir,
+                         ", ".join(f"replica {r}: {k}" for r, k in sorted(self.resume_from.items())))
         os.makedirs(run_dir, exist_ok=True)
         self.metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         self.t0 = time.time()
@@ -133,7 +147,7 @@ class Coordinator:
 
     # --- generations ------------------------------------------------------------------------------
     def _maybe_publish(self) -> None:
-        if self.gen >= 0 and not self.pending_lost:
+        if self.suspend_gen is not None or (self.gen >= 0 and not self.pending_lost):
             return
         spares = [w for w in self.workers.values() if w.state == "spare"]
         if self.gen < 0:
@@ -159,11 +173,12 @@ class Coordinator:
                 log.info("  %s", entry["line"])
             self._event({"kind": "placement", "summary": report.summary,
                          "machines": {str(e["machine"]): e["verdict"] for e in report.machines}})
-            rollback = self.resume_from
-            if rollback is not None:
-                for r in range(self.R):
-                    self.committed[r] = rollback
-                    P.put_json(self.store, f"committed/{r}", {"step": rollback, "total": None})
+            rollback = None
+            if self.resume_from is not None:
+                rollback = {str(r): k for r, k in self.resume_from.items()}
+                for r, k in self.resume_from.items():
+                    self.committed[r] = k
+                    P.put_json(self.store, f"committed/{r}", {"step": k, "total": None})
             self._publish({}, leavers=[], rollback=rollback)
             return
         if len(spares) < len(self.pending_lost):
@@ -205,6 +220,46 @@ class Coordinator:
         self._publish(rebuild, leavers, rollback)
         self.pending_lost.clear()
 
+    def _maybe_suspend(self) -> None:
+        """Every slot's holder is leaving (Slurm's warning reaches every task; a whole fleet gets its
+        notice) and no spare is free: no handoff can happen, so ask each holder to save its exact
+        state as a checkpoint and stop. The job exits with EX_TEMPFAIL (75) and `train.resume`
+        continues it; a batch script requeues on that code."""
+        if self.gen < 0 or self.suspend_gen is not None:
+            return
+        holders: Dict[Slot, str] = dict(self.slots)
+        for slot, v in self.pending_lost.items():
+            if not v["handed_off"]:
+                return  # a dead slot: the ordinary rebuild path decides
+            holders[slot] = v["leaver"]
+        if len(holders) < self.R * self.S or not all(self.workers[w].leaving for w in holders.values()):
+            return
+        if any(w.state == "spare" and not w.leaving for w in self.workers.values()):
+            return  # someone can still take a handoff
+        self.gen += 1
+        self.suspend_gen = self.gen
+        self.suspend_deadline = time.time() + max(60.0, 4 * self.hb_timeout)
+        plan = {"gen": self.gen, "suspend": True, "ranks": {}, "world_size": 0, "rebuild": {}, "leavers": [],
+                "holders": {f"{r},{s}": wid for (r, s), wid in holders.items()},
+                "committed": {str(r): k for r, k in self.committed.items()}, "published_at": time.time()}
+        P.put_json(self.store, f"gen/{self.gen}", plan)
+        self.store.set("gen", str(self.gen))
+        log.warning("generation %d: every worker is leaving and no spare is free; suspending the job "
+                    "(each slot saves its committed state; continue with train.resume=%s)", self.gen,
+                    os.path.abspath(self.run_dir))
+        self._event({"kind": "suspend", "committed": dict(self.committed)})
+
+    def _suspend_done(self) -> bool:
+        if self.suspend_gen is None:
+            return False
+        if len(self.suspended) == self.R * self.S:
+            return True
+        if time.time() > self.suspend_deadline:
+            missing = sorted(set((r, s) for r in range(self.R) for s in range(self.S)) - set(self.suspended))
+            self.error = f"suspend incomplete: slots {missing} did not save; resume falls back to an older checkpoint"
+            return True
+        return False
+
     @staticmethod
     def _pool(spares: List[WorkerInfo]) -> Dict[str, List[WorkerInfo]]:
         pool: Dict[str, List[WorkerInfo]] = {}
@@ -235,15 +290,6 @@ class Coordinator:
         else:
             log.info("generation %d published (%d workers)", self.gen, len(ranks))
 
-    def _complete_checkpoint(self) -> Optional[int]:
-        root = os.path.join(self.run_dir, "checkpoints")
-        steps = []
-        for name in os.listdir(root) if os.path.isdir(root) else []:
-            files = os.listdir(os.path.join(root, name))
-            if name.startswith("step_") and sum(f.endswith(".pt") for f in files) == self.R * self.S:
-                steps.append(int(name[5:]))
-        return max(steps) if steps else None
-
     def _have_checkpoint(self) -> bool:
         return self.latest_checkpoint is not None
 
@@ -258,6 +304,11 @@ class Coordinator:
         for rep in self.readers["suspect"].poll():
             if rep["gen"] == self.gen and rep["peer_wid"] in self.workers:
                 self._declare_dead(rep["peer_wid"], f"reported by {rep['reporter']}: {rep['why'][:80]}")
+        for it in self.readers["intent"].poll():
+            if it["wid"] in self.workers:
+                self.workers[it["wid"]].leaving = True
+        for sv in self.readers["suspended"].poll():
+            self.suspended[tuple(sv["slot"])] = sv["step"]
         for lv in self.readers["leave"].poll():
             self._declare_dead(lv["wid"], lv.get("why", "leaving"), handed_off=True)
             if lv.get("machine"):
@@ -311,17 +362,20 @@ class Coordinator:
         try:
             while True:
                 self._drain_logs()
-                if self.gen >= 0:
+                if self.gen >= 0 and self.suspend_gen is None:
                     self._check_heartbeats()
+                self._maybe_suspend()
                 self._maybe_publish()
-                if self.error or self.finished():
+                if self.error or self.finished() or self._suspend_done():
                     break
                 time.sleep(poll_s)
         finally:
             self.store.set("shutdown", self.error or "ok")
             state = {"final_val_loss": self.final_val, "committed": self.committed, "rebuilds": self.rebuilds,
                      "failures": self.failures, "bytes": self._bytes(), "tokens": self.tokens,
-                     "wall_s": time.time() - self.t0, "generations": self.gen + 1, "error": self.error}
+                     "wall_s": time.time() - self.t0, "generations": self.gen + 1, "error": self.error,
+                     "suspended": ({f"{r},{s}": k for (r, s), k in sorted(self.suspended.items())}
+                                   if self.suspend_gen is not None else None)}
             with open(os.path.join(self.run_dir, "coordinator_state.json"), "w") as f:
                 json.dump(state, f, indent=1)
             if self.bar is not None:
@@ -331,25 +385,80 @@ class Coordinator:
         if self.error:
             print(f"kintsugi: run stopped: {self.error}", file=sys.stderr)
             return 3
+        if self.suspend_gen is not None:
+            print(f"kintsugi: job suspended at step(s) {sorted(set(self.suspended.values()))}; continue with "
+                  f"train.resume={os.path.abspath(self.run_dir)}", file=sys.stderr)
+            return EX_SUSPENDED
         return 0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Kintsugi coordinator (hosts the store, owns membership)")
+    ap = argparse.ArgumentParser(
+        description="Kintsugi coordinator (hosts the store, owns membership). Launchers start it with --job; "
+        "on a stable host for torchrun nodes and `kintsugi join`, start it with the job's Hydra overrides: "
+        "python -m recovery.coordinator --port 29400 --run-dir outputs/run1 -- experiment=quick parallel.stages=4")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--host", default="0.0.0.0")
     ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--job", required=True, help="job config JSON written by the launcher")
+    ap.add_argument("--job", default=None, help="job config JSON written by a launcher (or a run's job.json); "
+                    "without it the job is composed from the overrides and the corpus prepared here")
+    ap.add_argument("--outputs", action="store_true",
+                    help="write summary.json and loss.png when the run ends (implied without --job)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for `kintsugi` (only without --job)")
     args = ap.parse_args(argv)
+    if args.job and args.overrides:
+        ap.error(f"pass either --job or overrides, not both (got {args.overrides[0]!r} with --job)")
     P.die_with_parent()
     logging.basicConfig(level=os.environ.get("KINTSUGI_LOG", "INFO"),
                         format="[coordinator] %(levelname)s %(message)s")
-    with open(args.job) as f:
-        job = json.load(f)
+    corpus = None
+    if args.job:
+        with open(args.job) as f:
+            job = json.load(f)
+        progress = not args.no_progress
+    else:
+        # Standalone: this process is the only one that knows the whole job, so it prepares the
+        # corpus (the token cache) and serves it; nodes and `kintsugi join` workers need nothing else.
+        from trainer.config import ConfigError
+        from trainer.torchrun import prepare_job
+        try:
+            job, corpus = prepare_job(args.overrides)
+        except ConfigError as e:
+            print(f"kintsugi coordinator: config error: {e}", file=sys.stderr)
+            return 2
+        progress = not args.no_progress and job["logger"]["progress"]
     token = P.resolve_token(job["recovery"].get("token", ""))
+    # Anyone who reaches the store can read `job`: the token stays out of it (and out of job.json).
+    job = dict(job, recovery=dict(job["recovery"], token=""))
+    if not args.job:
+        os.makedirs(args.run_dir, exist_ok=True)
+        with open(os.path.join(args.run_dir, "job.json"), "w") as f:
+            json.dump(job, f, indent=1)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    return Coordinator(job, args.run_dir, args.port, args.host, token, progress=not args.no_progress).serve()
+    t0 = time.time()
+    coordinator = Coordinator(job, args.run_dir, args.port, args.host, token, progress=progress)
+    if corpus is not None:  # before serve(): a worker reads it only after its join is acknowledged
+        P.put_json(coordinator.store, "corpus", corpus)
+        import socket
+        log.info("job %r: %d x %d slots, waiting for workers at %s:%d (%s); run dir %s", job["name"],
+                 job["parallel"]["replicas"], job["parallel"]["stages"], socket.gethostname(), args.port,
+                 f"they need {P.TOKEN_ENV}" if token else "no token: any worker that reaches this port may join",
+                 os.path.abspath(args.run_dir))
+    rc = coordinator.serve()
+    if args.outputs or not args.job:
+        from trainer.config import JobConfig
+        from trainer.outputs import write_outputs
+        try:
+            summary = write_outputs(args.run_dir, JobConfig.from_dict(job), time.time() - t0)
+        except Exception as e:  # noqa: BLE001 - the run itself is over and recorded in metrics.jsonl
+            log.warning("could not write the run's outputs: %s", e)
+        else:
+            if summary is not None:
+                log.info("done: final val loss %s, %d steps, %d failures, %d rebuilds -> %s",
+                         summary["final_val_loss"], summary["steps"], summary["failures"],
+                         len(summary["rebuilds"]), args.run_dir)
+    return rc
 
 
 if __name__ == "__main__":

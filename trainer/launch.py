@@ -117,6 +117,13 @@ class LocalLauncher:
             self.store = P.connect("127.0.0.1", self.port, timeout_s=self.job.launcher.start_timeout_s)
             self._wait_for("job")
             P.put_json(self.store, "corpus", self.corpus)
+            # A preemption warning to the launcher (Slurm's `--signal=B:USR1@90`, a SIGTERM from a
+            # scheduler) reaches every worker: with nobody left to hand off to, the job suspends
+            # (each slot checkpoints its exact state; exit 75) and `train.resume` continues it.
+            names = self.job.recovery.notice_signals
+            self._notice_signal = getattr(signal, names[0]) if names else signal.SIGKILL
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._forward_notice)
             K = self.job.launcher.machines
             for i in range(self.job.parallel.replicas * self.job.parallel.stages + self.job.faults.spares):
                 self.start_worker(machine=f"m{i % K}" if K > 0 else None)
@@ -126,6 +133,16 @@ class LocalLauncher:
             return 130
         finally:
             self.cleanup()
+
+    def _forward_notice(self, signum, _frame) -> None:
+        log.warning("received %s: asking every worker to leave gracefully", signal.Signals(signum).name)
+        self.job.faults.respawn = False  # no fresh spares: they would take the handoffs, not the suspend
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, self._notice_signal)
+                except ProcessLookupError:
+                    pass
 
     def _wait_for(self, key: str, timeout: float = 60.0) -> None:
         deadline = time.time() + timeout

@@ -53,8 +53,12 @@ def execute_plan(worker: "Worker", plan: dict, grid: Grid, transport: Transport,
     gen = plan["gen"]
     if plan.get("rollback") is not None:
         from .checkpoint import restore
-        restore(worker.state, worker.run_dir, slot, plan["rollback"])
-        worker.data.position = plan["rollback"] + 1
+        rollback = plan["rollback"]
+        # A resume may continue each replica from its own step (a suspended job's replicas commit
+        # independently); an in-run rollback restores one step everywhere.
+        step = rollback[str(slot[0])] if isinstance(rollback, dict) else rollback
+        restore(worker.state, worker.run_dir, slot, step, worker.diloco)
+        worker.data.position = step + 1
         return
     for key, rb in sorted(plan["rebuild"].items()):
         target = _slot(key)

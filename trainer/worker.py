@@ -65,6 +65,11 @@ class Heartbeat(threading.Thread):
         self.abort = threading.Event()
         self.shutdown = threading.Event()
         self.store_lost = threading.Event()
+        # Set by a notice signal; announced at once (from this thread, which never blocks on a
+        # peer) so the coordinator knows who is leaving even while their step is stuck on a peer
+        # that already left: when every holder is leaving and no spare is free it suspends the job.
+        self.leaving: Optional[threading.Event] = None
+        self._intent_sent = False
 
     def run(self):
         misses = 0
@@ -73,6 +78,9 @@ class Heartbeat(threading.Thread):
                 self.store.add(f"hb/{self.wid}", 1)
                 P.put_json(self.store, f"bytes/{self.wid}", self.counter.as_dict())
                 self.latest_gen = int(self.store.get("gen"))
+                if self.leaving is not None and self.leaving.is_set() and not self._intent_sent:
+                    P.append(self.store, "intent", {"wid": self.wid})
+                    self._intent_sent = True
                 if self.store.check(["shutdown"]):
                     self.shutdown.set()
                 misses = 0
@@ -96,8 +104,9 @@ class Worker:
         # Its own store connection: a TCPStore client serialises requests, and the main thread's
         # blocking rendezvous inside init_process_group must never delay a heartbeat.
         self.hb = Heartbeat(hb_store or store, wid, self.job.recovery.heartbeat_interval_s, self.counter)
-        self.hb.start()
         self.leaving = threading.Event()
+        self.hb.leaving = self.leaving
+        self.hb.start()
         self.machine_noticed = False
         for name in self.job.recovery.notice_signals:
             signal.signal(getattr(signal, name), lambda *_: self.leaving.set())
@@ -157,6 +166,8 @@ class Worker:
             if plan is None:
                 return 0
             seen = plan["gen"]
+            if plan.get("suspend"):
+                return self._suspend(plan)
             if self.wid not in plan["ranks"]:
                 if self.slot is not None:
                     log.warning("no longer in the plan of generation %d; exiting", seen)
@@ -282,6 +293,23 @@ class Worker:
         self.pending = None
         self.state.zero_grad()
 
+    def _suspend(self, plan) -> int:
+        """The whole job is being preempted and no spare is left to hand off to: write this slot's
+        last committed state as a checkpoint (`train.resume` continues from it exactly) and exit."""
+        key = f"{self.slot[0]},{self.slot[1]}" if self.slot is not None else None
+        if key is None or plan["holders"].get(key) != self.wid:
+            return 0  # a spare, or a slot someone else holds
+        self._finish_pending(self.slot)  # a step our replica committed but we had not applied
+        if self.diloco is not None:
+            self.diloco.abandon()
+        step = self.state.step_done
+        if step >= 0:
+            path = self.checkpointer.save_now(self.state, self.slot, step, self.diloco)
+            log.warning("suspended: slot %s saved at step %d to %s", self.slot, step, path)
+        P.append(self.store, "suspended", {"wid": self.wid, "slot": list(self.slot), "step": step})
+        self._wait_for_shutdown()
+        return 0
+
     def _hand_off(self, plan, transport):
         """Graceful leave: stream the exact state to the worker that takes our slot."""
         dst_wid = plan["slots"][f"{self.slot[0]},{self.slot[1]}"]
@@ -340,7 +368,7 @@ class Worker:
                 if step + 1 == job.train.max_steps:
                     self.diloco.finish_all()  # the last syncs land before the final evaluation
             if self.checkpointer.due(step):
-                self.checkpointer.save(st, slot, step)
+                self.checkpointer.save(st, slot, step, self.diloco)
             step += 1
             self._after_step(plan, grid, transport, slot, step)
             if self.leaving.is_set():

@@ -1,5 +1,7 @@
 """`train.resume`: a job killed mid-run (as a Slurm preemption would) continues from its last
-complete checkpoint and follows the uninterrupted run's loss curve bit for bit."""
+complete checkpoint and follows the uninterrupted run's loss curve bit for bit; a job warned of its
+preemption (SIGUSR1 to the launcher, as Slurm's `--signal`) suspends with exact per-slot checkpoints
+(exit 75) and resumes from them."""
 import json
 import os
 import signal
@@ -15,35 +17,76 @@ pytestmark = pytest.mark.distributed
 ARGS = ["experiment=quick", "train.max_steps=12", "recovery.checkpoint_every=4"]
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path):
-    _, _, full = run_trainer(tmp_path / "full", *ARGS)
-    run_dir = tmp_path / "cut"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    _, _, full = run_trainer(tmp_path_factory.mktemp("full") / "run", *ARGS)
+    return {c["step"]: c["loss"] for c in commits(full)}
+
+
+def _start(run_dir, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    job = subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", *ARGS],
-                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    deadline = time.time() + 180
+    return subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", *ARGS,
+                             *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+
+
+def _wait_for_step(run_dir, step, timeout=180):
+    deadline = time.time() + timeout
     while time.time() < deadline:
         m = run_dir / "metrics.jsonl"
-        if m.exists() and '"step": 9,' in m.read_text():
-            break
+        if m.exists() and f'"step": {step},' in m.read_text():
+            return
         time.sleep(0.2)
+    raise AssertionError(f"step {step} never committed in {run_dir}")
+
+
+def _resumed_curve(run_dir):
+    got = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():  # the resumed run appends here
+        rec = json.loads(line)
+        if "loss" in rec and "val_loss" not in rec:
+            got[rec["step"]] = rec["loss"]  # the last record of a step wins: the resumed one
+    return got
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path, uninterrupted):
+    run_dir = tmp_path / "cut"
+    job = _start(run_dir)
+    _wait_for_step(run_dir, 9)
     os.killpg(job.pid, signal.SIGKILL)  # the whole job dies at once, as on a preempted node
     job.wait()
-    assert (run_dir / "checkpoints" / "step_7").is_dir()
+    assert (run_dir / "checkpoints" / "step_7" / "r0s0" / ".metadata").is_file(), "a DCP checkpoint per slot"
     # The resumed job works in the run dir it resumes (its hydra.run.dir is not used).
     _, _, _ = run_trainer(tmp_path / "unused", *ARGS, f"train.resume={run_dir}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    resumed = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    want = {c["step"]: c["loss"] for c in commits(full)}
-    got = {}
-    for rec in resumed:  # the resumed run appends to the same metrics.jsonl
-        if "loss" in rec and "val_loss" not in rec:
-            got[rec["step"]] = rec["loss"]  # the last record of a step wins: the resumed one
+    got = _resumed_curve(run_dir)
     assert sorted(got) == list(range(12))
     for step in range(12):
-        assert got[step] == want[step], (step, got[step], want[step])
+        assert got[step] == uninterrupted[step], (step, got[step], uninterrupted[step])
     assert summary["steps"] == 12
+
+
+def test_preemption_warning_suspends_exactly_and_resume_continues(tmp_path, uninterrupted):
+    # Slurm's `--signal=USR1@90` (or a scheduler's SIGTERM) to the launcher: every worker is leaving
+    # and no spare is free, so each slot checkpoints its committed state and the job exits 75.
+    run_dir = tmp_path / "warned"
+    job = _start(run_dir, "faults.spares=1")
+    _wait_for_step(run_dir, 5)
+    job.send_signal(signal.SIGUSR1)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 75, err[-3000:]
+    assert "train.resume=" in err
+    state = json.loads((run_dir / "coordinator_state.json").read_text())
+    saved = state["suspended"]
+    assert sorted(saved) == ["0,0", "0,1", "0,2", "0,3"] and len(set(saved.values())) == 1, saved
+    step = next(iter(saved.values()))
+    assert step >= 5
+    assert (run_dir / "checkpoints" / f"step_{step}" / "r0s3" / ".metadata").is_file()
+    _, _, _ = run_trainer(tmp_path / "unused", *ARGS, f"train.resume={run_dir}")
+    got = _resumed_curve(run_dir)
+    assert sorted(got) == list(range(12))
+    for k in range(12):
+        assert got[k] == uninterrupted[k], (k, got[k], uninterrupted[k])
 
 
 def test_resume_of_a_run_without_checkpoints_is_a_one_line_error(tmp_path):
