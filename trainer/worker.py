@@ -334,6 +334,16 @@ class Worker:
         executor = StageExecutor(st.model, s, S, transport, lambda stage: pipe[stage], job.model.dim,
                                  cross_entropy_loss)
         tokens_per_step = job.train.batch_size * job.data.seq_len
+        R = grid.replicas
+        # The data-parallel baseline keeps every replica on the same step (its gradient all-reduce
+        # pairs step k with step k), so its commit spans all replicas: one chain through every
+        # slot, rooted at (0, 0), commits step k for all replicas or for none. Per-replica commits
+        # could let one replica commit k while another retries it, and the all-reduces would then
+        # pair different steps and leave the last one without a partner.
+        dp = self.stage_group is not None and self.diloco is None
+        chain = [grid.rank((q, t)) for q in range(R) for t in range(S)] if dp else pipe
+        scale = 1.0 / R if dp else 1.0  # each replica holds the same averaged gradient
+        shards = {}
         while step < job.train.max_steps:
             t0 = time.time()
             inputs, targets = self.data.batch_at(step)
@@ -352,14 +362,21 @@ class Worker:
             vec = torch.zeros(2 + S, dtype=torch.float64)
             vec[0], vec[1], vec[2 + s] = local_sq, loss or 0.0, compute_s
 
-            def commit(total, _step=step):  # runs on stage 0 only, before the broadcast
-                P.put_json(self.store, f"committed/{r}", {"step": _step, "total": total.tolist()})
-                P.append(self.store, "commit", {"replica": r, "step": _step, "loss": float(total[1]),
-                                                "grad_norm": float(total[0]) ** 0.5, "tokens": tokens_per_step,
-                                                "lr": st.optimizer.param_groups[0]["lr"], "step_s": time.time() - t0,
-                                                "batch_ids": self.data.batch_ids(_step),
-                                                "stage_compute_s": [round(float(x), 4) for x in total[2:]]})
-            total = transport.chain_allreduce(vec, pipe, COMMIT_TAG + 2 * (step % 1000), on_total=commit)
+            def commit(total, _step=step):  # runs on the chain's root only, before the broadcast
+                total = total * scale
+                for q in (range(R) if dp else [r]):
+                    P.put_json(self.store, f"committed/{q}", {"step": _step, "total": total.tolist()})
+                for q in (range(R) if dp else [r]):
+                    if q not in shards:
+                        shards[q] = self.data if q == r else ShardedBatches(
+                            self.train_tokens, job.data.seq_len, job.train.batch_size, q, R, job.train.seed)
+                    P.append(self.store, "commit", {"replica": q, "step": _step, "loss": float(total[1]),
+                                                    "grad_norm": float(total[0]) ** 0.5, "tokens": tokens_per_step,
+                                                    "lr": st.optimizer.param_groups[0]["lr"],
+                                                    "step_s": time.time() - t0,
+                                                    "batch_ids": shards[q].batch_ids(_step),
+                                                    "stage_compute_s": [round(float(x), 4) for x in total[2:]]})
+            total = transport.chain_allreduce(vec, chain, COMMIT_TAG + 2 * (step % 1000), on_total=commit) * scale
             st.apply_step(step, float(total[0]), local_sq)
             self.pending = None
             self.data.advance()

@@ -32,3 +32,19 @@ def test_killed_replica_worker_rebuilt_exactly_from_its_peer(tmp_path, monkeypat
     for r in (0, 1):
         steps = [c["step"] for c in commits(records, replica=r)]
         assert steps == list(range(12))
+
+
+def test_data_parallel_baseline_commits_all_replicas_together_through_failures(tmp_path):
+    # The plain data-parallel baseline pairs step k's gradient all-reduce across replicas, so a
+    # replica must never commit a step its peer retries: one commit chain spans every slot.
+    _, summary, records = run_trainer(
+        tmp_path / "run", "experiment=quick", "parallel.replicas=2", "parallel.stages=2", "model.n_layers=4",
+        "train.max_steps=16", "train.eval_batches=1", "diloco.enabled=false", "faults.spares=1",
+        "faults.schedule=[{step: 5, replica: 0, stage: 1, kind: kill},{step: 10, replica: 1, stage: 0, kind: kill}]",
+        timeout=180)
+    assert summary["failures"] == 2 and len(summary["rebuilds"]) == 2, summary["rebuilds"]
+    c0, c1 = commits(records, replica=0), commits(records, replica=1)
+    assert [c["step"] for c in c0] == [c["step"] for c in c1] == list(range(16))
+    # One commit for both replicas: the same (mean) loss and gradient norm at every step.
+    assert [(c["loss"], c["grad_norm"]) for c in c0] == [(c["loss"], c["grad_norm"]) for c in c1]
+    assert summary["bytes"]["data_parallel"] > 0 and summary["final_val_loss"] is not None
