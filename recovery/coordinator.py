@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from . import protocol as P
-from .placement import place, recoverability_report
+from .placement import place, rebalance_layout, recoverability_report
 from .tiers import Unrecoverable, plan_rebuilds
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,15 @@ class Coordinator:
         # milliseconds of each other; wait this long after the first so they are planned together.
         self.settle_s = max(0.25, 2 * rec["heartbeat_interval_s"])
         self.committed = {r: -1 for r in range(self.R)}
+        # Live rebalancing (parallel.rebalance): the layer counts every plan carries, and the stage
+        # compute times measured under them (the first steps after a change are warm-up, skipped).
+        from parallel.topology import per_stage_layers
+        self.layout = [len(x) for x in per_stage_layers(job["model"]["n_layers"], self.S, par.get("layers_per_stage"))]
+        self.rebalance = bool(par.get("rebalance"))
+        self.rebalance_every = int(par.get("rebalance_every", 10))
+        self.rebalance_min_gain = float(par.get("rebalance_min_gain", 0.1))
+        self.stage_times: List[List[float]] = []
+        self.layout_gen = 0
         self.rebuilds: List[dict] = []
         self.failures = 0
         self.final_val: Optional[float] = None
@@ -249,6 +258,32 @@ class Coordinator:
                     os.path.abspath(self.run_dir))
         self._event({"kind": "suspend", "committed": dict(self.committed)})
 
+    def _maybe_rebalance(self) -> None:
+        """Every `rebalance_every` measured steps: if moving layers off the slowest stage predicts a
+        step at least `rebalance_min_gain` shorter, publish a generation with the new layout (no
+        rebuild in it; the stages hand layers to each other exactly, see Worker._relayout)."""
+        if not self.rebalance or self.gen < 0 or self.pending_lost or self.suspend_gen is not None:
+            return
+        warm = 2 * self.R  # the first steps under a new layout build caches; skip them
+        if len(self.stage_times) < warm + self.rebalance_every:
+            return
+        if max(self.committed.values()) >= self.max_steps - 2:
+            return
+        rows = self.stage_times[warm:]
+        mean = [sum(r[s] for r in rows) / len(rows) for s in range(self.S)]
+        self.stage_times = []
+        counts, predicted = rebalance_layout(self.layout, mean)
+        gain = max(mean) / max(predicted, 1e-12) - 1.0
+        if counts == self.layout or gain < self.rebalance_min_gain:
+            return
+        prev, self.layout = self.layout, counts
+        self.layout_gen = self.gen + 1
+        log.warning("rebalancing: stage compute %s s -> layers per stage %s -> %s (predicted step %.0f%% faster)",
+                    [round(t, 4) for t in mean], prev, counts, 100 * gain)
+        self._event({"kind": "rebalance", "from": prev, "to": counts, "stage_compute_s": mean,
+                     "predicted_gain": gain})
+        self._publish({}, leavers=[], prev_layout=prev)
+
     def _suspend_done(self) -> bool:
         if self.suspend_gen is None:
             return False
@@ -274,13 +309,14 @@ class Coordinator:
         w.state, w.slot = "active", slot
         self.slots[slot] = w.wid
 
-    def _publish(self, rebuild: dict, leavers: List[str], rollback: Optional[int] = None) -> None:
+    def _publish(self, rebuild: dict, leavers: List[str], rollback=None, prev_layout=None) -> None:
         self.gen += 1
         ranks = {self.slots[(r, s)]: r * self.S + s for r in range(self.R) for s in range(self.S)}
         for j, wid in enumerate(leavers):  # leavers join the new group only to hand their state over
             ranks[wid] = self.R * self.S + j
         plan = {"gen": self.gen, "slots": {f"{r},{s}": wid for (r, s), wid in self.slots.items()},
                 "ranks": ranks, "world_size": len(ranks), "rebuild": rebuild, "leavers": leavers, "rollback": rollback,
+                "layout": list(self.layout), "prev_layout": prev_layout,
                 "committed": {str(r): k for r, k in self.committed.items()}, "published_at": time.time()}
         P.put_json(self.store, f"gen/{self.gen}", plan)
         self.store.set("gen", str(self.gen))
@@ -322,6 +358,8 @@ class Coordinator:
                 continue  # a retried step that had already committed
             self.committed[r] = k
             self.tokens += c.get("tokens", 0)
+            if self.rebalance and c.get("stage_compute_s") and self.gen >= self.layout_gen:
+                self.stage_times.append(c["stage_compute_s"])
             rec = dict(c, wall_s=time.time() - self.t0, gen=self.gen)
             self.metrics_f.write(json.dumps(rec) + "\n")
             if self.bar is not None:
@@ -366,6 +404,7 @@ class Coordinator:
                     self._check_heartbeats()
                 self._maybe_suspend()
                 self._maybe_publish()
+                self._maybe_rebalance()
                 if self.error or self.finished() or self._suspend_done():
                     break
                 time.sleep(poll_s)
@@ -374,6 +413,7 @@ class Coordinator:
             state = {"final_val_loss": self.final_val, "committed": self.committed, "rebuilds": self.rebuilds,
                      "failures": self.failures, "bytes": self._bytes(), "tokens": self.tokens,
                      "wall_s": time.time() - self.t0, "generations": self.gen + 1, "error": self.error,
+                     "layout": self.layout, "layout_gen": self.layout_gen,
                      "suspended": ({f"{r},{s}": k for (r, s), k in sorted(self.suspended.items())}
                                    if self.suspend_gen is not None else None)}
             with open(os.path.join(self.run_dir, "coordinator_state.json"), "w") as f:

@@ -312,3 +312,16 @@ def rebalance(layer_counts: Sequence[int], stage_times: Sequence[float]) -> List
         counts[s] -= 1
         counts[n] += 1
     return counts
+
+
+def rebalance_layout(layer_counts: Sequence[int], stage_times: Sequence[float]) -> Tuple[List[int], float]:
+    """Repeat `rebalance` on the predicted times (each stage's measured time per layer, times its
+    new layer count) until no move helps: (new counts, predicted time of the slowest stage)."""
+    per_layer = [t / n for t, n in zip(stage_times, layer_counts)]
+    counts = list(layer_counts)
+    for _ in range(sum(counts)):
+        moved = rebalance(counts, [per_layer[s] * counts[s] for s in range(len(counts))])
+        if moved == counts:
+            break
+        counts = moved
+    return counts, max(per_layer[s] * counts[s] for s in range(len(counts)))

@@ -76,6 +76,12 @@ class ParallelConfig:
     schedule: str = "gpipe"                       # gpipe | 1f1b
     layers_per_stage: Optional[List[int]] = None  # None = balanced
     backend: str = "auto"                         # auto | gloo | nccl
+    # Live rebalancing: the coordinator measures each stage's compute time and, when moving layers
+    # off the slowest stage would shorten the step by rebalance_min_gain, publishes a generation
+    # in which the stages hand those layers (weights + optimizer state, exactly) to their neighbours.
+    rebalance: bool = False
+    rebalance_every: int = 10                     # committed steps measured per layout before deciding
+    rebalance_min_gain: float = 0.1               # predicted step-time gain needed to move layers
 
     def __post_init__(self):
         _check(self.stages >= 1, f"parallel.stages={self.stages} must be >= 1")
@@ -91,6 +97,8 @@ class ParallelConfig:
                    f"{self.stages}; give one layer count per stage or null to balance")
             _check(all(n >= 1 for n in self.layers_per_stage),
                    "parallel.layers_per_stage entries must all be >= 1")
+        _check(self.rebalance_every >= 2, f"parallel.rebalance_every={self.rebalance_every} must be >= 2 steps")
+        _check(self.rebalance_min_gain >= 0, f"parallel.rebalance_min_gain={self.rebalance_min_gain} must be >= 0")
 
 
 @dataclass
@@ -240,10 +248,27 @@ class LauncherConfig:
     name: str = "local"           # local | torchrun | slurm | deepspeed
     start_timeout_s: float = 120.0
     machines: int = 0             # local only: pretend workers sit on this many machines (placement demo)
+    # local only: simulated machines of unequal speed, "m1:3,m2:1.5" (label:factor); a worker there
+    # takes factor x its compute time (m1:3 = three times slower). Needs launcher.machines.
+    slow_machines: str = ""
 
     def __post_init__(self):
         _choice("launcher.name", self.name, ("local", "torchrun", "slurm", "deepspeed"))
         _check(self.machines >= 0, f"launcher.machines={self.machines} must be >= 0 (0 = no machine labels)")
+        for m, f in self.slowdowns().items():
+            _check(f >= 1.0, f"launcher.slow_machines: {m}:{f} must be >= 1 (a slowdown factor)")
+            _check(self.machines > 0, "launcher.slow_machines needs launcher.machines > 0 (workers are labelled m0..)")
+
+    def slowdowns(self) -> Dict[str, float]:
+        out = {}
+        for part in filter(None, (x.strip() for x in str(self.slow_machines or "").split(","))):
+            m, sep, f = part.partition(":")
+            try:
+                out[m.strip()] = float(f)
+            except ValueError:
+                _check(False, f"launcher.slow_machines={self.slow_machines!r}: {part!r} is not label:factor; "
+                              "write e.g. launcher.slow_machines='m1:3,m2:1.5'")
+        return out
 
 
 @dataclass
@@ -294,6 +319,11 @@ class JobConfig:
             _check(self.lisa.layers_per_stage <= m.n_layers // p.stages,
                    f"lisa.layers_per_stage={self.lisa.layers_per_stage} exceeds the smallest stage "
                    f"({m.n_layers // p.stages} layers); lower it or use fewer stages")
+        if p.rebalance:
+            for on, what in ((self.lisa.enabled, "lisa.enabled=true"), (self.diloco.enabled, "diloco.enabled=true"),
+                             (self.recovery.checkpoint_every > 0 or self.recovery.strategy == "checkpoint",
+                              "checkpoints (recovery.checkpoint_every / strategy=checkpoint)")):
+                _check(not on, f"parallel.rebalance=true does not yet work with {what}; turn one of them off")
         if self.diloco.enabled:
             _check(self.diloco.overlap < self.diloco.sync_every,
                    f"diloco.overlap={self.diloco.overlap} must be smaller than diloco.sync_every="

@@ -97,6 +97,9 @@ class LocalLauncher:
             self.machines.setdefault(machine, {"start": time.time(), "end": None, "cause": None})
             self.machine_of[wid] = machine
             env = dict(env, KINTSUGI_MACHINE=machine)
+            slow = self.job.launcher.slowdowns().get(machine)
+            if slow:
+                env["KINTSUGI_SLOWDOWN"] = str(slow)
         self.n_workers += 1
         self.procs[wid] = subprocess.Popen(
             [sys.executable, "-m", "trainer.worker", "--coordinator", f"127.0.0.1:{self.port}", "--wid", wid],

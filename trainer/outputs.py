@@ -68,7 +68,8 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
                   "data_parallel": by_channel.get("data_parallel", 0),
                   "rebuild": by_channel.get("rebuild", 0),
                   "data_parallel_equivalent": dp_equiv},
-        "slowest_stage": _slowest_stage(commits, job),
+        "slowest_stage": _slowest_stage([c for c in commits if c.get("gen", 0) >= state.get("layout_gen", 0)], job,
+                                        state.get("layout")),
         "generations": state.get("generations"),
         "error": state.get("error"),
         "config": job.to_dict(),
@@ -83,7 +84,7 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
     return summary
 
 
-def _slowest_stage(commits: List[dict], job: JobConfig) -> Optional[dict]:
+def _slowest_stage(commits: List[dict], job: JobConfig, layout: Optional[List[int]] = None) -> Optional[dict]:
     """Mean compute time per stage (excluding time blocked on receives) and the stage that sets the
     pipeline's pace, with a rebalancing suggestion for parallel.layers_per_stage."""
     rows = [c["stage_compute_s"] for c in commits if c.get("stage_compute_s")]
@@ -93,8 +94,9 @@ def _slowest_stage(commits: List[dict], job: JobConfig) -> Optional[dict]:
     slowest = max(range(len(mean)), key=mean.__getitem__)
     from parallel.topology import per_stage_layers
     from recovery.placement import rebalance
-    counts = [len(x) for x in per_stage_layers(job.model.n_layers, job.parallel.stages, job.parallel.layers_per_stage)]
-    return {"stage": slowest, "compute_s": mean[slowest], "per_stage_compute_s": mean,
+    counts = layout or [len(x) for x in per_stage_layers(job.model.n_layers, job.parallel.stages,
+                                                         job.parallel.layers_per_stage)]
+    return {"stage": slowest, "compute_s": mean[slowest], "per_stage_compute_s": mean, "layers_per_stage": counts,
             "suggested_layers_per_stage": rebalance(counts, mean)}
 
 

@@ -47,6 +47,7 @@ log = logging.getLogger("kintsugi.worker")
 REBUILD_TAG = 1 << 20
 COMMIT_TAG = 1 << 21
 COPY_TAG = 1 << 22
+REBALANCE_TAG = 1 << 23
 
 
 class Shutdown(Exception):
@@ -129,6 +130,8 @@ class Worker:
         self.train_tokens = load_tokens(corpus["train_path"], corpus["dtype"])
         self.val_tokens = load_tokens(corpus["val_path"], corpus["dtype"])
         self.pending = None  # (step, local_sq) of a step whose backward finished but not its commit
+        # launcher.slow_machines: this (simulated) machine computes this many times slower.
+        self.slowdown = float(os.environ.get("KINTSUGI_SLOWDOWN") or 1.0)
         self.run_dir = store.get("run_dir").decode()
         rec = self.job.recovery
         every = rec.checkpoint_every or (10 if rec.strategy == "checkpoint" else 0)
@@ -244,6 +247,8 @@ class Worker:
             raise SystemExit(0)
         slot = next(tuple(map(int, k.split(","))) for k, w in plan["slots"].items() if w == self.wid)
         t_start = time.time()
+        if plan.get("layout") is not None:  # live rebalancing: the layout every new stage is built with
+            self.job.parallel.layers_per_stage = list(plan["layout"])
         rebuild = plan["rebuild"].get(f"{slot[0]},{slot[1]}")
         if self.slot != slot:  # new here: build the stage (it is replaced below if being rebuilt)
             self.slot = slot
@@ -267,6 +272,8 @@ class Worker:
             rebuilt = {int(k.split(",")[0]) for k, v in plan["rebuild"].items() if int(k.split(",")[1]) == slot[1]}
             src = next((q for q in range(grid.replicas) if q not in rebuilt), 0)
             self.diloco.resync(src=src, reset_local=slot[0] in rebuilt and src != slot[0])
+        if plan.get("prev_layout") is not None and self.state.layer_ids != self._layer_ids(slot[1]):
+            self._relayout(plan, grid, transport, slot)
         log.info("gen %d: plan executed %.3fs after publication", gen, time.time() - plan["published_at"])
         if rebuild is not None:
             now = time.time()
@@ -275,6 +282,50 @@ class Worker:
                                            "recover_s": now - rebuild["failed_at"], "setup_s": now - t_start,
                                            "failed_at": rebuild["failed_at"], "resumed_at": now})
         return self._train(plan, grid, transport, slot)
+
+    def _layer_ids(self, stage: int, layout=None):
+        from parallel.topology import per_stage_layers
+        layout = self.job.parallel.layers_per_stage if layout is None else layout
+        return per_stage_layers(self.job.model.n_layers, self.job.parallel.stages, layout)[stage]
+
+    def _relayout(self, plan, grid: Grid, transport: Transport, slot) -> None:
+        """Live rebalancing: layers change stage. Each moving layer's weights and AdamW state go
+        from its old holder to its new one, in global layer order (every pair of ranks meets its
+        transfers in the same order, so blocking sends cannot deadlock); the stage is then rebuilt
+        around the layers it now holds. The pipeline computes exactly the same function after."""
+        r, s = slot
+        S = self.job.parallel.stages
+        old_owner = {l: t for t in range(S) for l in self._layer_ids(t, plan["prev_layout"])}
+        new_owner = {l: t for t in range(S) for l in self._layer_ids(t, plan["layout"])}
+        st = self.state
+        named = dict(st.model.named_parameters())
+        params = {n: p.detach() for n, p in named.items()}
+        opt = {n: st.optimizer.state[p] for n, p in named.items() if st.optimizer.state.get(p)}
+        t0 = time.time()
+        for l in sorted(old_owner):
+            a, b = old_owner[l], new_owner[l]
+            if a == b or s not in (a, b):
+                continue
+            if a == s:
+                names = [n for n in named if n.startswith(f"layers.{l}.")]
+                send_package(transport, {"params": {n: params[n] for n in names},
+                                         "opt": {n: opt[n] for n in names if n in opt}},
+                             grid.rank((r, b)), REBALANCE_TAG + 4 * l)
+            else:
+                pkg = recv_package(transport, grid.rank((r, a)), REBALANCE_TAG + 4 * l)
+                params.update(pkg["params"])
+                opt.update(pkg["opt"])
+        new = StageState(self.job, s)
+        with torch.no_grad():
+            for n, p in new.model.named_parameters():
+                p.copy_(params[n])
+                if n in opt:
+                    new.optimizer.state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt[n].items()}
+        new.lr_scale, new.grad_norm, new.step_done = st.lr_scale, st.grad_norm, st.step_done
+        new.neighbour_copy = dict(st.neighbour_copy)
+        self.state = new
+        log.warning("slot %s rebalanced: layers %s -> %s (%.3fs)", slot, st.layer_ids, new.layer_ids,
+                    time.time() - t0)
 
     def _codecs(self):
         c = self.job.compression
@@ -353,6 +404,9 @@ class Worker:
             wait0 = transport.recv_wait_s
             loss = executor.run(inputs, targets, routes, actions)
             compute_s = time.time() - t0 - (transport.recv_wait_s - wait0)
+            if self.slowdown > 1.0:  # a simulated slower machine: its peers wait for it for real
+                time.sleep((self.slowdown - 1.0) * compute_s)
+                compute_s *= self.slowdown
             if self.stage_group is not None and self.diloco is None:
                 # The data-parallel baseline: average gradients across replicas every step.
                 allreduce_gradients(list(st.model.parameters()), self.stage_group, self.counter, self.hb.abort)

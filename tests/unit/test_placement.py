@@ -180,3 +180,19 @@ def test_rebalance_moves_a_layer_off_the_slowest_stage():
     assert sum(rebalance([4, 4, 4, 4], [1, 1, 5, 1])) == 16
     with pytest.raises(ValueError):
         rebalance([2, 2], [1.0])
+
+
+def test_rebalance_layout_moves_layers_off_a_slow_stage_until_no_move_helps():
+    from recovery.placement import rebalance_layout
+    counts, predicted = rebalance_layout([2, 2, 2, 2], [1.0, 3.0, 1.0, 1.0])
+    assert sum(counts) == 8 and counts[1] == 1 and predicted == pytest.approx(1.5)
+    assert rebalance_layout([2, 2], [1.0, 1.0]) == ([2, 2], 1.0)  # balanced: nothing to move
+
+
+def test_rebalance_config_errors_are_one_line():
+    from trainer.config import ConfigError, JobConfig, LauncherConfig, LisaConfig, ParallelConfig
+    with pytest.raises(ConfigError, match="parallel.rebalance=true does not yet work with lisa.enabled"):
+        JobConfig(parallel=ParallelConfig(rebalance=True), lisa=LisaConfig(enabled=True))
+    with pytest.raises(ConfigError, match="label:factor"):
+        LauncherConfig(machines=4, slow_machines="m1")
+    assert LauncherConfig(machines=4, slow_machines="m1:3, m2:1.5").slowdowns() == {"m1": 3.0, "m2": 1.5}
