@@ -1,67 +1,192 @@
 """`launcher=torchrun`: every process torchrun starts is a Kintsugi worker.
 
-torchrun gives RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Global rank 0 starts the coordinator
-beside itself on MASTER_PORT+1 unless `recovery.coordinator=host:port` names one already running on
-a stable host (`python -m recovery.coordinator`), which is what a job that must survive the loss of
-node 0 should do. Ranks beyond replicas x stages wait as spares. torchrun itself cannot replace one
-worker (it restarts all), so replacements join through the coordinator, not through torchrun.
+One node: global rank 0 starts the coordinator beside itself on MASTER_PORT+1; ranks beyond
+replicas x stages wait as spares.
+
+Several nodes: run the coordinator on a stable host (`python -m recovery.coordinator --port P
+--run-dir D -- <overrides>`) and give every node `recovery.coordinator=host:P`. Then a torchrun group
+of any size is a set of workers for that coordinator: its ranks fill slots or wait as spares, and the
+coordinator waits until it has replicas x stages of them. torchrun itself cannot replace one worker
+(its agent restarts all local workers, and a node arriving at a c10d rendezvous restarts everyone), so
+after start-up membership goes through the coordinator only:
+
+- start the nodes with a static rendezvous (`--nnodes=N --node-rank=i --master-addr --master-port`,
+  `--max-restarts=0`) or as N independent `torchrun --standalone` groups. A static agent only watches
+  its own workers, so a dead node leaves the other nodes' workers alone. (A c10d rendezvous is worse:
+  every agent polls the rendezvous store, and the node hosting it takes all agents down with it.)
+- a node that joins later is a separate group: `torchrun --standalone ... recovery.coordinator=host:P`
+  (all its ranks become spares) or `kintsugi join --coordinator host:P --workers K`.
+
+Worker ids are unique across nodes, re-joins and several "nodes" on one host (host, torchrun job,
+node rank, local rank, pid). Set KINTSUGI_MACHINE per node when several nodes share one host, so
+placement treats them as different machines.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
+import uuid
+from datetime import timedelta
+from typing import List, Tuple
 
 from recovery import protocol as P
 
 from .config import ConfigError, JobConfig
 from .launch import child_env
 
+log = logging.getLogger("kintsugi.torchrun")
+
 
 def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        master = os.environ["MASTER_ADDR"]
-        master_port = int(os.environ["MASTER_PORT"])
     except KeyError as e:
         raise ConfigError(f"launcher=torchrun but {e.args[0]} is not set; start with `torchrun ... -m trainer "
                           "launcher=torchrun` or use launcher=local") from None
+    external = bool(job.recovery.coordinator)
     need = job.parallel.replicas * job.parallel.stages
-    if world < need:
+    if not external and world < need:
         raise ConfigError(f"torchrun started {world} processes but parallel.replicas x parallel.stages = {need}; "
-                          f"start at least {need} (extra ones wait as spares)")
-    if job.recovery.coordinator:
-        host, port = P.parse_addr(job.recovery.coordinator)
-    else:
-        host, port = master, master_port + 1
+                          f"start at least {need} (extra ones wait as spares), or run a coordinator on a stable host "
+                          "and pass recovery.coordinator=host:port so several torchrun groups add up to the job")
     coordinator = None
-    if rank == 0 and not job.recovery.coordinator:
-        os.makedirs(run_dir, exist_ok=True)
-        job_path = os.path.join(run_dir, "job.json")
-        with open(job_path, "w") as f:
-            json.dump(job.to_dict(), f, indent=1)
-        cmd = [sys.executable, "-m", "recovery.coordinator", "--port", str(port), "--run-dir", run_dir,
-               "--job", job_path] + ([] if job.logger.progress else ["--no-progress"])
-        coordinator = subprocess.Popen(cmd, env=child_env())
+    if external:
+        try:
+            host, port = P.parse_addr(job.recovery.coordinator)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        try:
+            host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 1
+        except KeyError as e:
+            raise ConfigError(f"launcher=torchrun but {e.args[0]} is not set; start with `torchrun ... -m trainer "
+                              "launcher=torchrun` or use launcher=local") from None
+        if rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            job_path = os.path.join(run_dir, "job.json")
+            with open(job_path, "w") as f:
+                json.dump(job.to_dict(), f, indent=1)
+            cmd = [sys.executable, "-m", "recovery.coordinator", "--port", str(port), "--run-dir", run_dir,
+                   "--job", job_path] + ([] if job.logger.progress else ["--no-progress"])
+            coordinator = subprocess.Popen(cmd, env=child_env())
     store = _connect(host, port, job.launcher.start_timeout_s)
-    if rank == 0:
-        P.put_json(store, "corpus", corpus)
-    import logging
-    from .worker import Worker
+    if not external:
+        if rank == 0:
+            P.put_json(store, "corpus", corpus)
+    else:
+        _shared_corpus(store, corpus)
+    from .worker import Shutdown, Worker
     logging.getLogger("kintsugi.worker").setLevel(os.environ.get("KINTSUGI_LOG", "WARNING"))
     os.environ.setdefault("KINTSUGI_MACHINE", socket.gethostname())
-    wid = f"{socket.gethostname()}-rank{rank}"
-    rc = Worker(store, wid, os.environ.get(P.TOKEN_ENV), hb_store=_connect(host, port, 60)).run()
+    wid = worker_id()
+    worker = None
+    try:
+        worker = Worker(store, wid, P.resolve_token(job.recovery.token), hb_store=_connect(host, port, 60))
+        rc = worker.run()
+    except Shutdown:
+        rc = 0
     if coordinator is not None:
         try:
-            return coordinator.wait(timeout=60) or rc
+            rc = coordinator.wait(timeout=60) or rc
         except subprocess.TimeoutExpired:
             coordinator.kill()
-            return 1
-    return rc
+            rc = 1
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and worker is not None and worker.hb.latest_gen > 0:
+        release_exit_barrier()
+    if coordinator is not None:
+        return rc  # global rank 0 beside its own coordinator writes the run's outputs (trainer.entry)
+    # Every other worker process ends here, as `python -m trainer.worker` does: waits abandoned in
+    # helper threads (a dead peer's recv) must not hold up or crash the exit, which torchrun's agent
+    # would count as a failed worker. With an external coordinator the coordinator writes the outputs.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+def _shared_corpus(store, corpus: dict) -> None:
+    """A coordinator started from overrides serves its corpus entry (put right after `job`); one
+    started with --job takes the first node's. Either way the token files must exist on this node:
+    if they do not, they are prepared here from the job's own data settings (same cache key)."""
+    deadline = time.time() + 2.0
+    while not store.check(["corpus"]) and time.time() < deadline:
+        time.sleep(0.05)
+    store.compare_set("corpus", "", json.dumps(corpus))  # no-op when one is there
+    shared = P.get_json(store, "corpus")
+    if all(os.path.exists(shared[k]) for k in ("train_path", "val_path")):
+        return
+    from .data import prepare_corpus
+    data = JobConfig.from_dict(P.get_json(store, "job")).data
+    info = prepare_corpus(data)
+    if info.train_path != shared["train_path"]:
+        raise ConfigError(f"the job's corpus {shared['train_path']} is not on this node and preparing it here gave "
+                          f"{info.train_path}; use the same data.cache_dir on every node (or a shared one)")
+
+
+def worker_id(env=None) -> str:
+    """`<host>-<torchrun job>-n<node rank>r<local rank>-<pid>-<random>`: unique for two nodes on one host,
+    for a node that re-joins with the same ranks, and for separate torchrun jobs on one coordinator."""
+    env = os.environ if env is None else env
+    job_key = f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}/{env.get('TORCHELASTIC_RUN_ID', '')}"
+    tag = hashlib.sha1(job_key.encode()).hexdigest()[:6]
+    node, local = env.get("GROUP_RANK", "0"), env.get("LOCAL_RANK", env.get("RANK", "0"))
+    return f"{socket.gethostname()}-{tag}-n{node}r{local}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+def release_exit_barrier() -> bool:
+    """Let the surviving torchrun agents of a multi-node static rendezvous exit now.
+
+    When its workers succeed, a torchrun agent waits in an exit barrier for every agent of the
+    rendezvous, up to 300 s (not configurable from the torchrun command line). An agent whose node
+    died, or whose worker died (with --max-restarts=0 it stops and never reaches the barrier), never
+    arrives. A generation after the first means this run lost or replaced a worker, so the run being
+    over, release the barrier instead of waiting out the 300 s. Only the static rendezvous shares its
+    store with the workers (TORCHELASTIC_USE_AGENT_STORE); a c10d one is left alone. Best effort: an
+    agent that reaches the barrier after the store's host agent has already exited logs an error
+    and still exits 0."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() not in ("true", "1"):
+        return False
+    try:
+        import torch.distributed as dist
+        from torch.distributed.elastic.agent.server.api import _TERMINAL_STATE_SYNC_ID
+        from torch.distributed.elastic.utils.store import _LAST_MEMBER_CHECKIN
+        agent_store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                                    timeout=timedelta(seconds=2), wait_for_workers=False)
+        store = dist.PrefixStore(env.get("TORCHELASTIC_RUN_ID", "none"), agent_store)
+        store.set(_TERMINAL_STATE_SYNC_ID + _LAST_MEMBER_CHECKIN, "<released by kintsugi>")
+        return True
+    except Exception as e:  # noqa: BLE001 - the agent then simply waits out its exit barrier
+        log.warning("could not release torchrun's exit barrier (%s); the agent may wait up to 300 s", e)
+        return False
+
+
+def prepare_job(overrides: List[str]) -> Tuple[dict, dict]:
+    """The job and corpus entry for a coordinator started from Hydra overrides: the same config the
+    CLI composes, the corpus prepared (cached) on this host, the vocabulary size filled in, as
+    `trainer.entry.train` does before launching. Raises ConfigError with a one-line message."""
+    from .cli import compose_job, validate_overrides
+    from .data import prepare_corpus
+
+    err = validate_overrides(list(overrides))
+    if err:
+        raise ConfigError(err)
+    job, _ = compose_job(list(overrides))
+    corpus = prepare_corpus(job.data)
+    if job.model.init_from:
+        from .pretrained import checkpoint_model_config
+        job.model = checkpoint_model_config(job.model.init_from, job.model)
+    if job.model.vocab_size <= 0:
+        job.model.vocab_size = corpus.vocab_size
+    corpus_d = {"train_path": corpus.train_path, "val_path": corpus.val_path, "dtype": str(corpus.dtype),
+                "vocab_size": corpus.vocab_size}
+    return job.to_dict(), corpus_d
 
 
 def _connect(host: str, port: int, timeout_s: float):
