@@ -75,6 +75,7 @@ def _train(rank, args, name, diloco, corpus, group):
                           rank, REPLICAS, args.seed)
     counter = ByteCounter()
     outer = StreamingDiLoCo(dict(st.model.named_parameters()), job.diloco, group, counter) if diloco else None
+    dist.barrier(group)  # start the clock together (replica 0 was evaluating the previous variant)
     t0 = time.time()
     losses = []
     for step in range(args.steps):
@@ -91,6 +92,8 @@ def _train(rank, args, name, diloco, corpus, group):
             losses.append((step, round(loss.item(), 4)))
             if rank == 0:
                 print(f"[{name}] step {step} loss {loss.item():.4f} {time.time() - t0:.1f}s", file=sys.stderr)
+    if outer is not None:
+        outer.finish_all()  # the syncs still in flight are part of the training time (every replica)
     train_s = time.time() - t0
     out = {"train_s": round(train_s, 1), "train_loss": losses}
     if rank != 0:
@@ -124,8 +127,9 @@ def _proc(rank, args, corpus, store_path, out_path):
     dist.destroy_process_group()
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
+    """The benchmark's options (shared with benchmarks/diloco_bandwidth.py, which adds its own)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--sync-every", type=int, default=25)
     p.add_argument("--fragments", type=int, default=4)
@@ -144,7 +148,11 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", default=[], help="run only these variants")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
 

@@ -1,4 +1,5 @@
-"""Pipeline training throughput: Kintsugi's StageExecutor + Transport against torch.distributed.pipelining.
+"""Pipeline training throughput: Kintsugi's StageExecutor + Transport against torch.distributed.pipelining
+and DeepSpeed's PipelineModule.
 
 Every variant trains the same tiny LLaMA split into the same stages (parallel.topology.per_stage_layers),
 on the same fixed batches, with the same microbatch count, one thread per process and AdamW. A step is
@@ -12,10 +13,14 @@ cancels load drift that a ratio of medians would not.
 
 A framework is a runner class in `RUNNERS`: built per (stage, schedule) inside an initialised gloo
 group whose rank equals the stage, it owns its stage module and optimizer and exposes
-`step(inputs, targets) -> loss or None`. Adding a baseline (e.g. DeepSpeed's PipelineModule) is one
-more class and one more entry; its ratio against ours is reported automatically.
+`step(inputs, targets) -> loss or None`. Adding a baseline is one more class and one more entry; its
+ratio against ours is reported automatically. A runner class may name the schedules it runs
+(`SCHEDULES`): DeepSpeed's pipeline engine has only its 1F1B TrainSchedule, so it is timed (and
+compared with ours) under "1f1b" only. A framework whose package is not installed (deepspeed) is
+left out and reported as `"deepspeed": {"skipped": "..."}` instead of failing the run.
 
     python -m benchmarks.pipeline_throughput [--stages 2] [--microbatches 4] [--steps N] [--quick]
+        [--frameworks ours,torch,deepspeed] [--schedules gpipe,1f1b]
 
 prints one JSON line on stdout.
 """
@@ -30,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
@@ -67,7 +72,7 @@ class BenchConfig:
     seq_len: int = 128
     lr: float = 1e-3
     seed: int = 0
-    frameworks: Tuple[str, ...] = ("ours", "torch")
+    frameworks: Tuple[str, ...] = ("ours", "torch", "deepspeed")
     schedules: Tuple[str, ...] = SCHEDULES
     # The trainer always hands Transport its heartbeat's abort event, which makes every wait run in
     # a helper thread; "none" measures the plain blocking waits instead.
@@ -171,8 +176,69 @@ class TorchPipeliningRunner:
         return float(torch.stack(losses).detach().mean()) if losses else None
 
 
+class _DeepSpeedStage(torch.nn.Module):
+    """One whole stage as one PipelineModule layer: LayerSpec builds it only on its own rank, from
+    build_stage, so its weights are those of the other frameworks' stage."""
+
+    def __init__(self, bench: BenchConfig, stage: int):
+        super().__init__()
+        self.stage = build_stage(bench, stage)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage(x)
+
+
+class DeepSpeedPipelineRunner:
+    """DeepSpeed's PipelineModule (one LayerSpec per stage, partition_method="uniform" so stage s holds
+    exactly our stage s) trained by `deepspeed.initialize(...)` and `engine.train_batch()` on CPU over
+    the benchmark's gloo group. DeepSpeed's pipeline engine has one schedule, TrainSchedule (1F1B
+    with gradient accumulation over the microbatches), so it runs under "1f1b" only. The optimizer
+    is the same torch AdamW, handed to deepspeed.initialize; no ZeRO, no clipping, fp32."""
+
+    SCHEDULES = ("1f1b",)
+
+    def __init__(self, bench: BenchConfig, stage: int, schedule: str):
+        import deepspeed
+        from deepspeed.pipe import LayerSpec, PipelineModule
+
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"deepspeed runs schedule 1f1b only, not {schedule!r}")
+        import deepspeed.ops
+        # On CPU, deepspeed.comm's TorchBackend JIT-compiles a shared-memory all-reduce op (minutes on a
+        # fresh machine, in every stage process at once). The pipeline moves activations point to
+        # point (torch.distributed send/recv over gloo) and has no data-parallel all-reduce here, so
+        # the op would not be used: mark it unavailable and keep deepspeed.comm on plain gloo.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # What DeepSpeed's launcher would set; PipelineModule and the engine read them.
+        os.environ.update(LOCAL_RANK=str(stage), RANK=str(stage), WORLD_SIZE=str(bench.stages))
+        deepspeed.init_distributed(dist_backend="gloo")  # wraps the group that is already up
+        self.is_last = stage == bench.stages - 1
+        module = PipelineModule(layers=[LayerSpec(_DeepSpeedStage, bench, s) for s in range(bench.stages)],
+                                num_stages=bench.stages, loss_fn=cross_entropy_loss, partition_method="uniform",
+                                activation_checkpoint_interval=0)
+        self.model = module
+        micro = bench.batch_size // bench.microbatches
+        config = {
+            "train_batch_size": bench.batch_size, "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": bench.microbatches,  # the engine averages the loss over them
+            "steps_per_print": 10**9, "wall_clock_breakdown": False, "zero_optimization": {"stage": 0},
+            "gradient_clipping": 0.0, "dump_state": False,
+        }
+        self.optimizer = _optimizer(module, bench)
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=config,
+                                                    dist_init_required=False)
+        self.microbatches = bench.microbatches
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> Optional[float]:
+        # train_batch pulls one (inputs, labels) microbatch per gradient-accumulation step: the first
+        # stage reads inputs, the last reads labels. It runs forward, backward and the optimizer step.
+        micro = zip(inputs.chunk(self.microbatches), targets.chunk(self.microbatches))
+        loss = self.engine.train_batch(data_iter=iter(list(micro)))
+        return float(loss) if self.is_last else None
+
+
 RUNNERS: Dict[str, Callable[[BenchConfig, int, str], StageRunner]] = {
-    "ours": OursRunner, "torch": TorchPipeliningRunner}
+    "ours": OursRunner, "torch": TorchPipeliningRunner, "deepspeed": DeepSpeedPipelineRunner}
 
 
 # --- one stage process ----------------------------------------------------------------------------
@@ -186,9 +252,31 @@ def _batches(bench: BenchConfig, count: int) -> List[Tuple[torch.Tensor, torch.T
     return out
 
 
+def _runs_schedule(fw: str, sched: str) -> bool:
+    return sched in getattr(RUNNERS[fw], "SCHEDULES", SCHEDULES)
+
+
 def _variants(bench: BenchConfig) -> List[str]:
     # Schedule-major, so each framework's block sits next to its counterpart on the same schedule.
-    return [f"{fw}/{sched}" for sched in bench.schedules for fw in bench.frameworks]
+    return [f"{fw}/{sched}" for sched in bench.schedules for fw in bench.frameworks if _runs_schedule(fw, sched)]
+
+
+OPTIONAL_PACKAGES = {"deepspeed": "deepspeed"}  # framework -> the package its runner imports
+
+
+def _unavailable(bench: BenchConfig) -> Dict[str, str]:
+    """Frameworks that cannot run here, with the reason (checked in the parent, without importing)."""
+    import importlib.util
+
+    out = {}
+    for fw in bench.frameworks:
+        pkg = OPTIONAL_PACKAGES.get(fw)
+        if pkg and importlib.util.find_spec(pkg) is None:
+            out[fw] = f"{pkg} is not installed (pip install -e '.[{pkg}]')"
+        elif not any(_runs_schedule(fw, s) for s in bench.schedules):
+            out[fw] = (f"runs schedules {list(getattr(RUNNERS[fw], 'SCHEDULES', SCHEDULES))} only, "
+                       f"none of {list(bench.schedules)}")
+    return out
 
 
 def _build_and_warm(bench: BenchConfig, rank: int, batches) -> Tuple[Dict[str, StageRunner], Dict[str, Optional[float]]]:
@@ -224,6 +312,9 @@ def _time_blocks(bench: BenchConfig, rank: int, runners: Dict[str, StageRunner],
 
 
 def _worker(rank: int, bench: BenchConfig, init_file: str, out_dir: str) -> None:
+    # stdout belongs to the parent's one JSON line; DeepSpeed's logger writes to stdout.
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(name)s: %(message)s", stream=sys.stderr)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=bench.stages,
@@ -245,6 +336,11 @@ def _worker(rank: int, bench: BenchConfig, init_file: str, out_dir: str) -> None
 def run(bench: BenchConfig) -> dict:
     """Spawn the stages, time every variant, and summarise as one JSON-able dict."""
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned stages
+    if "deepspeed" in bench.frameworks:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    skipped = _unavailable(bench)
+    if skipped:
+        bench = replace(bench, frameworks=tuple(f for f in bench.frameworks if f not in skipped))
     with tempfile.TemporaryDirectory(prefix="kintsugi-pipebench-") as tmp:
         mp.start_processes(_worker, args=(bench, os.path.join(tmp, "init"), tmp), nprocs=bench.stages,
                            join=True, start_method="spawn")
@@ -267,12 +363,24 @@ def run(bench: BenchConfig) -> dict:
         if fw == REFERENCE or REFERENCE not in bench.frameworks:
             continue
         for sched in bench.schedules:
+            if f"{fw}/{sched}" not in tps_reps or f"{REFERENCE}/{sched}" not in tps_reps:
+                continue
             ours, theirs = tps_reps[f"{REFERENCE}/{sched}"], tps_reps[f"{fw}/{sched}"]
             paired = sorted(a / b for a, b in zip(ours, theirs))
             key = f"{REFERENCE}_over_{fw}/{sched}"
             ratios[key] = round(statistics.median(paired), 4)
             ratio_spread[key] = [round(paired[0], 3), round(paired[-1], 3)]
     cfg = asdict(bench)
+    frameworks = {fw: {"skipped": why} for fw, why in skipped.items()}
+    if "deepspeed" in bench.frameworks:
+        import importlib.metadata
+        frameworks["deepspeed"] = {
+            "version": importlib.metadata.version("deepspeed"),
+            "tokens_per_s": {v.split("/")[1]: round(statistics.median(tps_reps[v]), 1)
+                             for v in variants if v.startswith("deepspeed/")},
+            "ratio": {k.split("/")[1]: r for k, r in ratios.items() if k.startswith(f"{REFERENCE}_over_deepspeed/")},
+            "runs": "PipelineModule (one LayerSpec per stage) + deepspeed.initialize + engine.train_batch, "
+                    "TrainSchedule (1F1B), torch AdamW, ZeRO off, fp32, gloo on CPU"}
     return {
         "benchmark": "pipeline_throughput",
         "tokens_per_s": {v: round(statistics.median(t), 1) for v, t in tps_reps.items()},
@@ -284,6 +392,7 @@ def run(bench: BenchConfig) -> dict:
         "config": {k: cfg[k] for k in ("stages", "microbatches", "steps", "warmup", "repetitions",
                                        "batch_size", "seq_len", "ours_abort")}
         | {"model": cfg["model"], "threads_per_process": 1},
+        **frameworks,
         "torch": torch.__version__,
     }
 
@@ -295,7 +404,8 @@ def parse_args(argv: Optional[List[str]] = None) -> BenchConfig:
     p.add_argument("--steps", type=int, default=BenchConfig.steps, help="timed steps per variant per repetition")
     p.add_argument("--warmup", type=int, default=BenchConfig.warmup)
     p.add_argument("--repetitions", type=int, default=BenchConfig.repetitions)
-    p.add_argument("--frameworks", default="ours,torch")
+    p.add_argument("--frameworks", default=",".join(BenchConfig.frameworks),
+                   help=f"comma-separated, from {sorted(RUNNERS)}")
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     p.add_argument("--ours-abort", choices=("event", "none"), default="event")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 stages, 2 steps, 1 warmup, 1 repetition")

@@ -54,7 +54,7 @@ def validate_overrides(overrides: List[str]) -> Optional[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("export", "report", "join"):
+    if argv and argv[0] in ("export", "report", "join", "coordinator"):
         from . import commands
         return commands.dispatch(argv)
     if not any(a in ("--help", "-h", "--cfg", "-c", "--info") or a.startswith("--cfg") for a in argv):

@@ -38,9 +38,16 @@ class _Parser(argparse.ArgumentParser):
         raise CommandError(f"{message} (see `{self.prog} --help`)")
 
 
+def coordinator_command(argv) -> int:
+    """`kintsugi coordinator --port P --run-dir D -- <overrides>`: the coordinator on a stable host."""
+    from recovery.coordinator import main
+    return main(argv)
+
+
 def dispatch(argv: List[str]) -> int:
     name, rest = argv[0], list(argv[1:])
-    commands = {"export": export_command, "report": report_command, "join": join_command}
+    commands = {"export": export_command, "report": report_command, "join": join_command,
+                "coordinator": coordinator_command}
     try:
         return commands[name](rest)
     except CommandError as e:

@@ -1,9 +1,11 @@
 """Smoke test of benchmarks/pipeline_throughput.py: the --quick run (2 stage processes, 2 timed steps)
-prints one JSON line with a positive throughput for every variant, and both frameworks compute the
-same first-step loss, i.e. the benchmark compares equal work."""
+prints one JSON line with a positive throughput for every variant, and every framework computes the
+same first-step loss, i.e. the benchmark compares equal work. DeepSpeed's PipelineModule joins (under
+1f1b, its only schedule) where deepspeed is installed; without it the line says it was skipped."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,9 +18,10 @@ import pytest
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ("ours/gpipe", "torch/gpipe", "ours/1f1b", "torch/1f1b")
-# ~25 s on an idle 2-core machine (process start-up and torch imports are most of it); the bound
-# leaves room for a CPU shared with other jobs.
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+VARIANTS = ("ours/gpipe", "torch/gpipe", "ours/1f1b", "torch/1f1b") + (("deepspeed/1f1b",) if HAS_DEEPSPEED else ())
+# ~25 s on an idle 2-core machine (process start-up and torch imports are most of it; DeepSpeed's
+# import and engine set-up add ~10 s); the bound leaves room for a CPU shared with other jobs.
 BUDGET_S = 150
 
 
@@ -66,3 +69,35 @@ def test_frameworks_compute_the_same_loss(result):
     assert 0 < ref < 10
     for v in VARIANTS:
         assert losses[v] == pytest.approx(ref, rel=1e-5), v
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+def test_deepspeed_pipeline_module_is_reported(result):
+    ds = result["deepspeed"]
+    assert "skipped" not in ds, ds
+    assert ds["tokens_per_s"]["1f1b"] == result["tokens_per_s"]["deepspeed/1f1b"] > 0
+    expected = result["tokens_per_s"]["ours/1f1b"] / result["tokens_per_s"]["deepspeed/1f1b"]
+    assert result["ratio"]["ours_over_deepspeed/1f1b"] == pytest.approx(expected, rel=1e-2)
+    assert ds["ratio"]["1f1b"] == result["ratio"]["ours_over_deepspeed/1f1b"]
+    assert "deepspeed/gpipe" not in result["tokens_per_s"]  # DeepSpeed's engine has no GPipe schedule
+
+
+@pytest.mark.skipif(HAS_DEEPSPEED, reason="deepspeed is installed (the skip path is covered below)")
+def test_missing_deepspeed_is_a_field_not_a_crash(result):
+    assert "skipped" in result["deepspeed"]
+    assert not any(v.startswith("deepspeed/") for v in result["tokens_per_s"])
+
+
+def test_unavailable_framework_is_skipped_with_a_reason(monkeypatch):
+    # Without spawning anything: a missing package or no runnable schedule leaves the framework out.
+    import benchmarks.pipeline_throughput as bench_mod
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    skipped = bench_mod._unavailable(bench_mod.BenchConfig())
+    assert set(skipped) == {"deepspeed"} and "not installed" in skipped["deepspeed"]
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    gpipe_only = bench_mod.BenchConfig(schedules=("gpipe",))
+    if HAS_DEEPSPEED:
+        assert "1f1b" in bench_mod._unavailable(gpipe_only)["deepspeed"]
+    assert "deepspeed/gpipe" not in bench_mod._variants(gpipe_only)
