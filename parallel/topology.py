@@ -2,7 +2,7 @@
 of one generation's process group."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 Slot = Tuple[int, int]  # (replica, stage)
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from parallel.transport import Transport
 

@@ -3,7 +3,6 @@ dispatch here too. Configuration errors are caught before Hydra starts a run, so
 line naming the key and the fix instead of a traceback, and no process is started."""
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import List, Optional

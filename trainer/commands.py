@@ -20,7 +20,10 @@ import shutil
 import signal
 import subprocess
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    import torch
 
 # Files of a Hugging Face tokenizer directory worth copying (never its weights).
 _TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",

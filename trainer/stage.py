@@ -3,7 +3,7 @@ and the export / import of that state that rebuilds and handoffs use."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
