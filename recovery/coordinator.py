@@ -24,6 +24,7 @@ from .tiers import Unrecoverable, plan_rebuilds
 log = logging.getLogger(__name__)
 Slot = Tuple[int, int]
 EX_SUSPENDED = 75  # EX_TEMPFAIL: the job saved its state and stopped; resume it (a batch script requeues)
+TERM_GRACE_S = 5.0  # after a SIGTERM, how long to wait for the workers' leave notices
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Coordinator:
         self.failures = 0
         self.final_val: Optional[float] = None
         self.error: Optional[str] = None
+        self.exit_code = 3  # with an error: 3 = cannot recover, 143 = terminated
         self.readers = {name: P.LogReader(self.store, name) for name in
                         ("join", "suspect", "leave", "commit", "eval", "event", "ckpt", "intent", "suspended")}
         self.store.set("run_dir", os.path.abspath(run_dir))
@@ -89,6 +91,7 @@ class Coordinator:
         self.suspend_gen: Optional[int] = None
         self.suspended: Dict[Slot, int] = {}
         self.suspend_deadline = 0.0
+        self.terminating: Optional[float] = None  # when a SIGTERM arrived
         # train.resume: each replica continues from the newest step all its stages checkpointed.
         self.resume_from: Optional[Dict[int, int]] = None
         if job["train"].get("resume"):
@@ -103,6 +106,8 @@ class Coordinator:
                          ", ".join(f"replica {r}: {k}" for r, k in sorted(self.resume_from.items())))
         os.makedirs(run_dir, exist_ok=True)
         self.metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        from trainer.tracking import LiveWandb  # wandb run fed live (logger.wandb.mode != disabled)
+        self.tracker = LiveWandb.start(job, run_dir)
         self.t0 = time.time()
         self.tokens = 0
         self.bar = None
@@ -333,6 +338,8 @@ class Coordinator:
     def _event(self, ev: dict) -> None:
         ev = dict(ev, t=time.time() - self.t0)
         self.metrics_f.write(json.dumps({"event": ev}) + "\n")
+        if self.tracker is not None:
+            self.tracker.event(ev)
 
     def _drain_logs(self) -> None:
         for req in self.readers["join"].poll():
@@ -362,6 +369,8 @@ class Coordinator:
                 self.stage_times.append(c["stage_compute_s"])
             rec = dict(c, wall_s=time.time() - self.t0, gen=self.gen)
             self.metrics_f.write(json.dumps(rec) + "\n")
+            if self.tracker is not None:
+                self.tracker.commit(c)
             if self.bar is not None:
                 self.bar.update(1)
                 self.bar.set_postfix(loss=f"{c['loss']:.3f}", tok_s=f"{self.tokens / (time.time() - self.t0):.0f}",
@@ -371,6 +380,8 @@ class Coordinator:
             self.metrics_f.write(json.dumps(rec) + "\n")
             if e.get("final"):
                 self.final_val = e["val_loss"]
+            if self.tracker is not None:
+                self.tracker.evaluation(e)
             if self.bar is not None:
                 self.bar.write(f"step {e['step']}: val_loss {e['val_loss']:.4f}")
         for c in self.readers["ckpt"].poll():
@@ -392,6 +403,13 @@ class Coordinator:
                 total[ch] = total.get(ch, 0) + n
         return total
 
+    def on_sigterm(self, *_):
+        """A scheduler's SIGTERM (a time limit, scancel) usually reaches the workers too: keep serving
+        a few seconds so they can announce leaving and the job suspends (exit 75); otherwise 143."""
+        if self.terminating is None:
+            self.terminating = time.time()
+            log.warning("SIGTERM: waiting up to %.0fs for the workers to suspend", TERM_GRACE_S)
+
     def finished(self) -> bool:
         return all(k >= self.max_steps - 1 for k in self.committed.values()) and self.final_val is not None
 
@@ -407,6 +425,10 @@ class Coordinator:
                 self._maybe_rebalance()
                 if self.error or self.finished() or self._suspend_done():
                     break
+                if self.terminating and self.suspend_gen is None and time.time() - self.terminating > TERM_GRACE_S:
+                    self.error = "terminated by SIGTERM"
+                    self.exit_code = 128 + signal.SIGTERM
+                    break
                 time.sleep(poll_s)
         finally:
             self.store.set("shutdown", self.error or "ok")
@@ -416,6 +438,9 @@ class Coordinator:
                      "layout": self.layout, "layout_gen": self.layout_gen,
                      "suspended": ({f"{r},{s}": k for (r, s), k in sorted(self.suspended.items())}
                                    if self.suspend_gen is not None else None)}
+            if self.tracker is not None:
+                self.tracker.finish(state)
+                state["wandb_live"] = True
             with open(os.path.join(self.run_dir, "coordinator_state.json"), "w") as f:
                 json.dump(state, f, indent=1)
             if self.bar is not None:
@@ -424,7 +449,7 @@ class Coordinator:
             time.sleep(1.0)  # let workers read `shutdown` before the store goes away
         if self.error:
             print(f"kintsugi: run stopped: {self.error}", file=sys.stderr)
-            return 3
+            return self.exit_code
         if self.suspend_gen is not None:
             print(f"kintsugi: job suspended at step(s) {sorted(set(self.suspended.values()))}; continue with "
                   f"train.resume={os.path.abspath(self.run_dir)}", file=sys.stderr)
@@ -475,9 +500,11 @@ def main(argv=None) -> int:
         os.makedirs(args.run_dir, exist_ok=True)
         with open(os.path.join(args.run_dir, "job.json"), "w") as f:
             json.dump(job, f, indent=1)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Before the coordinator exists a SIGTERM just ends the process (143, not a success).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     t0 = time.time()
     coordinator = Coordinator(job, args.run_dir, args.port, args.host, token, progress=progress)
+    signal.signal(signal.SIGTERM, coordinator.on_sigterm)
     if corpus is not None:  # before serve(): a worker reads it only after its join is acknowledged
         P.put_json(coordinator.store, "corpus", corpus)
         import socket

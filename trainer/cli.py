@@ -36,11 +36,24 @@ def _one_line(err: BaseException) -> str:
     return text
 
 
+def _first_sweep_point(override: str) -> str:
+    """`k=a,b,c` (a Hydra multirun sweep) -> `k=a`, so one point of a sweep is validated up front."""
+    key, sep, value = override.partition("=")
+    if not sep or any(c in value for c in "[]{}()'\"") or "," not in value:
+        return override
+    return f"{key}={value.split(',')[0]}"
+
+
 def validate_overrides(overrides: List[str]) -> Optional[str]:
+    multirun = any(o in ("-m", "--multirun") for o in overrides)
     try:
-        job, _ = compose_job([o for o in overrides if not o.startswith("-")])
+        points = [(_first_sweep_point(o) if multirun else o) for o in overrides if not o.startswith("-")]
+        job, _ = compose_job(points)
         from .data import validate_data_config
         validate_data_config(job.data)
+        if job.launcher.name == "slurm" and not multirun:  # a sweep submits from outside any allocation
+            from .slurm import check_allocation
+            check_allocation(job)
     except (ConfigError, ValueError) as e:
         return str(e)
     except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf errors: unknown keys, bad types, bad groups
@@ -53,6 +66,8 @@ def validate_overrides(overrides: List[str]) -> Optional[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Appended by the deepspeed launcher (without --no_local_rank) and torch.distributed.launch.
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     if argv and argv[0] in ("export", "report", "join", "coordinator"):
         from . import commands
         return commands.dispatch(argv)

@@ -62,6 +62,9 @@ class TrainConfig:
         _check(self.eval_batches >= 1, f"train.eval_batches={self.eval_batches} must be >= 1")
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         _choice("train.optimizer", self.optimizer, ("adamw", "deepspeed_adam", "deepspeed_cpu_adam"))
+        if self.optimizer != "adamw":
+            from .optim import check_optimizer
+            check_optimizer(self.optimizer)  # deepspeed installed, ninja + a C++ compiler present
         if self.resume:
             import os
             ckpts = os.path.join(os.path.expanduser(self.resume), "checkpoints")
@@ -344,6 +347,13 @@ class JobConfig:
     # --- serialisation: the coordinator hands this to every worker that joins -------------------
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def public_dict(self) -> Dict[str, Any]:
+        """to_dict without the join token: what files (job.json, summary.json) and trackers get.
+        Launchers hand the token to the coordinator in the environment (KINTSUGI_TOKEN)."""
+        d = self.to_dict()
+        d["recovery"]["token"] = ""
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

@@ -35,6 +35,10 @@ def train(job: JobConfig, run_dir: str) -> int:
         job.model.vocab_size = corpus.vocab_size
     corpus_d = {"train_path": corpus.train_path, "val_path": corpus.val_path, "dtype": str(corpus.dtype),
                 "vocab_size": corpus.vocab_size}
+    if job.train.optimizer != "adamw":  # compile DeepSpeed's op once here, not inside every worker
+        from .optim import prebuild_optimizer
+        log.info("train.optimizer=%s: DeepSpeed op ready in %.1f s", job.train.optimizer,
+                 prebuild_optimizer(job.train.optimizer))
     if job.launcher.name == "local":
         from .launch import LocalLauncher
         rc = LocalLauncher(job, run_dir, corpus_d, progress=job.logger.progress).run()

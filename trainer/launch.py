@@ -110,7 +110,7 @@ class LocalLauncher:
         os.makedirs(self.run_dir, exist_ok=True)
         job_path = os.path.join(self.run_dir, "job.json")
         with open(job_path, "w") as f:
-            json.dump(self.job.to_dict(), f, indent=1)
+            json.dump(self.job.public_dict(), f, indent=1)
         self.port = P.free_port()
         cmd = [sys.executable, "-m", "recovery.coordinator", "--port", str(self.port), "--host", "127.0.0.1",
                "--run-dir", self.run_dir, "--job", job_path] + ([] if self.progress else ["--no-progress"])

@@ -242,6 +242,9 @@ class LisaController:
             if p.requires_grad:
                 (no_decay if p.ndim < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if t.optimizer != "adamw":
+            from .optim import build_deepspeed_adam
+            return build_deepspeed_adam(t.optimizer, groups, t)
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=False)
 
     def _switch(self, new: List[int], step: int) -> None:

@@ -72,7 +72,7 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
                                         state.get("layout")),
         "generations": state.get("generations"),
         "error": state.get("error"),
-        "config": job.to_dict(),
+        "config": job.public_dict(),
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -80,7 +80,8 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         plot_loss(os.path.join(run_dir, "loss.png"), commits, evals, summary["rebuilds"])
     except Exception as e:  # noqa: BLE001 - a plot must never fail a finished run
         log.warning("could not draw loss.png: %s", e)
-    log_wandb(job, run_dir, commits, evals, summary)
+    if not state.get("wandb_live"):  # the coordinator did not track the run live: log it now
+        log_wandb(job, run_dir, commits, evals, summary)
     return summary
 
 
@@ -133,7 +134,7 @@ def log_wandb(job: JobConfig, run_dir: str, commits, evals, summary) -> None:
     except ImportError:
         log.warning("logger.wandb.mode=%s but wandb is not installed; skipping", mode)
         return
-    run = wandb.init(project=job.logger.wandb.project, mode=mode, dir=run_dir, config=job.to_dict(),
+    run = wandb.init(project=job.logger.wandb.project, mode=mode, dir=run_dir, config=job.public_dict(),
                      tags=list(job.logger.wandb.tags), name=os.path.basename(os.path.normpath(run_dir)),
                      reinit=True)
     ev = {e["step"]: e for e in evals}

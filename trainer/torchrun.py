@@ -71,10 +71,11 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
             os.makedirs(run_dir, exist_ok=True)
             job_path = os.path.join(run_dir, "job.json")
             with open(job_path, "w") as f:
-                json.dump(job.to_dict(), f, indent=1)
+                json.dump(job.public_dict(), f, indent=1)
             cmd = [sys.executable, "-m", "recovery.coordinator", "--port", str(port), "--run-dir", run_dir,
                    "--job", job_path] + ([] if job.logger.progress else ["--no-progress"])
-            coordinator = subprocess.Popen(cmd, env=child_env())
+            token = P.resolve_token(job.recovery.token)
+            coordinator = subprocess.Popen(cmd, env=child_env({P.TOKEN_ENV: token} if token else None))
     store = _connect(host, port, job.launcher.start_timeout_s)
     if not external:
         if rank == 0:

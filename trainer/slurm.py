@@ -1,0 +1,337 @@
+"""`launcher=slurm`: run inside an sbatch allocation (scripts/slurm/kintsugi.sbatch).
+
+The batch host (where the batch script runs) starts the coordinator on a free port and puts the corpus
+into its store; ONE `srun` then starts `replicas x stages + faults.spares` tasks, each a Kintsugi
+worker (`python -m trainer.slurm worker`, one task per GPU when the allocation has GPUs). run_slurm
+waits for the coordinator, stops srun and returns the coordinator's exit code.
+
+Slurm's warning signal (`sbatch --signal=USR1@90`) reaches every task of the step: every worker is
+leaving and no spare is free, so the workers write an exact checkpoint into `<run_dir>/checkpoints/`
+and the coordinator exits with EX_TEMPFAIL (75, `suspended` in coordinator_state.json). The batch
+script requeues the job on 75; the requeued job (SLURM_RESTART_COUNT > 0) resumes from that
+checkpoint in the same run dir. SIGTERM / SIGUSR1 that reach this process (`scancel --batch` or
+`--full`, `--signal=B:USR1@90`) are forwarded to the workers through srun, so they work too.
+
+Worker ids are `slurm-<jobid>-r<restart>-<task>`: unique per task and per requeue. Extra srun
+options: `KINTSUGI_SRUN_ARGS="--cpus-per-task=8 --mem-per-cpu=4G"`. The coordinator address the
+workers dial is this host's name; set `KINTSUGI_COORDINATOR_HOST` when compute nodes reach the batch
+host under another name (e.g. an InfiniBand hostname).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+from recovery import protocol as P
+
+from .config import ConfigError, JobConfig
+from .launch import child_env
+
+log = logging.getLogger("kintsugi.slurm")
+EX_TEMPFAIL = 75  # the coordinator's exit code when the run suspended into a checkpoint
+
+
+def _int_env(name: str, default: int = 0, env: Optional[Dict[str, str]] = None) -> int:
+    raw = (os.environ if env is None else env).get(name, "")
+    try:
+        return int(raw.split("(")[0]) if raw else default  # SLURM_NTASKS can read "4(x2)" on old versions
+    except ValueError:
+        return default
+
+
+def tasks_needed(job: JobConfig) -> int:
+    return job.parallel.replicas * job.parallel.stages + job.faults.spares
+
+
+def check_allocation(job: JobConfig, env: Optional[Dict[str, str]] = None) -> None:
+    """Fail with one line when this is not an sbatch/salloc allocation that can hold the job."""
+    env = os.environ if env is None else env
+    if not env.get("SLURM_JOB_ID"):
+        raise ConfigError("launcher=slurm but SLURM_JOB_ID is not set; submit with `sbatch "
+                          "scripts/slurm/kintsugi.sbatch ...` (or run inside salloc), or use launcher=local")
+    if job.recovery.coordinator:
+        raise ConfigError(f"recovery.coordinator={job.recovery.coordinator} is not used with launcher=slurm "
+                          "(the coordinator runs on the batch host); drop it or use launcher=torchrun")
+    need, have = tasks_needed(job), _int_env("SLURM_NTASKS", env=env)
+    if have and have < need:
+        raise ConfigError(f"the allocation has {have} tasks but parallel.replicas x parallel.stages + faults.spares "
+                          f"= {need}; submit with `sbatch --ntasks={need} ...`")
+    if shutil.which("srun", path=env.get("PATH")) is None:
+        raise ConfigError("launcher=slurm but `srun` is not on PATH; run inside a Slurm allocation")
+
+
+def allocation_has_gpus(env: Optional[Dict[str, str]] = None) -> bool:
+    env = os.environ if env is None else env
+    if _int_env("SLURM_GPUS_ON_NODE", env=env) > 0 or env.get("SLURM_JOB_GPUS") or env.get("SLURM_STEP_GPUS"):
+        return True
+    for k in ("SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_TRES_PER_TASK"):
+        v = env.get(k, "")
+        if v and any(ch.isdigit() and ch != "0" for ch in v) and ("gpu" in v or k != "SLURM_TRES_PER_TASK"):
+            return True
+    return False
+
+
+def srun_command(job: JobConfig, coordinator: str, env: Optional[Dict[str, str]] = None) -> List[str]:
+    """The one srun that starts every worker: a task per slot plus the spares."""
+    env = os.environ if env is None else env
+    cmd = ["srun", f"--ntasks={tasks_needed(job)}", "--kill-on-bad-exit=0", "--job-name=kintsugi-workers"]
+    if allocation_has_gpus(env):
+        cmd.append("--gpus-per-task=1")
+    if env.get("SLURM_STEP_ID") not in (None, "", "batch", "4294967294"):
+        # Already inside a job step (e.g. a submitit task started with srun): share its resources.
+        cmd.append("--overlap")
+    cmd += shlex.split(env.get("KINTSUGI_SRUN_ARGS", ""))
+    cmd += [sys.executable, "-m", "trainer.slurm", "worker", "--coordinator", coordinator]
+    return cmd
+
+
+def _maybe_resume(job: JobConfig, run_dir: str) -> None:
+    """A requeued job resumes from the checkpoint its previous run left in the same run dir."""
+    restarts = _int_env("SLURM_RESTART_COUNT")
+    if restarts > 0 and not job.train.resume and os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        log.warning("requeued run %d of job %s: resuming from %s", restarts, os.environ.get("SLURM_JOB_ID"),
+                    run_dir)
+        job.train.resume = run_dir
+
+
+class SlurmRun:
+    def __init__(self, job: JobConfig, run_dir: str, corpus: dict):
+        self.job, self.run_dir, self.corpus = job, run_dir, corpus
+        self.coordinator: Optional[subprocess.Popen] = None
+        self.srun: Optional[subprocess.Popen] = None
+        self.term_at: Optional[float] = None
+        self.store = None
+        self.workers_ready = False     # generation 0 published: every worker joined and holds a slot
+        self.pending: List[int] = []   # signals for the workers that came before they were up
+        self.forwarded: Dict[int, float] = {}
+        self.term_grace_s = float(os.environ.get("KINTSUGI_SLURM_TERM_GRACE_S", "20"))
+
+    # Signals that reach the batch host: hand them to the workers, keep the coordinator running so the
+    # workers can still suspend into a checkpoint, and give up after term_grace_s (Slurm's KillWait
+    # is 30 s by default).
+    def _on_signal(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.srun is None or not self.workers_ready:
+            # Too early for srun to pass it on (the workers are not all up): forward it once they are.
+            print(f"kintsugi: {name} on the batch host before the workers are up; forwarding it once they are",
+                  file=sys.stderr, flush=True)
+            self.pending.append(signum)
+        elif self.srun.poll() is None and time.time() - self.forwarded.get(signum, 0.0) > 2.0:
+            # (once: the same signal often arrives twice, from Slurm and forwarded by the batch shell)
+            self.forwarded[signum] = time.time()
+            print(f"kintsugi: {name} on the batch host; forwarding it to the workers", file=sys.stderr, flush=True)
+            try:
+                self.srun.send_signal(signum)
+            except ProcessLookupError:
+                pass
+        if signum == signal.SIGTERM:
+            # The same SIGTERM can arrive twice (from Slurm and forwarded by the batch shell); a
+            # later one means "stop now".
+            if self.term_at is not None and time.time() - self.term_at > 2.0:
+                raise KeyboardInterrupt
+            self.term_at = self.term_at or time.time()
+
+    def run(self) -> int:
+        job = self.job
+        os.makedirs(self.run_dir, exist_ok=True)
+        _maybe_resume(job, self.run_dir)
+        job_path = os.path.join(self.run_dir, "job.json")
+        with open(job_path, "w") as f:
+            json.dump(job.to_dict(), f, indent=1)
+        env = child_env({P.TOKEN_ENV: P.resolve_token(job.recovery.token) or os.urandom(8).hex()})
+        port = P.free_port()
+        host = os.environ.get("KINTSUGI_COORDINATOR_HOST") or socket.gethostname()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            # Its own session: a signal Slurm sends to the batch step's process group must not kill the
+            # store the workers still need (the coordinator dies with this process: KINTSUGI_PDEATHSIG).
+            self.coordinator = subprocess.Popen(
+                [sys.executable, "-m", "recovery.coordinator", "--port", str(port), "--run-dir", self.run_dir,
+                 "--job", job_path] + ([] if job.logger.progress else ["--no-progress"]),
+                env=env, start_new_session=True)
+            self.store = store = self._connect(port)
+            P.put_json(store, "corpus", self.corpus)
+            cmd = srun_command(job, f"{host}:{port}")
+            log.info("coordinator on %s:%d; starting %d workers: %s", host, port, tasks_needed(job), shlex.join(cmd))
+            self.srun = subprocess.Popen(cmd, env=env)
+            rc = self._wait()
+            if rc == 0 and self.term_at is not None and not self._finished():
+                rc = 143  # SIGTERM (time limit, scancel) stopped the coordinator before the run finished
+            if rc == EX_TEMPFAIL:
+                print(f"kintsugi: run suspended into {os.path.join(self.run_dir, 'checkpoints')} (exit 75); "
+                      f"requeue, or rerun with train.resume={self.run_dir}", file=sys.stderr, flush=True)
+            return rc
+        except KeyboardInterrupt:
+            print("kintsugi: interrupted; stopping the workers and the coordinator", file=sys.stderr, flush=True)
+            return 130
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self._cleanup()
+
+    def _check_workers_ready(self) -> None:
+        try:
+            ready = int(self.store.get("gen")) >= 0
+        except (RuntimeError, ValueError):
+            return
+        if ready:
+            self.workers_ready = True
+            while self.pending and self.srun.poll() is None:
+                sig = self.pending.pop(0)
+                print(f"kintsugi: forwarding the held {signal.Signals(sig).name} to the workers", file=sys.stderr,
+                      flush=True)
+                self.srun.send_signal(sig)
+
+    def _finished(self) -> bool:
+        try:
+            with open(os.path.join(self.run_dir, "coordinator_state.json")) as f:
+                return json.load(f).get("final_val_loss") is not None
+        except (OSError, ValueError):
+            return False
+
+    def _connect(self, port: int):
+        deadline = time.time() + self.job.launcher.start_timeout_s
+        while True:
+            if self.coordinator.poll() is not None:
+                raise RuntimeError(f"the coordinator exited with code {self.coordinator.returncode} before it "
+                                   "served; see its log above")
+            try:
+                store = P.connect("127.0.0.1", port, timeout_s=10)
+                if store.check(["job"]):
+                    return store
+            except RuntimeError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"the coordinator did not come up on port {port} within "
+                                   f"{self.job.launcher.start_timeout_s:.0f}s")
+            time.sleep(0.1)
+
+    def _wait(self) -> int:
+        """The coordinator's exit code. If every worker is gone but the coordinator is not, give it a
+        grace period (it may be finishing a suspend), then stop it."""
+        grace = max(30.0, 3 * self.job.recovery.heartbeat_timeout_s)
+        srun_gone: Optional[float] = None
+        while True:
+            rc = self.coordinator.poll()
+            if rc is not None:
+                return rc
+            now = time.time()
+            if not self.workers_ready:
+                self._check_workers_ready()
+            if srun_gone is None and self.srun.poll() is not None:
+                srun_gone, warned = now, False
+            if srun_gone is not None and not warned and now - srun_gone > 5.0:  # not just the normal exit
+                warned = True
+                log.warning("srun exited with code %s but the coordinator still runs; waiting up to %.0fs for it",
+                            self.srun.returncode, grace)
+            if srun_gone is not None and now - srun_gone > grace:
+                print(f"kintsugi: every worker exited (srun code {self.srun.returncode}) and the coordinator did "
+                      "not finish; stopping it", file=sys.stderr, flush=True)
+                return 1
+            if self.term_at is not None and now - self.term_at > self.term_grace_s:
+                print("kintsugi: SIGTERM and the run did not suspend in time; stopping", file=sys.stderr, flush=True)
+                return 143
+            time.sleep(0.1)
+
+    def _cleanup(self) -> None:
+        """srun first (the workers exit by themselves once the coordinator announces shutdown), then the
+        coordinator; nothing is left behind."""
+        if self.srun is not None:
+            self._stop(self.srun, wait_s=15.0 if self.coordinator and self.coordinator.poll() is not None else 0.0)
+        if self.coordinator is not None and self.coordinator.poll() is None:
+            self.coordinator.terminate()  # writes coordinator_state.json on its way out
+            try:
+                self.coordinator.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.coordinator.kill()
+                self.coordinator.wait()
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen, wait_s: float) -> None:
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        # srun forwards SIGTERM to the tasks; a second signal soon after makes it give up on them.
+        for sig, t in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                proc.send_signal(sig)
+                proc.wait(timeout=t)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                return
+
+
+def run_slurm(job: JobConfig, run_dir: str, corpus: dict) -> int:
+    check_allocation(job)
+    return SlurmRun(job, run_dir, corpus).run()
+
+
+def worker_id(env: Optional[Dict[str, str]] = None) -> str:
+    env = os.environ if env is None else env
+    return (f"slurm-{env.get('SLURM_JOB_ID', 'nojob')}-r{_int_env('SLURM_RESTART_COUNT', env=env)}"
+            f"-{env.get('SLURM_PROCID', '0')}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m trainer.slurm worker --coordinator host:port`: one srun task = one Kintsugi worker."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m trainer.slurm", description=main.__doc__)
+    ap.add_argument("role", choices=["worker"])
+    ap.add_argument("--coordinator", required=True, help="host:port of the coordinator on the batch host")
+    args = ap.parse_args(argv)
+    _hold_early_notices()
+    from .worker import main as worker_main
+    return worker_main(["--coordinator", args.coordinator, "--wid", worker_id()])
+
+
+def _hold_early_notices(signals=(signal.SIGTERM, signal.SIGUSR1), wait_s: float = 180.0) -> None:
+    """A notice (Slurm's USR1, a SIGTERM) that arrives while the worker is still importing torch would
+    kill it, before it could leave gracefully. Hold it, and deliver it again once the worker has
+    installed its own handler (or after wait_s, to the default action, for a signal the worker does
+    not handle: recovery.notice_signals)."""
+    import threading
+    held, expired = [], []
+
+    def hold(signum, _frame):
+        if expired:  # the worker never took this signal over: its default action after all
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        else:
+            held.append(signum)
+
+    for s in signals:
+        signal.signal(s, hold)
+
+    def redeliver():
+        deadline = time.time() + wait_s
+        pending = set(signals)
+        while pending and time.time() < deadline:
+            for s in list(pending):
+                if signal.getsignal(s) is not hold:  # the worker's handler is in place
+                    pending.discard(s)
+                    if s in held:
+                        os.kill(os.getpid(), s)
+            time.sleep(0.05)
+        expired.append(True)
+        for s in pending:
+            if s in held and signal.getsignal(s) is hold:
+                os.kill(os.getpid(), s)  # handled in the main thread, by `hold`
+
+    threading.Thread(target=redeliver, name="kintsugi-early-notices", daemon=True).start()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
