@@ -155,21 +155,38 @@ class StreamingDiLoCo:
     # --- the step hook ------------------------------------------------------------------------------
     def after_inner_step(self, t: Optional[int] = None) -> None:
         """t = inner steps completed (defaults to one more than last time). Starts the syncs due
-        now, then finishes those started tau or more steps ago (>=: after a rebuild t may jump)."""
+        now, then finishes those started tau or more steps ago (>=: after a rebuild t may jump),
+        then starts syncs that had to wait for their fragment's previous sync to finish."""
         t = self.step + 1 if t is None else int(t)
         self.step = t
-        H, P = self.cfg.sync_every, self.num_fragments
-        for frag in self.fragments:
-            if frag.index not in self._inflight and t >= next_due(frag.syncs, frag.index, H, P):
-                self._start(frag, t)
+        self._start_due(t)
         for p, (t0, _) in sorted(self._inflight.items(), key=lambda kv: kv[1][0]):
             if t - t0 >= self.cfg.overlap:
                 self._finish(self.fragments[p], t)
+        self._start_due(t)
+
+    def _start_due(self, t: int) -> None:
+        """Owed syncs start in order of their due step, and a sync never overtakes an earlier-due one
+        that must wait (its fragment still in flight): then every replica starts the same sequence
+        of all-reduces, also when one is several steps past due after a generation change (a
+        replica behind starts them one by one on arrival). Fragment order would not do: with
+        P = 2, a replica at t = 8 owing fragment 1 (due 6) and fragment 0 (due 8) would start
+        fragment 0 first while a replica at t = 6 starts fragment 1."""
+        H, P = self.cfg.sync_every, self.num_fragments
+        for frag in sorted(self.fragments, key=lambda f: (next_due(f.syncs, f.index, H, P), f.index)):
+            if t < next_due(frag.syncs, frag.index, H, P) or frag.index in self._inflight:
+                break
+            self._start(frag, t)
 
     def finish_all(self) -> None:
-        """Finish every sync in flight now (before `state_dict`, at the end of training)."""
-        for p, _ in sorted(self._inflight.items(), key=lambda kv: kv[1][0]):
-            self._finish(self.fragments[p], self.step)
+        """Start every sync owed up to the current step and finish them all (at the end of
+        training: every replica then has run the same syncs, whatever step it jumped from)."""
+        while True:
+            self._start_due(self.step)
+            if not self._inflight:
+                return
+            for p, _ in sorted(self._inflight.items(), key=lambda kv: kv[1][0]):
+                self._finish(self.fragments[p], self.step)
 
     def abandon(self) -> None:
         """Forget syncs in flight (their group is gone); the next sync of each fragment carries the
