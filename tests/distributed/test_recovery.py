@@ -191,7 +191,10 @@ def test_no_orphan_processes_when_the_launcher_dies(tmp_path, sig):
     env = dict(os.environ, PYTHONPATH=ROOT)
     launcher = subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet",
                                  "experiment=quick", "train.max_steps=500", "faults.spares=1"], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                # A shell that started pytest in the background passes SIGINT on as
+                                # ignored; give the launcher the default (Ctrl-C raises) whatever ran us.
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline:
         m = run_dir / "metrics.jsonl"
