@@ -52,7 +52,10 @@ def train(job: JobConfig, run_dir: str) -> int:
         return rc  # outputs are written once, by global rank 0 beside the coordinator
     if rc == 0 or os.path.exists(os.path.join(run_dir, "coordinator_state.json")):
         summary = write_outputs(run_dir, job, time.time() - t0)
-        if summary is not None:
+        if summary is not None and rc == 75:  # recovery.coordinator.EX_SUSPENDED
+            log.warning("suspended after %d committed steps (exact per-slot checkpoints saved); continue with "
+                        "train.resume=%s", summary["steps"], run_dir)
+        elif summary is not None:
             log.info("done: final val loss %s, %d steps, %.0f tokens/s, %d failures, %d rebuilds -> %s",
                      summary["final_val_loss"], summary["steps"], summary["tokens_per_s"], summary["failures"],
                      len(summary["rebuilds"]), run_dir)
