@@ -100,6 +100,10 @@ class Coordinator:
             if self.resume_from is None:
                 self.error = f"train.resume={run_dir} holds no checkpoint complete for every replica"
             else:
+                layout_path = os.path.join(run_dir, "checkpoints", "layout.json")
+                if os.path.exists(layout_path):  # a rebalanced job suspended: rebuild its stages as they were
+                    with open(layout_path) as f:
+                        self.layout = json.load(f)["layers_per_stage"]
                 steps = set(self.resume_from.values())
                 self.latest_checkpoint = steps.pop() if len(steps) == 1 else None
                 log.info("resuming in %s from step(s) %s", run_dir,
@@ -250,6 +254,10 @@ class Coordinator:
             return
         if any(w.state == "spare" and not w.leaving for w in self.workers.values()):
             return  # someone can still take a handoff
+        if self.layout != [len(x) for x in self._default_layout()]:
+            os.makedirs(os.path.join(self.run_dir, "checkpoints"), exist_ok=True)
+            with open(os.path.join(self.run_dir, "checkpoints", "layout.json"), "w") as f:
+                json.dump({"layers_per_stage": self.layout}, f)
         self.gen += 1
         self.suspend_gen = self.gen
         self.suspend_deadline = time.time() + max(60.0, 4 * self.hb_timeout)
@@ -288,6 +296,10 @@ class Coordinator:
         self._event({"kind": "rebalance", "from": prev, "to": counts, "stage_compute_s": mean,
                      "predicted_gain": gain})
         self._publish({}, leavers=[], prev_layout=prev)
+
+    def _default_layout(self):
+        from parallel.topology import per_stage_layers
+        return per_stage_layers(self.job["model"]["n_layers"], self.S, self.job["parallel"].get("layers_per_stage"))
 
     def _suspend_done(self) -> bool:
         if self.suspend_gen is None:

@@ -323,7 +323,7 @@ class JobConfig:
                    f"lisa.layers_per_stage={self.lisa.layers_per_stage} exceeds the smallest stage "
                    f"({m.n_layers // p.stages} layers); lower it or use fewer stages")
         if p.rebalance:
-            for on, what in ((self.lisa.enabled, "lisa.enabled=true"), (self.diloco.enabled, "diloco.enabled=true"),
+            for on, what in ((self.lisa.enabled, "lisa.enabled=true"),
                              (self.recovery.checkpoint_every > 0 or self.recovery.strategy == "checkpoint",
                               "checkpoints (recovery.checkpoint_every / strategy=checkpoint)")):
                 _check(not on, f"parallel.rebalance=true does not yet work with {what}; turn one of them off")

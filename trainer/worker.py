@@ -300,6 +300,14 @@ class Worker:
         named = dict(st.model.named_parameters())
         params = {n: p.detach() for n, p in named.items()}
         opt = {n: st.optimizer.state[p] for n, p in named.items() if st.optimizer.state.get(p)}
+        # Streaming DiLoCo: a layer's global copy and outer momentum travel with it (by name).
+        outer = {}
+        if self.diloco is not None:
+            for f in self.diloco.state_dict(as_if_abandoned=True)["fragments"]:
+                for n, g in f["global"].items():
+                    outer[n] = (g, f["momentum"].get(n))
+            old_counts = [f.syncs for f in self.diloco.fragments]
+            old_syncs = self.diloco.num_syncs
         t0 = time.time()
         for l in sorted(old_owner):
             a, b = old_owner[l], new_owner[l]
@@ -308,12 +316,14 @@ class Worker:
             if a == s:
                 names = [n for n in named if n.startswith(f"layers.{l}.")]
                 send_package(transport, {"params": {n: params[n] for n in names},
-                                         "opt": {n: opt[n] for n in names if n in opt}},
+                                         "opt": {n: opt[n] for n in names if n in opt},
+                                         "outer": {n: outer[n] for n in names if n in outer}},
                              grid.rank((r, b)), REBALANCE_TAG + 4 * l)
             else:
                 pkg = recv_package(transport, grid.rank((r, a)), REBALANCE_TAG + 4 * l)
                 params.update(pkg["params"])
                 opt.update(pkg["opt"])
+                outer.update(pkg["outer"])
         new = StageState(self.job, s)
         with torch.no_grad():
             for n, p in new.model.named_parameters():
@@ -323,6 +333,16 @@ class Worker:
         new.lr_scale, new.grad_norm, new.step_done = st.lr_scale, st.grad_norm, st.step_done
         new.neighbour_copy = dict(st.neighbour_copy)
         self.state = new
+        if self.diloco is not None:
+            # A new fragment split over the new layers; fragment p keeps fragment p's sync count, so
+            # every replica (same old counts after resync, same new split) agrees on what is owed.
+            self.diloco = None
+            self._setup_outer_sync()
+            state = {"step": self.diloco.step, "num_syncs": old_syncs, "fragments": [
+                {"names": list(f.names), "global": {n: outer[n][0] for n in f.names},
+                 "momentum": {n: outer[n][1] for n in f.names if outer[n][1] is not None},
+                 "syncs": old_counts[min(f.index, len(old_counts) - 1)]} for f in self.diloco.fragments]}
+            self.diloco.load_state_dict(state, reset_local=False)
         log.warning("slot %s rebalanced: layers %s -> %s (%.3fs)", slot, st.layer_ids, new.layer_ids,
                     time.time() - t0)
 

@@ -35,3 +35,21 @@ def test_slow_machine_stage_sheds_layers_and_the_loss_curve_is_unchanged(tmp_pat
     # Measured in the same run: the slowest stage got faster (3x slowdown on 2 layers -> on fewer).
     assert summary["slowest_stage"]["layers_per_stage"] == events[-1]["to"]
     assert summary["slowest_stage"]["compute_s"] < 0.9 * max(ev["stage_compute_s"])
+
+
+def test_rebalance_under_streaming_diloco_moves_global_copies_with_the_layers(tmp_path):
+    # 2 replicas x 4 stages, Streaming DiLoCo with 2 fragments per stage: the moved layers take
+    # their global copies and outer momentum along, every replica re-splits its fragments the same
+    # way, and the outer syncs keep meeting (the run would hang on a mismatched all-reduce).
+    _, summary, records = run_trainer(
+        tmp_path / "run", "experiment=quick", "parallel=grid2x4", "train.max_steps=24", "faults=none",
+        "faults.spares=0", "launcher.machines=4", "launcher.slow_machines=m1:3", "parallel.rebalance=true",
+        "parallel.rebalance_every=6", "parallel.rebalance_min_gain=0.05", "diloco.enabled=true",
+        "diloco.sync_every=5", "diloco.fragments=2", "train.eval_batches=1", timeout=200)
+    events = [r["event"] for r in records if r.get("event", {}).get("kind") == "rebalance"]
+    assert events, "the slow machine's stages should trigger a rebalance"
+    for q in (0, 1):
+        assert sorted({r["step"] for r in records if "loss" in r and "val_loss" not in r
+                       and r.get("replica") == q}) == list(range(24))
+    assert summary["bytes"]["outer_sync"] > 0 and summary["final_val_loss"] is not None
+    assert summary["slowest_stage"]["layers_per_stage"] == events[-1]["to"]
