@@ -195,9 +195,6 @@ class StreamingDiLoCo:
             log.info("abandoning %d diloco syncs in flight", len(self._inflight))
         self._inflight.clear()
 
-    def in_flight(self) -> bool:
-        return bool(self._inflight)
-
     def set_group(self, group, abort: Optional[threading.Event] = None) -> None:
         """Switch to a new generation's stage group; syncs of the old group must be abandoned."""
         if self._inflight:

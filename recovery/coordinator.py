@@ -71,6 +71,7 @@ class Coordinator:
         # compute times measured under them (the first steps after a change are warm-up, skipped).
         from parallel.topology import per_stage_layers
         self.layout = [len(x) for x in per_stage_layers(job["model"]["n_layers"], self.S, par.get("layers_per_stage"))]
+        self.config_layout = list(self.layout)
         self.rebalance = bool(par.get("rebalance"))
         self.rebalance_every = int(par.get("rebalance_every", 10))
         self.rebalance_min_gain = float(par.get("rebalance_min_gain", 0.1))
@@ -254,18 +255,14 @@ class Coordinator:
             return
         if any(w.state == "spare" and not w.leaving for w in self.workers.values()):
             return  # someone can still take a handoff
-        if self.layout != [len(x) for x in self._default_layout()]:
+        if self.layout != self.config_layout:
             os.makedirs(os.path.join(self.run_dir, "checkpoints"), exist_ok=True)
             with open(os.path.join(self.run_dir, "checkpoints", "layout.json"), "w") as f:
                 json.dump({"layers_per_stage": self.layout}, f)
-        self.gen += 1
+        self._put_plan(suspend=True, ranks={}, world_size=0, rebuild={}, leavers=[],
+                       holders={f"{r},{s}": wid for (r, s), wid in holders.items()})
         self.suspend_gen = self.gen
         self.suspend_deadline = time.time() + max(60.0, 4 * self.hb_timeout)
-        plan = {"gen": self.gen, "suspend": True, "ranks": {}, "world_size": 0, "rebuild": {}, "leavers": [],
-                "holders": {f"{r},{s}": wid for (r, s), wid in holders.items()},
-                "committed": {str(r): k for r, k in self.committed.items()}, "published_at": time.time()}
-        P.put_json(self.store, f"gen/{self.gen}", plan)
-        self.store.set("gen", str(self.gen))
         log.warning("generation %d: every worker is leaving and no spare is free; suspending the job "
                     "(each slot saves its committed state; continue with train.resume=%s)", self.gen,
                     os.path.abspath(self.run_dir))
@@ -297,10 +294,6 @@ class Coordinator:
                      "predicted_gain": gain})
         self._publish({}, leavers=[], prev_layout=prev)
 
-    def _default_layout(self):
-        from parallel.topology import per_stage_layers
-        return per_stage_layers(self.job["model"]["n_layers"], self.S, self.job["parallel"].get("layers_per_stage"))
-
     def _suspend_done(self) -> bool:
         if self.suspend_gen is None:
             return False
@@ -326,17 +319,21 @@ class Coordinator:
         w.state, w.slot = "active", slot
         self.slots[slot] = w.wid
 
-    def _publish(self, rebuild: dict, leavers: List[str], rollback=None, prev_layout=None) -> None:
+    def _put_plan(self, **plan) -> None:
+        """Publish the next generation: its plan first, then the number workers poll for."""
         self.gen += 1
+        plan.update(gen=self.gen, committed={str(r): k for r, k in self.committed.items()},
+                    published_at=time.time())
+        P.put_json(self.store, f"gen/{self.gen}", plan)
+        self.store.set("gen", str(self.gen))
+
+    def _publish(self, rebuild: dict, leavers: List[str], rollback=None, prev_layout=None) -> None:
         ranks = {self.slots[(r, s)]: r * self.S + s for r in range(self.R) for s in range(self.S)}
         for j, wid in enumerate(leavers):  # leavers join the new group only to hand their state over
             ranks[wid] = self.R * self.S + j
-        plan = {"gen": self.gen, "slots": {f"{r},{s}": wid for (r, s), wid in self.slots.items()},
-                "ranks": ranks, "world_size": len(ranks), "rebuild": rebuild, "leavers": leavers, "rollback": rollback,
-                "layout": list(self.layout), "prev_layout": prev_layout,
-                "committed": {str(r): k for r, k in self.committed.items()}, "published_at": time.time()}
-        P.put_json(self.store, f"gen/{self.gen}", plan)
-        self.store.set("gen", str(self.gen))
+        self._put_plan(slots={f"{r},{s}": wid for (r, s), wid in self.slots.items()}, ranks=ranks,
+                       world_size=len(ranks), rebuild=rebuild, leavers=leavers, rollback=rollback,
+                       layout=list(self.layout), prev_layout=prev_layout)
         if rebuild:
             log.warning("generation %d: rebuilding %s", self.gen,
                         ", ".join(f"slot {k} via {v['tier']}" for k, v in rebuild.items()))

@@ -44,6 +44,20 @@ def run_trainer(run_dir, *overrides, timeout=240, check=True):
     return proc, summary, records
 
 
+def run_benchmark(module: str, *args: str, timeout: float) -> dict:
+    """Run `python -m <module> <args>` (a benchmark) for real and return its one JSON line, plus
+    `_elapsed_s` (wall seconds of the whole process)."""
+    import time
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one JSON line on stdout, got {lines!r}"
+    return dict(json.loads(lines[0]), _elapsed_s=time.time() - t0)
+
+
 def commits(records, replica=0):
     out = {}
     for r in records:

@@ -133,11 +133,9 @@ class AsyncCheckpointer:
         """Snapshot now (cheap copies), write in the background; one write in flight at a time."""
         self.wait()
         snap = snapshot(state, step, diloco)
-        path = checkpoint_path(self.run_dir, step, slot)
 
         def write():
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_snapshot(snap, path)
+            self._write(snap, slot, step)
             try:
                 P.append(self.store, "ckpt", {"slot": list(slot), "step": step})
             except Exception:  # noqa: BLE001 - the run may be ending; the checkpoint is still there
@@ -149,9 +147,12 @@ class AsyncCheckpointer:
     def save_now(self, state, slot, step: int, diloco=None) -> str:
         """Synchronous write (the job is being suspended): returns the path."""
         self.wait()
+        return self._write(snapshot(state, step, diloco), slot, step)
+
+    def _write(self, snap: dict, slot, step: int) -> str:
         path = checkpoint_path(self.run_dir, step, slot)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_snapshot(snapshot(state, step, diloco), path)
+        write_snapshot(snap, path)
         return path
 
     def wait(self) -> None:

@@ -17,13 +17,12 @@ from .config_store import register, to_job_config
 log = logging.getLogger("kintsugi")
 
 
-def train(job: JobConfig, run_dir: str) -> int:
-    """Prepare the corpus, run the job with the configured launcher, write the outputs."""
+def prepare_corpus_and_model(job: JobConfig) -> dict:
+    """Prepare (or reuse) the token cache, take the architecture from model.init_from and the vocab
+    size from the tokenizer when unset (job.model is updated); returns the store's `corpus` entry."""
     from .data import prepare_corpus, validate_data_config
-    from .outputs import write_outputs
 
     validate_data_config(job.data)
-    t0 = time.time()
     corpus = prepare_corpus(job.data)
     log.info("corpus: %d train / %d val tokens from %d files (%d skipped, not UTF-8), vocab %d",
              corpus.num_train_tokens, corpus.num_val_tokens, corpus.num_files, corpus.skipped_files,
@@ -33,8 +32,16 @@ def train(job: JobConfig, run_dir: str) -> int:
         job.model = checkpoint_model_config(job.model.init_from, job.model)
     if job.model.vocab_size <= 0:
         job.model.vocab_size = corpus.vocab_size
-    corpus_d = {"train_path": corpus.train_path, "val_path": corpus.val_path, "dtype": str(corpus.dtype),
-                "vocab_size": corpus.vocab_size}
+    return {"train_path": corpus.train_path, "val_path": corpus.val_path, "dtype": str(corpus.dtype),
+            "vocab_size": corpus.vocab_size}
+
+
+def train(job: JobConfig, run_dir: str) -> int:
+    """Prepare the corpus, run the job with the configured launcher, write the outputs."""
+    from .outputs import write_outputs
+
+    t0 = time.time()
+    corpus_d = prepare_corpus_and_model(job)
     if job.train.optimizer != "adamw":  # compile DeepSpeed's op once here, not inside every worker
         from .optim import prebuild_optimizer
         log.info("train.optimizer=%s: DeepSpeed op ready in %.1f s", job.train.optimizer,

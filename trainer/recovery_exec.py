@@ -6,7 +6,6 @@ refuses adjacent losses), so every exchange is a one-way source -> target transf
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -41,12 +40,12 @@ def dump(name: str, obj) -> None:
 
 
 def snapshot(worker: "Worker") -> dict:
-    st = worker.state
-    return {"params": {k: v.detach().clone() for k, v in st.model.state_dict().items()},
-            "optimizer": copy.deepcopy(st.optimizer.state_dict()), "lr_scale": st.lr_scale,
-            "grad_norm": st.grad_norm,
-            "diloco_global": ({k: v.clone() for k, v in worker.diloco.global_params().items()}
-                              if worker.diloco is not None else None)}
+    """A checkpoint's snapshot of the stage, plus the DiLoCo global parameters by name."""
+    from .checkpoint import snapshot as stage_snapshot
+    snap = stage_snapshot(worker.state, worker.state.step_done)
+    snap["diloco_global"] = ({k: v.clone() for k, v in worker.diloco.global_params().items()}
+                             if worker.diloco is not None else None)
+    return snap
 
 
 def execute_plan(worker: "Worker", plan: dict, grid: Grid, transport: Transport, slot, my_rebuild) -> None:

@@ -173,20 +173,13 @@ def prepare_job(overrides: List[str]) -> Tuple[dict, dict]:
     CLI composes, the corpus prepared (cached) on this host, the vocabulary size filled in, as
     `trainer.entry.train` does before launching. Raises ConfigError with a one-line message."""
     from .cli import compose_job, validate_overrides
-    from .data import prepare_corpus
+    from .entry import prepare_corpus_and_model
 
     err = validate_overrides(list(overrides))
     if err:
         raise ConfigError(err)
     job, _ = compose_job(list(overrides))
-    corpus = prepare_corpus(job.data)
-    if job.model.init_from:
-        from .pretrained import checkpoint_model_config
-        job.model = checkpoint_model_config(job.model.init_from, job.model)
-    if job.model.vocab_size <= 0:
-        job.model.vocab_size = corpus.vocab_size
-    corpus_d = {"train_path": corpus.train_path, "val_path": corpus.val_path, "dtype": str(corpus.dtype),
-                "vocab_size": corpus.vocab_size}
+    corpus_d = prepare_corpus_and_model(job)
     return job.to_dict(), corpus_d
 
 

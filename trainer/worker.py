@@ -426,8 +426,7 @@ class Worker:
             if self.slowdown > 1.0:  # a simulated slower machine: its peers wait for it for real
                 time.sleep((self.slowdown - 1.0) * compute_s)
                 compute_s *= self.slowdown
-            if self.stage_group is not None and self.diloco is None:
-                # The data-parallel baseline: average gradients across replicas every step.
+            if dp:  # the data-parallel baseline: average gradients across replicas every step
                 allreduce_gradients(list(st.model.parameters()), self.stage_group, self.counter, self.hb.abort)
             local_sq = st.local_grad_sq()
             self.pending = (step, local_sq)

@@ -6,13 +6,13 @@ consistent). The --quick benchmarks themselves take minutes, so they are marked 
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -46,13 +46,7 @@ def test_run_helpers_measure_one_kill(tmp_path):
 
 
 def _run_module(module: str, timeout: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", module, "--quick"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one JSON line on stdout, got {lines!r}"
-    return json.loads(lines[0])
+    return run_benchmark(module, "--quick", timeout=timeout)
 
 
 @pytest.mark.slow

@@ -11,10 +11,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from conftest import run_benchmark
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 
@@ -40,16 +41,7 @@ def result() -> dict:
     why = netns_unavailable()
     if why:
         pytest.skip(f"network namespaces with tc are not permitted here: {why}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.diloco_bandwidth", "--quick"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=BUDGET_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one JSON line on stdout, got {lines!r}"
-    out = json.loads(lines[0])
-    out["_elapsed_s"] = time.time() - t0
-    return out
+    return run_benchmark("benchmarks.diloco_bandwidth", "--quick", timeout=BUDGET_S)
 
 
 def test_every_link_and_variant_is_reported(result):

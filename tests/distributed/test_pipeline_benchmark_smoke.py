@@ -6,14 +6,11 @@ same first-step loss, i.e. the benchmark compares equal work. DeepSpeed's Pipeli
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from conftest import run_benchmark
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 
@@ -27,16 +24,7 @@ BUDGET_S = 150
 
 @pytest.fixture(scope="module")
 def result() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.pipeline_throughput", "--quick"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=BUDGET_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one JSON line on stdout, got {lines!r}"
-    out = json.loads(lines[0])
-    out["_elapsed_s"] = time.time() - t0
-    return out
+    return run_benchmark("benchmarks.pipeline_throughput", "--quick", timeout=BUDGET_S)
 
 
 def test_every_variant_has_positive_throughput(result):
