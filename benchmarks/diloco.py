@@ -95,7 +95,7 @@ def _train(rank, args, name, diloco, corpus, group):
     if outer is not None:
         outer.finish_all()  # the syncs still in flight are part of the training time (every replica)
     train_s = time.time() - t0
-    out = {"train_s": round(train_s, 1), "train_loss": losses}
+    out = {"train_s": round(train_s, 4), "train_loss": losses}
     if rank != 0:
         return out
     val = val_batches(load_tokens(corpus.val_path, corpus.dtype), args.seq_len, args.batch_size, args.eval_batches)
