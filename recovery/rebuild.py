@@ -1,13 +1,14 @@
 """Rebuilding a stage's state from what the survivors hold.
 
-State travels as "packages": a dict of tensors and plain values, serialised with torch.save and sent
-over the new generation's process group as a length + uint8 payload. Layer parameters are keyed
-positionally (`layers.<j>.<suffix>` with j the stage-local index) so the neighbours' j-th layers
-can be averaged into the lost stage's j-th layer, whatever their global indices.
+State travels as "packages": a dict of tensors and plain values, serialised without pickle
+(`recovery/packages.py`: a JSON header plus raw tensor bytes, so a crafted payload can only be
+rejected, never run) and sent over the new generation's process group as a length + uint8
+payload. Layer parameters are keyed positionally (`layers.<j>.<suffix>` with j the stage-local
+index) so the neighbours' j-th layers can be averaged into the lost stage's j-th layer, whatever
+their global indices.
 """
 from __future__ import annotations
 
-import io
 import re
 from typing import Dict, Optional, Sequence
 
@@ -15,8 +16,14 @@ import torch
 
 from parallel.transport import Transport
 
+from . import packages
+from .packages import PackageError
+
 _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
 EPS = 1e-4  # CheckFree adds it to each gradient norm so two zero norms still average
+# One stage's exact state (weights + AdamW moments) of the largest model a single host holds. The
+# data plane is a private network (DESIGN.md); this only stops a garbled length from allocating.
+MAX_PACKAGE_BYTES = 1 << 40
 
 
 def to_positional(sd: Dict[str, torch.Tensor], layer_ids: Sequence[int]) -> Dict[str, torch.Tensor]:
@@ -60,13 +67,13 @@ def checkfree_average(prev: Dict[str, torch.Tensor], nxt: Dict[str, torch.Tensor
 
 
 def pack(obj) -> torch.Tensor:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    """`obj` (nested dicts / lists / tuples of tensors and plain values) as a 1-D uint8 tensor."""
+    return packages.pack(obj)
 
 
 def unpack(payload: torch.Tensor):
-    return torch.load(io.BytesIO(payload.numpy().tobytes()), weights_only=False)
+    """Inverse of `pack`; a malformed payload raises `PackageError` (a ValueError)."""
+    return packages.unpack(payload)
 
 
 def send_package(transport: Transport, obj, dst: int, tag: int) -> int:
@@ -78,6 +85,8 @@ def send_package(transport: Transport, obj, dst: int, tag: int) -> int:
 
 
 def recv_package(transport: Transport, src: int, tag: int):
-    n = transport.recv((1,), src, tag, channel="rebuild", dtype=torch.int64)
-    payload = transport.recv((int(n.item()),), src, tag + 1, channel="rebuild", dtype=torch.uint8)
+    n = int(transport.recv((1,), src, tag, channel="rebuild", dtype=torch.int64).item())
+    if not 0 < n <= MAX_PACKAGE_BYTES:  # a garbled length must not become a huge allocation
+        raise PackageError(f"package length {n} from rank {src} is outside (0, {MAX_PACKAGE_BYTES}]")
+    payload = transport.recv((n,), src, tag + 1, channel="rebuild", dtype=torch.uint8)
     return unpack(payload)
