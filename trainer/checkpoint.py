@@ -1,38 +1,72 @@
-"""Per-slot checkpoints in torch.distributed.checkpoint (DCP) format: the last-resort rebuild tier
-(`recovery.strategy=checkpoint`, or `tiered` with `recovery.checkpoint_every`), the baseline CheckFree
-is compared against, and what `train.resume` continues from after a preemption.
+"""Per-slot checkpoints: the last-resort rebuild tier (`recovery.strategy=checkpoint`, or `tiered`
+with `recovery.checkpoint_every`), the baseline CheckFree is compared against, and what
+`train.resume` continues from after a preemption.
 
-Layout: `<run_dir>/checkpoints/step_<k>/r<r>s<s>/` is one DCP directory per slot (`.metadata` +
-`*.distcp`), written by that slot's worker alone (`no_dist=True`: no collective, so a worker
-writes in the background while its group trains, and a slot's file never waits for another slot).
-It holds the stage's weights, optimizer state, lr scale, LISA state, the Streaming DiLoCo outer
-state (global copies, momentum, sync counts) and the RNG state: everything an exact resume needs;
-the data cursor is the step itself.
+Layout: `<run_dir>/checkpoints/step_<k>/r<r>s<s>/` is one directory per slot, written by that
+slot's worker alone (no collective: a worker writes in the background while its group trains, and
+a slot's files never wait for another slot's). It holds the stage's weights, optimizer state, lr
+scale, LISA state, the Streaming DiLoCo outer state (global copies, momentum, sync counts) and the
+RNG state: everything an exact resume needs; the data cursor is the step itself. Three files:
+
+- `tree.json`   the structure and every non-tensor value, plus the tensor table: a state-package
+                header (`recovery/packages.py`), so int keys, tuples and NaN survive exactly;
+- `tensors.bin` the tensors' raw bytes, in table order;
+- `MANIFEST.json` written last: every file's size and sha256, and `manifest_sha256`, the sha256
+                of its other fields as JSON with sorted keys and no spaces.
+
+Nothing is pickled, so a crafted checkpoint cannot run code on resume (torch.distributed.checkpoint,
+used before, pickles its `.metadata` and our tree of non-tensor values). A slot is written into a
+private `<slot>.tmp-*` directory, its files, manifest and directory fsynced, then renamed into
+place: a crash mid-write leaves no directory `is_complete` accepts. `verify` re-hashes every file;
+`read_snapshot` verifies as it reads and raises `CheckpointCorrupt` naming the bad file.
 
 Periodic checkpoints: the worker snapshots its stage in memory at a committed step, a background
-thread writes it (into `<dir>.tmp`, renamed when complete, so a crash mid-write never leaves a torn
-checkpoint) and appends to the store's `ckpt` log; the coordinator declares step k restorable once
-every slot has written it. A rollback restores every slot to that step.
+thread writes it and appends to the store's `ckpt` log; the coordinator declares step k restorable
+once every slot has written it. A rollback restores every slot to that step. With `keep` > 0 the
+writer then prunes the run's checkpoints to the newest `keep` steps complete for every slot. A
+failed write (disk full, ...) is reported through `on_error` and kept as `last_error`.
 
 Suspend (`save_now`): when the whole job is being preempted (Slurm's warning signal to every task,
 no spare left to hand off to), each worker writes its replica's last committed step synchronously
-and exits; `train.resume` then continues every replica from its own newest complete step.
+and exits; `train.resume` then continues every replica from its newest step that verifies.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 import threading
-import warnings
-from typing import Dict, List, Optional
+import time
+import uuid
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from recovery import packages
 from recovery import protocol as P
 
 log = logging.getLogger("kintsugi.checkpoint")
+
+MANIFEST, TREE, TENSORS = "MANIFEST.json", "tree.json", "tensors.bin"
+FORMAT, VERSION = "kintsugi-checkpoint", 1
+_CHUNK = 1 << 22
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_SLOT_DIR = re.compile(r"^r(\d+)s(\d+)$")
+_SLOT_TMP = re.compile(r"^r\d+s\d+\.(tmp|old)-")
+
+
+class CheckpointCorrupt(ValueError):
+    """A checkpoint that must not be restored: missing, incomplete, truncated or altered. `file` is
+    the file that is wrong, `reason` what is wrong with it."""
+
+    def __init__(self, file: str, reason: str):
+        super().__init__(f"checkpoint file {file} is unusable: {reason}; restore an older step or "
+                         "resume from another run directory")
+        self.file, self.reason = file, reason
 
 
 def checkpoint_path(run_dir: str, step: int, slot) -> str:
@@ -40,73 +74,165 @@ def checkpoint_path(run_dir: str, step: int, slot) -> str:
 
 
 def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, ".metadata"))
+    """The slot's write finished: its manifest (written last) exists and parses. Cheap; `verify`
+    is the check that every byte is still what was written."""
+    try:
+        _manifest(path)
+        return True
+    except CheckpointCorrupt:
+        return False
 
 
-# --- DCP read / write of one slot's snapshot ----------------------------------------------------------
-class _Tree:
-    """The snapshot's structure with tensors replaced by their index: saved by DCP as one pickled
-    object, so int keys (optimizer state), empty dicts and None survive exactly."""
-
-    def __init__(self, tree):
-        self.tree = tree
-
-
-class _Ref:
-    def __init__(self, i: int):
-        self.i = i
-
-
-def _split(obj, tensors: List[torch.Tensor]):
-    if isinstance(obj, torch.Tensor):
-        tensors.append(obj.detach().cpu())
-        return _Ref(len(tensors) - 1)
-    if isinstance(obj, dict):
-        return {k: _split(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_split(v, tensors) for v in obj)
-    return obj
-
-
-def _join(obj, tensors: Dict[str, torch.Tensor]):
-    if isinstance(obj, _Ref):
-        return tensors[f"t{obj.i}"]
-    if isinstance(obj, dict):
-        return {k: _join(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_join(v, tensors) for v in obj)
-    return obj
-
-
+# --- writing -----------------------------------------------------------------------------------------
 def write_snapshot(snap: dict, path: str) -> None:
-    """Write `snap` (nested dicts / lists of tensors and plain values) as a DCP checkpoint at `path`."""
-    import torch.distributed.checkpoint as dcp
-    tensors: List[torch.Tensor] = []
-    tree = _split(snap, tensors)
-    state = {f"t{i}": t for i, t in enumerate(tensors)}
-    state["tree"] = _Tree(tree)
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no_dist's deprecation notice; it is exactly what we need
-        dcp.save(state, checkpoint_id=tmp, no_dist=True)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    """Write `snap` (nested dicts / lists of tensors and plain values) as a checkpoint at `path`,
+    replacing one already there only once the new one is complete and on disk."""
+    header, tensors = packages.encode(snap)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.mkdir(tmp)
+    try:
+        files = {TREE: _write_file(os.path.join(tmp, TREE), [memoryview(header)]),
+                 TENSORS: _write_file(os.path.join(tmp, TENSORS),
+                                      (memoryview(packages.tensor_bytes(t).numpy()) for t in tensors if t.numel()))}
+        manifest = {"format": FORMAT, "version": VERSION, "created_unix": time.time(), "files": files}
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        _write_file(os.path.join(tmp, MANIFEST), [memoryview(json.dumps(manifest, indent=1).encode())])
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):  # a directory cannot be renamed over a non-empty one: move it aside
+        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)  # the previous checkpoint stays the one in place
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    _fsync_dir(os.path.dirname(parent))  # the step directory's own entry, if it is new
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_file(path: str, chunks: Iterable[memoryview]) -> dict:
+    h, size = hashlib.sha256(), 0
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            h.update(chunk)
+            size += chunk.nbytes
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- reading and verifying -------------------------------------------------------------------------
+def _manifest(path: str) -> dict:
+    file = os.path.join(path, MANIFEST)
+    try:
+        with open(file, "rb") as f:
+            raw = f.read(1 << 20)
+    except OSError as e:
+        raise CheckpointCorrupt(file, f"missing ({e.strerror}); the write never completed") from None
+    try:
+        m = packages.loads_strict(raw)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointCorrupt(file, f"not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("manifest_sha256") != _manifest_digest(m):
+        raise CheckpointCorrupt(file, "its own sha256 does not match its content")
+    files = m.get("files")
+    if m.get("format") != FORMAT or m.get("version") != VERSION \
+            or not isinstance(files, dict) or set(files) != {TREE, TENSORS}:
+        raise CheckpointCorrupt(file, f"not a {FORMAT} v{VERSION} manifest listing {TREE} and {TENSORS}")
+    for name, e in files.items():
+        if not (isinstance(e, dict) and type(e.get("size")) is int and e["size"] >= 0
+                and isinstance(e.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", e["sha256"])):
+            raise CheckpointCorrupt(file, f"malformed entry for {name}")
+    return m
+
+
+def _manifest_digest(m: dict) -> str:
+    """sha256 of the manifest without this field, as canonical JSON: a manifest edit that still
+    parses (one digit of a size or hash) is caught and blamed on the manifest, not on a data file."""
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_size(file: str, want: int) -> None:
+    try:
+        have = os.path.getsize(file)
+    except OSError as e:
+        raise CheckpointCorrupt(file, f"missing ({e.strerror})") from None
+    if have != want:
+        raise CheckpointCorrupt(file, f"{have} bytes, the manifest says {want} (truncated or overwritten)")
+
+
+def _read_tree(path: str, m: dict) -> packages.Header:
+    file, want = os.path.join(path, TREE), m["files"][TREE]
+    _check_size(file, want["size"])
+    if want["size"] > packages.MAX_HEADER_BYTES:
+        raise CheckpointCorrupt(file, f"{want['size']} bytes exceeds the {packages.MAX_HEADER_BYTES}-byte limit")
+    with open(file, "rb") as f:
+        raw = f.read()
+    if hashlib.sha256(raw).hexdigest() != want["sha256"]:  # checked before a byte is parsed
+        raise CheckpointCorrupt(file, "sha256 differs from the manifest's")
+    try:
+        return packages.parse_header(raw, m["files"][TENSORS]["size"])
+    except packages.PackageError as e:
+        raise CheckpointCorrupt(file, str(e)) from None
+
+
+def verify(path: str) -> None:
+    """Check every file of the checkpoint at `path` against its manifest (size and sha256) and that
+    its tree parses. Raises CheckpointCorrupt naming the first file that is wrong."""
+    m = _manifest(path)
+    _read_tree(path, m)
+    file, want = os.path.join(path, TENSORS), m["files"][TENSORS]
+    _check_size(file, want["size"])
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    if h.hexdigest() != want["sha256"]:
+        raise CheckpointCorrupt(file, "sha256 differs from the manifest's")
 
 
 def read_snapshot(path: str) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    if not is_complete(path):
-        raise FileNotFoundError(f"no complete checkpoint at {path}")
-    meta = FileSystemReader(path).read_metadata()
-    state = {k: (torch.empty(v.size, dtype=v.properties.dtype) if isinstance(v, TensorStorageMetadata) else None)
-             for k, v in meta.state_dict_metadata.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-    return _join(state["tree"].tree, state)
+    """The snapshot written at `path`, verified as it is read (one pass over the tensor bytes).
+    Raises CheckpointCorrupt naming the file that is missing, truncated or altered."""
+    m = _manifest(path)
+    header = _read_tree(path, m)
+    file, want = os.path.join(path, TENSORS), m["files"][TENSORS]
+    _check_size(file, want["size"])
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        def fill(spec: packages.TensorSpec, dst: torch.Tensor) -> None:
+            view = memoryview(dst.numpy())  # tensors lie one after another, in table order
+            if f.tell() != spec.offset or f.readinto(view) != spec.nbytes:
+                raise CheckpointCorrupt(file, f"short read at byte {spec.offset}")
+            h.update(view)
+
+        try:
+            snap = packages.decode(header, fill)
+        except packages.PackageError as e:
+            raise CheckpointCorrupt(file, str(e)) from None
+    if h.hexdigest() != want["sha256"]:
+        raise CheckpointCorrupt(file, "sha256 differs from the manifest's")
+    return snap
 
 
 # --- what a slot saves -----------------------------------------------------------------------------
@@ -121,9 +247,25 @@ def snapshot(state, step: int, diloco=None) -> dict:
             "rng": torch.get_rng_state()}
 
 
+def _log_error(step: int, exc: BaseException) -> None:
+    log.error("checkpoint of step %d failed: %s: %s", step, type(exc).__name__, exc)
+
+
 class AsyncCheckpointer:
-    def __init__(self, store, run_dir: str, every: int):
-        self.store, self.run_dir, self.every = store, run_dir, every
+    """Writes a slot's checkpoints in the background. `keep` > 0 prunes the run to the newest
+    `keep` complete steps after each write; `grid` = (replicas, stages) says which slots make a step
+    complete (without it, the slots seen on disk). `on_error(step, exc)` hears of a failed
+    background write (default: log.error); it runs on the writer thread."""
+
+    def __init__(self, store, run_dir: str, every: int, *, keep: int = 0,
+                 on_error: Optional[Callable[[int, BaseException], None]] = None,
+                 grid: Optional[Tuple[int, int]] = None):
+        if keep < 0:
+            raise ValueError(f"recovery.keep_checkpoints={keep} must be >= 0 (0 keeps all)")
+        self.store, self.run_dir, self.every, self.keep = store, run_dir, every, keep
+        self.on_error = on_error or _log_error
+        self.slots = [(r, s) for r in range(grid[0]) for s in range(grid[1])] if grid else None
+        self.last_error: Optional[Tuple[int, BaseException]] = None
         self._thread: Optional[threading.Thread] = None
 
     def due(self, committed_step: int) -> bool:
@@ -135,7 +277,12 @@ class AsyncCheckpointer:
         snap = snapshot(state, step, diloco)
 
         def write():
-            self._write(snap, slot, step)
+            try:
+                self._write(snap, slot, step)
+            except Exception as e:  # noqa: BLE001 - reported, never lost with the thread
+                self.last_error = (step, e)
+                self.on_error(step, e)
+                return
             try:
                 P.append(self.store, "ckpt", {"slot": list(slot), "step": step})
             except Exception:  # noqa: BLE001 - the run may be ending; the checkpoint is still there
@@ -145,14 +292,22 @@ class AsyncCheckpointer:
         self._thread.start()
 
     def save_now(self, state, slot, step: int, diloco=None) -> str:
-        """Synchronous write (the job is being suspended): returns the path."""
+        """Synchronous write (the job is being suspended): returns the path; a failure raises."""
         self.wait()
-        return self._write(snapshot(state, step, diloco), slot, step)
+        try:
+            return self._write(snapshot(state, step, diloco), slot, step)
+        except Exception as e:
+            self.last_error = (step, e)
+            raise
 
     def _write(self, snap: dict, slot, step: int) -> str:
         path = checkpoint_path(self.run_dir, step, slot)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         write_snapshot(snap, path)
+        if self.keep:
+            try:
+                prune(self.run_dir, self.keep, slots=self.slots)
+            except OSError as e:  # another slot's writer pruning the same directory at once
+                log.warning("pruning checkpoints in %s: %s", self.run_dir, e)
         return path
 
     def wait(self) -> None:
@@ -162,6 +317,8 @@ class AsyncCheckpointer:
 
 
 def restore(state, run_dir: str, slot, step: int, diloco=None) -> None:
+    """Load the slot's checkpoint of `step` into `state`; raises CheckpointCorrupt if it does not
+    verify (nothing is changed then)."""
     snap = read_snapshot(checkpoint_path(run_dir, step, slot))
     with torch.no_grad():
         own = state.model.state_dict()
@@ -178,16 +335,94 @@ def restore(state, run_dir: str, slot, step: int, diloco=None) -> None:
         torch.set_rng_state(snap["rng"])
 
 
-def resume_points(run_dir: str, replicas: int, stages: int) -> Optional[Dict[int, int]]:
-    """Per replica, the newest step whose checkpoint every stage of that replica completed; None
-    unless every replica has one. Replicas may differ after a suspend (each commits on its own)."""
+# --- which steps exist, which to resume from, which to delete ------------------------------------------
+def _steps(run_dir: str) -> Dict[int, List[str]]:
+    """step -> names in its directory (slots, and temporary directories of writes in progress)."""
     root = os.path.join(run_dir, "checkpoints")
-    best: Dict[int, int] = {}
+    out = {}
     for name in os.listdir(root) if os.path.isdir(root) else []:
-        if not name.startswith("step_") or name.endswith(".tmp"):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isdir(os.path.join(root, name)):
+            try:
+                out[int(m.group(1))] = os.listdir(os.path.join(root, name))
+            except FileNotFoundError:  # pruned by another writer just now
+                pass
+    return out
+
+
+def find_resume_points(run_dir: str, replicas: int, stages: int) -> Tuple[Optional[Dict[int, int]], List[Tuple[str, str]]]:
+    """(per replica, the newest step whose checkpoint every stage of that replica wrote and that
+    verifies -- None unless every replica has one; the checkpoints passed over, as (path, reason)).
+    Newer steps a replica has no slot of at all are not candidates for it (replicas may differ
+    after a suspend: each commits on its own), so they are not reported."""
+    points: Dict[int, int] = {}
+    rejected: List[Tuple[str, str]] = []
+    steps = _steps(run_dir)
+    for r in range(replicas):
+        for step in sorted(steps, reverse=True):
+            names = steps[step]
+            if not any(n == f"r{r}s{s}" or n.startswith(f"r{r}s{s}.tmp-") for s in range(stages) for n in names):
+                continue
+            bad = []
+            for s in range(stages):
+                path = checkpoint_path(run_dir, step, (r, s))
+                try:
+                    verify(path)
+                except CheckpointCorrupt as e:
+                    bad.append((path, f"{e.file}: {e.reason}"))
+            if not bad:
+                points[r] = step
+                break
+            rejected += bad
+    return (points if len(points) == replicas else None), rejected
+
+
+def resume_points(run_dir: str, replicas: int, stages: int) -> Optional[Dict[int, int]]:
+    """Per replica, the newest step whose checkpoint every stage of that replica completed and that
+    verifies; None unless every replica has one. A newer checkpoint that fails verification is
+    skipped with a warning naming it (`find_resume_points` returns them for a caller to report)."""
+    points, rejected = find_resume_points(run_dir, replicas, stages)
+    for path, reason in rejected:
+        log.warning("checkpoint %s is not usable, resuming from an older step: %s", path, reason)
+    return points
+
+
+def prune(run_dir: str, keep: int, *, slots: Optional[Iterable[Tuple[int, int]]] = None,
+          stale_s: float = 3600.0) -> List[str]:
+    """Delete step directories older than the newest `keep` steps complete for every slot (`slots`,
+    else every slot seen under any step). Never deletes a complete step among the newest `keep`,
+    anything newer, or a step where a write is in progress (a `*.tmp-*` directory modified in the
+    last `stale_s` seconds: an older one is a crashed write). Returns the deleted paths."""
+    if keep < 1:
+        return []
+    steps = _steps(run_dir)
+    want = ({f"r{r}s{s}" for r, s in slots} if slots is not None else
+            {n for names in steps.values() for n in names if _SLOT_DIR.match(n)})
+    if not want:
+        return []
+    complete = sorted((k for k, names in steps.items() if want <= set(names)
+                       and all(is_complete(checkpoint_path(run_dir, k, _slot(n))) for n in want)), reverse=True)
+    if len(complete) < keep:
+        return []
+    cutoff = complete[keep - 1]
+    deleted = []
+    for k, names in sorted(steps.items()):
+        step_dir = os.path.join(run_dir, "checkpoints", f"step_{k}")
+        if k >= cutoff or any(_SLOT_TMP.match(n) and _recent(os.path.join(step_dir, n), stale_s) for n in names):
             continue
-        step = int(name[5:])
-        for r in range(replicas):
-            if all(is_complete(checkpoint_path(run_dir, step, (r, s))) for s in range(stages)):
-                best[r] = max(best.get(r, -1), step)
-    return best if len(best) == replicas else None
+        shutil.rmtree(step_dir, ignore_errors=True)
+        deleted.append(step_dir)
+    return deleted
+
+
+def _slot(name: str) -> Tuple[int, int]:
+    m = _SLOT_DIR.match(name)
+    return int(m.group(1)), int(m.group(2))
+
+
+def _recent(path: str, stale_s: float) -> bool:
+    try:
+        newest = max([os.path.getmtime(path)] + [os.path.getmtime(os.path.join(path, n)) for n in os.listdir(path)])
+    except OSError:
+        return False
+    return time.time() - newest < stale_s

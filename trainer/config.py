@@ -136,6 +136,7 @@ class RecoveryConfig:
     lr_bump: float = 1.1
     embedding_copy_every: int = 10
     checkpoint_every: int = 0       # 0 = no checkpoints unless strategy=checkpoint
+    keep_checkpoints: int = 0       # newest complete steps kept on disk; 0 = keep all
     init_timeout_s: float = 120.0
     notice_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     notice: str = "none"            # aws | gcp | azure | none: poll the instance-metadata service
@@ -152,6 +153,8 @@ class RecoveryConfig:
                f"recovery.heartbeat_interval_s={self.heartbeat_interval_s}")
         _check(self.lr_bump > 0, f"recovery.lr_bump={self.lr_bump} must be > 0")
         _check(self.embedding_copy_every >= 1, "recovery.embedding_copy_every must be >= 1")
+        _check(self.keep_checkpoints >= 0, f"recovery.keep_checkpoints={self.keep_checkpoints} must be >= 0 "
+                                           "(0 keeps every checkpoint)")
         _choice("recovery.notice", self.notice, ("none", "aws", "gcp", "azure"))
         _check(self.notice_interval_s > 0, "recovery.notice_interval_s must be > 0")
 
