@@ -166,8 +166,7 @@ def parse_header(raw, data_bytes: int) -> Header:
     """Parse and check a header against the number of tensor bytes that follow it. Every tensor's
     dtype, shape, offset and size is checked here, before anything is allocated."""
     try:
-        text = bytes(raw).decode("utf-8")
-        obj = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        obj = loads_strict(raw)
     except RecursionError:
         raise PackageError("package header is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
@@ -299,6 +298,12 @@ def _short(x) -> str:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def loads_strict(raw):
+    """JSON from bytes, refusing what Python's json accepts but JSON does not (NaN, Infinity) and
+    repeated keys. Raises ValueError (UnicodeDecodeError, JSONDecodeError) or RecursionError."""
+    return json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
 
 
 def _reject_constant(name: str):
