@@ -96,7 +96,9 @@ def write_snapshot(snap: dict, path: str) -> None:
         files = {TREE: _write_file(os.path.join(tmp, TREE), [memoryview(header)]),
                  TENSORS: _write_file(os.path.join(tmp, TENSORS),
                                       (memoryview(packages.tensor_bytes(t).numpy()) for t in tensors if t.numel()))}
-        manifest = {"format": FORMAT, "version": VERSION, "created_unix": time.time(), "files": files}
+        # An int, not a float: a flipped last digit of a float can parse to the same double, and
+        # then no hash could tell that the file changed.
+        manifest = {"format": FORMAT, "version": VERSION, "created_unix_ns": time.time_ns(), "files": files}
         manifest["manifest_sha256"] = _manifest_digest(manifest)
         _write_file(os.path.join(tmp, MANIFEST), [memoryview(json.dumps(manifest, indent=1).encode())])
         _fsync_dir(tmp)

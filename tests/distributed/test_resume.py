@@ -55,7 +55,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path, uninterrupted):
     _wait_for_step(run_dir, 9)
     os.killpg(job.pid, signal.SIGKILL)  # the whole job dies at once, as on a preempted node
     job.wait()
-    assert (run_dir / "checkpoints" / "step_7" / "r0s0" / ".metadata").is_file(), "a DCP checkpoint per slot"
+    assert (run_dir / "checkpoints" / "step_7" / "r0s0" / "MANIFEST.json").is_file(), "a checkpoint per slot"
     # The resumed job works in the run dir it resumes (its hydra.run.dir is not used).
     _, _, _ = run_trainer(tmp_path / "unused", *ARGS, f"train.resume={run_dir}")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -81,7 +81,7 @@ def test_preemption_warning_suspends_exactly_and_resume_continues(tmp_path, unin
     assert sorted(saved) == ["0,0", "0,1", "0,2", "0,3"] and len(set(saved.values())) == 1, saved
     step = next(iter(saved.values()))
     assert step >= 5
-    assert (run_dir / "checkpoints" / f"step_{step}" / "r0s3" / ".metadata").is_file()
+    assert (run_dir / "checkpoints" / f"step_{step}" / "r0s3" / "MANIFEST.json").is_file()
     _, _, _ = run_trainer(tmp_path / "unused", *ARGS, f"train.resume={run_dir}")
     got = _resumed_curve(run_dir)
     assert sorted(got) == list(range(12))
