@@ -62,7 +62,7 @@ which is an extrapolation of a loopback fit.
 
     python -m benchmarks.fleet_model [--quick] [--plot docs/fleet_model.png]
 
-Prints one JSON line; the Markdown table goes to stderr and outputs/benchmarks/fleet_model.md.
+Prints one JSON line; the Markdown table goes to stderr and outputs/benchmarks/fleet_model.md (--md).
 """
 from __future__ import annotations
 
@@ -334,7 +334,7 @@ def cost_table(inp: Inputs, workers, gbits, rates) -> List[dict]:
         for gbit in gbits:
             c = costs(inp, w, gbit, rates[0])
             rows.append({"workers": w, "gbit": gbit, **{k: round(v, 4) for k, v in asdict(c).items()
-                                                          if k not in ("workers", "stages", "ckpt_interval_s")},
+                                                          if k not in ("workers", "stages", "ckpt_interval_s", "missed_sync")},
                          "rdv_W_s": round(inp.rdv_s(w), 4), "rdv_S_s": round(inp.rdv_s(inp.stages), 4),
                          "rdv_R_s": round(inp.rdv_s(w // inp.stages), 4)})
     return rows
@@ -404,17 +404,19 @@ def plot(cells: List[dict], workers, rates, gbit: float, path: str) -> None:
     plt.close(fig)
 
 
-def load_rendezvous() -> tuple:
-    """(rendezvous.json content, where it came from): the saved run, else a fresh --quick run."""
-    if os.path.exists(rendezvous.OUT_PATH):
-        with open(rendezvous.OUT_PATH) as f:
-            return json.loads(f.readline()), rendezvous.OUT_PATH
-    log.info("%s missing: running `python -m benchmarks.rendezvous --quick` (~15 s)", rendezvous.OUT_PATH)
+def load_rendezvous(path: str = rendezvous.OUT_PATH) -> tuple:
+    """(rendezvous JSON, where it came from): the saved run at `path`, else a fresh --quick run saved there."""
+    shown = os.path.relpath(path, ROOT)
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.loads(f.readline())
+        return data, f"{shown} ({'--quick' if data.get('quick') else 'full'} run)"
+    log.info("%s missing: running `python -m benchmarks.rendezvous --quick` (~15 s)", shown)
     data = rendezvous.run(quick=True)
-    os.makedirs(os.path.dirname(rendezvous.OUT_PATH), exist_ok=True)
-    with open(rendezvous.OUT_PATH, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         f.write(json.dumps(data) + "\n")
-    return data, "fresh `benchmarks.rendezvous --quick` run (saved to outputs/benchmarks/rendezvous.json)"
+    return data, f"fresh `benchmarks.rendezvous --quick` run (saved to {shown})"
 
 
 def main(argv=None) -> int:
@@ -426,13 +428,15 @@ def main(argv=None) -> int:
                     help="fit of the measured wall time (default) or of one rank's CPU time")
     ap.add_argument("--rdv-form", choices=tuple(rendezvous.FIT_FORMS), default=None,
                     help="force one fitted form (default: the better of a+b*N and a+b*N*log2(N))")
+    ap.add_argument("--md", default=os.path.join(REPORT_DIR, "fleet_model.md"), help="where the table goes")
+    ap.add_argument("--rendezvous", default=rendezvous.OUT_PATH, help="benchmarks.rendezvous output to read")
     ap.add_argument("--plot", default=None, help="write the 10 Gbit/s figure here (e.g. docs/fleet_model.png)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     hours, seeds = (2.0, 2) if args.quick else (args.hours, args.seeds)
     workers, rates, gbits = (64, 256, 1024, 4096), (0.05, 0.10, 0.16, 0.33), (1.0, 10.0)
 
-    rdv_data, source = load_rendezvous()
+    rdv_data, source = load_rendezvous(args.rendezvous)
     log.info("rendezvous input: %s", source)
     fit = rdv_data[f"fit_{args.rdv_basis}"]
     inp = Inputs(rdv=fit, rdv_form=args.rdv_form, process_start_s=rdv_data["process_start_s"])
@@ -443,8 +447,8 @@ def main(argv=None) -> int:
               for c in sweep(catch_up, workers, rates, gbits, hours * 3600, list(range(seeds)), ("isolated",))]
     sensitivity = rdv_sensitivity(inp, workers, hours * 3600, list(range(seeds)))
     table = markdown(cells, workers, rates, gbits)
-    os.makedirs(REPORT_DIR, exist_ok=True)
-    with open(os.path.join(REPORT_DIR, "fleet_model.md"), "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
+    with open(args.md, "w") as f:
         f.write(table + "\n")
     print(table, file=sys.stderr)
     if args.plot:

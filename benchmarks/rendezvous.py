@@ -21,9 +21,9 @@ residuals; `best` is the lowest RMS residual among the first two (the shapes glo
 central store suggest for a fleet whose ranks each have a machine). On this box, N ranks share 2
 cores, so above N = 2 the wall time also measures oversubscription; the N^2 fit is there to show it.
 
-    python -m benchmarks.rendezvous [--quick]      # --quick: N in {2, 4, 8}, fewer rounds, < 60 s
+    python -m benchmarks.rendezvous [--quick] [--out PATH]   # --quick: N in {2, 4, 8}, fewer rounds, < 60 s
 
-Prints one JSON line and writes it to outputs/benchmarks/rendezvous.json.
+Prints one JSON line and writes it to outputs/benchmarks/rendezvous.json (or --out).
 """
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def run(quick: bool) -> dict:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=300))
     sizes = (2, 4, 8) if quick else (2, 4, 8, 16, 32)
     rounds = 5 if quick else 15
-    t0 = time.monotonic()
+    t0, load_start = time.monotonic(), os.getloadavg()[0]
     per_n = {}
     for n in sizes:
         per_n[n] = measure_formation(store, n, rounds)
@@ -225,7 +225,7 @@ def run(quick: bool) -> dict:
     fit_cpu = fit_models(ns, [per_n[n]["rank_cpu_median_s"] for n in ns])
     load = os.getloadavg()
     return {"benchmark": "rendezvous", "quick": quick, "torch": torch.__version__, "cores": os.cpu_count(),
-            "loadavg_1m": round(load[0], 2), "per_n": {str(n): v for n, v in per_n.items()},
+            "loadavg_1m_start": round(load_start, 2), "loadavg_1m": round(load[0], 2), "per_n": {str(n): v for n, v in per_n.items()},
             "fit_wall": fit_wall, "fit_rank_cpu": fit_cpu, "detection_kill_n2": detection,
             "process_start_s": per_n[2]["spawn_to_ready_median_s"], "elapsed_s": round(time.monotonic() - t0, 1)}
 
@@ -238,12 +238,13 @@ def main(argv=None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N in {2, 4, 8}, 5 rounds, 2 detection trials")
+    ap.add_argument("--out", default=OUT_PATH, help="where to write the JSON line as well")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     out = run(args.quick)
-    os.makedirs(os.path.dirname(OUT_PATH), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     line = json.dumps(out)
-    with open(OUT_PATH, "w") as f:
+    with open(args.out, "w") as f:
         f.write(line + "\n")
     print(line)
     return 0
