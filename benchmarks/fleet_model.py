@@ -9,7 +9,9 @@ thrown away), `checkpoint` (blocking saves) or `regroup` (everyone waiting on a 
 Inputs and where they come from (printed in the JSON line under "inputs"):
 - measured here, `benchmarks/rendezvous.py` (outputs/benchmarks/rendezvous.json, or its --quick run
   when that file is missing): rdv(n), the seconds to form an n-rank gloo group, from the fit over
-  n = 2..32 on loopback, extrapolated to n <= 4096; `process_start_s`, spawn -> `import torch` done
+  n = 2..32 on loopback, extrapolated to n <= 4096 (default: the wall-time fit, the better of a + b*N
+  and a + b*N*log2(N); `--rdv-basis`, `--rdv-form` change it, and the JSON's "rdv_sensitivity" gives
+  goodput at 10 %/h, 10 Gbit/s under every fitted form); `process_start_s`, spawn -> `import torch` done
   (the floor of any process restart; model build and CUDA init excluded).
 - measured here, BENCHMARKS.md "Recovery" (`benchmarks/recovery.py`, SIGKILL, n = 3, tiny model,
   4 stages): detection `detect_s` = 0.042 s (median detect_s) and the fixed exchange latency
@@ -57,8 +59,9 @@ A failure inside an outage restarts that outage and discards nothing more (secon
 Left out: correlated failures (a rack, a zone, a spot price jump), failures of the coordinator or
 store, stragglers, convergence effects (an absent replica or a rebuilt stage changes the loss, not
 just the time), fragments (Streaming DiLoCo's P staggered syncs miss P times as often, each costing
-1/P: the same to first order), links shared by concurrent rebuilds, and rdv() beyond 32 ranks,
-which is an extrapolation of a loopback fit.
+1/P: the same to first order), the alternative of waiting for a replica at a sync instead of
+proceeding without it, links shared by concurrent rebuilds, and rdv() beyond 32 ranks, which is an
+extrapolation of a loopback fit.
 
     python -m benchmarks.fleet_model [--quick] [--plot docs/fleet_model.png]
 
@@ -74,7 +77,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
