@@ -4,6 +4,10 @@
 train/val by a hash of each document's key, tokenizes, and writes `train.bin`, `val.bin` and
 `meta.json` under `cache_dir/<cache_key>/`. Workers only memmap those files (`load_tokens`).
 
+Only regular files are read (symlinks are followed to regular files only): a FIFO, socket, device
+or broken symlink in a corpus directory is skipped without being opened (opening a FIFO blocks
+until a writer comes) and counted, with its reason, in the skipped figure and `meta.json`.
+
 An end-of-text token follows every document. The byte tokenizer keeps vocab 256 (one byte per
 cached token) and uses byte 0 (NUL), which text files do not contain, as end-of-text; BPE uses
 `<|endoftext|>`, a Hugging Face tokenizer its eos token.
@@ -20,11 +24,13 @@ import json
 import logging
 import os
 import shutil
+import socket
+import stat
 import sysconfig
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -66,7 +72,7 @@ class CorpusInfo:
     num_train_tokens: int
     num_val_tokens: int
     num_files: int  # files (or hf records) read successfully
-    skipped_files: int  # files skipped because they are not UTF-8
+    skipped_files: int  # files skipped: not UTF-8, or not regular files (FIFO, socket, device, broken link)
     cache_key: str
     eot_id: int = BYTE_EOT
     tokenizer_path: Optional[str] = None  # directory usable as data.tokenizer; None for bytes
@@ -102,8 +108,27 @@ def validate_data_config(cfg: DataConfig) -> None:
         _list_files(cfg)  # raises on missing paths / no files
 
 
-def _list_files(cfg: DataConfig) -> Tuple[str, List[str]]:
-    """(root, sorted absolute paths); documents are keyed by their path relative to root."""
+def _not_regular(path: str) -> Optional[str]:
+    """Why `path` is not a regular file (following symlinks), or None if it is one. Only stats:
+    opening a FIFO to look at it would block."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "broken symlink" if os.path.islink(path) else "vanished"
+    except OSError as e:  # a symlink loop, no permission
+        return f"cannot stat ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    for test, what in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _list_files(cfg: DataConfig) -> Tuple[str, List[str], Dict[str, str]]:
+    """(root, sorted absolute paths of regular files, {absolute path: why skipped} of the other
+    entries found); documents are keyed by their path relative to root."""
     if cfg.source == "stdlib":
         root, tops = sysconfig.get_paths()["stdlib"], None
         skip_dirs = ("site-packages", "dist-packages", "__pycache__")
@@ -119,7 +144,7 @@ def _list_files(cfg: DataConfig) -> Tuple[str, List[str]]:
             tops += found
     files = []
     for top in tops or [root]:
-        if os.path.isfile(top):
+        if not os.path.isdir(top):
             files.append(os.path.abspath(top))
         for dirpath, dirnames, filenames in os.walk(top):
             if tops is None:
@@ -129,11 +154,14 @@ def _list_files(cfg: DataConfig) -> Tuple[str, List[str]]:
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 files += [os.path.abspath(os.path.join(dirpath, f)) for f in filenames if not f.startswith(".")]
     files = sorted(set(files))
+    skipped = {f: why for f in files if (why := _not_regular(f)) is not None}
+    files = [f for f in files if f not in skipped]
     if not files:
-        raise ValueError(f"data.paths={list(cfg.paths)}: no files found; point it at non-empty directories or files")
+        why = f" ({len(skipped)} skipped{_why_skipped(skipped)})" if skipped else ""
+        raise ValueError(f"data.paths={list(cfg.paths)}: no files found{why}; point it at non-empty directories or files")
     if tops is not None:
         root = os.path.commonpath([os.path.dirname(f) for f in files])
-    return root, files[:cfg.max_files or None]
+    return root, files[:cfg.max_files or None], skipped
 
 
 def _format_of(path: str, cfg: DataConfig) -> str:
@@ -167,15 +195,27 @@ def _iter_documents(cfg: DataConfig, root: str, files: List[str], stats: dict) -
             records = datasets.load_dataset(fmt, data_files=path, split="train", streaming=True)
             yield from _records(records, cfg, path, f"{rel}#")
             continue
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = _read_regular(path)
+        if raw is None:  # replaced by a FIFO or the like since it was listed
+            stats["skipped"][rel] = _not_regular(path) or "not a regular file"
+            continue
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
-            stats["skipped"].append(rel)
+            stats["skipped"][rel] = "not UTF-8"
             continue
         stats["num_files"] += 1
         yield rel, raw
+
+
+def _read_regular(path: str) -> Optional[bytes]:
+    """The file's bytes, or None if it is not a regular file. O_NONBLOCK: opening a FIFO returns at
+    once instead of waiting for a writer; fstat then tells what was opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return f.read()
 
 
 def _records(records, cfg: DataConfig, where: str, prefix: str, limit: int = 0) -> Iterator[Tuple[str, bytes]]:
@@ -309,7 +349,7 @@ def _read_docs(path: str, ends: List[int], max_bytes: int = 1 << 62) -> Iterator
 def prepare_corpus(cfg: DataConfig) -> CorpusInfo:
     """Tokenize the corpus into cache_dir/<cache_key>/ once; later calls return the cached files."""
     validate_data_config(cfg)
-    root, files = _list_files(cfg) if cfg.source != "hf" else ("", [])
+    root, files, not_regular = _list_files(cfg) if cfg.source != "hf" else ("", [], {})
     key = _cache_key(cfg, files)
     cache_dir = os.path.expanduser(cfg.cache_dir)
     final = os.path.join(cache_dir, key)
@@ -318,11 +358,14 @@ def prepare_corpus(cfg: DataConfig) -> CorpusInfo:
         return _info_from_meta(final)
     t0 = time.perf_counter()
     # Built in a private directory and renamed into place, so concurrent preparers never see
-    # (or write into) a half-built cache.
-    tmp = os.path.join(cache_dir, f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    # (or write into) a half-built cache. Any exception removes it (finally); a preparer that was
+    # killed leaves it behind, and the next one on this host removes it once its pid is gone.
+    _remove_dead_preparers(cache_dir, key)
+    tmp = os.path.join(cache_dir, f"{_tmp_prefix(key)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        _build(cfg, root, files, key, tmp)
+        skipped = {os.path.relpath(p, root): why for p, why in not_regular.items()}
+        _build(cfg, root, files, key, tmp, skipped)
         try:
             os.replace(tmp, final)
         except OSError:  # another preparer finished first; its cache is identical
@@ -331,16 +374,51 @@ def prepare_corpus(cfg: DataConfig) -> CorpusInfo:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     info = _info_from_meta(final)
-    log.info("data: %d files (%d skipped, not UTF-8) -> %d train / %d val tokens, vocab %d, in %.1fs -> %s",
-             info.num_files, info.skipped_files, info.num_train_tokens, info.num_val_tokens,
-             info.vocab_size, time.perf_counter() - t0, final)
+    with open(os.path.join(final, "meta.json")) as f:
+        reasons = json.load(f).get("skipped_reasons", {})
+    log.info("data: %d files (%d skipped%s) -> %d train / %d val tokens, vocab %d, in %.1fs -> %s",
+             info.num_files, info.skipped_files, _why_skipped(reasons), info.num_train_tokens,
+             info.num_val_tokens, info.vocab_size, time.perf_counter() - t0, final)
     return info
 
 
-def _build(cfg: DataConfig, root: str, files: List[str], key: str, out_dir: str) -> None:
+def _why_skipped(reasons: Dict[str, str]) -> str:
+    """': 2 not UTF-8, 1 FIFO (pipe)' with up to three names per reason."""
+    by_reason: Dict[str, List[str]] = {}
+    for rel, why in sorted(reasons.items()):
+        by_reason.setdefault(why, []).append(rel)
+    return "".join(f"{', ' if i else ': '}{len(rels)} {why} ({', '.join(rels[:3])}{', ...' if len(rels) > 3 else ''})"
+                   for i, (why, rels) in enumerate(sorted(by_reason.items())))
+
+
+def _tmp_prefix(key: str) -> str:
+    return f".{key}.tmp-{socket.gethostname()}-"
+
+
+def _remove_dead_preparers(cache_dir: str, key: str) -> None:
+    prefix = _tmp_prefix(key)
+    for name in os.listdir(cache_dir) if os.path.isdir(cache_dir) else []:
+        pid = name[len(prefix):].split("-")[0] if name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("data: removing %s, left by a preparer that died", name)
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _build(cfg: DataConfig, root: str, files: List[str], key: str, out_dir: str,
+           skipped: Optional[Dict[str, str]] = None) -> None:
     # Pass 1 stores raw UTF-8 documents per split (the final files for the byte tokenizer); other
     # tokenizers need the whole train split first (BPE trains on it), then encode from these.
-    stats = {"num_files": 0, "skipped": []}
+    stats = {"num_files": 0, "skipped": dict(skipped or {})}
     raw = [os.path.join(out_dir, f"{split}.bytes") for split in ("train", "val")]
     ends: List[List[int]] = [[], []]
     val_keys = []
@@ -373,7 +451,8 @@ def _build(cfg: DataConfig, root: str, files: List[str], key: str, out_dir: str)
                       num_train_tokens=num_tokens[0], num_val_tokens=num_tokens[1],
                       num_files=stats["num_files"], skipped_files=len(stats["skipped"]), cache_key=key,
                       eot_id=eot_id, tokenizer_path=tokenizer_path)
-    meta = dict(info=dict(asdict(info), dtype=dtype.name), config=asdict(cfg), skipped=stats["skipped"])
+    meta = dict(info=dict(asdict(info), dtype=dtype.name), config=asdict(cfg), skipped=sorted(stats["skipped"]),
+                skipped_reasons=stats["skipped"])
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     with open(os.path.join(out_dir, "val_keys.txt"), "w") as f:

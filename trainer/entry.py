@@ -24,7 +24,7 @@ def prepare_corpus_and_model(job: JobConfig) -> dict:
 
     validate_data_config(job.data)
     corpus = prepare_corpus(job.data)
-    log.info("corpus: %d train / %d val tokens from %d files (%d skipped, not UTF-8), vocab %d",
+    log.info("corpus: %d train / %d val tokens from %d files (%d skipped: not UTF-8 or not regular), vocab %d",
              corpus.num_train_tokens, corpus.num_val_tokens, corpus.num_files, corpus.skipped_files,
              corpus.vocab_size)
     if job.model.init_from:

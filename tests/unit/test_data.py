@@ -215,3 +215,83 @@ def test_directory_without_files_is_rejected(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"^data\.paths=.*no files found"):
         validate_data_config(DataConfig(source="files", paths=[str(tmp_path / "empty")]))
+
+
+_PREPARE = r"""
+import json, logging, sys
+from dataclasses import asdict
+sys.path.insert(0, sys.argv[1])
+from trainer.data import DataConfig, prepare_corpus
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+info = prepare_corpus(DataConfig(source="files", paths=[sys.argv[2]], cache_dir=sys.argv[3], val_fraction=0.3, seq_len=8))
+print(json.dumps(dict(asdict(info), dtype=str(info.dtype))))
+"""
+
+
+def test_fifo_socket_and_broken_link_are_skipped_unopened(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    corpus = tmp_path / "corpus"
+    _corpus(corpus, 4)
+    (corpus / "real.py").write_text("print('a regular file reached through a link')\n")
+    os.symlink(corpus / "real.py", corpus / "link.py")   # followed: a regular file
+    os.mkfifo(corpus / "pipe.py")                         # opening it would block until a writer comes
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(corpus / "sock.py"))
+    os.symlink(corpus / "gone.py", corpus / "dangling.py")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        out = subprocess.run([sys.executable, "-c", _PREPARE, root, str(corpus), str(tmp_path / "cache")],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        sock.close()
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["num_files"] == 6 and info["skipped_files"] == 3  # 4 texts + real.py + link.py
+    assert all(r in out.stderr for r in ("3 skipped", "FIFO (pipe.py)", "socket (sock.py)", "broken symlink (dangling.py)"))
+    meta = json.load(open(os.path.join(tmp_path, "cache", info["cache_key"], "meta.json")))
+    assert meta["skipped_reasons"] == {"pipe.py": "FIFO", "sock.py": "socket", "dangling.py": "broken symlink"}
+    assert [n for n in os.listdir(tmp_path / "cache") if "tmp" in n] == []
+    docs = _docs(os.path.join(tmp_path, "cache", info["cache_key"], "train.bin")) + \
+        _docs(os.path.join(tmp_path, "cache", info["cache_key"], "val.bin"))
+    assert sum("reached through a link" in d for d in docs) == 2
+
+
+def test_a_failure_mid_preparation_leaves_no_temporary_files(tmp_path, monkeypatch):
+    import trainer.data as data
+    _corpus(tmp_path / "corpus", 10)
+    calls = []
+
+    def failing_hash(key, seed):  # the fifth document fails while both split files are open
+        calls.append(key)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        return 0.5
+
+    monkeypatch.setattr(data, "_unit_hash", failing_hash)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_corpus(_files_cfg(tmp_path))
+    assert len(calls) == 5 and os.listdir(tmp_path / "cache") == []
+
+
+def test_a_killed_preparers_leftovers_are_removed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import trainer.data as data
+    _corpus(tmp_path / "corpus", 6)
+    cfg = _files_cfg(tmp_path)
+    _, files, _ = data._list_files(cfg)
+    key = data._cache_key(cfg, files)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache = tmp_path / "cache"
+    leftover = cache / f".{key}.tmp-{socket.gethostname()}-{dead.pid}-0000abcd"
+    live = cache / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}-0000abcd"  # a preparer still at work
+    other_host = cache / f".{key}.tmp-elsewhere-{dead.pid}-0000abcd"             # not ours to judge
+    for d in (leftover, live, other_host):
+        (d / "part").mkdir(parents=True)
+    info = prepare_corpus(cfg)
+    assert info.num_files == 6
+    assert not leftover.exists() and live.exists() and other_host.exists()
