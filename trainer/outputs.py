@@ -1,4 +1,5 @@
-"""Run outputs: `summary.json` (keys in DESIGN.md), `loss.png`, and the wandb run.
+"""Run outputs: `summary.json` (keys in DESIGN.md; strict JSON, non-finite numbers as null),
+`loss.png`, and the wandb run.
 
 Built after the run from `metrics.jsonl` (written live by the coordinator) and the coordinator's
 final state, so a worker dying mid-run cannot lose them.
@@ -9,6 +10,8 @@ import json
 import logging
 import os
 from typing import Dict, List, Optional
+
+from recovery.records import dumps_strict
 
 from .config import JobConfig
 
@@ -75,7 +78,7 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         "config": job.public_dict(),
     }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        f.write(dumps_strict(summary, indent=1))  # a NaN loss becomes null: the file stays valid JSON
     try:
         plot_loss(os.path.join(run_dir, "loss.png"), commits, evals, summary["rebuilds"])
     except Exception as e:  # noqa: BLE001 - a plot must never fail a finished run
