@@ -2,6 +2,7 @@
 Streaming DiLoCo state, every kind of damage caught and blamed on the right file without unpickling
 anything, resume falling back past a bad step, pruning, and a write that fails mid-way (a file-size
 limit in a subprocess) reported instead of lost."""
+import errno
 import hashlib
 import io
 import json
@@ -330,7 +331,6 @@ def test_a_write_that_fails_mid_way_is_reported_and_leaves_nothing_complete(tmp_
                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    import errno
     assert res["errors"] == [[7, "OSError", errno.EFBIG], [3, "OSError", errno.EFBIG]]
     assert res["last_error"] == [3, "OSError"]
     assert res["step7"] == [] and not res["complete7"]  # no half-written slot, no temporary left

@@ -4,6 +4,7 @@ PackageError (a ValueError) instead of crashing, hanging or allocating."""
 import io
 import json
 import math
+import os
 import random
 import struct
 
@@ -130,7 +131,6 @@ def test_a_pickle_payload_is_rejected_and_never_runs(tmp_path):
     for payload in attempts:
         with pytest.raises(PackageError):
             unpack(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-    import os
     assert not os.path.exists(marker)
     # The payload is live: the old reader (torch.load without weights_only) would have run it.
     torch.load(io.BytesIO(raw), weights_only=False)
