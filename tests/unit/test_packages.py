@@ -226,3 +226,38 @@ def test_deep_nesting_is_refused_not_a_crash():
     with pytest.raises(PackageError, match="nested too deeply|JSON"):
         unpack(torch.frombuffer(bytearray(packages.MAGIC + struct.pack("<Q", len(h)) + h), dtype=torch.uint8))
     assert issubclass(PackageError, ValueError)
+
+
+class _LoopbackTransport:
+    """In-memory stand-in for parallel.transport.Transport: what is sent is received, in order."""
+
+    def __init__(self):
+        self.queue, self.recv_shapes = [], []
+
+    def send(self, tensor, dst, tag, channel=None):
+        self.queue.append(tensor.clone())
+
+    def flush(self):
+        pass
+
+    def recv(self, shape, src, tag, channel=None, dtype=None):
+        self.recv_shapes.append(tuple(shape))
+        t = self.queue.pop(0)
+        assert tuple(t.shape) == tuple(shape) and t.dtype == dtype
+        return t
+
+
+def test_send_and_recv_package_round_trip_and_refuse_a_garbled_length():
+    from recovery.rebuild import MAX_PACKAGE_BYTES, recv_package, send_package
+    st, _ = _stage_after_one_step()
+    pkg = st.export(exact=True)
+    link = _LoopbackTransport()
+    n = send_package(link, pkg, dst=1, tag=10)
+    assert_identical(pkg, recv_package(link, src=0, tag=10))
+    assert link.recv_shapes == [(1,), (n,)]
+    for bad in (-1, 0, MAX_PACKAGE_BYTES + 1):
+        link = _LoopbackTransport()
+        link.queue.append(torch.tensor([bad], dtype=torch.int64))
+        with pytest.raises(PackageError, match="package length"):
+            recv_package(link, src=0, tag=10)
+        assert link.recv_shapes == [(1,)]  # the payload was never allocated
