@@ -337,3 +337,11 @@ def test_a_write_that_fails_mid_way_is_reported_and_leaves_nothing_complete(tmp_
     assert res["step3"] == ["r0s0"] and res["step3_unchanged"]  # the good checkpoint survived its rewrite
     assert res["resume"] == {"0": 3}  # (JSON keys are strings)
     assert "checkpoint of step 7 failed" not in out.stderr  # the callback replaced the default logging
+
+
+def test_keep_checkpoints_must_not_be_negative():
+    from trainer.config import ConfigError, RecoveryConfig
+    assert RecoveryConfig().keep_checkpoints == 0 and RecoveryConfig(keep_checkpoints=3).keep_checkpoints == 3
+    with pytest.raises(ConfigError) as e:
+        RecoveryConfig(keep_checkpoints=-1)
+    assert str(e.value).startswith("recovery.keep_checkpoints=-1") and "\n" not in str(e.value)
