@@ -144,13 +144,42 @@ class AllReduceHandle:
         return self.tensors
 
 
+def _is_own_group(group) -> bool:
+    """A group that is not registered with torch.distributed (parallel.groups.Group: a back-end
+    built per scope and generation without a default group) brings its own collectives."""
+    return group is not None and not isinstance(group, dist.ProcessGroup)
+
+
 def _world_size(group) -> int:
+    if _is_own_group(group):
+        return group.size()
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 
 
+def _rank(group) -> int:
+    return group.rank() if _is_own_group(group) else dist.get_rank(group)
+
+
+def _all_reduce_sum(flat: Tensor, group) -> None:
+    if _is_own_group(group):
+        group.all_reduce(flat).wait()
+    else:
+        dist.all_reduce(flat, group=group)
+
+
+def _all_to_all(out: Tensor, inp: Tensor, group) -> None:
+    if _is_own_group(group):
+        group.all_to_all_single(out, inp).wait()
+    else:
+        dist.all_to_all_single(out, inp, group=group)
+
+
 def _all_gather(out: Tensor, inp: Tensor, group) -> None:
+    if _is_own_group(group):
+        group.all_gather_into_tensor(out.view(-1), inp.view(-1)).wait()
+        return
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out.view(-1), inp.view(-1), group=group)  # gloo wants flat tensors
 
@@ -159,7 +188,7 @@ def _reduce_flat(plan: AllReducePlan, codec: Codec, flat: Tensor, group, world: 
                  seeds: tuple, send_res: Optional[Tensor], owner_res: Optional[Tensor]) -> None:
     """The collective part, run on the group's worker thread; leaves the result in `flat`."""
     if plan.algorithm == "fp32":
-        dist.all_reduce(flat, group=group)
+        _all_reduce_sum(flat, group)
         if avg:
             flat.div_(world)
         return
@@ -179,7 +208,7 @@ def _reduce_flat(plan: AllReducePlan, codec: Codec, flat: Tensor, group, world: 
         send = codec.encode_rows(flat.view(world, plan.chunk), seed=seeds[0],
                                  residual=None if res is None else res.view(world, plan.chunk))
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)
+        _all_to_all(recv, send, group)
         del send
         owned = codec.decode_rows(recv, plan.chunk, num_sum=world, alpha=alpha)  # fp32 sum
         del recv
@@ -221,7 +250,7 @@ def all_reduce(
     if world == 1 or numel == 0:
         return AllReduceHandle(tensors, 0)
     group = group if group is not None else dist.group.WORLD
-    rank = dist.get_rank(group)
+    rank = _rank(group)
     plan = plan_all_reduce(base, numel, world, algorithm)
     flat, meta = pack(tensors, pad_to=plan.padded)
     seeds = (None, None)

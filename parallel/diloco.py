@@ -31,11 +31,18 @@ generation change) call `abandon()` — the fragment's progress is not lost, its
 covers it — then `set_group(new_group, abort)`. A replica that finished a sync its peers abandoned
 would diverge; `resync(src)` re-broadcasts the global state and the per-fragment sync counts from one
 replica to close that hole.
+
+In a training job the group is a `parallel.stage_link.StageLink` instead: the stage group has
+generations of its own (a replica's failure never stops the other replicas' steps), syncs start only
+while this replica is a member of the newest generation, a superseded or failed sync is abandoned
+and started again on the next generation (it is overdue, so at once), and the handshake that opens
+each generation replaces `resync` (see that module).
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -46,13 +53,19 @@ import torch.distributed as dist
 
 import compression
 
-from .transport import ByteCounter, wait_abortable
+from .groups import Aborted, FormationError
+from .stage_link import LinkHandle, NeedsResync, StageLink, checksum
+from .transport import ByteCounter, PeerFailure, wait_abortable
 
 log = logging.getLogger(__name__)
 
 QUANT_CODECS = {"none": "none", "bf16": "bf16", "int8": "int8", "fp4": "fp4_e3m0"}
 OUTER_CHANNEL = "outer_sync"
 DP_CHANNEL = "data_parallel"
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
 
 
 # --- schedule ---------------------------------------------------------------------------------------
@@ -130,7 +143,12 @@ class StreamingDiLoCo:
                  counter: Optional[ByteCounter] = None, abort: Optional[threading.Event] = None):
         if cfg.overlap >= cfg.sync_every:
             raise ValueError(f"diloco.overlap={cfg.overlap} must be smaller than diloco.sync_every={cfg.sync_every}")
-        self.cfg, self.group, self.abort = cfg, group, abort
+        self.cfg, self.abort = cfg, abort
+        self.link: Optional[StageLink] = group if isinstance(group, StageLink) else None
+        self.group = None if self.link is not None else group
+        # An approximately rebuilt stage's outer state is not the group's: it adopts the others'
+        # at the next handshake (the local parameters too).
+        self.needs_state = False
         self.counter = counter if counter is not None else ByteCounter()
         named = dict(named_params)
         parts = split_fragments(named, cfg.fragments, cfg.assignment)
@@ -161,7 +179,7 @@ class StreamingDiLoCo:
         self.step = t
         self._start_due(t)
         for p, (t0, _) in sorted(self._inflight.items(), key=lambda kv: kv[1][0]):
-            if t - t0 >= self.cfg.overlap:
+            if t - t0 >= self.cfg.overlap and p in self._inflight:
                 self._finish(self.fragments[p], t)
         self._start_due(t)
 
@@ -173,6 +191,12 @@ class StreamingDiLoCo:
         P = 2, a replica at t = 8 owing fragment 1 (due 6) and fragment 0 (due 8) would start
         fragment 0 first while a replica at t = 6 starts fragment 1."""
         H, P = self.cfg.sync_every, self.num_fragments
+        if self.link is not None:
+            if not self.link.can_start():
+                return  # not a member of the newest stage generation (yet), or it is broken
+            stale = [p for p, (_, h) in self._inflight.items() if h.gen != self.link.gen]
+            for p in stale:  # syncs of a superseded generation: every member abandons them
+                del self._inflight[p]
         for frag in sorted(self.fragments, key=lambda f: (next_due(f.syncs, f.index, H, P), f.index)):
             if t < next_due(frag.syncs, frag.index, H, P) or frag.index in self._inflight:
                 break
@@ -180,13 +204,42 @@ class StreamingDiLoCo:
 
     def finish_all(self) -> None:
         """Start every sync owed up to the current step and finish them all (at the end of
-        training: every replica then has run the same syncs, whatever step it jumped from)."""
+        training: every replica then has run the same syncs, whatever step it jumped from).
+        With a stage link, a sync that cannot run (the group lost a member and no new generation
+        takes us in) is given up after a bounded number of attempts: the run is ending."""
+        attempts = 0
         while True:
             self._start_due(self.step)
             if not self._inflight:
-                return
+                if self.link is None or not self._owed() or attempts > 50:
+                    return
+                attempts += 1
+                time.sleep(0.1)  # owed syncs wait for a stage generation we can start on
+                if self.abort is not None and self.abort.is_set():
+                    raise Aborted()
+                continue
             for p, _ in sorted(self._inflight.items(), key=lambda kv: kv[1][0]):
-                self._finish(self.fragments[p], self.step)
+                if p in self._inflight:
+                    self._finish(self.fragments[p], self.step)
+
+    def _owed(self) -> bool:
+        H, P = self.cfg.sync_every, self.num_fragments
+        return any(self.step >= next_due(f.syncs, f.index, H, P) for f in self.fragments)
+
+    def serve_idle(self) -> None:
+        """A replica that finished training still answers its stage group: when a newer stage
+        generation takes it in (a rebuilt replica joining late), run the handshake so the newcomer
+        adopts the finished state instead of waiting for syncs nobody else will start."""
+        link = self.link
+        if link is None or self._inflight or not link.can_start() or not link.needs_hello():
+            return
+        handle = link.submit(None, hello=self._hello(), state_fn=self._resync_source)
+        try:
+            link.wait(handle, self.abort)
+        except NeedsResync as e:
+            self._apply_resync(e)
+        except (Aborted, PeerFailure, RuntimeError) as e:  # the next generation tries again
+            log.info("stage handshake while idle failed: %s", str(e).splitlines()[0][:120])
 
     def abandon(self) -> None:
         """Forget syncs in flight (their group is gone); the next sync of each fragment carries the
@@ -205,17 +258,88 @@ class StreamingDiLoCo:
     def _start(self, frag: _Fragment, t: int) -> None:
         for g, p in zip(frag.glob, frag.local):
             g.grad.copy_(g).sub_(p.detach().to(g.device, torch.float32))  # delta = global - local
-        handle = compression.all_reduce([g.grad for g in frag.glob], self.codec, group=self.group,
-                                        op="avg", async_op=True)
-        self.counter.add(OUTER_CHANNEL, handle.bytes_sent)
-        self.peak_sync_bytes = max(self.peak_sync_bytes, handle.bytes_sent)
+        if self.link is not None:
+            handle = self._submit_link(frag)
+        else:
+            handle = compression.all_reduce([g.grad for g in frag.glob], self.codec, group=self.group,
+                                            op="avg", async_op=True)
+            self.counter.add(OUTER_CHANNEL, handle.bytes_sent)
+            self.peak_sync_bytes = max(self.peak_sync_bytes, handle.bytes_sent)
         self._inflight[frag.index] = (t, handle)
         self.events.append(("start", frag.index, t, time.perf_counter()))
+
+    def _submit_link(self, frag: _Fragment) -> LinkHandle:
+        tensors, codec, counter = [g.grad for g in frag.glob], self.codec, self.counter
+
+        def job(group, stale):  # on the link's thread, on this generation's group
+            handle = compression.all_reduce(tensors, codec, group=group, op="avg", async_op=True)
+            counter.add(OUTER_CHANNEL, handle.bytes_sent)
+            self.peak_sync_bytes = max(self.peak_sync_bytes, handle.bytes_sent)
+            wait_abortable(handle, stale)
+            return handle.bytes_sent
+
+        hello = self._hello() if self.link.needs_hello() else None
+        return self.link.submit(job, hello=hello, state_fn=self._resync_source)
+
+    def _hello(self) -> dict:
+        """This member's row of a stage generation's handshake (see parallel.stage_link)."""
+        names = [n for f in self.fragments for n in f.names]
+        tensors = [g for f in self.fragments for g in f.glob]
+        tensors += [f.opt.state[g]["momentum_buffer"] for f in self.fragments for g in f.glob
+                    if "momentum_buffer" in f.opt.state.get(g, {})]
+        return {"needs_state": self.needs_state, "checksum": checksum(tensors),
+                "layout": int.from_bytes(_digest("|".join(names)), "little") >> 2,
+                "counts": [f.syncs for f in self.fragments], "momentum": self.cfg.outer_momentum > 0}
+
+    def _resync_source(self) -> list:
+        out = []
+        for f in self.fragments:
+            moms = [f.opt.state.get(g, {}).get("momentum_buffer") for g in f.glob]
+            out.append((list(f.glob), moms if all(m is not None for m in moms) else [torch.zeros_like(g) for g in f.glob]))
+        return out
+
+    @torch.no_grad()
+    def _apply_resync(self, e: NeedsResync) -> None:
+        """Adopt the outer state every member of the stage group agreed on at a handshake."""
+        self._inflight.clear()
+        for p, (globs, moms, count) in e.state.items():
+            f = self.fragments[p]
+            f.syncs = count
+            for i, g in enumerate(f.glob):
+                g.copy_(globs[i])
+                if moms is not None:
+                    f.opt.state[g]["momentum_buffer"] = moms[i].to(g.device).clone()
+                else:
+                    f.opt.state.pop(g, None)
+        self.num_syncs = sum(f.syncs for f in self.fragments)
+        if e.reset_local or self.needs_state:
+            for f in self.fragments:
+                for g, p in zip(f.glob, f.local):
+                    p.copy_(g.to(p.device, p.dtype))
+        self.needs_state = False
 
     @torch.no_grad()
     def _finish(self, frag: _Fragment, t: int) -> None:
         _, handle = self._inflight[frag.index]
-        wait_abortable(handle, self.abort)   # raises Aborted / PeerFailure; entry stays for abandon()
+        if self.link is not None:
+            try:
+                self.link.wait(handle, self.abort)
+            except NeedsResync as e:
+                self._apply_resync(e)   # every member does the same; owed syncs start again
+                return
+            except (PeerFailure, FormationError) as e:
+                log.warning("stage %d outer sync of fragment %d failed (%s); it runs again on the next "
+                            "stage generation", self.link.stage, frag.index, str(e).splitlines()[0][:120])
+                del self._inflight[frag.index]
+                return
+            except Aborted:
+                if self.abort is not None and self.abort.is_set():
+                    raise  # our own pipeline is changing generation: keep the sync for later
+                del self._inflight[frag.index]  # superseded stage generation: it runs again
+                return
+            self.needs_state = False
+        else:
+            wait_abortable(handle, self.abort)   # raises Aborted / PeerFailure; entry stays for abandon()
         del self._inflight[frag.index]
         frag.opt.step()
         frag.syncs += 1
@@ -285,6 +409,7 @@ class StreamingDiLoCo:
                 else:
                     f.opt.state.pop(g, None)
         self.step, self.num_syncs = int(state["step"]), int(state["num_syncs"])
+        self.needs_state = False
         if reset_local:
             for f in self.fragments:
                 for g, p in zip(f.glob, f.local):

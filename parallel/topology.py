@@ -34,27 +34,33 @@ def parse_slot(name: str) -> Slot:
 
 
 class Grid:
-    """R x S slots; a generation's rank of slot (r, s) is r*S + s, so every worker derives the same
-    ranks from the plan without talking."""
+    """The slots of one group: `replicas` x S. A group's rank of slot (r, s) is i*S + s where i is
+    r's position in `replica_ids` (default 0..replicas-1), so every worker derives the same ranks
+    from the plan without talking. A replica's own pipeline group is Grid(1, S, [r])."""
 
-    def __init__(self, replicas: int, stages: int):
+    def __init__(self, replicas: int, stages: int, replica_ids: Optional[List[int]] = None):
+        self.replica_ids = list(replica_ids) if replica_ids is not None else list(range(replicas))
+        if len(self.replica_ids) != replicas:
+            raise ValueError(f"{replicas} replicas but replica_ids={replica_ids}")
         self.replicas, self.stages = replicas, stages
+        self._index = {r: i for i, r in enumerate(self.replica_ids)}
 
     @property
     def world_size(self) -> int:
         return self.replicas * self.stages
 
     def rank(self, slot: Slot) -> int:
-        return slot[0] * self.stages + slot[1]
+        return self._index[slot[0]] * self.stages + slot[1]
 
     def slot(self, rank: int) -> Slot:
-        return divmod(rank, self.stages)
+        i, s = divmod(rank, self.stages)
+        return self.replica_ids[i], s
 
     def slots(self) -> List[Slot]:
-        return [(r, s) for r in range(self.replicas) for s in range(self.stages)]
+        return [(r, s) for r in self.replica_ids for s in range(self.stages)]
 
     def pipeline_ranks(self, replica: int) -> List[int]:
         return [self.rank((replica, s)) for s in range(self.stages)]
 
     def stage_ranks(self, stage: int) -> List[int]:
-        return [self.rank((r, stage)) for r in range(self.replicas)]
+        return [self.rank((r, stage)) for r in self.replica_ids]

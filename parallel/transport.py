@@ -12,17 +12,17 @@ milliseconds on gloo; that becomes `PeerFailure` naming the peer so the worker c
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
+from .groups import Aborted, Group
 
-class Aborted(RuntimeError):
-    """The step in flight was abandoned because the membership generation changed."""
+__all__ = ["Aborted", "PeerFailure", "ByteCounter", "Transport", "wait_abortable", "set_idle_hook"]
 
 
 class PeerFailure(RuntimeError):
@@ -46,8 +46,26 @@ class ByteCounter:
         return dict(self.sent)
 
 
-def wait_abortable(work, abort: Optional[threading.Event], peer: int = -1) -> None:
-    """Wait for a torch.distributed work handle; raise Aborted if `abort` fires first."""
+_IDLE: List[Callable[[], None]] = []
+
+
+def set_idle_hook(fn: Optional[Callable[[], None]]) -> None:
+    """`fn()` runs on the main thread, about every 50 ms, while it waits for communication (a worker
+    serves peer snapshots there: its state is consistent while it waits)."""
+    _IDLE[:] = [fn] if fn is not None else []
+
+
+def _idle() -> None:
+    if _IDLE and threading.current_thread() is threading.main_thread():
+        try:
+            _IDLE[0]()
+        except Exception:  # noqa: BLE001 - a failing hook must not break the wait it runs in
+            logging.getLogger(__name__).exception("idle hook failed")
+
+
+def wait_abortable(work, abort, peer: int = -1) -> None:
+    """Wait for a torch.distributed work handle; raise Aborted if `abort` (anything with
+    `is_set()`) fires first."""
     if abort is None:
         try:
             work.wait()
@@ -70,32 +88,34 @@ def wait_abortable(work, abort: Optional[threading.Event], peer: int = -1) -> No
     while not done.wait(0.05):
         if abort.is_set():
             raise Aborted()
+        _idle()
     if error:
         raise PeerFailure(peer, error[0]) from error[0]
 
 
 class Transport:
-    """Send/recv of fixed-shape float tensors between ranks of one generation's group.
+    """Send/recv of fixed-shape float tensors between ranks of one generation's group
+    (`parallel.groups.Group`; ranks are group-local).
 
     `codec_for(channel)` returns a compression codec (see `compression.get_codec`) or None; lossy
     codecs shrink what crosses the network while the math on either side stays fp32.
     """
 
-    def __init__(self, group=None, abort: Optional[threading.Event] = None,
+    def __init__(self, group: Optional[Group] = None, abort: Optional[threading.Event] = None,
                  counter: Optional[ByteCounter] = None, codecs: Optional[Dict[str, object]] = None):
-        self.group = group
+        self.group = group if group is not None else Group.default()
         self.abort = abort
         self.counter = counter or ByteCounter()
         self.codecs = codecs or {}
         self._pending: List = []
         self._mailbox: Dict[int, torch.Tensor] = {}
-        self.my_rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.my_rank = self.group.rank()
         self.recv_wait_s = 0.0  # time spent blocked on receives: step time minus this = compute
 
     # --- raw -----------------------------------------------------------------------------------
     def _isend(self, buf: torch.Tensor, dst: int, tag: int, channel: str):
         try:
-            work = dist.isend(buf, dst=dst, group=self.group, tag=tag)
+            work = self.group.isend(buf, dst, tag)
         except RuntimeError as e:  # gloo raises synchronously once the pair is known broken
             raise PeerFailure(dst, e) from e
         self.counter.add(channel, buf.numel() * buf.element_size())
@@ -103,7 +123,7 @@ class Transport:
 
     def _recv_into(self, buf: torch.Tensor, src: int, tag: int) -> None:
         try:
-            work = dist.irecv(buf, src=src, group=self.group, tag=tag)
+            work = self.group.irecv(buf, src, tag)
         except RuntimeError as e:
             raise PeerFailure(src, e) from e
         t0 = time.perf_counter()

@@ -1,21 +1,39 @@
 """The coordinator: a process that is not a worker, so no worker's death takes the store down.
 
 It hosts the TCPStore and owns membership: which worker holds which (replica, stage) slot, the spare
-pool, heartbeats, the generation number and each generation's rebuild plan. It also collects the
-committed steps into `metrics.jsonl` and shows progress. Run it standalone on a stable host with
-`python -m recovery.coordinator --port 29400 --run-dir outputs/run --job job.json`.
+pool, heartbeats, and the generations of every group, each with its own number:
+
+- a *cell* is the set of replicas whose pipelines train as one unit: one replica under Streaming
+  DiLoCo (or with a single replica), every replica for plain data-parallel training (their gradients
+  meet every step). A failure re-plans its own cell only: the other replicas never abandon a step.
+- a *stage group* (Streaming DiLoCo, R > 1) holds one stage of every replica for the outer syncs. A
+  lost member leaves it at once (the others keep syncing among themselves) and its replacement
+  joins once it holds its state (see parallel.stage_link).
+
+Formation is watched: a worker that cannot form a group reports it (`fault`) and the cell is
+re-planned, dropping whoever never arrived; a cell that neither commits nor changes for
+`recovery.progress_timeout_s` is re-planned too, and a worker that never moved to its cell's newest
+generation is replaced. When the lost slots outnumber the free spares it says which slots wait and
+how to add a worker, and after `recovery.spare_wait_s` suspends the job (exit 75).
+
+Its state (membership, slots, generations, pending rebuilds, committed steps, counters) is written
+to `control_state.json` in the run directory on every change (atomically): started again with
+`--resume`, it rebuilds its store, the workers re-register and replay what it missed, and the run
+goes on. All timeouts use the monotonic clock. Starting it is the trainer's job
+(`trainer.coordinator_main`), which also feeds wandb through the `tracker` hooks.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Set, Tuple
 
 from . import protocol as P
 from .placement import place, rebalance_layout, recoverability_report
@@ -25,6 +43,9 @@ log = logging.getLogger(__name__)
 Slot = Tuple[int, int]
 EX_SUSPENDED = 75  # EX_TEMPFAIL: the job saved its state and stopped; resume it (a batch script requeues)
 TERM_GRACE_S = 5.0  # after a SIGTERM, how long to wait for the workers' leave notices
+STATE_FILE = "control_state.json"
+LOGS = ("join", "rejoin", "suspect", "leave", "intent", "commit", "eval", "event", "ckpt", "suspended", "ready",
+        "fault", "died")
 
 
 @dataclass
@@ -34,32 +55,55 @@ class WorkerInfo:
     host: str
     machine: str
     hb: int = -1
-    hb_changed: float = field(default_factory=time.time)
+    hb_changed: float = field(default_factory=time.monotonic)
     state: str = "spare"          # spare | active | dead | left
     slot: Optional[Slot] = None
     leaving: bool = False         # announced a notice (SIGTERM / Slurm warning / spot notice)
+    status: dict = field(default_factory=dict)  # the worker's last heartbeat record
+
+
+@dataclass
+class Cell:
+    index: int
+    replicas: List[int]
+    gen: int = -1
+    plan: Optional[dict] = None
+    lost: Dict[Slot, dict] = field(default_factory=dict)   # slots waiting for a rebuild
+    since: float = field(default_factory=time.monotonic)   # last commit or publication
+    waiting_since: Optional[float] = None                  # lost slots waiting for spares
+    kicks: int = 0
 
 
 class Coordinator:
-    def __init__(self, job: dict, run_dir: str, port: int, host: str = "0.0.0.0", token: Optional[str] = None,
-                 progress: bool = True):
+    def __init__(self, job: dict, run_dir: str, port: int, host: str = "127.0.0.1", token: Optional[str] = None,
+                 progress: bool = True, tracker=None, resume_from: Optional[Dict[int, int]] = None,
+                 resume_missing: Optional[Dict[int, List[int]]] = None, layout: Optional[List[int]] = None,
+                 corpus: Optional[dict] = None, restore: bool = False):
         self.job, self.run_dir = job, run_dir
-        par = job["parallel"]
+        par, rec = job["parallel"], job["recovery"]
         self.R, self.S = par["replicas"], par["stages"]
         self.max_steps = job["train"]["max_steps"]
-        rec = job["recovery"]
         self.hb_timeout = rec["heartbeat_timeout_s"]
+        self.progress_timeout = float(rec.get("progress_timeout_s", 300.0))
+        self.spare_wait = float(rec.get("spare_wait_s", 600.0))
         self.strategy = rec["strategy"]
         self.diloco = job["diloco"]["enabled"]
-        self.token = token
-        self.store = P.connect(host, port, is_master=True, timeout_s=rec["init_timeout_s"])
-        P.put_json(self.store, "job", job)
-        self.store.set("gen", "-1")
+        self.token, self.tracker, self.corpus = token, tracker, corpus
+        # Cells: the replicas trained as one unit. Plain data-parallel couples them every step.
+        if self.R > 1 and not self.diloco:
+            self.cells = {0: Cell(0, list(range(self.R)))}
+        else:
+            self.cells = {r: Cell(r, [r]) for r in range(self.R)}
+        self.cell_of = {r: c.index for c in self.cells.values() for r in c.replicas}
+        self.stage_groups = self.diloco and self.R > 1
+        self.stage_gen = {s: -1 for s in range(self.S)}
+        self.stage_members: Dict[int, Dict[str, int]] = {s: {} for s in range(self.S)}
+        self.ready: Dict[Slot, bool] = {}       # the holder has its state (may join its stage group)
         self.workers: Dict[str, WorkerInfo] = {}
         self.slots: Dict[Slot, str] = {}
-        self.gen = -1
+        self.version = 0
+        self.started = False
         self._full_since: Optional[float] = None
-        self.pending_lost: Dict[Slot, dict] = {}   # slot -> {detected_at, handed_off, leaver}
         # Approximately rebuilt slots -> the step they resume at; they are no source for another
         # rebuild until their replica commits that step.
         self.unsettled: Dict[Slot, int] = {}
@@ -67,73 +111,134 @@ class Coordinator:
         # milliseconds of each other; wait this long after the first so they are planned together.
         self.settle_s = max(0.25, 2 * rec["heartbeat_interval_s"])
         self.committed = {r: -1 for r in range(self.R)}
-        # Live rebalancing (parallel.rebalance): the layer counts every plan carries, and the stage
-        # compute times measured under them (the first steps after a change are warm-up, skipped).
+        self.recorded: Dict[int, Set[int]] = {r: set() for r in range(self.R)}
+        self.totals: Dict[int, list] = {}
         from parallel.topology import per_stage_layers
-        self.layout = [len(x) for x in per_stage_layers(job["model"]["n_layers"], self.S, par.get("layers_per_stage"))]
-        self.config_layout = list(self.layout)
+        self.layout = layout or [len(x) for x in per_stage_layers(job["model"]["n_layers"], self.S,
+                                                                   par.get("layers_per_stage"))]
+        self.config_layout = [len(x) for x in per_stage_layers(job["model"]["n_layers"], self.S,
+                                                                par.get("layers_per_stage"))]
+        self.layout_version = 0
         self.rebalance = bool(par.get("rebalance"))
         self.rebalance_every = int(par.get("rebalance_every", 10))
         self.rebalance_min_gain = float(par.get("rebalance_min_gain", 0.1))
         self.stage_times: List[List[float]] = []
-        self.layout_gen = 0
         self.rebuilds: List[dict] = []
         self.failures = 0
+        self.publications = 0
         self.final_val: Optional[float] = None
         self.error: Optional[str] = None
         self.exit_code = 3  # with an error: 3 = cannot recover, 143 = terminated
-        self.readers = {name: P.LogReader(self.store, name) for name in
-                        ("join", "suspect", "leave", "commit", "eval", "event", "ckpt", "intent", "suspended")}
-        self.store.set("run_dir", os.path.abspath(run_dir))
         self.ckpt_counts: Dict[int, int] = {}
         self.latest_checkpoint: Optional[int] = None
-        # Suspend (whole job preempted, nobody to hand off to): the generation that asked every
-        # holder to save, and the slots saved so far.
-        self.suspend_gen: Optional[int] = None
+        self.suspend_gen: Optional[int] = None   # set once a suspend was published
         self.suspended: Dict[Slot, int] = {}
+        self.suspend_lost: List[Slot] = []
         self.suspend_deadline = 0.0
-        self.terminating: Optional[float] = None  # when a SIGTERM arrived
-        # train.resume: each replica continues from the newest step all its stages checkpointed.
-        self.resume_from: Optional[Dict[int, int]] = None
-        if job["train"].get("resume"):
-            from trainer.checkpoint import resume_points
-            self.resume_from = resume_points(run_dir, self.R, self.S)
-            if self.resume_from is None:
-                self.error = f"train.resume={run_dir} holds no checkpoint complete for every replica"
-            else:
-                layout_path = os.path.join(run_dir, "checkpoints", "layout.json")
-                if os.path.exists(layout_path):  # a rebalanced job suspended: rebuild its stages as they were
-                    with open(layout_path) as f:
-                        self.layout = json.load(f)["layers_per_stage"]
-                steps = set(self.resume_from.values())
-                self.latest_checkpoint = steps.pop() if len(steps) == 1 else None
-                log.info("resuming in %s from step(s) %s", run_dir,
-                         ", ".join(f"replica {r}: {k}" for r, k in sorted(self.resume_from.items())))
-        os.makedirs(run_dir, exist_ok=True)
-        self.metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-        from trainer.tracking import LiveWandb  # wandb run fed live (logger.wandb.mode != disabled)
-        self.tracker = LiveWandb.start(job, run_dir)
+        self.terminating: Optional[float] = None
+        self.resume_from, self.resume_missing = resume_from, resume_missing or {}
+        self.spares_needed = 0
+        self.rebuilt_slots = 0  # slots given to spares by rebuilds: a launcher replaces each consumed spare
+        self._waiting_logged: Set[Slot] = set()
+        self.reporters: Dict[Tuple[int, int], Set[str]] = {}  # (cell, gen) -> workers that reported a failure
+        self._dirty = True
+        self._last_hb_check = 0.0
         self.t0 = time.time()
         self.tokens = 0
+        self.incarnation = 0
+        self.store = P.connect(host, port, is_master=True, timeout_s=rec["init_timeout_s"])
+        os.makedirs(run_dir, exist_ok=True)
+        if restore:
+            self._load_state()
+        if self.resume_from is not None:
+            for r, k in self.resume_from.items():
+                self.committed[r] = k
+                self.latest_checkpoint = k if len(set(self.resume_from.values())) == 1 else None
+        self.incarnation += 1
+        self.boot = f"{uuid.uuid4().hex[:8]}-{self.incarnation}"
+        self._fill_store()
+        self.readers = {name: P.LogReader(self.store, name) for name in LOGS}
+        self.metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         self.bar = None
         if progress:
             from tqdm import tqdm
             # In a log file (not a terminal) a redraw per step would flood it: every 10 s is enough.
-            self.bar = tqdm(total=self.max_steps * self.R, desc="train", unit="step", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=0.2 if sys.stderr.isatty() else 10.0)
+            self.bar = tqdm(total=self.max_steps * self.R, initial=sum(len(v) for v in self.recorded.values()),
+                            desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
+                            mininterval=0.2 if sys.stderr.isatty() else 10.0)
+        if restore:
+            log.warning("coordinator restarted (incarnation %d): %d workers known, committed %s; waiting for "
+                        "them to re-register", self.incarnation, len(self.workers), self.committed)
+            now = time.monotonic()
+            for w in self.workers.values():
+                w.hb_changed = now  # their heartbeats count from now
+            for c in self.cells.values():
+                c.since = now
+                if c.waiting_since is not None:
+                    c.waiting_since = now
+
+    # --- the store --------------------------------------------------------------------------------
+    def _fill_store(self) -> None:
+        """Everything a worker reads: on a restart the store is new and empty."""
+        st = self.store
+        P.put_json(st, "job", self.job)
+        if self.corpus is not None:
+            P.put_json(st, "corpus", self.corpus)
+        st.set("run_dir", os.path.abspath(self.run_dir))
+        st.set("boot", self.boot)
+        for r, k in self.committed.items():
+            P.put_json(st, f"committed/{r}", {"step": k, "total": self.totals.get(r)})
+        for c in self.cells.values():
+            if c.plan is not None:
+                P.put_json(st, f"cell/{c.index}", c.plan)
+        for s in range(self.S):
+            if self.stage_gen[s] >= 0:
+                P.put_json(st, f"stage/{s}", self._stage_plan(s))
+        for w in self.workers.values():
+            st.set(f"hb/{w.wid}", json.dumps({"n": -1}))
+            if w.slot is not None and w.state == "active":
+                P.put_json(st, f"role/{w.wid}", {"cell": self.cell_of[w.slot[0]]})
+        P.put_json(st, "slots", {P.slot_key(k): v for k, v in self.slots.items()})
+        if self.started:
+            st.set("started", "1")
+        st.add("rebuilt_slots", self.rebuilt_slots)
+        st.set("spares_needed", str(self.spares_needed))
+        st.add("version", self.version + 1)
+
+    def _bump(self) -> None:
+        self.version = int(self.store.add("version", 1))
+        self._dirty = True
 
     # --- membership -------------------------------------------------------------------------------
     def _on_join(self, req: dict) -> None:
-        wid = req["wid"]
+        wid = str(req["wid"])
         if self.token and req.get("token") != self.token:
             log.warning("refused join from %s (pid %s on %s): wrong or missing token", wid, req.get("pid"),
                         req.get("host"))
             self.store.set(f"ack/{wid}", "refused")
             self._event({"kind": "join_refused", "wid": wid, "host": req.get("host")})
             return
-        self.workers[wid] = WorkerInfo(wid, req["pid"], req["host"], req.get("machine", req["host"]))
+        self.workers[wid] = WorkerInfo(wid, int(req["pid"]), str(req["host"]), str(req.get("machine", req["host"])))
+        self.store.set(f"hb/{wid}", json.dumps({"n": -1}))
         self.store.set(f"ack/{wid}", "ok")
+        self._dirty = True
         log.info("worker %s joined (pid %s on %s)", wid, req["pid"], req["host"])
+
+    def _on_rejoin(self, req: dict) -> None:
+        """A worker re-registers with a restarted coordinator."""
+        wid = str(req["wid"])
+        if self.token and req.get("token") != self.token:
+            log.warning("refused re-registration from %s: wrong or missing token", wid)
+            return
+        w = self.workers.get(wid)
+        if w is None or w.state in ("dead", "left"):
+            log.warning("worker %s re-registered but is not a member (%s); it is told to stop", wid,
+                        "unknown" if w is None else w.state)
+            self.store.set(f"ack/{wid}", "refused")
+            return
+        w.hb_changed = time.monotonic()
+        self.store.set(f"ack/{wid}", "ok")
+        log.info("worker %s re-registered (slot %s, step %s)", wid, req.get("slot"), req.get("step_done"))
 
     def _declare_dead(self, wid: str, why: str, handed_off: bool = False) -> None:
         w = self.workers.get(wid)
@@ -141,138 +246,371 @@ class Coordinator:
             return
         was_active = w.state == "active"
         w.state = "left" if handed_off else "dead"
+        self._dirty = True
         log.warning("worker %s %s (%s)", wid, "left" if handed_off else "declared dead", why)
         if was_active and w.slot is not None:
+            slot = w.slot
             if not handed_off:
                 self.failures += 1
-            # When did it fail? The injector records its kills; otherwise the last sign of life.
             injected = P.get_json_or(self.store, f"injected/{wid}")
-            failed_at = injected["t"] if injected else (time.time() if handed_off else w.hb_changed)
-            self.pending_lost[w.slot] = {"detected_at": time.time(), "failed_at": failed_at, "handed_off": handed_off,
-                                         "leaver": wid if handed_off else None, "why": why,
-                                         "step": self.committed[w.slot[0]] + 1}
-            del self.slots[w.slot]
+            failed_at = injected["t"] if injected else (time.time() if handed_off else
+                                                         time.time() - (time.monotonic() - w.hb_changed))
+            cell = self.cells[self.cell_of[slot[0]]]
+            cell.lost[slot] = {"detected_at": time.time(), "detected_mono": time.monotonic(), "failed_at": failed_at,
+                               "handed_off": handed_off, "leaver": wid if handed_off else None, "why": why,
+                               "step": self.committed[slot[0]] + 1}
+            del self.slots[slot]
+            self.ready[slot] = False
+            if self.stage_groups and wid in self.stage_members[slot[1]]:
+                self._publish_stage(slot[1])  # the live replicas keep syncing without it
 
     def _check_heartbeats(self) -> None:
-        now = time.time()
-        for w in list(self.workers.values()):
-            if w.state not in ("active", "spare"):
+        now = time.monotonic()
+        if now - self._last_hb_check < 0.05:
+            return
+        self._last_hb_check = now
+        live = [w for w in self.workers.values() if w.state in ("active", "spare")]
+        if not live:
+            return
+        try:
+            values = self.store.multi_get([f"hb/{w.wid}" for w in live])
+        except RuntimeError:
+            return
+        for w, raw in zip(live, values):
+            try:
+                status = json.loads(bytes(raw).decode())
+                n = int(status.get("n", -1))
+            except (ValueError, AttributeError, TypeError):
                 continue
-            hb = int(self.store.add(f"hb/{w.wid}", 0))
-            if hb != w.hb:
-                w.hb, w.hb_changed = hb, now
+            if n != w.hb:
+                w.hb, w.hb_changed, w.status = n, now, status
             elif now - w.hb_changed > self.hb_timeout:
                 self._declare_dead(w.wid, f"no heartbeat for {now - w.hb_changed:.1f}s")
 
     # --- generations ------------------------------------------------------------------------------
+    def _cell_plan(self, cell: Cell, rebuild: dict, leavers: List[str], rollback=None, prev_layout=None) -> dict:
+        ranks = {}
+        for i, r in enumerate(cell.replicas):
+            for s in range(self.S):
+                ranks[self.slots[(r, s)]] = i * self.S + s
+        for j, wid in enumerate(leavers):  # leavers join the new group only to hand their state over
+            ranks[wid] = len(cell.replicas) * self.S + j
+        cell.gen += 1
+        return {"cell": cell.index, "gen": cell.gen, "replicas": list(cell.replicas),
+                "slots": {P.slot_key((r, s)): self.slots[(r, s)] for r in cell.replicas for s in range(self.S)},
+                "ranks": ranks, "world_size": len(ranks), "rebuild": rebuild, "leavers": leavers,
+                "rollback": rollback, "layout": list(self.layout), "prev_layout": prev_layout,
+                "layout_version": self.layout_version,
+                "committed": {str(r): self.committed[r] for r in cell.replicas}, "published_at": time.time()}
+
+    def _publish_cell(self, cell: Cell, rebuild: dict, leavers: List[str], rollback=None, prev_layout=None) -> None:
+        plan = self._cell_plan(cell, rebuild, leavers, rollback, prev_layout)
+        cell.plan, cell.since = plan, time.monotonic()
+        for wid in plan["slots"].values():
+            P.put_json(self.store, f"role/{wid}", {"cell": cell.index})
+        P.put_json(self.store, f"cell/{cell.index}", plan)
+        P.put_json(self.store, "slots", {P.slot_key(k): v for k, v in self.slots.items()})
+        self.publications += 1
+        self._bump()
+        if rebuild:
+            log.warning("cell %d generation %d: rebuilding %s", cell.index, cell.gen,
+                        ", ".join(f"slot {k} via {v['tier']}" for k, v in rebuild.items()))
+        else:
+            log.info("cell %d generation %d published (%d workers)", cell.index, cell.gen, len(plan["ranks"]))
+
+    def _stage_plan(self, s: int) -> dict:
+        return {"stage": s, "gen": self.stage_gen[s], "members": dict(self.stage_members[s]),
+                "layout_version": self.layout_version}
+
+    def _publish_stage(self, s: int) -> None:
+        """The stage group: every replica whose stage-s holder has its state."""
+        holders = [(r, self.slots[(r, s)]) for r in range(self.R)
+                   if (r, s) in self.slots and self.ready.get((r, s), False)]
+        self.stage_members[s] = {wid: i for i, (_, wid) in enumerate(holders)}
+        self.stage_gen[s] += 1
+        P.put_json(self.store, f"stage/{s}", self._stage_plan(s))
+        self._bump()
+        log.info("stage %d generation %d: replicas %s", s, self.stage_gen[s], [r for r, _ in holders])
+
     def _maybe_publish(self) -> None:
-        if self.suspend_gen is not None or (self.gen >= 0 and not self.pending_lost):
+        if self.suspend_gen is not None:
             return
-        spares = [w for w in self.workers.values() if w.state == "spare"]
-        if self.gen < 0:
-            if len(spares) < self.R * self.S:
-                return
-            # Place over the whole starting fleet: wait for the expected spares too (briefly), or the
-            # first R x S joiners, whatever machines they happen to be on, would decide the layout.
-            expected = self.R * self.S + int(self.job["faults"].get("spares", 0))
-            if self._full_since is None:
-                self._full_since = time.time()
-            if len(spares) < expected and time.time() - self._full_since < 3.0:
-                return
-            slots = [(r, s) for r in range(self.R) for s in range(self.S)]
-            where = place(slots, self._pool_sizes(spares), self.S)
-            pool = self._pool(spares)
-            for slot in slots:
-                self._assign(slot, pool[where[slot]].pop(0))
-            report = recoverability_report(where, self.R, self.S, self.diloco, self.strategy,
-                                           have_checkpoint=bool(self.job["recovery"].get("checkpoint_every"))
-                                           or self.strategy == "checkpoint")
-            log.info("placement: %s", report.summary)
-            for entry in report.machines:
-                log.info("  %s", entry["line"])
-            self._event({"kind": "placement", "summary": report.summary,
-                         "machines": {str(e["machine"]): e["verdict"] for e in report.machines}})
-            rollback = None
-            if self.resume_from is not None:
-                rollback = {str(r): k for r, k in self.resume_from.items()}
-                for r, k in self.resume_from.items():
-                    self.committed[r] = k
-                    P.put_json(self.store, f"committed/{r}", {"step": k, "total": None})
-            self._publish({}, leavers=[], rollback=rollback)
+        spares = [w for w in self.workers.values() if w.state == "spare" and not w.leaving]
+        if not self.started:
+            self._initial_placement(spares)
             return
-        if len(spares) < len(self.pending_lost):
-            return  # wait for replacements (the launcher respawns spares; `kintsugi join` adds more)
-        if time.time() - min(v["detected_at"] for v in self.pending_lost.values()) < self.settle_s:
+        lost_cells = [c for c in self.cells.values() if c.lost]
+        if not lost_cells:
+            self._set_spares_needed(0)
             return
-        lost = sorted(self.pending_lost)
-        handed = {s for s, v in self.pending_lost.items() if v["handed_off"]}
+        now = time.monotonic()
+        all_lost = sorted(s for c in self.cells.values() for s in c.lost)
         unsettled = {slot for slot, step in self.unsettled.items() if self.committed[slot[0]] < step}
-        try:
-            plans = plan_rebuilds(lost, self.R, self.S, self.strategy, handed_off=handed, diloco=self.diloco,
-                                  have_checkpoint=self._have_checkpoint(), unsettled=unsettled)
-        except Unrecoverable as e:
-            self.error = str(e)
-            log.error("cannot recover: %s", e)
+        handed = {s for c in self.cells.values() for s, v in c.lost.items() if v["handed_off"]}
+        deficit = 0
+        # Oldest losses first: a cell is re-planned when every one of its lost slots has a spare.
+        for cell in sorted(lost_cells, key=lambda c: min(v["detected_mono"] for v in c.lost.values())):
+            if now - min(v["detected_mono"] for v in cell.lost.values()) < self.settle_s:
+                continue
+            lost = sorted(cell.lost)
+            try:
+                plans = plan_rebuilds(all_lost, self.R, self.S, self.strategy, handed_off=handed, diloco=self.diloco,
+                                      have_checkpoint=self.latest_checkpoint is not None, unsettled=unsettled,
+                                      targets=lost)
+            except Unrecoverable as e:
+                self.error = str(e)
+                log.error("cannot recover: %s", e)
+                return
+            if any(p.tier == "checkpoint" for p in plans.values()):
+                self._global_rollback(spares)
+                return
+            if len(spares) < len(lost):
+                deficit += len(lost) - len(spares)
+                self._wait_for_spares(cell, lost, len(spares))
+                continue
+            cell.waiting_since = None
+            alive = {slot: self.workers[wid].machine for slot, wid in self.slots.items()}
+            where = place(lost, self._pool_sizes(spares), self.S, fixed=alive)
+            pool = self._pool(spares)
+            for slot in lost:
+                w = pool[where[slot]].pop(0)
+                spares.remove(w)
+                self._assign(slot, w)
+            leavers = [v["leaver"] for v in cell.lost.values() if v["leaver"]]
+            rebuild = {}
+            for slot, plan in plans.items():
+                info = cell.lost[slot]
+                entry = dict(plan.to_json(), detected_at=info["detected_at"], failed_at=info["failed_at"],
+                             step=self.committed[slot[0]] + 1, leaver=info["leaver"])
+                if plan.tier == "peer":
+                    donor = self.slots[plan.sources[0]]
+                    entry.update(donor=donor, xfer=f"xfer/{self.boot}/{cell.index}/{cell.gen + 1}/{slot[1]}")
+                    P.append(self.store, f"mail/{donor}", {"kind": "donate", "xfer": entry["xfer"],
+                                                           "target": self.slots[slot], "slot": list(slot),
+                                                           "source": list(plan.sources[0])})
+                if plan.tier not in ("handoff", "peer"):
+                    self.unsettled[slot] = self.committed[slot[0]] + 1
+                rebuild[P.slot_key(slot)] = entry
+            cell.lost.clear()
+            cell.kicks = 0
+            self.rebuilt_slots = int(self.store.add("rebuilt_slots", len(lost)))
+            self._publish_cell(cell, rebuild, leavers)
+        self._set_spares_needed(deficit)
+
+    def _initial_placement(self, spares: List[WorkerInfo]) -> None:
+        if len(spares) < self.R * self.S:
             return
-        # Replacements go where losing one machine still leaves the pipeline recoverable.
+        # Place over the whole starting fleet: wait for the expected spares too (briefly), or the
+        # first R x S joiners, whatever machines they happen to be on, would decide the layout.
+        expected = self.R * self.S + int(self.job["faults"].get("spares", 0))
+        if self._full_since is None:
+            self._full_since = time.monotonic()
+        if len(spares) < expected and time.monotonic() - self._full_since < 3.0:
+            return
+        slots = [(r, s) for r in range(self.R) for s in range(self.S)]
+        where = place(slots, self._pool_sizes(spares), self.S)
+        pool = self._pool(spares)
+        for slot in slots:
+            self._assign(slot, pool[where[slot]].pop(0))
+        report = recoverability_report(where, self.R, self.S, self.diloco, self.strategy,
+                                       have_checkpoint=bool(self.job["recovery"].get("checkpoint_every"))
+                                       or self.strategy == "checkpoint")
+        log.info("placement: %s", report.summary)
+        for entry in report.machines:
+            log.info("  %s", entry["line"])
+        self._event({"kind": "placement", "summary": report.summary,
+                     "machines": {str(e["machine"]): e["verdict"] for e in report.machines}})
+        rollback, rebuild_at_resume = None, {}
+        if self.resume_from is not None:
+            rollback = {str(r): k for r, k in self.resume_from.items()}
+            missing = sorted((r, s) for r, stages in self.resume_missing.items() for s in stages)
+            if missing:  # slots lost before a suspend: rebuilt from the restored ones
+                try:
+                    plans = plan_rebuilds(missing, self.R, self.S, self.strategy, diloco=self.diloco)
+                except Unrecoverable as e:
+                    self.error = f"resume: {e}"
+                    return
+                for slot, p in plans.items():
+                    entry = dict(p.to_json(), detected_at=time.time(), failed_at=time.time(),
+                                 step=self.resume_from[slot[0]] + 1, leaver=None)
+                    if p.tier == "peer":
+                        entry.update(donor=self.slots[p.sources[0]],
+                                     xfer=f"xfer/{self.boot}/resume/{slot[0]}/{slot[1]}")
+                        P.append(self.store, f"mail/{entry['donor']}",
+                                 {"kind": "donate", "xfer": entry["xfer"], "target": self.slots[slot],
+                                  "slot": list(slot), "source": list(p.sources[0])})
+                    rebuild_at_resume[P.slot_key(slot)] = entry
+            for r, k in self.resume_from.items():
+                self.totals.pop(r, None)
+                P.put_json(self.store, f"committed/{r}", {"step": k, "total": None})
+        for slot in slots:
+            self.ready[slot] = P.slot_key(slot) not in rebuild_at_resume
+        for cell in self.cells.values():
+            rb = {k: v for k, v in rebuild_at_resume.items() if P.parse_slot_key(k)[0] in cell.replicas}
+            self._publish_cell(cell, rb, [], rollback=rollback)
+        if self.stage_groups:
+            for s in range(self.S):
+                self._publish_stage(s)
+        self.started = True
+        self.store.set("started", "1")
+
+    def _global_rollback(self, spares: List[WorkerInfo]) -> None:
+        """The checkpoint tier: every slot of every replica restores the last complete checkpoint."""
+        lost = sorted(s for c in self.cells.values() for s in c.lost)
+        if len(spares) < len(lost):
+            for cell in self.cells.values():
+                if cell.lost:
+                    self._wait_for_spares(cell, sorted(cell.lost), len(spares))
+            return
         alive = {slot: self.workers[wid].machine for slot, wid in self.slots.items()}
         where = place(lost, self._pool_sizes(spares), self.S, fixed=alive)
         pool = self._pool(spares)
         for slot in lost:
             self._assign(slot, pool[where[slot]].pop(0))
-        leavers = [v["leaver"] for v in self.pending_lost.values() if v["leaver"]]
-        rollback = None
-        if any(p.tier == "checkpoint" for p in plans.values()):
-            # Every slot restores the last complete checkpoint; the replicas resume after it.
-            rollback = self.latest_checkpoint
-            for r in range(self.R):
-                self.committed[r] = rollback
-                P.put_json(self.store, f"committed/{r}", {"step": rollback, "total": None})
-        rebuild = {}
-        for slot, plan in plans.items():
-            info = self.pending_lost[slot]
-            if plan.tier not in ("handoff", "peer"):
-                self.unsettled[slot] = self.committed[slot[0]] + 1
-            rebuild[f"{slot[0]},{slot[1]}"] = dict(plan.to_json(), detected_at=info["detected_at"],
-                                                   failed_at=info["failed_at"],
-                                                   step=info["step"], leaver=info["leaver"])
-        self._publish(rebuild, leavers, rollback)
-        self.pending_lost.clear()
+        self.rebuilt_slots = int(self.store.add("rebuilt_slots", len(lost)))
+        k = self.latest_checkpoint
+        for r in range(self.R):
+            self.committed[r] = k
+            self.totals.pop(r, None)
+            P.put_json(self.store, f"committed/{r}", {"step": k, "total": None})
+        for cell in self.cells.values():
+            rebuild = {P.slot_key(slot): {"tier": "checkpoint", "sources": [], "detected_at": v["detected_at"],
+                                          "failed_at": v["failed_at"], "step": k + 1, "leaver": None}
+                       for slot, v in cell.lost.items()}
+            cell.lost.clear()
+            self._publish_cell(cell, rebuild, [], rollback=k)
+        for slot in self.slots:
+            self.ready[slot] = True
+        if self.stage_groups:
+            for s in range(self.S):
+                self._publish_stage(s)
+
+    def _wait_for_spares(self, cell: Cell, lost: List[Slot], free: int) -> None:
+        now = time.monotonic()
+        if cell.waiting_since is None:
+            cell.waiting_since = now
+        new = [s for s in lost if s not in self._waiting_logged]
+        if new:
+            self._waiting_logged.update(new)
+            where = self.job["recovery"].get("coordinator") or "<this host>:<port>"
+            log.warning("slots %s wait for a worker (%d free spare(s), %d needed); add one with "
+                        "`KINTSUGI_TOKEN=... kintsugi join --coordinator %s`; the job suspends after %.0fs "
+                        "without one (recovery.spare_wait_s)", [list(s) for s in lost], free, len(lost), where,
+                        self.spare_wait)
+            self._event({"kind": "waiting_for_spares", "slots": [list(s) for s in lost], "free": free})
+        if now - cell.waiting_since > self.spare_wait:
+            self._suspend(f"no spare for slots {[list(s) for s in lost]} within recovery.spare_wait_s="
+                          f"{self.spare_wait:.0f}s", lost=[s for c in self.cells.values() for s in c.lost])
+
+    def _set_spares_needed(self, n: int) -> None:
+        if n != self.spares_needed:
+            self.spares_needed = n
+            self.store.set("spares_needed", str(n))
+            self._dirty = True
+
+    def _maybe_stage_groups(self) -> None:
+        """Rebuilt workers that report holding their state rejoin their stage group."""
+        if not self.stage_groups or not self.started:
+            return
+        for s in range(self.S):
+            want = {self.slots[(r, s)] for r in range(self.R) if (r, s) in self.slots and self.ready.get((r, s))}
+            if want != set(self.stage_members[s]):
+                self._publish_stage(s)
+
+    def _watchdog(self) -> None:
+        """No commit and no plan change for progress_timeout_s: replace whoever never reached the
+        cell's newest generation, or re-plan the cell as it is. Never an endless wait."""
+        now = time.monotonic()
+        for cell in self.cells.values():
+            if cell.lost or cell.plan is None or now - cell.since < self.progress_timeout:
+                continue
+            done = all(self.committed[r] >= self.max_steps - 1 for r in cell.replicas)
+            if done and (self.final_val is not None or 0 not in cell.replicas):
+                continue
+            stuck = [wid for wid in cell.plan["slots"].values()
+                     if self.workers[wid].status.get("cell_gen", -1) < cell.gen]
+            if stuck and cell.kicks == 0:
+                for wid in stuck:
+                    self._declare_dead(wid, f"never reached cell {cell.index} generation {cell.gen} within "
+                                            f"recovery.progress_timeout_s={self.progress_timeout:.0f}s")
+                cell.kicks += 1
+                continue
+            if cell.kicks >= 3:
+                self.error = (f"cell {cell.index} made no progress for {3 * self.progress_timeout:.0f}s through "
+                              "3 re-plans; see the workers' logs")
+                return
+            cell.kicks += 1
+            log.warning("cell %d: no progress for %.0fs; re-planning it", cell.index, now - cell.since)
+            self._event({"kind": "replan", "cell": cell.index, "why": "no progress"})
+            self._publish_cell(cell, {}, [])
+
+    def _on_fault(self, f: dict) -> None:
+        """A worker could not form a group or its generation failed: re-plan what it reports."""
+        scope, gen = f.get("scope"), int(f.get("gen", -1))
+        if scope == "cell":
+            cell = self.cells.get(int(f.get("cell", -1)))
+            if cell is None or gen != cell.gen:
+                return
+            missing = [w for w in f.get("missing_wids", []) if w in self.workers]
+            for wid in missing:
+                self._declare_dead(wid, f"never arrived to form cell {cell.index} generation {gen}")
+            if not missing and not cell.lost:
+                log.warning("cell %d generation %d failed on %s (%s); re-planning", cell.index, gen, f.get("wid"),
+                            str(f.get("error", ""))[:120])
+                self._publish_cell(cell, {}, [])
+        elif scope == "xfer":
+            slot = tuple(f.get("slot", ()))
+            cell = self.cells.get(self.cell_of.get(slot[0], -1)) if slot else None
+            wid = f.get("wid")
+            if cell is not None and gen == cell.gen and self.slots.get(slot) == wid:
+                # The target never got its state: the slot is lost again (never trained from scratch).
+                log.warning("slot %s never received its state (%s); re-planning it", list(slot),
+                            str(f.get("error", ""))[:120])
+                self._declare_dead(wid, "rebuild never received its state")
 
     def _maybe_suspend(self) -> None:
         """Every slot's holder is leaving (Slurm's warning reaches every task; a whole fleet gets its
         notice) and no spare is free: no handoff can happen, so ask each holder to save its exact
-        state as a checkpoint and stop. The job exits with EX_TEMPFAIL (75) and `train.resume`
-        continues it; a batch script requeues on that code."""
-        if self.gen < 0 or self.suspend_gen is not None:
+        state as a checkpoint and stop. The job exits with EX_TEMPFAIL (75)."""
+        if not self.started or self.suspend_gen is not None:
             return
         holders: Dict[Slot, str] = dict(self.slots)
-        for slot, v in self.pending_lost.items():
-            if not v["handed_off"]:
-                return  # a dead slot: the ordinary rebuild path decides
-            holders[slot] = v["leaver"]
+        for cell in self.cells.values():
+            for slot, v in cell.lost.items():
+                if not v["handed_off"]:
+                    return  # a dead slot: the ordinary rebuild path decides
+                holders[slot] = v["leaver"]
         if len(holders) < self.R * self.S or not all(self.workers[w].leaving for w in holders.values()):
             return
         if any(w.state == "spare" and not w.leaving for w in self.workers.values()):
             return  # someone can still take a handoff
+        self._suspend("every worker is leaving and no spare is free", holders=holders)
+
+    def _suspend(self, why: str, holders: Optional[Dict[Slot, str]] = None, lost: Optional[List[Slot]] = None) -> None:
+        holders = dict(self.slots) if holders is None else holders
         if self.layout != self.config_layout:
             os.makedirs(os.path.join(self.run_dir, "checkpoints"), exist_ok=True)
             with open(os.path.join(self.run_dir, "checkpoints", "layout.json"), "w") as f:
                 json.dump({"layers_per_stage": self.layout}, f)
-        self._put_plan(suspend=True, ranks={}, world_size=0, rebuild={}, leavers=[],
-                       holders={f"{r},{s}": wid for (r, s), wid in holders.items()})
-        self.suspend_gen = self.gen
-        self.suspend_deadline = time.time() + max(60.0, 4 * self.hb_timeout)
-        log.warning("generation %d: every worker is leaving and no spare is free; suspending the job "
-                    "(each slot saves its committed state; continue with train.resume=%s)", self.gen,
-                    os.path.abspath(self.run_dir))
-        self._event({"kind": "suspend", "committed": dict(self.committed)})
+        self.suspend_lost = sorted(lost or [])
+        P.put_json(self.store, "suspend", {"holders": {P.slot_key(k): v for k, v in holders.items()},
+                                           "lost": [list(s) for s in self.suspend_lost]})
+        self.suspend_holders = holders
+        self.suspend_gen = self.publications
+        self._bump()
+        self.suspend_deadline = time.monotonic() + max(60.0, 4 * self.hb_timeout)
+        log.warning("suspending the job: %s (each slot saves its committed state; continue with train.resume=%s)",
+                    why, os.path.abspath(self.run_dir))
+        self._event({"kind": "suspend", "why": why, "committed": dict(self.committed),
+                     "lost": [list(s) for s in self.suspend_lost]})
 
     def _maybe_rebalance(self) -> None:
         """Every `rebalance_every` measured steps: if moving layers off the slowest stage predicts a
-        step at least `rebalance_min_gain` shorter, publish a generation with the new layout (no
-        rebuild in it; the stages hand layers to each other exactly, see Worker._relayout)."""
-        if not self.rebalance or self.gen < 0 or self.pending_lost or self.suspend_gen is not None:
+        step at least `rebalance_min_gain` shorter, publish a new generation of every cell and stage
+        group with the new layout (the stages hand layers to each other exactly)."""
+        if not self.rebalance or not self.started or self.suspend_gen is not None:
+            return
+        if any(c.lost for c in self.cells.values()):
             return
         warm = 2 * self.R  # the first steps under a new layout build caches; skip them
         if len(self.stage_times) < warm + self.rebalance_every:
@@ -287,20 +625,25 @@ class Coordinator:
         if counts == self.layout or gain < self.rebalance_min_gain:
             return
         prev, self.layout = self.layout, counts
-        self.layout_gen = self.gen + 1
+        self.layout_version += 1
         log.warning("rebalancing: stage compute %s s -> layers per stage %s -> %s (predicted step %.0f%% faster)",
                     [round(t, 4) for t in mean], prev, counts, 100 * gain)
         self._event({"kind": "rebalance", "from": prev, "to": counts, "stage_compute_s": mean,
                      "predicted_gain": gain})
-        self._publish({}, leavers=[], prev_layout=prev)
+        for cell in self.cells.values():
+            self._publish_cell(cell, {}, [], prev_layout=prev)
+        if self.stage_groups:
+            for s in range(self.S):
+                self._publish_stage(s)
 
     def _suspend_done(self) -> bool:
         if self.suspend_gen is None:
             return False
-        if len(self.suspended) == self.R * self.S:
+        expected = set(self.suspend_holders)
+        if expected <= set(self.suspended):
             return True
-        if time.time() > self.suspend_deadline:
-            missing = sorted(set((r, s) for r in range(self.R) for s in range(self.S)) - set(self.suspended))
+        if time.monotonic() > self.suspend_deadline:
+            missing = sorted(expected - set(self.suspended))
             self.error = f"suspend incomplete: slots {missing} did not save; resume falls back to an older checkpoint"
             return True
         return False
@@ -318,224 +661,339 @@ class Coordinator:
     def _assign(self, slot: Slot, w: WorkerInfo) -> None:
         w.state, w.slot = "active", slot
         self.slots[slot] = w.wid
+        self._dirty = True
 
-    def _put_plan(self, **plan) -> None:
-        """Publish the next generation: its plan first, then the number workers poll for."""
-        self.gen += 1
-        plan.update(gen=self.gen, committed={str(r): k for r, k in self.committed.items()},
-                    published_at=time.time())
-        P.put_json(self.store, f"gen/{self.gen}", plan)
-        self.store.set("gen", str(self.gen))
-
-    def _publish(self, rebuild: dict, leavers: List[str], rollback=None, prev_layout=None) -> None:
-        ranks = {self.slots[(r, s)]: r * self.S + s for r in range(self.R) for s in range(self.S)}
-        for j, wid in enumerate(leavers):  # leavers join the new group only to hand their state over
-            ranks[wid] = self.R * self.S + j
-        self._put_plan(slots={f"{r},{s}": wid for (r, s), wid in self.slots.items()}, ranks=ranks,
-                       world_size=len(ranks), rebuild=rebuild, leavers=leavers, rollback=rollback,
-                       layout=list(self.layout), prev_layout=prev_layout)
-        if rebuild:
-            log.warning("generation %d: rebuilding %s", self.gen,
-                        ", ".join(f"slot {k} via {v['tier']}" for k, v in rebuild.items()))
-        else:
-            log.info("generation %d published (%d workers)", self.gen, len(ranks))
-
-    def _have_checkpoint(self) -> bool:
-        return self.latest_checkpoint is not None
-
-    # --- metrics ----------------------------------------------------------------------------------
+    # --- records ----------------------------------------------------------------------------------
     def _event(self, ev: dict) -> None:
         ev = dict(ev, t=time.time() - self.t0)
-        self.metrics_f.write(json.dumps({"event": ev}) + "\n")
+        self._write(json.dumps({"event": ev}))
         if self.tracker is not None:
             self.tracker.event(ev)
 
-    def _drain_logs(self) -> None:
-        for req in self.readers["join"].poll():
-            self._on_join(req)
-        for rep in self.readers["suspect"].poll():
-            if rep["gen"] == self.gen and rep["peer_wid"] in self.workers:
-                self._declare_dead(rep["peer_wid"], f"reported by {rep['reporter']}: {rep['why'][:80]}")
-        for it in self.readers["intent"].poll():
-            if it["wid"] in self.workers:
-                self.workers[it["wid"]].leaving = True
-        for sv in self.readers["suspended"].poll():
-            self.suspended[tuple(sv["slot"])] = sv["step"]
-        for lv in self.readers["leave"].poll():
-            self._declare_dead(lv["wid"], lv.get("why", "leaving"), handed_off=True)
-            if lv.get("machine"):
-                # That machine is going away: its waiting spares get no slot (they leave too).
-                for w in self.workers.values():
-                    if w.machine == lv["machine"] and w.state == "spare":
-                        w.state = "left"
-        for c in self.readers["commit"].poll():
-            r, k = c["replica"], c["step"]
-            if k <= self.committed[r]:
-                continue  # a retried step that had already committed
+    def _write(self, line: str) -> None:
+        try:
+            self.metrics_f.write(line + "\n")
+        except OSError as e:  # disk full: say so, keep coordinating
+            if not getattr(self, "_write_error", None):
+                self._write_error = str(e)
+                log.error("cannot write metrics.jsonl (%s); training goes on, the record has a gap", e)
+
+    def _on_commit(self, c: dict) -> None:
+        r, k = int(c["replica"]), int(c["step"])
+        if r not in self.recorded:
+            raise ValueError(f"replica {r} is not in this job")
+        if k in self.recorded[r]:
+            if c.get("replay"):
+                return  # a worker replaying what a restarted coordinator may have missed
+            rec = dict(c, wall_s=time.time() - self.t0, duplicate=True)
+            self._write(json.dumps(rec))
+            log.error("step %d of replica %d was committed twice", k, r)
+            return
+        self.recorded[r].add(k)
+        cell = self.cells[self.cell_of[r]]
+        cell.since, cell.kicks = time.monotonic(), 0
+        if k > self.committed[r]:
             self.committed[r] = k
-            self.tokens += c.get("tokens", 0)
-            if self.rebalance and c.get("stage_compute_s") and self.gen >= self.layout_gen:
-                self.stage_times.append(c["stage_compute_s"])
-            rec = dict(c, wall_s=time.time() - self.t0, gen=self.gen)
-            self.metrics_f.write(json.dumps(rec) + "\n")
-            if self.tracker is not None:
-                self.tracker.commit(c)
-            if self.bar is not None:
-                self.bar.update(1)
-                self.bar.set_postfix(loss=f"{c['loss']:.3f}", tok_s=f"{self.tokens / (time.time() - self.t0):.0f}",
-                                     gen=self.gen, refresh=False)
-        for e in self.readers["eval"].poll():
-            rec = dict(e, wall_s=time.time() - self.t0)
-            self.metrics_f.write(json.dumps(rec) + "\n")
-            if e.get("final"):
-                self.final_val = e["val_loss"]
-            if self.tracker is not None:
-                self.tracker.evaluation(e)
-            if self.bar is not None:
-                self.bar.write(f"step {e['step']}: val_loss {e['val_loss']:.4f}")
-        for c in self.readers["ckpt"].poll():
-            self.ckpt_counts[c["step"]] = self.ckpt_counts.get(c["step"], 0) + 1
-            if self.ckpt_counts[c["step"]] == self.R * self.S:
-                self.latest_checkpoint = max(self.latest_checkpoint or -1, c["step"])
-        for ev in self.readers["event"].poll():
-            if ev.get("kind") == "rebuild":
+            if c.get("grad_sq") is not None:
+                self.totals[r] = [c["grad_sq"], c.get("loss")]
+        self.tokens += int(c.get("tokens", 0))
+        if self.rebalance and c.get("stage_compute_s") and c.get("layout_version", 0) == self.layout_version:
+            self.stage_times.append(c["stage_compute_s"])
+        rec = dict(c, wall_s=time.time() - self.t0, gen=cell.gen)
+        rec.pop("replay", None)
+        self._write(json.dumps(rec))
+        self._dirty = True
+        if self.tracker is not None:
+            self.tracker.commit(c)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{c['loss']:.3f}", tok_s=f"{self.tokens / (time.time() - self.t0):.0f}",
+                                 refresh=False)
+
+    def _drain_logs(self) -> None:
+        handlers = {"join": self._on_join, "rejoin": self._on_rejoin, "suspect": self._on_suspect,
+                    "intent": self._on_intent, "suspended": self._on_suspended, "leave": self._on_leave,
+                    "commit": self._on_commit, "eval": self._on_eval, "ckpt": self._on_ckpt,
+                    "event": self._on_event, "ready": self._on_ready, "fault": self._on_fault,
+                    "died": self._on_died}
+        for name in LOGS:
+            for rec in self.readers[name].poll():
+                try:
+                    handlers[name](rec)
+                except (KeyError, TypeError, ValueError, AttributeError) as e:
+                    log.warning("dropped a malformed %s record (%s): %.200s", name, e, rec)
+
+    def _on_suspect(self, rep: dict) -> None:
+        wid = rep["peer_wid"]
+        w = self.workers.get(wid)
+        if w is None or w.slot is None:
+            return
+        cell = self.cells[self.cell_of[w.slot[0]]]
+        if rep.get("scope", "cell") != "cell" or int(rep["gen"]) != cell.gen:
+            return
+        reporters = self.reporters.setdefault((cell.index, cell.gen), set())
+        reporters.add(rep["reporter"])
+        if wid in reporters:
+            # It reported a failure itself in this generation, so it was alive then; its peer saw
+            # it leave the step, not die. A dead worker's heartbeat still gives it away.
+            log.info("ignored a suspect report against %s from %s: it reported a failure itself", wid,
+                     rep["reporter"])
+            return
+        self._declare_dead(wid, f"reported by {rep['reporter']}: {str(rep.get('why', ''))[:80]}")
+
+    def _on_intent(self, it: dict) -> None:
+        if it["wid"] in self.workers:
+            self.workers[it["wid"]].leaving = True
+
+    def _on_suspended(self, sv: dict) -> None:
+        self.suspended[tuple(sv["slot"])] = int(sv["step"])
+
+    def _on_leave(self, lv: dict) -> None:
+        self._declare_dead(lv["wid"], lv.get("why", "leaving"), handed_off=True)
+        if lv.get("machine"):
+            # That machine is going away: its waiting spares get no slot (they leave too).
+            for w in self.workers.values():
+                if w.machine == lv["machine"] and w.state == "spare":
+                    w.state = "left"
+
+    def _on_died(self, d: dict) -> None:
+        """A launcher saw the process exit: no need to wait for its heartbeat to go stale."""
+        w = self.workers.get(d["wid"])
+        if w is not None and w.state in ("active", "spare"):
+            self._declare_dead(w.wid, f"process exited (code {d.get('rc')})")
+
+    def _on_ready(self, rd: dict) -> None:
+        slot = tuple(rd["slot"])
+        if self.slots.get(slot) == rd["wid"]:
+            self.ready[slot] = True
+            self._dirty = True
+
+    def _on_eval(self, e: dict) -> None:
+        rec = dict(e, wall_s=time.time() - self.t0)
+        self._write(json.dumps(rec))
+        if e.get("final"):
+            self.final_val = e["val_loss"]
+            self._dirty = True
+        if self.tracker is not None:
+            self.tracker.evaluation(e)
+        if self.bar is not None:
+            self.bar.write(f"step {e['step']}: val_loss {e['val_loss']:.4f}")
+
+    def _on_ckpt(self, c: dict) -> None:
+        step = int(c["step"])
+        self.ckpt_counts[step] = self.ckpt_counts.get(step, 0) + 1
+        if self.ckpt_counts[step] == self.R * self.S:
+            self.latest_checkpoint = max(self.latest_checkpoint or -1, step)
+            self._dirty = True
+
+    def _on_event(self, ev: dict) -> None:
+        if ev.get("kind") == "rebuild":
+            if not any(r["slot"] == ev["slot"] and r["step"] == ev["step"] and r["tier"] == ev["tier"]
+                       for r in self.rebuilds[-2 * self.R * self.S:]):
                 self.rebuilds.append({k: ev[k] for k in ("step", "slot", "tier", "detect_s", "recover_s")})
-                if self.bar is not None:
-                    self.bar.write(f"rebuilt slot {ev['slot']} via {ev['tier']} at step {ev['step']}: detected in "
-                                   f"{ev['detect_s']:.3f}s, training again {ev['recover_s']:.2f}s after the failure")
-            self._event(ev)
+            if self.bar is not None:
+                self.bar.write(f"rebuilt slot {ev['slot']} via {ev['tier']} at step {ev['step']}: detected in "
+                               f"{ev['detect_s']:.3f}s, training again {ev['recover_s']:.2f}s after the failure")
+        self._event(ev)
 
     def _bytes(self) -> Dict[str, int]:
         total: Dict[str, int] = {}
         for wid in self.workers:
-            for ch, n in (P.get_json_or(self.store, f"bytes/{wid}", {}) or {}).items():
+            try:
+                got = P.get_json_or(self.store, f"bytes/{wid}", {}) or {}
+            except (RuntimeError, ValueError):
+                got = {}
+            for ch, n in got.items():
                 total[ch] = total.get(ch, 0) + n
+        for ch, n in getattr(self, "bytes_before", {}).items():
+            total[ch] = max(total.get(ch, 0), n)
         return total
 
+    # --- persistence ------------------------------------------------------------------------------
+    def _persist(self) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        state = {
+            "incarnation": self.incarnation, "version": self.version, "started": self.started,
+            "t0": self.t0, "workers": {w.wid: dict(asdict(w), hb_changed=None, slot=list(w.slot) if w.slot else None)
+                                       for w in self.workers.values()},
+            "slots": {P.slot_key(k): v for k, v in self.slots.items()},
+            "cells": {str(c.index): {"gen": c.gen, "plan": c.plan, "kicks": c.kicks,
+                                     "waiting": c.waiting_since is not None,
+                                     "lost": {P.slot_key(s): {k: v for k, v in info.items() if k != "detected_mono"}
+                                              for s, info in c.lost.items()}} for c in self.cells.values()},
+            "stage_gen": self.stage_gen, "stage_members": self.stage_members,
+            "ready": {P.slot_key(k): v for k, v in self.ready.items()},
+            "unsettled": {P.slot_key(k): v for k, v in self.unsettled.items()},
+            "committed": self.committed, "totals": self.totals,
+            "layout": self.layout, "layout_version": self.layout_version,
+            "rebuilds": self.rebuilds, "failures": self.failures, "publications": self.publications,
+            "tokens": self.tokens, "final_val": self.final_val, "ckpt_counts": self.ckpt_counts,
+            "latest_checkpoint": self.latest_checkpoint, "spares_needed": self.spares_needed,
+            "rebuilt_slots": self.rebuilt_slots,
+            "bytes": self._bytes_cache(), "corpus": self.corpus,
+        }
+        path = os.path.join(self.run_dir, STATE_FILE)
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            self._dirty = True
+            if not getattr(self, "_persist_error", None):
+                self._persist_error = str(e)
+                log.error("cannot persist the coordinator state (%s); a restart would lose recent changes", e)
+
+    def _bytes_cache(self) -> Dict[str, int]:
+        now = time.monotonic()
+        if now - getattr(self, "_bytes_at", 0.0) > 2.0:
+            self._bytes_at, self._bytes_val = now, self._bytes()
+        return self._bytes_val
+
+    def _load_state(self) -> None:
+        path = os.path.join(self.run_dir, STATE_FILE)
+        with open(path) as f:
+            st = json.load(f)
+        self.incarnation, self.version, self.started = st["incarnation"], st["version"], st["started"]
+        self.t0 = st["t0"]
+        for wid, w in st["workers"].items():
+            info = WorkerInfo(wid, w["pid"], w["host"], w["machine"], state=w["state"],
+                              slot=tuple(w["slot"]) if w["slot"] else None, leaving=w["leaving"])
+            self.workers[wid] = info
+        self.slots = {P.parse_slot_key(k): v for k, v in st["slots"].items()}
+        now = time.monotonic()
+        for k, c in st["cells"].items():
+            cell = self.cells[int(k)]
+            cell.gen, cell.plan, cell.kicks = c["gen"], c["plan"], c["kicks"]
+            cell.lost = {P.parse_slot_key(s): dict(info, detected_mono=now) for s, info in c["lost"].items()}
+            cell.waiting_since = now if c["waiting"] else None
+        self.stage_gen = {int(k): v for k, v in st["stage_gen"].items()}
+        self.stage_members = {int(k): v for k, v in st["stage_members"].items()}
+        self.ready = {P.parse_slot_key(k): v for k, v in st["ready"].items()}
+        self.unsettled = {P.parse_slot_key(k): v for k, v in st["unsettled"].items()}
+        self.totals = {int(k): v for k, v in st["totals"].items()}
+        self.layout, self.layout_version = st["layout"], st["layout_version"]
+        self.rebuilds, self.failures, self.publications = st["rebuilds"], st["failures"], st["publications"]
+        self.final_val, self.latest_checkpoint = st["final_val"], st["latest_checkpoint"]
+        self.ckpt_counts = {int(k): v for k, v in st["ckpt_counts"].items()}
+        self.bytes_before = st.get("bytes", {})
+        self.rebuilt_slots, self.spares_needed = st.get("rebuilt_slots", 0), st.get("spares_needed", 0)
+        self.corpus = self.corpus or st.get("corpus")
+        # What was committed is what metrics.jsonl recorded (written before the state file).
+        self.tokens = 0
+        for rec in _read_jsonl(os.path.join(self.run_dir, "metrics.jsonl")):
+            if "replica" in rec and "step" in rec and "val_loss" not in rec and not rec.get("duplicate"):
+                r, k = int(rec["replica"]), int(rec["step"])
+                if r in self.recorded and k not in self.recorded[r]:
+                    self.recorded[r].add(k)
+                    self.tokens += int(rec.get("tokens", 0))
+                    if k > self.committed[r]:
+                        self.committed[r] = k
+                        if rec.get("grad_sq") is not None:
+                            self.totals[r] = [rec["grad_sq"], rec.get("loss")]
+            elif rec.get("final") and "val_loss" in rec:
+                self.final_val = rec["val_loss"]
+
+    # --- the end ----------------------------------------------------------------------------------
     def on_sigterm(self, *_):
         """A scheduler's SIGTERM (a time limit, scancel) usually reaches the workers too: keep serving
         a few seconds so they can announce leaving and the job suspends (exit 75); otherwise 143."""
         if self.terminating is None:
-            self.terminating = time.time()
+            self.terminating = time.monotonic()
             log.warning("SIGTERM: waiting up to %.0fs for the workers to suspend", TERM_GRACE_S)
 
     def finished(self) -> bool:
         return all(k >= self.max_steps - 1 for k in self.committed.values()) and self.final_val is not None
 
-    # --- main loop --------------------------------------------------------------------------------
     def serve(self, poll_s: float = 0.01) -> int:
+        clean = False
         try:
             while True:
                 self._drain_logs()
-                if self.gen >= 0 and self.suspend_gen is None:
+                if self.started and self.suspend_gen is None:
                     self._check_heartbeats()
+                    self._watchdog()
                 self._maybe_suspend()
                 self._maybe_publish()
+                self._maybe_stage_groups()
                 self._maybe_rebalance()
+                self._persist()
                 if self.error or self.finished() or self._suspend_done():
                     break
-                if self.terminating and self.suspend_gen is None and time.time() - self.terminating > TERM_GRACE_S:
+                if self.terminating and self.suspend_gen is None and \
+                        time.monotonic() - self.terminating > TERM_GRACE_S:
                     self.error = "terminated by SIGTERM"
                     self.exit_code = 128 + signal.SIGTERM
                     break
                 time.sleep(poll_s)
+            clean = True
         finally:
-            self.store.set("shutdown", self.error or "ok")
-            state = {"final_val_loss": self.final_val, "committed": self.committed, "rebuilds": self.rebuilds,
-                     "failures": self.failures, "bytes": self._bytes(), "tokens": self.tokens,
-                     "wall_s": time.time() - self.t0, "generations": self.gen + 1, "error": self.error,
-                     "layout": self.layout, "layout_gen": self.layout_gen,
-                     "suspended": ({f"{r},{s}": k for (r, s), k in sorted(self.suspended.items())}
-                                   if self.suspend_gen is not None else None)}
-            if self.tracker is not None:
-                self.tracker.finish(state)
-                state["wandb_live"] = True
-            with open(os.path.join(self.run_dir, "coordinator_state.json"), "w") as f:
-                json.dump(state, f, indent=1)
-            if self.bar is not None:
-                self.bar.close()
-            self.metrics_f.close()
-            time.sleep(1.0)  # let workers read `shutdown` before the store goes away
+            self._finish_run(clean)
         if self.error:
             print(f"kintsugi: run stopped: {self.error}", file=sys.stderr)
             return self.exit_code
         if self.suspend_gen is not None:
-            print(f"kintsugi: job suspended at step(s) {sorted(set(self.suspended.values()))}; continue with "
-                  f"train.resume={os.path.abspath(self.run_dir)}", file=sys.stderr)
+            print(f"kintsugi: job suspended at step(s) {sorted(set(self.suspended.values()))}"
+                  + (f" (slots {[list(s) for s in self.suspend_lost]} were lost and are rebuilt on resume)"
+                     if self.suspend_lost else "")
+                  + f"; continue with train.resume={os.path.abspath(self.run_dir)}", file=sys.stderr)
             return EX_SUSPENDED
         return 0
 
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        description="Kintsugi coordinator (hosts the store, owns membership). Launchers start it with --job; "
-        "on a stable host for torchrun nodes and `kintsugi join`, start it with the job's Hydra overrides: "
-        "python -m recovery.coordinator --port 29400 --run-dir outputs/run1 -- experiment=quick parallel.stages=4")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--host", default="0.0.0.0")
-    ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--job", default=None, help="job config JSON written by a launcher (or a run's job.json); "
-                    "without it the job is composed from the overrides and the corpus prepared here")
-    ap.add_argument("--outputs", action="store_true",
-                    help="write summary.json and loss.png when the run ends (implied without --job)")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for `kintsugi` (only without --job)")
-    args = ap.parse_args(argv)
-    if args.job and args.overrides:
-        ap.error(f"pass either --job or overrides, not both (got {args.overrides[0]!r} with --job)")
-    P.die_with_parent()
-    logging.basicConfig(level=os.environ.get("KINTSUGI_LOG", "INFO"),
-                        format="[coordinator] %(levelname)s %(message)s")
-    corpus = None
-    if args.job:
-        with open(args.job) as f:
-            job = json.load(f)
-        progress = not args.no_progress
-    else:
-        # Standalone: this process is the only one that knows the whole job, so it prepares the
-        # corpus (the token cache) and serves it; nodes and `kintsugi join` workers need nothing else.
-        from trainer.config import ConfigError
-        from trainer.torchrun import prepare_job
+    def _finish_run(self, clean: bool) -> None:
+        if not clean and self.error is None:
+            self.error = "the coordinator failed; see its log"
         try:
-            job, corpus = prepare_job(args.overrides)
-        except ConfigError as e:
-            print(f"kintsugi coordinator: config error: {e}", file=sys.stderr)
-            return 2
-        progress = not args.no_progress and job["logger"]["progress"]
-    token = P.resolve_token(job["recovery"].get("token", ""))
-    # Anyone who reaches the store can read `job`: the token stays out of it (and out of job.json).
-    job = dict(job, recovery=dict(job["recovery"], token=""))
-    if not args.job:
-        os.makedirs(args.run_dir, exist_ok=True)
-        with open(os.path.join(args.run_dir, "job.json"), "w") as f:
-            json.dump(job, f, indent=1)
-    # Before the coordinator exists a SIGTERM just ends the process (143, not a success).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    t0 = time.time()
-    coordinator = Coordinator(job, args.run_dir, args.port, args.host, token, progress=progress)
-    signal.signal(signal.SIGTERM, coordinator.on_sigterm)
-    if corpus is not None:  # before serve(): a worker reads it only after its join is acknowledged
-        P.put_json(coordinator.store, "corpus", corpus)
-        import socket
-        log.info("job %r: %d x %d slots, waiting for workers at %s:%d (%s); run dir %s", job["name"],
-                 job["parallel"]["replicas"], job["parallel"]["stages"], socket.gethostname(), args.port,
-                 f"they need {P.TOKEN_ENV}" if token else "no token: any worker that reaches this port may join",
-                 os.path.abspath(args.run_dir))
-    rc = coordinator.serve()
-    if args.outputs or not args.job:
-        from trainer.config import JobConfig
-        from trainer.outputs import write_outputs
+            self.store.set("shutdown", self.error or "ok")
+            self.store.add("version", 1)
+        except RuntimeError:
+            pass
+        self._dirty = True
+        self._persist()
+        state = {"final_val_loss": self.final_val, "committed": self.committed, "rebuilds": self.rebuilds,
+                 "failures": self.failures, "bytes": self._bytes(), "tokens": self.tokens,
+                 "wall_s": time.time() - self.t0, "generations": self.publications, "error": self.error,
+                 "stage_generations": {str(s): g + 1 for s, g in self.stage_gen.items()} if self.stage_groups else None,
+                 "coordinator_incarnations": self.incarnation,
+                 "layout": self.layout, "layout_version": self.layout_version,
+                 "suspended": ({P.slot_key(s): k for s, k in sorted(self.suspended.items())}
+                               if self.suspend_gen is not None else None),
+                 "suspend_lost": [list(s) for s in self.suspend_lost] or None,
+                 "write_error": getattr(self, "_write_error", None)}
+        if self.tracker is not None:
+            try:
+                self.tracker.finish(state)
+                state["wandb_live"] = True
+            except Exception as e:  # noqa: BLE001 - tracking must not hide the run's own outcome
+                log.warning("wandb finish failed: %s", e)
         try:
-            summary = write_outputs(args.run_dir, JobConfig.from_dict(job), time.time() - t0)
-        except Exception as e:  # noqa: BLE001 - the run itself is over and recorded in metrics.jsonl
-            log.warning("could not write the run's outputs: %s", e)
-        else:
-            if summary is not None:
-                log.info("done: final val loss %s, %d steps, %d failures, %d rebuilds -> %s",
-                         summary["final_val_loss"], summary["steps"], summary["failures"],
-                         len(summary["rebuilds"]), args.run_dir)
-    return rc
+            with open(os.path.join(self.run_dir, "coordinator_state.json"), "w") as f:
+                json.dump(state, f, indent=1)
+        except OSError as e:
+            log.error("cannot write coordinator_state.json: %s", e)
+        if self.bar is not None:
+            self.bar.close()
+        try:
+            self.metrics_f.close()
+        except OSError:
+            pass
+        time.sleep(1.0)  # let workers read `shutdown` before the store goes away
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _read_jsonl(path: str):
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,32 +1,52 @@
-"""The key layout of the coordinator's TCPStore and small helpers both sides use.
+"""The key layout of the coordinator's TCPStore and the client both sides use.
 
 Every exchange between the coordinator and the workers goes through these keys, so the protocol
 can be read in one place:
 
-  job                       the job config (JSON) every worker trains with
+  job, corpus, run_dir      the job config (JSON), its token cache, the run directory
+  boot                      this coordinator incarnation's id: a new one means it was restarted
+  version                   bumped after every publication below: watchers poll only this key
+  started                   the first placement is published
   join/<i>                  log of join requests (worker id, token, pid, host); ack/<wid> = ok | refused
-  hb/<wid>                  heartbeat counter, bumped by the worker's heartbeat thread
+  rejoin/<i>                log of workers re-registering with a restarted coordinator (their state)
+  hb/<wid>                  the worker's status (JSON: beat counter, cell, generation, step, phase)
   bytes/<wid>               bytes the worker sent, per channel (JSON), refreshed by the heartbeat
+  cell/<c>                  the newest plan of cell c: the replicas whose pipelines are trained as
+                            one unit (a replica under Streaming DiLoCo; all replicas when plain
+                            data-parallel couples them every step), with its generation number
+  stage/<s>                 the newest stage-group plan of stage s (Streaming DiLoCo: its members)
+  role/<wid>                {"cell": c}: the cell a worker belongs to (absent while a spare)
+  slots                     {"r,s": wid} for every held slot (launchers, fault injection, tests)
+  suspend                   a suspend plan: every holder saves its committed state and stops
+  committed/<r>             the last committed step of replica r (and its commit vector)
+  mail/<wid>/<i>            requests to one worker (donate a peer snapshot)
   suspect/<i>               log of "peer X failed" reports, tagged with the reporter's generation
-  leave/<i>                 log of graceful-leave notices (SIGTERM, Slurm warning, spot notice)
-  gen                       current generation number; gen/<g> its plan (JSON)
-  commit/<i>                log of committed steps (replica, step, loss, grad norm, tokens)
-  eval/<i>                  log of validation losses
-  event/<i>                 log of events for the run record (rebuild timings, ...)
-  done/<wid>                the worker finished; shutdown = the coordinator ends the run
+  fault/<i>                 log of failed formations and generation errors (re-planned)
+  died/<i>                  log of worker processes a launcher saw exit
+  leave/<i>, intent/<i>     graceful-leave notices (SIGTERM, Slurm warning, spot notice)
+  ready/<i>                 a rebuilt worker holds its state (it may rejoin its stage group)
+  commit/<i>, eval/<i>      committed steps and validation losses
+  event/<i>, ckpt/<i>       events for the run record, written checkpoints
+  suspended/<i>             slots saved by a suspend
+  spares_needed             workers the waiting slots still lack (a launcher starts them)
+  shutdown                  the coordinator ends the run
 """
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import socket
 import sys
+import threading
 import time
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
 import torch.distributed as dist
 
+log = logging.getLogger(__name__)
 TOKEN_ENV = "KINTSUGI_TOKEN"
 
 
@@ -46,6 +66,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    """Whether something listens at host:port (a cheap probe before building a store client,
+    whose failed attempts log at length)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def put_json(store, key: str, obj: Any) -> None:
@@ -68,10 +98,10 @@ def counter(store, key: str) -> int:
     return int(store.add(key, 0))
 
 
-def append(store, log: str, obj: Any) -> int:
+def append(store, log_name: str, obj: Any) -> int:
     """Append to a multi-writer log kept as `<log>/n` (a counter) + `<log>/<i>` entries."""
-    i = int(store.add(f"{log}/n", 1))
-    put_json(store, f"{log}/{i}", obj)
+    i = int(store.add(f"{log_name}/n", 1))
+    put_json(store, f"{log_name}/{i}", obj)
     return i
 
 
@@ -79,9 +109,9 @@ class LogReader:
     """Reads a log written by `append` in order. A writer that reserved an index and died before
     writing it leaves a hole; holes are skipped after `hole_timeout_s` so the reader never blocks."""
 
-    def __init__(self, store, log: str, hole_timeout_s: float = 5.0):
-        self.store, self.log, self.hole_timeout_s = store, log, hole_timeout_s
-        self.next = 1
+    def __init__(self, store, log_name: str, hole_timeout_s: float = 5.0, start: int = 1):
+        self.store, self.log, self.hole_timeout_s = store, log_name, hole_timeout_s
+        self.next = start
         self._hole_since: Optional[float] = None
 
     def poll(self):
@@ -90,11 +120,14 @@ class LogReader:
         while self.next <= n:
             key = f"{self.log}/{self.next}"
             if self.store.check([key]):
-                out.append(get_json(self.store, key))
+                try:
+                    out.append(get_json(self.store, key))
+                except ValueError:
+                    log.warning("dropped a malformed record %s", key)
                 self.next += 1
                 self._hole_since = None
                 continue
-            now = time.time()
+            now = time.monotonic()
             if self._hole_since is None:
                 self._hole_since = now
             if now - self._hole_since < self.hole_timeout_s:
@@ -102,6 +135,117 @@ class LogReader:
             self.next += 1  # the writer died between reserving and writing
             self._hole_since = None
         return out
+
+
+class CoordinatorAway(RuntimeError):
+    """The coordinator's store does not answer (it died or is restarting)."""
+
+
+class Control:
+    """A worker's (or launcher's) connection to the coordinator that outlives the coordinator.
+
+    Every store operation goes through `call`: while the coordinator is away it raises
+    CoordinatorAway at once instead of blocking, `append_later` queues a log record to be written
+    when it is back, and `reconnect()` (called by a background thread) builds a new client once the
+    port answers. A coordinator that came back is a new incarnation (`boot` changed): the callbacks
+    in `on_new_boot` run (re-register, replay what it may have missed) before the queued records
+    are written."""
+
+    def __init__(self, host: str, port: int, timeout_s: float = 60.0, store=None):
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+        self._lock = threading.RLock()
+        self.store = store if store is not None else connect(host, port, timeout_s)
+        self.boot = self._read_boot()
+        self.away_since: Optional[float] = None
+        self.outbox: Deque[Tuple[str, Any]] = collections.deque(maxlen=100_000)
+        self.on_new_boot: List[Callable[[], None]] = []
+
+    def _read_boot(self) -> Optional[str]:
+        try:
+            return self.store.get("boot").decode() if self.store.check(["boot"]) else None
+        except Exception:  # noqa: BLE001
+            return None
+
+    @property
+    def away(self) -> bool:
+        return self.away_since is not None
+
+    def call(self, fn: Callable, *args):
+        """Run `fn(store, *args)`; CoordinatorAway if the store does not answer."""
+        if self.away_since is not None:
+            raise CoordinatorAway("the coordinator is away")
+        try:
+            with self._lock:
+                return fn(self.store, *args)
+        except (RuntimeError, ConnectionError, OSError) as e:  # DistNetworkError is a RuntimeError
+            if isinstance(e, (KeyError, ValueError)):
+                raise
+            if self.away_since is None:
+                self.away_since = time.monotonic()
+                log.warning("lost the coordinator at %s:%d (%s); training goes on, reconnecting", self.host,
+                            self.port, str(e).splitlines()[0][:100])
+            raise CoordinatorAway(str(e)) from e
+
+    # --- conveniences ---------------------------------------------------------------------------
+    def get_json(self, key: str) -> Any:
+        return self.call(get_json, key)
+
+    def get_json_or(self, key: str, default: Any = None) -> Any:
+        return self.call(get_json_or, key, default)
+
+    def put_json(self, key: str, obj: Any) -> None:
+        self.call(put_json, key, obj)
+
+    def append(self, log_name: str, obj: Any) -> int:
+        return self.call(append, log_name, obj)
+
+    def append_later(self, log_name: str, obj: Any) -> None:
+        """Append now, or when the coordinator is back (records keep their order)."""
+        if self.away_since is None and not self.outbox:
+            try:
+                self.append(log_name, obj)
+                return
+            except CoordinatorAway:
+                pass
+        self.outbox.append((log_name, obj))
+
+    def check(self, key: str) -> bool:
+        return self.call(lambda s: s.check([key]))
+
+    # --- reconnection -----------------------------------------------------------------------------
+    def reconnect(self) -> bool:
+        """One attempt (cheap when nothing listens). True once connected and caught up."""
+        if self.away_since is None:
+            return True
+        if not port_open(self.host, self.port):
+            return False
+        try:
+            store = connect(self.host, self.port, timeout_s=min(self.timeout_s, 5.0))
+            if not store.check(["job"]):
+                return False  # a restarted coordinator still filling its store
+            boot = store.get("boot").decode() if store.check(["boot"]) else None
+        except Exception:  # noqa: BLE001 - not back yet
+            return False
+        with self._lock:
+            self.store = store
+            new_boot = boot != self.boot
+            self.boot = boot
+            self.away_since = None
+        log.warning("coordinator reachable again%s", " (restarted)" if new_boot else "")
+        if new_boot:
+            for cb in self.on_new_boot:
+                cb()
+        self.flush()
+        return self.away_since is None
+
+    def flush(self) -> None:
+        while self.outbox and self.away_since is None:
+            name, obj = self.outbox[0]
+            try:
+                self.append(name, obj)
+            except CoordinatorAway:
+                return
+            self.outbox.popleft()
 
 
 def die_with_parent() -> None:
@@ -115,3 +259,12 @@ def die_with_parent() -> None:
 
 def resolve_token(configured: str) -> Optional[str]:
     return configured or os.environ.get(TOKEN_ENV) or None
+
+
+def slot_key(slot) -> str:
+    return f"{slot[0]},{slot[1]}"
+
+
+def parse_slot_key(key: str) -> Tuple[int, int]:
+    r, s = key.split(",")
+    return int(r), int(s)

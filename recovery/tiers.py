@@ -35,14 +35,16 @@ def swap_partner(stage: int, num_stages: int) -> Optional[int]:
 
 def plan_rebuilds(lost: Sequence[Slot], num_replicas: int, num_stages: int, strategy: str,
                   handed_off: Set[Slot] = frozenset(), diloco: bool = False,
-                  have_checkpoint: bool = False, unsettled: Set[Slot] = frozenset()) -> Dict[Slot, RebuildPlan]:
-    """Map each lost slot to a RebuildPlan. Sources are always slots that were NOT lost and are not
-    `unsettled` (approximately rebuilt and not yet through a committed step): averaging from a guess
-    would compound the error, so such a neighbour counts as missing."""
+                  have_checkpoint: bool = False, unsettled: Set[Slot] = frozenset(),
+                  targets: Optional[Sequence[Slot]] = None) -> Dict[Slot, RebuildPlan]:
+    """Map each lost slot (or only `targets`, a subset: one cell's slots, while the others' losses
+    still count as missing sources) to a RebuildPlan. Sources are always slots that were NOT lost and
+    are not `unsettled` (approximately rebuilt and not yet through a committed step): averaging from
+    a guess would compound the error, so such a neighbour counts as missing."""
     lost_set = set(lost)
     alive = lambda slot: slot not in lost_set and slot not in unsettled  # noqa: E731
     plans: Dict[Slot, RebuildPlan] = {}
-    for slot in sorted(lost_set):
+    for slot in sorted(lost_set if targets is None else set(targets)):
         r, s = slot
         plans[slot] = _plan_one(r, s, num_replicas, num_stages, strategy, alive, slot in handed_off,
                                 diloco, have_checkpoint)

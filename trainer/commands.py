@@ -43,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 def coordinator_command(argv) -> int:
     """`kintsugi coordinator --port P --run-dir D -- <overrides>`: the coordinator on a stable host."""
-    from recovery.coordinator import main
+    from .coordinator_main import main
     return main(argv)
 
 

@@ -32,6 +32,7 @@ from .config import JobConfig
 
 log = logging.getLogger("kintsugi.launch")
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
+MAX_COORDINATOR_RESTARTS = 5
 
 
 def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -80,7 +81,10 @@ class LocalLauncher:
         self.reclaim: List[Tuple[float, str]] = []  # (when, machine): SIGKILL what a `term` left running
         self.prepaid = 0                           # rebuilt slots a replacement machine already covers
         self.coordinator: Optional[subprocess.Popen] = None
-        self.store = None
+        self.control: Optional[P.Control] = None
+        self.restarts = 0               # coordinator restarts after it was killed
+        self.exited: set = set()        # workers whose exit was reported
+        self.rebuilt_seen = 0
         self.n_workers = 0
         self.events = fault_events(job)
         self.injected: List[dict] = []
@@ -112,14 +116,12 @@ class LocalLauncher:
         with open(job_path, "w") as f:
             json.dump(self.job.public_dict(), f, indent=1)
         self.port = P.free_port()
-        cmd = [sys.executable, "-m", "recovery.coordinator", "--port", str(self.port), "--host", "127.0.0.1",
-               "--run-dir", self.run_dir, "--job", job_path] + ([] if self.progress else ["--no-progress"])
+        self.job_path = job_path
         # The coordinator reads the token from the same environment variable the workers present.
-        self.coordinator = subprocess.Popen(cmd, env=self.env)
+        self.coordinator = self._start_coordinator(resume=False)
         try:
-            self.store = P.connect("127.0.0.1", self.port, timeout_s=self.job.launcher.start_timeout_s)
-            self._wait_for("job")
-            P.put_json(self.store, "corpus", self.corpus)
+            self.control = P.Control("127.0.0.1", self.port, store=self._connect_fresh())
+            self.control.put_json("corpus", self.corpus)
             # A preemption warning to the launcher (Slurm's `--signal=B:USR1@90`, a SIGTERM from a
             # scheduler) reaches every worker: with nobody left to hand off to, the job suspends
             # (each slot checkpoints its exact state; exit 75) and `train.resume` continues it.
@@ -137,6 +139,26 @@ class LocalLauncher:
         finally:
             self.cleanup()
 
+    def _start_coordinator(self, resume: bool) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "trainer.coordinator_main", "--port", str(self.port), "--host", "127.0.0.1",
+               "--run-dir", self.run_dir, "--job", self.job_path] + ([] if self.progress else ["--no-progress"])
+        return subprocess.Popen(cmd + (["--resume"] if resume else []), env=self.env)
+
+    def _connect_fresh(self):
+        deadline = time.time() + self.job.launcher.start_timeout_s
+        while True:
+            if self.coordinator.poll() is not None:
+                raise RuntimeError("the coordinator did not come up; see its log above")
+            try:
+                store = P.connect("127.0.0.1", self.port, timeout_s=10)
+                if store.check(["job"]):
+                    return store
+            except RuntimeError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("the coordinator did not come up; see its log above")
+            time.sleep(0.05)
+
     def _forward_notice(self, signum, _frame) -> None:
         log.warning("received %s: asking every worker to leave gracefully", signal.Signals(signum).name)
         self.job.faults.respawn = False  # no fresh spares: they would take the handoffs, not the suspend
@@ -147,39 +169,79 @@ class LocalLauncher:
                 except ProcessLookupError:
                     pass
 
-    def _wait_for(self, key: str, timeout: float = 60.0) -> None:
-        deadline = time.time() + timeout
-        while not self.store.check([key]):
-            if time.time() > deadline or self.coordinator.poll() is not None:
-                raise RuntimeError("the coordinator did not come up; see its log above")
-            time.sleep(0.02)
+    def _coordinator_exit(self) -> Optional[int]:
+        """The coordinator's exit code once it ended for good; a coordinator killed by a signal (not a
+        SIGTERM it handled) is started again on the same port from the state it persisted."""
+        rc = self.coordinator.poll()
+        if rc is None:
+            return None
+        if rc >= 0 or self.restarts >= MAX_COORDINATOR_RESTARTS or \
+                not os.path.exists(os.path.join(self.run_dir, "control_state.json")):
+            return rc
+        self.restarts += 1
+        log.warning("the coordinator died (%s); restarting it on port %d (restart %d of %d)",
+                    signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else rc, self.port,
+                    self.restarts, MAX_COORDINATOR_RESTARTS)
+        self.coordinator = self._start_coordinator(resume=True)
+        return None
 
     def _supervise(self) -> int:
-        seen_gen = 0
         while True:
-            rc = self.coordinator.poll()
+            rc = self._coordinator_exit()
             if rc is not None:
                 return rc
+            if self.control.away and not self.control.reconnect():
+                time.sleep(0.05)
+                continue
             try:
-                if self.store.check(["shutdown"]):
-                    return self.coordinator.wait(timeout=30)
+                if self.control.check("shutdown"):
+                    return self._await_coordinator()
+                self._report_exits()
                 self._inject_due()
-                gen = int(self.store.get("gen"))
-            except (RuntimeError, subprocess.TimeoutExpired):  # the coordinator closed the store
-                try:
-                    return self.coordinator.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    return 1
-            if gen > seen_gen:
-                for g in range(seen_gen + 1, gen + 1):
-                    plan = P.get_json(self.store, f"gen/{g}")
-                    if self.job.faults.respawn:
-                        covered = min(self.prepaid, len(plan["rebuild"]))  # a replacement machine's job
-                        self.prepaid -= covered
-                        for _ in range(len(plan["rebuild"]) - covered):
-                            self.start_worker()
-                seen_gen = gen
+                self._replace_spares()
+            except P.CoordinatorAway:
+                time.sleep(0.05)
+                continue
             time.sleep(0.02)
+
+    def _await_coordinator(self) -> int:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            rc = self._coordinator_exit()
+            if rc is not None:
+                return rc
+            time.sleep(0.05)
+        return 1
+
+    def _report_exits(self) -> None:
+        """A worker process that exited is reported at once (its heartbeat would take seconds)."""
+        for wid, p in self.procs.items():
+            if wid not in self.exited and p.poll() is not None:
+                self.exited.add(wid)
+                self.control.append("died", {"wid": wid, "rc": p.returncode})
+
+    def _replace_spares(self) -> None:
+        """With faults.respawn, a new spare for every spare a rebuild consumed (a replacement machine
+        already covers its own slots), and whatever the waiting slots still lack."""
+        rebuilt = self.control.call(lambda s: int(s.add("rebuilt_slots", 0)))
+        if rebuilt < self.rebuilt_seen:  # a restarted coordinator counts from what it persisted
+            self.rebuilt_seen = rebuilt
+        fresh = rebuilt - self.rebuilt_seen
+        self.rebuilt_seen = rebuilt
+        if not self.job.faults.respawn:
+            return
+        covered = min(self.prepaid, fresh)
+        self.prepaid -= covered
+        for _ in range(fresh - covered):
+            self.start_worker()
+        needed = int(self.control.call(lambda s: s.get("spares_needed").decode()) or 0) \
+            if self.control.check("spares_needed") else 0
+        joining = [w for w, p in self.procs.items() if p.poll() is None and not self.control.check(f"ack/{w}")]
+        for _ in range(max(0, needed - len(joining) - len(self.joins))):
+            self.start_worker()
+
+    def _slots(self) -> Dict[str, str]:
+        return self.control.get_json_or("slots", {}) or {}
 
     def _inject_due(self) -> None:
         self._machine_due()
@@ -189,20 +251,18 @@ class LocalLauncher:
         for e in list(self.events):
             r = e["replica"]
             if r not in committed:
-                rec = P.get_json_or(self.store, f"committed/{r}")
+                rec = self.control.get_json_or(f"committed/{r}")
                 committed[r] = rec["step"] if rec else -1
             if committed[r] + 1 < e["step"]:
                 continue
             self.events.remove(e)
-            g = int(self.store.get("gen"))
-            plan = P.get_json(self.store, f"gen/{g}")
-            wid = plan["slots"].get(f"{r},{e['stage']}")
+            wid = self._slots().get(f"{r},{e['stage']}")
             proc = self.procs.get(wid)
             if proc is None or proc.poll() is not None:
                 continue
             log.warning("injecting %s into %s (replica %d, stage %d) at step %d", e["kind"], wid, r, e["stage"],
                         e["step"])
-            P.put_json(self.store, f"injected/{wid}", {"t": time.time(), "kind": e["kind"], "step": e["step"]})
+            self.control.put_json(f"injected/{wid}", {"t": time.time(), "kind": e["kind"], "step": e["step"]})
             os.kill(proc.pid, SIGNALS[e["kind"]])
             self.injected.append(dict(e, wid=wid, t=time.time()))
 
@@ -225,7 +285,7 @@ class LocalLauncher:
             return
         top = -1
         for r in range(self.job.parallel.replicas):
-            rec = P.get_json_or(self.store, f"committed/{r}")
+            rec = self.control.get_json_or(f"committed/{r}")
             top = max(top, rec["step"] if rec else -1)
         for e in [e for e in self.machine_events if top + 1 >= e["step"]]:
             self.machine_events.remove(e)
@@ -241,14 +301,13 @@ class LocalLauncher:
         if not wids or info is None or info["cause"] is not None:
             log.warning("machine event %s ignored: no live workers on machine %s", e, m)
             return
-        g = int(self.store.get("gen"))
-        held = set(P.get_json(self.store, f"gen/{g}")["slots"].values()) if g >= 0 else set()
+        held = set(self._slots().values())
         active = [w for w in wids if w in held]
         log.warning("preempting machine %s (%s) at step %d: %d workers, %d holding slots",
                     m, kind, e["step"], len(wids), len(active))
         now = time.time()
         for wid in wids:
-            P.put_json(self.store, f"injected/{wid}", {"t": now, "kind": kind, "step": e["step"], "machine": m})
+            self.control.put_json(f"injected/{wid}", {"t": now, "kind": kind, "step": e["step"], "machine": m})
             os.kill(self.procs[wid].pid, SIGNALS[kind])
             self.injected.append(dict(e, wid=wid, t=now))
         info["cause"] = kind

@@ -146,7 +146,7 @@ class SlurmRun:
         _maybe_resume(job, self.run_dir)
         job_path = os.path.join(self.run_dir, "job.json")
         with open(job_path, "w") as f:
-            json.dump(job.to_dict(), f, indent=1)
+            json.dump(job.public_dict(), f, indent=1)  # the token travels in the environment only
         env = child_env({P.TOKEN_ENV: P.resolve_token(job.recovery.token) or os.urandom(8).hex()})
         port = P.free_port()
         host = os.environ.get("KINTSUGI_COORDINATOR_HOST") or socket.gethostname()
@@ -155,7 +155,7 @@ class SlurmRun:
             # Its own session: a signal Slurm sends to the batch step's process group must not kill the
             # store the workers still need (the coordinator dies with this process: KINTSUGI_PDEATHSIG).
             self.coordinator = subprocess.Popen(
-                [sys.executable, "-m", "recovery.coordinator", "--port", str(port), "--run-dir", self.run_dir,
+                [sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--run-dir", self.run_dir,
                  "--job", job_path] + ([] if job.logger.progress else ["--no-progress"]),
                 env=env, start_new_session=True)
             self.store = store = self._connect(port)
@@ -180,7 +180,7 @@ class SlurmRun:
 
     def _check_workers_ready(self) -> None:
         try:
-            ready = int(self.store.get("gen")) >= 0
+            ready = self.store.check(["started"])
         except (RuntimeError, ValueError):
             return
         if ready:

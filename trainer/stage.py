@@ -25,6 +25,7 @@ class StageState:
         self.lr_scale = 1.0
         self.grad_norm = 1.0          # CheckFree weight before any gradient exists
         self.step_done = -1           # last step whose optimizer step ran on this stage
+        self.last_total = None        # that step's pipeline-wide gradient sq-norm (its commit record)
         # Copies of the neighbouring end stage's embedding / head (CheckFree+), refreshed periodically.
         self.neighbour_copy: Dict[str, torch.Tensor] = {}
         self.lisa = None              # a LisaController when lisa.enabled: owns which layers train
@@ -78,7 +79,7 @@ class StageState:
             g["lr"] = lr
         self.optimizer.step()
         self.zero_grad()
-        self.step_done = step
+        self.step_done, self.last_total = step, total_sq
         return total_norm
 
     # --- state for rebuilds ---------------------------------------------------------------------------
@@ -86,7 +87,9 @@ class StageState:
         sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return to_positional(sd, self.layer_ids)
 
-    def export(self, exact: bool) -> dict:
+    def export(self, exact: bool, in_flight_ok: bool = False) -> dict:
+        """The stage's state for a rebuild. `in_flight_ok`: a peer snapshot taken while outer syncs
+        are in flight (they have not touched the global copies; the receiver redoes them)."""
         pkg = {"params": self.positional_params(), "layer_count": len(self.layer_ids), "grad_norm": self.grad_norm,
                "neighbour_copy": {k: v.clone() for k, v in self.neighbour_copy.items()}, "stage": self.stage}
         if exact:
@@ -94,7 +97,7 @@ class StageState:
             if self.lisa is not None:
                 pkg["lisa"] = self.lisa.state_dict()
             if self.diloco is not None:
-                pkg["diloco"] = self.diloco.state_dict()
+                pkg["diloco"] = self.diloco.state_dict(as_if_abandoned=in_flight_ok)
         return pkg
 
     def import_exact(self, pkg: dict) -> None:

@@ -3,7 +3,7 @@
 One node: global rank 0 starts the coordinator beside itself on MASTER_PORT+1; ranks beyond
 replicas x stages wait as spares.
 
-Several nodes: run the coordinator on a stable host (`python -m recovery.coordinator --port P
+Several nodes: run the coordinator on a stable host (`kintsugi coordinator --port P
 --run-dir D -- <overrides>`) and give every node `recovery.coordinator=host:P`. Then a torchrun group
 of any size is a set of workers for that coordinator: its ranks fill slots or wait as spares, and the
 coordinator waits until it has replicas x stages of them. torchrun itself cannot replace one worker
@@ -72,7 +72,7 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
             job_path = os.path.join(run_dir, "job.json")
             with open(job_path, "w") as f:
                 json.dump(job.public_dict(), f, indent=1)
-            cmd = [sys.executable, "-m", "recovery.coordinator", "--port", str(port), "--run-dir", run_dir,
+            cmd = [sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--run-dir", run_dir,
                    "--job", job_path] + ([] if job.logger.progress else ["--no-progress"])
             token = P.resolve_token(job.recovery.token)
             coordinator = subprocess.Popen(cmd, env=child_env({P.TOKEN_ENV: token} if token else None))
@@ -88,7 +88,8 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
     wid = worker_id()
     worker = None
     try:
-        worker = Worker(store, wid, P.resolve_token(job.recovery.token), hb_store=_connect(host, port, 60))
+        worker = Worker(P.Control(host, port, 60, store=store), wid, P.resolve_token(job.recovery.token),
+                        bg=P.Control(host, port, 60, store=_connect(host, port, 60)))
         rc = worker.run()
     except Shutdown:
         rc = 0
@@ -98,7 +99,7 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
         except subprocess.TimeoutExpired:
             coordinator.kill()
             rc = 1
-    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and worker is not None and worker.hb.latest_gen > 0:
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and worker is not None and worker.watcher.rebuilt_slots > 0:
         release_exit_barrier()
     if coordinator is not None:
         return rc  # global rank 0 beside its own coordinator writes the run's outputs (trainer.entry)

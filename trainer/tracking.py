@@ -27,7 +27,8 @@ class LiveWandb:
         self.last_step = -1
 
     @classmethod
-    def start(cls, job: dict, run_dir: str) -> Optional["LiveWandb"]:
+    def start(cls, job: dict, run_dir: str, resume: bool = False) -> Optional["LiveWandb"]:
+        """`resume`: a restarted coordinator continues the run it fed before (same wandb id)."""
         cfg = (job.get("logger") or {}).get("wandb") or {}
         mode = cfg.get("mode", "disabled")
         if mode == "disabled":
@@ -36,9 +37,16 @@ class LiveWandb:
             import wandb
             config = dict(job, recovery={k: v for k, v in job.get("recovery", {}).items() if k != "token"})
             os.environ.setdefault("WANDB_SILENT", "true")
+            id_path = os.path.join(run_dir, "wandb_id.txt")
+            run_id = None
+            if resume and os.path.exists(id_path):
+                with open(id_path) as f:
+                    run_id = f.read().strip() or None
             run = wandb.init(project=cfg.get("project", "kintsugi"), mode=mode, dir=run_dir, config=config,
                              tags=list(cfg.get("tags") or []), name=os.path.basename(os.path.normpath(run_dir)),
-                             reinit="finish_previous")
+                             reinit="finish_previous", id=run_id, resume="allow" if run_id else None)
+            with open(id_path, "w") as f:
+                f.write(run.id)
             run.define_metric("trainer/step")
             for prefix in ("train/*", "val/*", "event/*"):
                 run.define_metric(prefix, step_metric="trainer/step")

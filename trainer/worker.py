@@ -1,21 +1,26 @@
 """A worker process: joins the coordinator, takes a (replica, stage) slot, trains, and survives
 membership changes without restarting.
 
-Life of a worker: join with the token -> wait for a generation that gives it a slot -> build the
-generation's process group under the store prefix `gen<g>` -> execute its part of the rebuild plan
--> train until the run ends or the generation changes -> drop the group and go again.
+Life of a worker: join with the token -> wait as a spare until the coordinator gives it a cell (the
+replicas trained as one unit, see recovery.coordinator) -> for each generation of that cell: build
+the cell's group, agree which step committed, execute its part of the rebuild plan, train
+(trainer.step_loop) until the run ends or the cell's generation changes -> drop the group, go again.
 
-Commit protocol: after its backward every stage adds [grad sq-norm, loss, tokens] into a chain
-reduction towards stage 0. Stage 0 holding the total means every stage finished its backward; it
-writes `committed/<replica>` (with the total) to the store BEFORE broadcasting it back. A stage cut
-off before the broadcast arrives finishes the step from the store in the next generation, so the
-optimizer step runs on all stages of a replica or on none, and an uncommitted step is retried on
-the same batch.
+Its stage group (Streaming DiLoCo across replicas) lives beside that, with generations of its own
+(parallel.stage_link): another replica's failure never interrupts this one's steps.
+
+The watcher thread beats the heartbeat, follows the coordinator's publications (its only steady
+cost is one read of `version` every few tens of milliseconds), raises the abort flags, takes peer
+snapshot requests, and reconnects when the coordinator is away. While it is away training goes on:
+commit records wait in a ring and are replayed to the coordinator that comes back; only what needs
+the coordinator (a new generation after a failure) waits for it. A worker whose coordinator stays
+away beyond `recovery.coordinator_wait_s` saves its committed state and exits 75 (resumable), never
+0.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import collections
 import logging
 import os
 import signal
@@ -24,90 +29,176 @@ import sys
 import threading
 import time
 import uuid
-from datetime import timedelta
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from parallel.diloco import StreamingDiLoCo, allreduce_gradients
-from parallel.schedules import StageExecutor, actions_for, routes_for
+from parallel.diloco import StreamingDiLoCo
+from parallel.groups import Aborted, FormationError, Group, form_group
+from parallel.stage_link import StageLink
 from parallel.topology import Grid
-from parallel.transport import Aborted, ByteCounter, PeerFailure, Transport, wait_abortable
+from parallel.transport import ByteCounter, PeerFailure, Transport, set_idle_hook
 from recovery import protocol as P
-from recovery.rebuild import recv_package, send_package
 
 from .config import JobConfig
-from .data import ShardedBatches, load_tokens, val_batches
-from .model import cross_entropy_loss
+from .data import ShardedBatches, load_tokens
+from .recovery_exec import Donor, XferFailed, execute_plan, reconcile, snapshot
 from .stage import StageState
 
 log = logging.getLogger("kintsugi.worker")
-REBUILD_TAG = 1 << 20
-COMMIT_TAG = 1 << 21
-COPY_TAG = 1 << 22
-REBALANCE_TAG = 1 << 23
+EX_RESUMABLE = 75
 
 
 class Shutdown(Exception):
     pass
 
 
-class Heartbeat(threading.Thread):
-    """Bumps hb/<wid>, publishes byte counts, and raises the abort flag when the generation moves on
-    or the run ends. Runs beside the training thread, so a long step never looks like a hang."""
+class _ControlStore:
+    """The two store calls `protocol.append` makes, through a Control that survives a coordinator
+    restart (the checkpointer's background thread appends its `ckpt` records with it)."""
 
-    def __init__(self, store, wid: str, interval: float, counter: ByteCounter):
-        super().__init__(daemon=True, name="kintsugi-heartbeat")
-        self.store, self.wid, self.interval, self.counter = store, wid, interval, counter
-        self.working_gen = -1
-        self.latest_gen = -1
-        self.abort = threading.Event()
+    def __init__(self, control: P.Control):
+        self.c = control
+
+    def add(self, key: str, n: int) -> int:
+        return self.c.call(lambda s: s.add(key, n))
+
+    def set(self, key: str, value: str) -> None:
+        self.c.call(lambda s: s.set(key, value))
+
+
+class Watcher(threading.Thread):
+    """Heartbeat, publications, abort flags, peer requests, reconnection."""
+
+    def __init__(self, worker: "Worker"):
+        super().__init__(daemon=True, name="kintsugi-watcher")
+        self.w = worker
+        self.control: P.Control = worker.bg
+        self.interval = worker.job.recovery.heartbeat_interval_s
+        self.cell_abort = threading.Event()   # the cell's generation moved on (or the run stops)
+        self.stop = threading.Event()         # the run ends or suspends: abort everything
         self.shutdown = threading.Event()
         self.store_lost = threading.Event()
-        # Set by a notice signal; announced at once (from this thread, which never blocks on a
-        # peer) so the coordinator knows who is leaving even while their step is stuck on a peer
-        # that already left: when every holder is leaving and no spare is free it suspends the job.
-        self.leaving: Optional[threading.Event] = None
+        self.suspend_plan: Optional[dict] = None
+        self.working_cell: Optional[int] = None
+        self.working_gen = -1
+        self.phase = "spare"
+        self._version = -1
+        self._n = 0
+        self._mail: Optional[P.LogReader] = None
         self._intent_sent = False
+        self._last_beat = 0.0
+        self.rebuilt_slots = 0  # how many slots the run has rebuilt so far (torchrun's exit barrier)
 
-    def run(self):
-        misses = 0
+    def begin(self, cell: int, gen: int) -> None:
+        """The training thread starts working in `gen` of `cell`."""
+        self.working_cell, self.working_gen = cell, gen
+        self.cell_abort.clear()
+        if self.stop.is_set():
+            self.cell_abort.set()
+        self._version = -1  # re-read the cell's plan: it may have moved on already
+
+    def run(self) -> None:
+        rec = self.w.job.recovery
         while not self.shutdown.is_set():
+            if self.w.control.away and not self.control.away:
+                self.w.control.reconnect()  # the training thread's own connection
+            if self.control.away:
+                if not self.control.reconnect():
+                    if time.monotonic() - self.control.away_since > rec.coordinator_wait_s:
+                        log.error("the coordinator has been away for %.0fs (recovery.coordinator_wait_s); stopping",
+                                  rec.coordinator_wait_s)
+                        self.store_lost.set()
+                        self.stop.set()
+                        self.cell_abort.set()
+                        return
+                    time.sleep(0.5)
+                    continue
+                self.w.control.reconnect()
+                self._version = -1
             try:
-                self.store.add(f"hb/{self.wid}", 1)
-                P.put_json(self.store, f"bytes/{self.wid}", self.counter.as_dict())
-                self.latest_gen = int(self.store.get("gen"))
-                if self.leaving is not None and self.leaving.is_set() and not self._intent_sent:
-                    P.append(self.store, "intent", {"wid": self.wid})
-                    self._intent_sent = True
-                if self.store.check(["shutdown"]):
-                    self.shutdown.set()
-                misses = 0
-            except Exception:  # noqa: BLE001 - the coordinator is gone or unreachable
-                misses += 1
-                if misses * self.interval > 10.0:
-                    self.store_lost.set()
-                    self.shutdown.set()
-            if self.latest_gen > self.working_gen >= 0 or self.shutdown.is_set():
-                self.abort.set()
-            time.sleep(self.interval)
+                now = time.monotonic()
+                if now - self._last_beat >= self.interval:
+                    self._beat()
+                    self._last_beat = now
+                v = int(self.control.call(lambda s: s.add("version", 0)))
+                if v != self._version:
+                    self._version = v
+                    self._refresh()
+            except P.CoordinatorAway:
+                continue
+            except Exception as e:  # noqa: BLE001 - a malformed record must not kill the heartbeat
+                log.warning("watcher: %s", str(e).splitlines()[0][:200])
+            time.sleep(0.02)
+
+    def _beat(self) -> None:
+        self._n += 1
+        w = self.w
+        status = {"n": self._n, "cell": self.working_cell, "cell_gen": self.working_gen, "phase": self.phase,
+                  "step": w.state.step_done if w.state is not None else None}
+        self.control.call(lambda s: (s.set(f"hb/{w.wid}", P.json.dumps(status)),
+                                     P.put_json(s, f"bytes/{w.wid}", w.counter.as_dict())))
+        if w.leaving.is_set() and not self._intent_sent:
+            self.control.append("intent", {"wid": w.wid})
+            self._intent_sent = True
+
+    def _refresh(self) -> None:
+        c, w = self.control, self.w
+        self.rebuilt_slots = int(c.call(lambda s: s.add("rebuilt_slots", 0)))
+        if c.check("shutdown"):
+            self.shutdown.set()
+            self.stop.set()
+            self.cell_abort.set()
+            return
+        if self.suspend_plan is None and c.check("suspend"):
+            self.suspend_plan = c.get_json("suspend")
+            self.stop.set()
+            self.cell_abort.set()
+        if self.working_cell is not None:
+            plan = c.get_json_or(f"cell/{self.working_cell}")
+            if plan is not None and plan["gen"] > self.working_gen >= 0:
+                self.cell_abort.set()
+        if w.link is not None:
+            sp = c.get_json_or(f"stage/{w.link.stage}")
+            if sp is not None:
+                w.link.update(sp)
+        if self._mail is None:
+            self._mail = P.LogReader(c.store, f"mail/{w.wid}")
+        self._mail.store = c.store
+        for req in self._mail.poll():
+            if req.get("kind") == "donate":
+                w.donor.request(req)
 
 
 class Worker:
-    def __init__(self, store, wid: str, token: Optional[str], hb_store=None):
-        self.store, self.wid = store, wid
-        self.job = JobConfig.from_dict(P.get_json(store, "job"))
+    def __init__(self, control: P.Control, wid: str, token: Optional[str], bg: Optional[P.Control] = None):
+        self.control, self.wid, self.token = control, wid, token
+        # Its own connection for the watcher: the training thread's reads must never delay a beat.
+        self.bg = bg or control
+        self.job = JobConfig.from_dict(control.get_json("job"))
         torch.manual_seed(self.job.train.seed)
         self.counter = ByteCounter()
-        self._join(token)
-        # Its own store connection: a TCPStore client serialises requests, and the main thread's
-        # blocking rendezvous inside init_process_group must never delay a heartbeat.
-        self.hb = Heartbeat(hb_store or store, wid, self.job.recovery.heartbeat_interval_s, self.counter)
+        self.machine = os.environ.get("KINTSUGI_MACHINE", socket.gethostname())
+        self.slot = None
+        self.cell = None
+        self.state: Optional[StageState] = None
+        self.diloco: Optional[StreamingDiLoCo] = None
+        self.link: Optional[StageLink] = None
+        self.data = None
+        self.pending = None  # (step, local_sq) of a step whose backward finished but not its commit
+        self.cell_group: Optional[Group] = None
+        self.dp_group: Optional[Group] = None
+        self._retired: list = []
+        self.recent = collections.deque(maxlen=4096)  # this stage's commit records (replayed after a restart)
+        self.recent_lock = threading.Lock()
         self.leaving = threading.Event()
-        self.hb.leaving = self.leaving
-        self.hb.start()
         self.machine_noticed = False
+        self.watcher = Watcher(self)
+        self.donor = Donor(self, self.watcher.stop)
+        self.bg.on_new_boot.append(self._rejoin)
+        self._join()
+        # Beat from now on: loading the corpus and warming up can take seconds on a busy machine.
+        self.watcher.start()
         for name in self.job.recovery.notice_signals:
             signal.signal(getattr(signal, name), lambda *_: self.leaving.set())
         # A spot interruption notice from the cloud's metadata service means the same as SIGTERM.
@@ -115,28 +206,69 @@ class Worker:
         address = self.job.recovery.metadata_address
         if address and "{machine}" in address:  # one metadata endpoint per (simulated) machine
             address = address.replace("{machine}", self.machine)
-        self.notice_watcher = make_watcher(self.job.recovery.notice, self._on_machine_notice,
-                                           address=address,
+        self.notice_watcher = make_watcher(self.job.recovery.notice, self._on_machine_notice, address=address,
                                            interval_s=self.job.recovery.notice_interval_s)
         if self.notice_watcher is not None:
             self.notice_watcher.start()
-        self.slot = None
-        self.state: Optional[StageState] = None
-        self.diloco = None
-        self.stage_group = None
-        self.data = None
-        corpus = P.get_json(store, "corpus")
+        corpus = control.get_json("corpus")
         self.train_tokens = load_tokens(corpus["train_path"], corpus["dtype"])
         self.val_tokens = load_tokens(corpus["val_path"], corpus["dtype"])
-        self.pending = None  # (step, local_sq) of a step whose backward finished but not its commit
         # launcher.slow_machines: this (simulated) machine computes this many times slower.
         self.slowdown = float(os.environ.get("KINTSUGI_SLOWDOWN") or 1.0)
-        self.run_dir = store.get("run_dir").decode()
+        self.run_dir = control.call(lambda s: s.get("run_dir").decode())
         rec = self.job.recovery
         every = rec.checkpoint_every or (10 if rec.strategy == "checkpoint" else 0)
         from .checkpoint import AsyncCheckpointer
-        self.checkpointer = AsyncCheckpointer(store, self.run_dir, every)
+        self.checkpointer = AsyncCheckpointer(_ControlStore(self.bg), self.run_dir, every)
+        set_idle_hook(self.idle)
         self._warm_up()
+
+    # --- membership -------------------------------------------------------------------------------
+    def connect_store(self):
+        """A fresh store client (group formation blocks on it)."""
+        return P.connect(self.control.host, self.control.port, timeout_s=60)
+
+    def _join(self) -> None:
+        self.control.append("join", {"wid": self.wid, "token": self.token, "pid": os.getpid(),
+                                     "host": socket.gethostname(), "machine": self.machine})
+        ack = self.control.call(lambda s: s.get(f"ack/{self.wid}").decode())
+        if ack != "ok":
+            raise SystemExit(f"kintsugi: the coordinator refused this worker ({ack}); set KINTSUGI_TOKEN or "
+                             "recovery.token")
+
+    def _rejoin(self) -> None:
+        """The coordinator came back (a new incarnation): re-register, then replay the commits it may
+        not have recorded (it keeps the first record of each step)."""
+        c = self.bg
+        st = self.state
+        c.append("rejoin", {"wid": self.wid, "token": self.token, "pid": os.getpid(), "host": socket.gethostname(),
+                            "machine": self.machine, "slot": list(self.slot) if self.slot else None,
+                            "cell": self.watcher.working_cell, "cell_gen": self.watcher.working_gen,
+                            "step_done": st.step_done if st is not None else None})
+        deadline = time.monotonic() + 30
+        while not c.check(f"ack/{self.wid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if c.check(f"ack/{self.wid}") and c.call(lambda s: s.get(f"ack/{self.wid}").decode()) != "ok":
+            log.warning("the restarted coordinator does not count this worker as a member; stopping")
+            self.watcher.shutdown.set()
+            self.watcher.stop.set()
+            self.watcher.cell_abort.set()
+            return
+        if self.slot is not None:
+            known = (c.get_json_or(f"committed/{self.slot[0]}") or {}).get("step", -1)
+            with self.recent_lock:
+                replay = [r for r in self.recent if r["step"] > known]
+            for r in replay:
+                c.append("commit", dict(r, replay=True))
+            if replay:
+                log.warning("replayed %d commit records (steps %d..%d) to the restarted coordinator", len(replay),
+                            replay[0]["step"], replay[-1]["step"])
+
+    def _on_machine_notice(self, notice) -> None:
+        # The whole machine is going away (unlike a SIGTERM to this one process): say so when
+        # leaving, so the coordinator stops handing this machine's spares any slot.
+        self.machine_noticed = True
+        self.leaving.set()
 
     def _warm_up(self) -> None:
         """Pay the first-use costs (model construction, autograd, kernels) while waiting in the pool,
@@ -146,205 +278,220 @@ class Worker:
         st.model.forward_layers(x).sum().backward()
         st.zero_grad()
 
-    def _on_machine_notice(self, notice) -> None:
-        # The whole machine is going away (unlike a SIGTERM to this one process): say so when
-        # leaving, so the coordinator stops handing this machine's spares any slot.
-        self.machine_noticed = True
-        self.leaving.set()
+    def idle(self) -> None:
+        """Called by the training thread while it waits (and between steps): serve peer snapshots."""
+        self.donor.serve()
 
-    def _join(self, token):
-        self.machine = os.environ.get("KINTSUGI_MACHINE", socket.gethostname())
-        P.append(self.store, "join", {"wid": self.wid, "token": token, "pid": os.getpid(),
-                                      "host": socket.gethostname(), "machine": self.machine})
-        ack = self.store.get(f"ack/{self.wid}").decode()
-        if ack != "ok":
-            raise SystemExit(f"kintsugi: the coordinator refused this worker ({ack}); set KINTSUGI_TOKEN or recovery.token")
+    def alternate(self) -> bool:
+        return self.job.recovery.strategy in ("checkfree_plus", "tiered") and self.job.parallel.stages >= 2
 
-    # --- generation loop ----------------------------------------------------------------------------
+    # --- the generation loop ------------------------------------------------------------------------
     def run(self) -> int:
-        seen = -1
+        seen = {}
         while True:
-            plan = self._next_plan(seen)
-            if plan is None:
+            what, plan = self._next_plan(seen)
+            if what == "shutdown":
                 return 0
-            seen = plan["gen"]
-            if plan.get("suspend"):
+            if what == "lost":
+                return self._give_up()
+            if what == "suspend":
                 return self._suspend(plan)
+            if what == "leave":
+                return 0
+            seen[plan["cell"]] = plan["gen"]
             if self.wid not in plan["ranks"]:
                 if self.slot is not None:
-                    log.warning("no longer in the plan of generation %d; exiting", seen)
+                    log.warning("no longer in the plan of cell %d generation %d; exiting", plan["cell"], plan["gen"])
                     return 0
-                continue  # still a spare
+                continue
             try:
                 done = self._run_generation(plan)
-            except (Aborted, PeerFailure) as e:
-                if isinstance(e, PeerFailure):
-                    self._report(plan, e)
+            except Aborted:
                 done = False
-            except RuntimeError as e:  # any other torch.distributed error: let the coordinator decide
-                log.warning("generation %d failed: %s", seen, str(e).splitlines()[0][:200])
-                self._await_next_generation()
+            except PeerFailure as e:
+                self._report_peer(plan, e)
+                done = False
+            except (FormationError, XferFailed, RuntimeError) as e:
+                self._report_fault(plan, e)
                 done = False
             finally:
-                self._drop_group()
+                self._close_groups()
             if done:
                 return 0
+            self._await_next_generation(plan)
 
-    def _next_plan(self, seen: int):
+    def _next_plan(self, seen: dict):
+        w = self.watcher
+        role_cell = self.cell
         while True:
-            if self.hb.shutdown.is_set():
-                return None
+            if w.shutdown.is_set():
+                return "shutdown", None
+            if w.store_lost.is_set():
+                return "lost", None
+            if w.suspend_plan is not None:
+                return "suspend", w.suspend_plan
             if self.leaving.is_set() and self.slot is None:
                 # A spare whose machine is going away leaves the pool instead of taking a slot.
-                P.append(self.store, "leave", {"wid": self.wid, "why": "interruption notice (spare)",
-                                               "machine": self.machine if self.machine_noticed else None})
-                return None
-            g = int(self.store.get("gen"))
-            if g > seen:
-                return P.get_json(self.store, f"gen/{g}")
+                self.control.append_later("leave", {"wid": self.wid, "why": "interruption notice (spare)",
+                                                    "machine": self.machine if self.machine_noticed else None})
+                return "leave", None
+            self.idle()
+            try:
+                if role_cell is None:
+                    role = self.control.get_json_or(f"role/{self.wid}")
+                    role_cell = role["cell"] if role else None
+                if role_cell is not None:
+                    plan = self.control.get_json_or(f"cell/{role_cell}")
+                    if plan is not None and plan["gen"] > seen.get(role_cell, -1):
+                        self.cell = role_cell
+                        return "cell", plan
+            except P.CoordinatorAway:
+                pass
             time.sleep(0.01)
 
-    def _report(self, plan, err: PeerFailure) -> None:
-        peer_wid = next((w for w, r in plan["ranks"].items() if r == err.peer), None)
-        if peer_wid is not None:
-            P.append(self.store, "suspect", {"gen": plan["gen"], "reporter": self.wid, "peer_wid": peer_wid,
-                                             "why": str(err)})
-        self._await_next_generation()
-
-    def _await_next_generation(self) -> None:
-        """Wait for the coordinator to move on (or for the run to end) before rebuilding."""
-        while not self.hb.abort.is_set():
+    def _await_next_generation(self, plan) -> None:
+        """Wait for the coordinator to move this cell on (or the run to end) before rebuilding."""
+        while not self.watcher.cell_abort.is_set():
+            self.idle()
+            if self.diloco is not None:
+                self.diloco.serve_idle()
             time.sleep(0.005)
 
-    def _drop_group(self):
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - the old group may already be broken
-                pass
+    def _report_peer(self, plan, err: PeerFailure) -> None:
+        peer_wid = next((w for w, r in plan["ranks"].items() if r == err.peer), None)
+        if peer_wid is not None:
+            self.control.append_later("suspect", {"gen": plan["gen"], "cell": plan["cell"], "scope": "cell",
+                                                  "reporter": self.wid, "peer_wid": peer_wid, "why": str(err)})
 
-    def _run_generation(self, plan) -> bool:
-        gen = plan["gen"]
-        self.hb.abort.clear()
-        self.hb.working_gen = gen
+    def _report_fault(self, plan, err: Exception) -> None:
+        msg = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        log.warning("cell %d generation %d failed: %s", plan["cell"], plan["gen"], msg)
+        rec = {"wid": self.wid, "scope": "cell", "cell": plan["cell"], "gen": plan["gen"], "error": msg}
+        if isinstance(err, FormationError):
+            by_rank = {r: wid for wid, r in plan["ranks"].items()}
+            rec["missing_wids"] = [by_rank[r] for r in err.missing if r in by_rank and by_rank[r] != self.wid]
+        if isinstance(err, XferFailed):
+            rec.update(scope="xfer", slot=list(self.slot))
+        self.control.append_later("fault", rec)
+
+    def _run_generation(self, plan):
+        """Form the cell's group, agree on the committed step, execute the plan, train."""
+        from .step_loop import StepLoop
+        cell, gen = plan["cell"], plan["gen"]
+        self.watcher.begin(cell, gen)
+        self.watcher.phase = "forming"
+        abort = self.watcher.cell_abort
         rank, world = plan["ranks"][self.wid], plan["world_size"]
-        backend = "gloo"
         t_gen = time.time()
-        log.info("gen %d: building group (rank %d of %d), %.3fs after publication", gen, rank, world,
-                 t_gen - plan["published_at"])
-        dist.init_process_group(backend, store=dist.PrefixStore(f"gen{gen}", self.store), rank=rank,
-                                world_size=world, timeout=timedelta(seconds=self.job.recovery.init_timeout_s))
-        grid = Grid(self.job.parallel.replicas, self.job.parallel.stages)
-        wait_abortable(dist.barrier(async_op=True), self.hb.abort)
-        log.info("gen %d: group ready in %.3fs", gen, time.time() - t_gen)
-        transport = Transport(None, self.hb.abort, self.counter, self._codecs())
-        # Stage groups (one per stage, across replicas) for Streaming DiLoCo / data parallelism.
-        # new_group is collective over the whole world, so every rank (leavers too) creates all.
-        stage_groups = [dist.new_group(grid.stage_ranks(s)) for s in range(grid.stages)] if grid.replicas > 1 else None
-        if self.wid in plan["leavers"]:
+        timeout = self.job.recovery.init_timeout_s
+        self.cell_group = group = form_group(self.connect_store, f"cell{cell}/gen{gen}", rank, world, timeout,
+                                             abort=abort)
+        self._close_retired()
+        log.info("cell %d gen %d: group ready in %.3fs (%.3fs after publication)", cell, gen, time.time() - t_gen,
+                 time.time() - plan["published_at"])
+        S = self.job.parallel.stages
+        grid = Grid(len(plan["replicas"]), S, plan["replicas"])
+        transport = Transport(group, abort, self.counter, self._codecs())
+        leaving = self.wid in plan["leavers"]
+        slot = None if leaving else P.parse_slot_key(next(k for k, w in plan["slots"].items() if w == self.wid))
+        rebuild = plan["rebuild"].get(P.slot_key(slot)) if slot is not None else None
+        new_here = slot is not None and self.slot != slot
+        if new_here:
+            self._take_slot(slot, plan)
+        # Plain data-parallel: the stage groups live inside the cell (every replica, every step).
+        self.dp_group = None
+        if len(plan["replicas"]) > 1 and not self.job.diloco.enabled and slot is not None:
+            self.dp_group = form_group(self.connect_store, f"cell{cell}/gen{gen}/stage{slot[1]}",
+                                       plan["replicas"].index(slot[0]), len(plan["replicas"]), timeout, abort=abort)
+        committed = self._agree_on_step(plan, group, abort, has_state=not new_here and self.state is not None)
+        if leaving:
             self._hand_off(plan, transport)
             raise SystemExit(0)
-        slot = next(tuple(map(int, k.split(","))) for k, w in plan["slots"].items() if w == self.wid)
         t_start = time.time()
-        if plan.get("layout") is not None:  # live rebalancing: the layout every new stage is built with
-            self.job.parallel.layers_per_stage = list(plan["layout"])
-        rebuild = plan["rebuild"].get(f"{slot[0]},{slot[1]}")
-        if self.slot != slot:  # new here: build the stage (it is replaced below if being rebuilt)
-            self.slot = slot
-            self.state = StageState(self.job, slot[1])
-            if self.job.model.init_from:
-                from .pretrained import load_into_stage
-                load_into_stage(self.state, self.job.model.init_from)
-            if self.job.lisa.enabled:
-                from .lisa import LisaController
-                self.state.lisa = LisaController(self.job.lisa, self.state, self.job.train.seed, replica=slot[0])
-            self.data = ShardedBatches(self.train_tokens, self.job.data.seq_len, self.job.train.batch_size,
-                                       slot[0], self.job.parallel.replicas, self.job.train.seed)
-        self._finish_pending(slot)
-        self.stage_group = stage_groups[slot[1]] if stage_groups else None
-        self._setup_outer_sync()
-        from .recovery_exec import execute_plan  # the rebuild exchanges of this generation
-        execute_plan(self, plan, grid, transport, slot, rebuild)
-        if self.diloco is not None:
-            # Bitwise agreement of the global copies again: a replica may have finished a sync that
-            # its peers abandoned. Broadcast from the first replica that was not rebuilt.
-            rebuilt = {int(k.split(",")[0]) for k, v in plan["rebuild"].items() if int(k.split(",")[1]) == slot[1]}
-            src = next((q for q in range(grid.replicas) if q not in rebuilt), 0)
-            self.diloco.resync(src=src, reset_local=slot[0] in rebuilt and src != slot[0])
-        if plan.get("prev_layout") is not None and self.state.layer_ids != self._layer_ids(slot[1]):
-            self._relayout(plan, grid, transport, slot)
-        log.info("gen %d: plan executed %.3fs after publication", gen, time.time() - plan["published_at"])
+        execute_plan(self, plan, grid, transport, slot, rebuild, committed, abort)
+        if plan.get("prev_layout") is not None and self.state.layer_ids != self._layer_ids(slot[1], plan["layout"]):
+            from .relayout import relayout
+            relayout(self, plan, grid, transport, slot)
+        if self.link is not None:
+            self.link.layout_version = plan.get("layout_version", 0)
+        if rebuild is not None or new_here:
+            self.control.append_later("ready", {"wid": self.wid, "slot": list(slot), "cell": cell, "gen": gen})
         if rebuild is not None:
             now = time.time()
-            P.append(self.store, "event", {"kind": "rebuild", "slot": list(slot), "tier": rebuild["tier"],
-                                           "step": rebuild["step"], "detect_s": rebuild["detected_at"] - rebuild["failed_at"],
-                                           "recover_s": now - rebuild["failed_at"], "setup_s": now - t_start,
-                                           "failed_at": rebuild["failed_at"], "resumed_at": now})
-        return self._train(plan, grid, transport, slot)
+            self.control.append_later("event", {
+                "kind": "rebuild", "slot": list(slot), "tier": rebuild["tier"], "step": committed + 1,
+                "detect_s": rebuild["detected_at"] - rebuild["failed_at"], "recover_s": now - rebuild["failed_at"],
+                "setup_s": now - t_start, "failed_at": rebuild["failed_at"], "resumed_at": now})
+        log.info("cell %d gen %d: plan executed %.3fs after publication", cell, gen, time.time() - plan["published_at"])
+        self.watcher.phase = "training"
+        return StepLoop(self, plan, grid, transport, slot, committed + 1).run()
+
+    def _agree_on_step(self, plan, group, abort, has_state: bool) -> int:
+        rollback = plan.get("rollback")
+        if rollback is not None:
+            if self.slot is None:
+                return -1
+            return rollback[str(self.slot[0])] if isinstance(rollback, dict) else rollback
+        floor = max(int(plan["committed"].get(str(r), -1)) for r in plan["replicas"])
+        store_commit = None
+        if self.slot is not None:
+            try:
+                store_commit = self.control.get_json_or(f"committed/{self.slot[0]}")
+            except P.CoordinatorAway:
+                pass
+        if self.state is None:  # a leaver without a stage cannot happen; a fresh worker has none yet
+            return floor
+        return reconcile(self, group, abort, has_state, store_commit, floor)
+
+    def _take_slot(self, slot, plan) -> None:
+        """New here: build the stage (a rebuild replaces its state below)."""
+        if plan.get("layout") is not None:  # live rebalancing: the layout every new stage is built with
+            self.job.parallel.layers_per_stage = list(plan["layout"])
+        self.slot = slot
+        self.state = StageState(self.job, slot[1])
+        if self.job.model.init_from:
+            from .pretrained import load_into_stage
+            load_into_stage(self.state, self.job.model.init_from)
+        if self.job.lisa.enabled:
+            from .lisa import LisaController
+            self.state.lisa = LisaController(self.job.lisa, self.state, self.job.train.seed, replica=slot[0])
+        self.data = ShardedBatches(self.train_tokens, self.job.data.seq_len, self.job.train.batch_size,
+                                   slot[0], self.job.parallel.replicas, self.job.train.seed)
+        self.pending = None
+        self.diloco = None
+        if self.job.diloco.enabled and self.job.parallel.replicas > 1:
+            if self.link is None or self.link.stage != slot[1]:
+                self.link = StageLink(self.connect_store, slot[1], self.wid, self.job.recovery.init_timeout_s,
+                                      stop=self.watcher.stop)
+                sp = self.control.get_json_or(f"stage/{slot[1]}")
+                if sp is not None:
+                    self.link.update(sp)
+            self.link.layout_version = plan.get("layout_version", 0)
+            self.new_outer_sync()
+
+    def new_outer_sync(self) -> None:
+        self.diloco = StreamingDiLoCo(dict(self.state.model.named_parameters()), self.job.diloco, self.link,
+                                      self.counter, self.watcher.cell_abort)
+        self.state.diloco = self.diloco
+
+    def _close_groups(self) -> None:
+        """Retire this generation's groups. They are closed only once the next generation's group
+        formed: closing drops their connections, and a neighbour still waiting on one would take
+        that for this worker's death and report it (a cascade of false suspects)."""
+        for name in ("cell_group", "dp_group"):
+            g: Optional[Group] = getattr(self, name, None)
+            if g is not None:
+                self._retired.append(g)
+            setattr(self, name, None)
+
+    def _close_retired(self) -> None:
+        while self._retired:
+            self._retired.pop().close()
 
     def _layer_ids(self, stage: int, layout=None):
         from parallel.topology import per_stage_layers
         layout = self.job.parallel.layers_per_stage if layout is None else layout
         return per_stage_layers(self.job.model.n_layers, self.job.parallel.stages, layout)[stage]
-
-    def _relayout(self, plan, grid: Grid, transport: Transport, slot) -> None:
-        """Live rebalancing: layers change stage. Each moving layer's weights and AdamW state go
-        from its old holder to its new one, in global layer order (every pair of ranks meets its
-        transfers in the same order, so blocking sends cannot deadlock); the stage is then rebuilt
-        around the layers it now holds. The pipeline computes exactly the same function after."""
-        r, s = slot
-        S = self.job.parallel.stages
-        old_owner = {l: t for t in range(S) for l in self._layer_ids(t, plan["prev_layout"])}
-        new_owner = {l: t for t in range(S) for l in self._layer_ids(t, plan["layout"])}
-        st = self.state
-        named = dict(st.model.named_parameters())
-        params = {n: p.detach() for n, p in named.items()}
-        opt = {n: st.optimizer.state[p] for n, p in named.items() if st.optimizer.state.get(p)}
-        # Streaming DiLoCo: a layer's global copy and outer momentum travel with it (by name).
-        outer = {}
-        if self.diloco is not None:
-            for f in self.diloco.state_dict(as_if_abandoned=True)["fragments"]:
-                for n, g in f["global"].items():
-                    outer[n] = (g, f["momentum"].get(n))
-            old_counts = [f.syncs for f in self.diloco.fragments]
-            old_syncs = self.diloco.num_syncs
-        t0 = time.time()
-        for l in sorted(old_owner):
-            a, b = old_owner[l], new_owner[l]
-            if a == b or s not in (a, b):
-                continue
-            if a == s:
-                names = [n for n in named if n.startswith(f"layers.{l}.")]
-                send_package(transport, {"params": {n: params[n] for n in names},
-                                         "opt": {n: opt[n] for n in names if n in opt},
-                                         "outer": {n: outer[n] for n in names if n in outer}},
-                             grid.rank((r, b)), REBALANCE_TAG + 4 * l)
-            else:
-                pkg = recv_package(transport, grid.rank((r, a)), REBALANCE_TAG + 4 * l)
-                params.update(pkg["params"])
-                opt.update(pkg["opt"])
-                outer.update(pkg["outer"])
-        new = StageState(self.job, s)
-        with torch.no_grad():
-            for n, p in new.model.named_parameters():
-                p.copy_(params[n])
-                if n in opt:
-                    new.optimizer.state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt[n].items()}
-        new.lr_scale, new.grad_norm, new.step_done = st.lr_scale, st.grad_norm, st.step_done
-        new.neighbour_copy = dict(st.neighbour_copy)
-        self.state = new
-        if self.diloco is not None:
-            # A new fragment split over the new layers; fragment p keeps fragment p's sync count, so
-            # every replica (same old counts after resync, same new split) agrees on what is owed.
-            self.diloco = None
-            self._setup_outer_sync()
-            state = {"step": self.diloco.step, "num_syncs": old_syncs, "fragments": [
-                {"names": list(f.names), "global": {n: outer[n][0] for n in f.names},
-                 "momentum": {n: outer[n][1] for n in f.names if outer[n][1] is not None},
-                 "syncs": old_counts[min(f.index, len(old_counts) - 1)]} for f in self.diloco.fragments]}
-            self.diloco.load_state_dict(state, reset_local=False)
-        log.warning("slot %s rebalanced: layers %s -> %s (%.3fs)", slot, st.layer_ids, new.layer_ids,
-                    time.time() - t0)
 
     def _codecs(self):
         c = self.job.compression
@@ -353,185 +500,60 @@ class Worker:
         from compression import get_codec
         return {"p2p": get_codec(c.activations, c.block_size), "p2p_grad": get_codec(c.gradients, c.block_size)}
 
-    def _finish_pending(self, slot):
-        """If our replica committed the step we had finished the backward of, apply it now."""
-        rec = P.get_json_or(self.store, f"committed/{slot[0]}")
-        if self.pending is not None and rec is not None and rec["step"] == self.pending[0] \
-                and self.state.step_done < rec["step"]:
-            self.state.apply_step(rec["step"], rec["total"][0], self.pending[1])
-            self.data.position = rec["step"] + 1
-        self.pending = None
-        self.state.zero_grad()
+    # --- leaving ------------------------------------------------------------------------------------
+    def _hand_off(self, plan, transport) -> None:
+        """Graceful leave: stream the exact state to the worker that takes our slot."""
+        dst_wid = plan["slots"][P.slot_key(self.slot)]
+        from .recovery_exec import REBUILD_TAG, dump
+        from recovery.rebuild import send_package
+        dump(f"g{plan['gen']}_leaver_{self.slot[0]},{self.slot[1]}", snapshot(self))
+        send_package(transport, self.state.export(exact=True, in_flight_ok=True), plan["ranks"][dst_wid], REBUILD_TAG)
+        log.info("handed slot %s over to %s", self.slot, dst_wid)
 
     def _suspend(self, plan) -> int:
-        """The whole job is being preempted and no spare is left to hand off to: write this slot's
-        last committed state as a checkpoint (`train.resume` continues from it exactly) and exit."""
-        key = f"{self.slot[0]},{self.slot[1]}" if self.slot is not None else None
+        """The job is being preempted and no spare is left to hand off to: write this slot's last
+        committed state as a checkpoint (`train.resume` continues from it exactly) and exit."""
+        key = P.slot_key(self.slot) if self.slot is not None else None
         if key is None or plan["holders"].get(key) != self.wid:
             return 0  # a spare, or a slot someone else holds
-        self._finish_pending(self.slot)  # a step our replica committed but we had not applied
-        if self.diloco is not None:
-            self.diloco.abandon()
-        step = self.state.step_done
-        if step >= 0:
-            path = self.checkpointer.save_now(self.state, self.slot, step, self.diloco)
-            log.warning("suspended: slot %s saved at step %d to %s", self.slot, step, path)
-        P.append(self.store, "suspended", {"wid": self.wid, "slot": list(self.slot), "step": step})
+        step = self._save_committed()
+        self.control.append_later("suspended", {"wid": self.wid, "slot": list(self.slot), "step": step})
         self._wait_for_shutdown()
         return 0
 
-    def _hand_off(self, plan, transport):
-        """Graceful leave: stream the exact state to the worker that takes our slot."""
-        dst_wid = plan["slots"][f"{self.slot[0]},{self.slot[1]}"]
-        if self.diloco is not None:
-            self.diloco.abandon()  # its syncs in flight belonged to the old group; the global copy is intact
-        from .recovery_exec import dump, snapshot
-        dump(f"g{plan['gen']}_leaver_{self.slot[0]},{self.slot[1]}", snapshot(self))
-        send_package(transport, self.state.export(exact=True), plan["ranks"][dst_wid], REBUILD_TAG)
-        log.info("handed slot %s over to %s", self.slot, dst_wid)
-
-    # --- training -----------------------------------------------------------------------------------
-    def _train(self, plan, grid: Grid, transport: Transport, slot) -> bool:
-        job, st = self.job, self.state
-        r, s = slot
-        S = job.parallel.stages
-        pipe = grid.pipeline_ranks(r)
-        rec = P.get_json_or(self.store, f"committed/{r}")
-        step = (rec["step"] + 1) if rec else 0
-        self.data.position = step
-        routes = routes_for(S, job.train.microbatches, alternate=self._alternate())
-        actions = actions_for(job.parallel.schedule, s, S, routes)
-        executor = StageExecutor(st.model, s, S, transport, lambda stage: pipe[stage], job.model.dim,
-                                 cross_entropy_loss)
-        tokens_per_step = job.train.batch_size * job.data.seq_len
-        R = grid.replicas
-        # The data-parallel baseline keeps every replica on the same step (its gradient all-reduce
-        # pairs step k with step k), so its commit spans all replicas: one chain through every
-        # slot, rooted at (0, 0), commits step k for all replicas or for none. Per-replica commits
-        # could let one replica commit k while another retries it, and the all-reduces would then
-        # pair different steps and leave the last one without a partner.
-        dp = self.stage_group is not None and self.diloco is None
-        chain = [grid.rank((q, t)) for q in range(R) for t in range(S)] if dp else pipe
-        scale = 1.0 / R if dp else 1.0  # each replica holds the same averaged gradient
-        shards = {}
-        while step < job.train.max_steps:
-            t0 = time.time()
-            inputs, targets = self.data.batch_at(step)
-            if st.lisa is not None:
-                st.lisa.before_step(step)
-            st.zero_grad()
-            wait0 = transport.recv_wait_s
-            loss = executor.run(inputs, targets, routes, actions)
-            compute_s = time.time() - t0 - (transport.recv_wait_s - wait0)
-            if self.slowdown > 1.0:  # a simulated slower machine: its peers wait for it for real
-                time.sleep((self.slowdown - 1.0) * compute_s)
-                compute_s *= self.slowdown
-            if dp:  # the data-parallel baseline: average gradients across replicas every step
-                allreduce_gradients(list(st.model.parameters()), self.stage_group, self.counter, self.hb.abort)
-            local_sq = st.local_grad_sq()
-            self.pending = (step, local_sq)
-            # [grad sq-norm, loss, per-stage compute seconds...]: summed along the pipeline.
-            vec = torch.zeros(2 + S, dtype=torch.float64)
-            vec[0], vec[1], vec[2 + s] = local_sq, loss or 0.0, compute_s
-
-            def commit(total, _step=step):  # runs on the chain's root only, before the broadcast
-                total = total * scale
-                for q in (range(R) if dp else [r]):
-                    P.put_json(self.store, f"committed/{q}", {"step": _step, "total": total.tolist()})
-                for q in (range(R) if dp else [r]):
-                    if q not in shards:
-                        shards[q] = self.data if q == r else ShardedBatches(
-                            self.train_tokens, job.data.seq_len, job.train.batch_size, q, R, job.train.seed)
-                    P.append(self.store, "commit", {"replica": q, "step": _step, "loss": float(total[1]),
-                                                    "grad_norm": float(total[0]) ** 0.5, "tokens": tokens_per_step,
-                                                    "lr": st.optimizer.param_groups[0]["lr"],
-                                                    "step_s": time.time() - t0,
-                                                    "batch_ids": shards[q].batch_ids(_step),
-                                                    "stage_compute_s": [round(float(x), 4) for x in total[2:]]})
-            total = transport.chain_allreduce(vec, chain, COMMIT_TAG + 2 * (step % 1000), on_total=commit) * scale
-            st.apply_step(step, float(total[0]), local_sq)
+    def _save_committed(self) -> int:
+        if self.pending is not None:
+            # A step whose commit we never saw: the checkpoint is of the step before (a resume
+            # retries it on the same batch).
             self.pending = None
-            self.data.advance()
-            if self.diloco is not None:
-                self.diloco.after_inner_step(step + 1)
-                if step + 1 == job.train.max_steps:
-                    self.diloco.finish_all()  # the last syncs land before the final evaluation
-            if self.checkpointer.due(step):
-                self.checkpointer.save(st, slot, step, self.diloco)
-            step += 1
-            self._after_step(plan, grid, transport, slot, step)
-            if self.leaving.is_set():
-                P.append(self.store, "leave", {"wid": self.wid, "why": "interruption notice",
-                                               "machine": self.machine if self.machine_noticed else None})
-                self._wait_for_handoff_gen(plan)
-                return False
-            ev = job.train.eval_every
-            if r == 0 and ev and step % ev == 0 and step < job.train.max_steps:
-                self._evaluate(executor, step, final=False)
-        # The final evaluation also runs when a generation change landed after the last commit
-        # (the loop above is then empty); the last stage marks it done once it is published.
-        if r == 0 and not self.store.check(["final_eval_done"]):
-            self._evaluate(executor, job.train.max_steps, final=True)
-        if r == 0:
-            self._save_final(s)
-        self._wait_for_shutdown()
-        return True
+        step = self.state.step_done
+        if step >= 0:
+            path = self.checkpointer.save_now(self.state, self.slot, step, self.diloco)
+            log.warning("slot %s saved at step %d to %s", self.slot, step, path)
+        return step
 
-    def _alternate(self) -> bool:
-        return self.job.recovery.strategy in ("checkfree_plus", "tiered") and self.job.parallel.stages >= 2
+    def _give_up(self) -> int:
+        """The coordinator never came back: keep what this slot committed, exit resumable."""
+        if self.state is not None and self.slot is not None and self.state.step_done >= 0:
+            step = self._save_committed()
+            print(f"kintsugi worker {self.wid}: the coordinator is gone; slot {list(self.slot)} saved at step "
+                  f"{step} in {self.run_dir}/checkpoints; restart it with `kintsugi coordinator --resume "
+                  f"--run-dir {self.run_dir} --port {self.control.port}` or resume the job with train.resume",
+                  file=sys.stderr)
+            return EX_RESUMABLE
+        print(f"kintsugi worker {self.wid}: the coordinator is gone and this worker held no state", file=sys.stderr)
+        return 1
 
-    def _after_step(self, plan, grid, transport, slot, step):
-        from .recovery_exec import refresh_neighbour_copies
-        refresh_neighbour_copies(self, grid, transport, slot, step)
-
-    def _save_final(self, stage: int) -> None:
-        """Replica 0 writes its stage's final weights; `kintsugi export` assembles the full model."""
-        from safetensors.torch import save_file
-        out = os.path.join(self.run_dir, "final")
-        os.makedirs(out, exist_ok=True)
-        sd = {k: v.detach().contiguous() for k, v in self.state.model.state_dict().items()}
-        save_file(sd, os.path.join(out, f"stage{stage}.safetensors.tmp"))
-        os.replace(os.path.join(out, f"stage{stage}.safetensors.tmp"), os.path.join(out, f"stage{stage}.safetensors"))
-
-    def _setup_outer_sync(self) -> None:
-        """Streaming DiLoCo across the replicas of this stage (only with several replicas)."""
-        if not (self.job.diloco.enabled and self.stage_group is not None):
-            self.diloco = None
-            return
-        if getattr(self, "diloco", None) is None or self.diloco_slot != self.slot:
-            self.diloco = StreamingDiLoCo(dict(self.state.model.named_parameters()), self.job.diloco,
-                                          self.stage_group, self.counter, self.hb.abort)
-            self.diloco_slot = self.slot
-        else:
-            self.diloco.abandon()  # syncs in flight belonged to the old generation's group
-            self.diloco.set_group(self.stage_group, self.hb.abort)
-        self.state.diloco = self.diloco
-
-    def _evaluate(self, executor: StageExecutor, step: int, final: bool):
-        job = self.job
-        S = job.parallel.stages
-        batches = val_batches(self.val_tokens, job.data.seq_len, job.train.batch_size, job.train.eval_batches)
-        routes = routes_for(S, job.train.microbatches, alternate=False)
-        fwd = [a for a in actions_for("gpipe", executor.stage, S, routes) if a[0] == "F"]
-        total, n = 0.0, 0
-        # Streaming DiLoCo evaluates the global (outer) parameters, as the paper does.
-        with (self.diloco.use_global_params() if self.diloco is not None else contextlib.nullcontext()):
-            for inputs, targets in batches:
-                loss = executor.run(inputs, targets, routes, fwd, train=False)
-                if loss is not None:
-                    total, n = total + loss, n + 1
-        if executor.stage == S - 1:
-            P.append(self.store, "eval", {"step": step, "val_loss": total / max(n, 1), "final": final})
-            if final:
-                self.store.set("final_eval_done", "1")
-
-    def _wait_for_handoff_gen(self, plan):
-        while not self.hb.abort.is_set():
-            time.sleep(0.005)
-
-    def _wait_for_shutdown(self):
-        while not self.hb.shutdown.is_set():
+    def _wait_for_shutdown(self) -> None:
+        while not self.watcher.shutdown.is_set() and not self.watcher.store_lost.is_set():
+            self.idle()
+            if self.diloco is not None and self.watcher.suspend_plan is None:
+                self.diloco.serve_idle()
             time.sleep(0.02)
+
+    def record_commit(self, rec: dict) -> None:
+        with self.recent_lock:
+            self.recent.append(rec)
 
 
 def main(argv=None) -> int:
@@ -545,17 +567,20 @@ def main(argv=None) -> int:
     logging.basicConfig(level=os.environ.get("KINTSUGI_LOG", "WARNING"),
                         format=f"[worker {wid}] %(levelname)s %(message)s")
     host, port = P.parse_addr(args.coordinator)
-    store = P.connect(host, port, timeout_s=120)
-    token = os.environ.get(P.TOKEN_ENV)
-    try:
-        rc = Worker(store, wid, token, hb_store=P.connect(host, port, timeout_s=120)).run()
-    except Shutdown:
-        rc = 0
+    rc = run_worker(host, port, wid, os.environ.get(P.TOKEN_ENV))
     # Waits abandoned in helper threads (a dead peer's recv) must not hold up or crash the exit.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
+
+
+def run_worker(host: str, port: int, wid: str, token: Optional[str], timeout_s: float = 120) -> int:
+    control = P.Control(host, port, timeout_s)
+    try:
+        return Worker(control, wid, token, bg=P.Control(host, port, timeout_s)).run()
+    except Shutdown:
+        return 0
 
 
 if __name__ == "__main__":

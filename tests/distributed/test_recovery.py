@@ -146,7 +146,7 @@ def test_join_without_token_is_refused(tmp_path):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("KINTSUGI_TOKEN", None)
-    coord = subprocess.Popen([sys.executable, "-m", "recovery.coordinator", "--port", str(port), "--host", "127.0.0.1",
+    coord = subprocess.Popen([sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--host", "127.0.0.1",
                               "--run-dir", str(tmp_path), "--job", str(path), "--no-progress"], env=env,
                              stderr=subprocess.PIPE, text=True)
     try:

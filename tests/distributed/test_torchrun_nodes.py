@@ -1,4 +1,4 @@
-"""torchrun across nodes, on one machine: a standalone coordinator (`python -m recovery.coordinator ...
+"""torchrun across nodes, on one machine: a standalone coordinator (`kintsugi coordinator ...
 -- <overrides>`), two torchrun "nodes" of a static rendezvous (`--nnodes=2 --node-rank=i`), node 1
 killed whole (its agent and every worker, SIGKILL), and a new node joining as spares: a fresh
 `torchrun --standalone ... recovery.coordinator=host:port` (or `kintsugi join`). The run finishes every
@@ -112,7 +112,7 @@ def test_two_torchrun_nodes_survive_a_killed_node_and_take_in_a_new_one(tmp_path
     addr = f"127.0.0.1:{port}"
     fleet = Fleet(tmp_path)
     try:
-        fleet.start("coordinator", [sys.executable, "-m", "recovery.coordinator", "--port", str(port), "--host",
+        fleet.start("coordinator", [sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--host",
                                     "127.0.0.1", "--run-dir", str(run_dir), "--", *JOB])
         for i in (0, 1):
             _torchrun(fleet, f"node{i}", addr, node_rank=i, master_port=master_port)
@@ -166,7 +166,7 @@ def test_two_torchrun_nodes_survive_a_killed_node_and_take_in_a_new_one(tmp_path
 
 @pytest.mark.distributed
 def test_standalone_coordinator_reports_a_config_error_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "recovery.coordinator", "--port", "1", "--run-dir", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "trainer.coordinator_main", "--port", "1", "--run-dir", str(tmp_path),
                            "--", "parallel.stagez=4"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "config error" in proc.stderr and "stagez" in proc.stderr, proc.stderr

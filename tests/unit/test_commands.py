@@ -302,7 +302,7 @@ def test_join_fills_the_slots_of_a_running_job(tmp_path):
         run.mkdir()
         (run / "job.json").write_text(json.dumps(job.to_dict()))
         port = P.free_port()
-        coordinator = subprocess.Popen([sys.executable, "-m", "recovery.coordinator", "--port", str(port), "--host",
+        coordinator = subprocess.Popen([sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--host",
                                         "127.0.0.1", "--run-dir", str(run), "--job", str(run / "job.json"),
                                         "--no-progress"], env=child_env(), cwd=ROOT)
         try:

@@ -1,0 +1,199 @@
+"""Process groups without torch's global state: one gloo back-end per scope and generation.
+
+Why not `init_process_group` / `new_group`: they register every group in torch's process-wide
+registry and a failed `init_process_group` leaves its group counter advanced, so the next group
+this process builds rendezvouses under keys a fresh process would not use — a spare and a survivor
+that both retried could never meet again. A `Group` here is a `ProcessGroupGloo` built directly on a
+`PrefixStore`: no default group, no registry, nothing left behind by a failed attempt, and any
+number of groups (a replica's pipeline, a stage across replicas, a two-rank transfer) live side by
+side, each with its own prefix and lifetime. Ranks are group-local.
+
+Formation is abortable: the gloo rendezvous blocks in C++ until every rank arrived or the timeout
+passed, so it runs in a helper thread while the caller watches its abort event (the generation moved
+on). Each rank first writes a presence key, so a formation that times out names the ranks that never
+came (`FormationError.missing`).
+
+Closing: a gloo group with an operation still pending (a recv from a hung peer) blocks in its
+destructor until that operation times out, so a group is never dropped on the caller's thread:
+`close()` hands it to a reaper thread that lets it go.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from datetime import timedelta
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class Aborted(RuntimeError):
+    """The operation was abandoned because the generation changed (or the run is ending)."""
+
+
+class FormationError(RuntimeError):
+    """A group could not form: `missing` are the ranks whose presence key never appeared."""
+
+    def __init__(self, msg: str, missing: List[int]):
+        super().__init__(msg)
+        self.missing = missing
+
+
+class _Done:
+    """A work handle that is already complete (groups of one rank)."""
+
+    def wait(self, timeout=None):  # noqa: ARG002 - same signature as torch's Work.wait
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class Group:
+    """A formed group: the raw back-end plus the collectives the rest of the code uses. All
+    methods return a work handle (`wait()`); a group of one rank needs no back-end at all."""
+
+    def __init__(self, pg, rank: int, size: int, name: str):
+        self.pg, self._rank, self._size, self.name = pg, rank, size, name
+        self.closed = False
+
+    @classmethod
+    def default(cls) -> "Group":
+        """torch's default group (set up by `init_process_group`), for tests and benchmarks that
+        run one fixed group; never closed here."""
+        pg = dist.distributed_c10d._get_default_group()
+        g = cls(pg, dist.get_rank(), dist.get_world_size(), "default")
+        g.closed = True
+        return g
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+    # --- point to point ------------------------------------------------------------------------
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int):
+        return self.pg.send([tensor], dst, tag)
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int):
+        return self.pg.recv([tensor], src, tag)
+
+    # --- collectives ---------------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, async_op: bool = True):
+        if self._size == 1:
+            return _Done()
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        return self._maybe_wait(self.pg.allreduce([tensor], opts), async_op)
+
+    def broadcast(self, tensor: torch.Tensor, root: int, async_op: bool = True):
+        if self._size == 1:
+            return _Done()
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = root, 0
+        return self._maybe_wait(self.pg.broadcast([tensor], opts), async_op)
+
+    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
+        if self._size == 1:
+            out.copy_(inp)
+            return _Done()
+        return self._maybe_wait(self.pg.alltoall_base(out, inp, [], [], dist.AllToAllOptions()), async_op)
+
+    def all_gather_into_tensor(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
+        if self._size == 1:
+            out.copy_(inp.view(out.shape))
+            return _Done()
+        return self._maybe_wait(self.pg._allgather_base(out, inp), async_op)  # gloo: flat tensors
+
+    def barrier(self, async_op: bool = True):
+        if self._size == 1:
+            return _Done()
+        return self._maybe_wait(self.pg.barrier(dist.BarrierOptions()), async_op)
+
+    @staticmethod
+    def _maybe_wait(work, async_op: bool):
+        if not async_op:
+            work.wait()
+        return work
+
+    def close(self) -> None:
+        """Let the back-end go on the reaper thread (its destructor may block on a pending op)."""
+        if self.closed:
+            return
+        self.closed = True
+        pg, self.pg = self.pg, None
+        if pg is not None:
+            _reaper().put(pg)
+
+
+class _Reaper(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True, name="kintsugi-group-reaper")
+        self.q: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.start()
+
+    def put(self, pg) -> None:
+        self.q.put(pg)
+
+    def run(self) -> None:
+        while True:
+            pg = self.q.get()
+            del pg  # the last reference: gloo's destructor runs here, not on a training thread
+
+
+_REAPER: Optional[_Reaper] = None
+_REAPER_LOCK = threading.Lock()
+
+
+def _reaper() -> _Reaper:
+    global _REAPER
+    with _REAPER_LOCK:
+        if _REAPER is None:
+            _REAPER = _Reaper()
+        return _REAPER
+
+
+def form_group(connect: Callable[[], object], prefix: str, rank: int, size: int, timeout_s: float,
+               abort: Optional[threading.Event] = None, poll_s: float = 0.01, name: str = "") -> Group:
+    """Build the group `prefix` as `rank` of `size`. `connect()` returns a store client of its own
+    (the rendezvous blocks on it, so it must not be shared with a thread that needs the store
+    meanwhile). Raises Aborted when `abort` fires first, FormationError on a timeout or an error."""
+    name = name or prefix
+    if size == 1:
+        return Group(None, 0, 1, name)
+    result: dict = {}
+    done = threading.Event()
+
+    def _form():
+        store = None
+        try:
+            store = dist.PrefixStore(prefix, connect())
+            store.set(f"here/{rank}", "1")
+            result["pg"] = dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s))
+        except BaseException as e:  # noqa: BLE001 - surfaced in the caller's thread
+            result["error"] = e
+            if store is not None:
+                try:
+                    result["missing"] = [r for r in range(size) if not store.check([f"here/{r}"])]
+                except Exception:  # noqa: BLE001 - the store itself may be gone
+                    result["missing"] = []
+        done.set()
+
+    threading.Thread(target=_form, daemon=True, name=f"kintsugi-form-{name}").start()
+    t0 = time.monotonic()
+    while not done.wait(poll_s):
+        if abort is not None and abort.is_set():
+            raise Aborted(f"group {name} abandoned while forming")
+    if "error" in result:
+        err = result["error"]
+        missing = result.get("missing", [])
+        raise FormationError(f"group {name} (rank {rank} of {size}) did not form after "
+                             f"{time.monotonic() - t0:.1f}s: {str(err).splitlines()[0][:160]}"
+                             + (f"; ranks never arrived: {missing}" if missing else ""), missing) from err
+    return Group(result["pg"], rank, size, name)

@@ -1,0 +1,165 @@
+"""The coordinator process: `python -m trainer.coordinator_main` (launchers) or `kintsugi coordinator`
+(a stable host for torchrun nodes and `kintsugi join`).
+
+The coordinator itself (recovery.coordinator) knows membership and generations only; this entry
+point supplies the trainer's side: composing the job from Hydra overrides and preparing the corpus
+(standalone), the resume points of `train.resume`, the live wandb run, and `summary.json` /
+`loss.png` at the end. `--resume` restarts a coordinator that died, from the state it persisted in
+the run directory, on the same address: the workers re-register and the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from recovery import protocol as P
+from recovery.coordinator import STATE_FILE, Coordinator
+
+log = logging.getLogger("kintsugi.coordinator")
+
+
+def resume_state(run_dir: str, job: dict):
+    """(resume_from, resume_missing, layout, error) for `train.resume`: every replica continues from
+    its newest step whose stages all saved; stages a suspend could not save (lost without a spare)
+    are rebuilt from the restored ones."""
+    from .checkpoint import checkpoint_path, is_complete, resume_points
+    R, S = job["parallel"]["replicas"], job["parallel"]["stages"]
+    points = resume_points(run_dir, R, S)
+    missing = {}
+    if points is None:
+        # A suspend that lost slots: take each replica's newest step where its other stages saved.
+        suspend = _suspend_record(run_dir)
+        if suspend is None:
+            return None, None, None, f"train.resume={run_dir} holds no checkpoint complete for every replica"
+        points = {}
+        lost = {tuple(s) for s in suspend.get("lost") or []}
+        for r in range(R):
+            saved = [int(k) for key, k in (suspend.get("suspended") or {}).items() if int(key.split(",")[0]) == r]
+            if not saved:
+                return None, None, None, f"train.resume={run_dir}: replica {r} saved nothing before the suspend"
+            step = max(saved)
+            gone = [s for s in range(S) if (r, s) in lost or not is_complete(checkpoint_path(run_dir, step, (r, s)))]
+            points[r] = step
+            if gone:
+                missing[r] = gone
+    layout = None
+    layout_path = os.path.join(run_dir, "checkpoints", "layout.json")
+    if os.path.exists(layout_path):  # a rebalanced job suspended: rebuild its stages as they were
+        with open(layout_path) as f:
+            layout = json.load(f)["layers_per_stage"]
+    log.info("resuming in %s from step(s) %s%s", run_dir,
+             ", ".join(f"replica {r}: {k}" for r, k in sorted(points.items())),
+             f"; rebuilding lost slots {missing}" if missing else "")
+    return points, missing, layout, None
+
+
+def _suspend_record(run_dir: str):
+    path = os.path.join(run_dir, "coordinator_state.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        st = json.load(f)
+    if not st.get("suspended"):
+        return None
+    return {"suspended": st["suspended"], "lost": st.get("suspend_lost")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="kintsugi coordinator",
+        description="Kintsugi coordinator (hosts the store, owns membership). Launchers start it with --job; "
+        "on a stable host for torchrun nodes and `kintsugi join`, start it with the job's Hydra overrides: "
+        "kintsugi coordinator --port 29400 --run-dir outputs/run1 -- experiment=quick parallel.stages=4")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--job", default=None, help="job config JSON written by a launcher (or a run's job.json); "
+                    "without it the job is composed from the overrides and the corpus prepared here")
+    ap.add_argument("--resume", action="store_true",
+                    help=f"restart a coordinator that died: its state is read from RUN_DIR/{STATE_FILE}")
+    ap.add_argument("--outputs", action="store_true",
+                    help="write summary.json and loss.png when the run ends (implied without --job)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for `kintsugi` (only without --job)")
+    args = ap.parse_args(argv)
+    if args.job and args.overrides:
+        ap.error(f"pass either --job or overrides, not both (got {args.overrides[0]!r} with --job)")
+    P.die_with_parent()
+    logging.basicConfig(level=os.environ.get("KINTSUGI_LOG", "INFO"),
+                        format="[coordinator] %(levelname)s %(message)s")
+    corpus = None
+    job_path = args.job
+    if args.resume and not job_path:
+        job_path = os.path.join(args.run_dir, "job.json")  # a standalone coordinator wrote it there
+        if args.overrides:
+            ap.error("--resume takes the job from the run directory; drop the overrides")
+    if args.resume and not os.path.exists(os.path.join(args.run_dir, STATE_FILE)):
+        print(f"kintsugi coordinator: --resume: {args.run_dir} has no {STATE_FILE}; nothing to restart",
+              file=sys.stderr)
+        return 2
+    if job_path:
+        with open(job_path) as f:
+            job = json.load(f)
+        progress = not args.no_progress
+    else:
+        # Standalone: this process is the only one that knows the whole job, so it prepares the
+        # corpus (the token cache) and serves it; nodes and `kintsugi join` workers need nothing else.
+        from .config import ConfigError
+        from .torchrun import prepare_job
+        try:
+            job, corpus = prepare_job(args.overrides)
+        except ConfigError as e:
+            print(f"kintsugi coordinator: config error: {e}", file=sys.stderr)
+            return 2
+        progress = not args.no_progress and job["logger"]["progress"]
+    token = P.resolve_token(job["recovery"].get("token", ""))
+    # Anyone who reaches the store can read `job`: the token stays out of it (and out of job.json).
+    job = dict(job, recovery=dict(job["recovery"], token=""))
+    if not job_path:
+        os.makedirs(args.run_dir, exist_ok=True)
+        with open(os.path.join(args.run_dir, "job.json"), "w") as f:
+            json.dump(job, f, indent=1)
+    resume_from = resume_missing = layout = None
+    if job["train"].get("resume") and not args.resume:
+        resume_from, resume_missing, layout, err = resume_state(args.run_dir, job)
+        if err:
+            print(f"kintsugi: run stopped: {err}", file=sys.stderr)
+            return 3
+    from .tracking import LiveWandb  # wandb run fed live (logger.wandb.mode != disabled)
+    tracker = LiveWandb.start(job, args.run_dir, resume=args.resume)
+    # Before the coordinator exists a SIGTERM just ends the process (143, not a success).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    t0 = time.time()
+    coordinator = Coordinator(job, args.run_dir, args.port, args.host, token, progress=progress, tracker=tracker,
+                              resume_from=resume_from, resume_missing=resume_missing, layout=layout,
+                              corpus=corpus, restore=args.resume)
+    signal.signal(signal.SIGTERM, coordinator.on_sigterm)
+    if corpus is not None:
+        log.info("job %r: %d x %d slots, waiting for workers at %s:%d (%s); run dir %s", job["name"],
+                 job["parallel"]["replicas"], job["parallel"]["stages"], socket.gethostname(), args.port,
+                 f"they need {P.TOKEN_ENV}" if token else "no token: any worker that reaches this port may join",
+                 os.path.abspath(args.run_dir))
+    rc = coordinator.serve()
+    if args.outputs or not args.job:
+        from .config import JobConfig
+        from .outputs import write_outputs
+        try:
+            summary = write_outputs(args.run_dir, JobConfig.from_dict(job), time.time() - t0)
+        except Exception as e:  # noqa: BLE001 - the run itself is over and recorded in metrics.jsonl
+            log.warning("could not write the run's outputs: %s", e)
+        else:
+            if summary is not None:
+                log.info("done: final val loss %s, %d steps, %d failures, %d rebuilds -> %s",
+                         summary["final_val_loss"], summary["steps"], summary["failures"],
+                         len(summary["rebuilds"]), args.run_dir)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The step loop of one slot within one cell generation, with features attached as hooks.
+
+One step: the replica's batch for this step -> the schedule's forward/backward over the pipeline
+(parallel.schedules) -> the commit (a chain reduction of [grad sq-norm, loss, stage compute times]
+towards stage 0; stage 0 records it in the store BEFORE broadcasting it back, so the optimizer
+step runs on all stages of a replica or on none, see recovery_exec.reconcile) -> clip and step ->
+hooks. An uncommitted step is retried on the same batch in the next generation.
+
+Hooks (`StepHook`) keep the loop free of `if feature:` branches: LISA picks the trainable layers
+before a step; Streaming DiLoCo runs its outer syncs after each commit; checkpoints, the CheckFree+
+neighbour copies, peer snapshots for other replicas, evaluation and a graceful leave each attach
+after the commit too.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import List
+
+import torch
+
+from parallel.diloco import allreduce_gradients
+from parallel.schedules import StageExecutor, actions_for, routes_for
+from parallel.topology import Grid
+from parallel.transport import Transport
+
+from .data import ShardedBatches, val_batches
+from .model import cross_entropy_loss
+from .recovery_exec import refresh_neighbour_copies
+
+log = logging.getLogger("kintsugi.worker")
+COMMIT_TAG = 1 << 21
+
+
+class Leave(Exception):
+    """The worker announced it is leaving; the next generation hands its state over."""
+
+
+class StepHook:
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_commit(self, step: int) -> None:
+        """`step` has just been committed and applied on this stage."""
+
+    def at_end(self) -> None:
+        """Every step is committed (before the final evaluation)."""
+
+
+class LisaHook(StepHook):
+    def __init__(self, lisa):
+        self.lisa = lisa
+
+    def before_step(self, step):
+        self.lisa.before_step(step)
+
+
+class DilocoHook(StepHook):
+    def __init__(self, diloco, max_steps: int):
+        self.diloco, self.max_steps = diloco, max_steps
+
+    def after_commit(self, step):
+        self.diloco.after_inner_step(step + 1)
+        if step + 1 == self.max_steps:
+            self.diloco.finish_all()  # the last syncs land before the final evaluation
+
+    def at_end(self):
+        self.diloco.finish_all()
+
+
+class CheckpointHook(StepHook):
+    def __init__(self, worker, slot):
+        self.w, self.slot = worker, slot
+
+    def after_commit(self, step):
+        if self.w.checkpointer.due(step):
+            self.w.checkpointer.save(self.w.state, self.slot, step, self.w.diloco)
+
+
+class NeighbourCopyHook(StepHook):
+    def __init__(self, worker, grid, transport, slot):
+        self.w, self.grid, self.transport, self.slot = worker, grid, transport, slot
+
+    def after_commit(self, step):
+        refresh_neighbour_copies(self.w, self.grid, self.transport, self.slot, step + 1)
+
+
+class DonorHook(StepHook):
+    """Peer snapshots for other replicas are taken between two steps."""
+
+    def __init__(self, worker):
+        self.w = worker
+
+    def after_commit(self, step):
+        self.w.idle()
+
+
+class LeaveHook(StepHook):
+    def __init__(self, worker):
+        self.w = worker
+
+    def after_commit(self, step):
+        w = self.w
+        if w.leaving.is_set():
+            w.control.append_later("leave", {"wid": w.wid, "why": "interruption notice",
+                                             "machine": w.machine if w.machine_noticed else None})
+            raise Leave()
+
+
+class EvalHook(StepHook):
+    def __init__(self, loop: "StepLoop"):
+        self.loop = loop
+
+    def after_commit(self, step):
+        ev, n = self.loop.job.train.eval_every, step + 1
+        if ev and n % ev == 0 and n < self.loop.job.train.max_steps:
+            self.loop.evaluate(n, final=False)
+
+
+class StepLoop:
+    def __init__(self, worker, plan: dict, grid: Grid, transport: Transport, slot, start_step: int):
+        self.w, self.plan, self.grid, self.transport, self.slot = worker, plan, grid, transport, slot
+        self.job = job = worker.job
+        self.step = start_step
+        r, s = slot
+        S = job.parallel.stages
+        self.pipe = grid.pipeline_ranks(r)
+        self.routes = routes_for(S, job.train.microbatches, alternate=worker.alternate())
+        self.actions = actions_for(job.parallel.schedule, s, S, self.routes)
+        self.executor = StageExecutor(worker.state.model, s, S, transport, lambda stage: self.pipe[stage],
+                                      job.model.dim, cross_entropy_loss)
+        # The data-parallel baseline keeps every replica on the same step (its gradient all-reduce
+        # pairs step k with step k), so its commit spans all replicas: one chain through every
+        # slot of the cell commits step k for all replicas or for none.
+        self.dp = worker.dp_group is not None
+        replicas = plan["replicas"]
+        self.chain = [grid.rank((q, t)) for q in replicas for t in range(S)] if self.dp else self.pipe
+        self.scale = 1.0 / len(replicas) if self.dp else 1.0  # each replica holds the same averaged gradient
+        self.hooks: List[StepHook] = self._hooks()
+        self.shards = {}
+
+    def _hooks(self) -> List[StepHook]:
+        w, job = self.w, self.job
+        hooks: List[StepHook] = []
+        if w.state.lisa is not None:
+            hooks.append(LisaHook(w.state.lisa))
+        if w.diloco is not None:
+            hooks.append(DilocoHook(w.diloco, job.train.max_steps))
+        hooks += [CheckpointHook(w, self.slot), NeighbourCopyHook(w, self.grid, self.transport, self.slot),
+                  DonorHook(w), LeaveHook(w)]
+        if self.slot[0] == self.plan["replicas"][0] == 0:
+            hooks.append(EvalHook(self))
+        return hooks
+
+    def run(self) -> bool:
+        """Train to the end; True when the run is done for this slot. Raises Aborted when the cell's
+        generation changes; returns False after a leave was announced."""
+        job, w = self.job, self.w
+        w.data.position = self.step
+        try:
+            while self.step < job.train.max_steps:
+                for h in self.hooks:
+                    h.before_step(self.step)
+                self._one_step()
+                done = self.step
+                self.step += 1
+                for h in self.hooks:
+                    h.after_commit(done)
+        except Leave:
+            while not w.watcher.cell_abort.is_set():  # the coordinator plans the handoff
+                w.idle()
+                time.sleep(0.005)
+            return False
+        for h in self.hooks:
+            h.at_end()
+        # The final evaluation also runs when a generation change landed after the last commit (the
+        # loop above is then empty); the last stage marks it done once it is published.
+        r = self.slot[0]
+        if r == 0:
+            try:
+                done_already = w.control.check("final_eval_done")
+            except Exception:  # noqa: BLE001 - the coordinator is away: evaluate anyway
+                done_already = False
+            if not done_already:
+                self.evaluate(job.train.max_steps, final=True)
+            self._save_final()
+        w._wait_for_shutdown()
+        return True
+
+    def _one_step(self) -> None:
+        w, job, st = self.w, self.job, self.w.state
+        step, (r, s), S = self.step, self.slot, job.parallel.stages
+        t0 = time.time()
+        inputs, targets = w.data.batch_at(step)
+        st.zero_grad()
+        wait0 = self.transport.recv_wait_s
+        loss = self.executor.run(inputs, targets, self.routes, self.actions)
+        compute_s = time.time() - t0 - (self.transport.recv_wait_s - wait0)
+        if w.slowdown > 1.0:  # a simulated slower machine: its peers wait for it for real
+            time.sleep((w.slowdown - 1.0) * compute_s)
+            compute_s *= w.slowdown
+        if self.dp:  # the data-parallel baseline: average gradients across replicas every step
+            allreduce_gradients(list(st.model.parameters()), w.dp_group, w.counter, w.watcher.cell_abort)
+        local_sq = st.local_grad_sq()
+        w.pending = (step, local_sq)
+        # [grad sq-norm, loss, per-stage compute seconds...]: summed along the chain.
+        vec = torch.zeros(2 + S, dtype=torch.float64)
+        vec[0], vec[1], vec[2 + s] = local_sq, loss or 0.0, compute_s
+        replicas = self.plan["replicas"] if self.dp else [r]
+
+        def commit(total):  # runs on the chain's root only, before the broadcast
+            total = total * self.scale
+            for q in replicas:
+                with contextlib.suppress(Exception):  # the coordinator away: reconcile covers it
+                    w.control.put_json(f"committed/{q}", {"step": step, "total": total.tolist()})
+            for q in replicas:
+                with contextlib.suppress(Exception):  # ... and the replayed ring its record
+                    w.control.append("commit", self._record(q, step, total, t0, root=True))
+
+        total = self.transport.chain_allreduce(vec, self.chain, COMMIT_TAG + 2 * (step % 1000),
+                                               on_total=commit) * self.scale
+        st.apply_step(step, float(total[0]), local_sq)
+        w.pending = None
+        w.data.advance()
+        w.record_commit(self._record(r, step, total, t0, root=s == 0))
+
+    def _record(self, q: int, step: int, total, t0: float, root: bool) -> dict:
+        job, w = self.job, self.w
+        if q not in self.shards:
+            self.shards[q] = w.data if q == self.slot[0] else ShardedBatches(
+                w.train_tokens, job.data.seq_len, job.train.batch_size, q, job.parallel.replicas, job.train.seed)
+        rec = {"replica": q, "step": step, "loss": float(total[1]), "grad_norm": float(total[0]) ** 0.5,
+               "grad_sq": float(total[0]), "tokens": job.train.batch_size * job.data.seq_len,
+               "lr": w.state.optimizer.param_groups[0]["lr"], "step_s": time.time() - t0,
+               "batch_ids": self.shards[q].batch_ids(step), "cell_gen": self.plan["gen"],
+               "layout_version": self.plan.get("layout_version", 0),
+               "stage_compute_s": [round(float(x), 4) for x in total[2:]]}
+        if not root:
+            rec["relayed_by"] = self.slot[1]
+        return rec
+
+    def evaluate(self, step: int, final: bool) -> None:
+        job, w = self.job, self.w
+        S = job.parallel.stages
+        batches = val_batches(w.val_tokens, job.data.seq_len, job.train.batch_size, job.train.eval_batches)
+        routes = routes_for(S, job.train.microbatches, alternate=False)
+        fwd = [a for a in actions_for("gpipe", self.executor.stage, S, routes) if a[0] == "F"]
+        total, n = 0.0, 0
+        # Streaming DiLoCo evaluates the global (outer) parameters, as the paper does.
+        with (w.diloco.use_global_params() if w.diloco is not None else contextlib.nullcontext()):
+            for inputs, targets in batches:
+                loss = self.executor.run(inputs, targets, routes, fwd, train=False)
+                if loss is not None:
+                    total, n = total + loss, n + 1
+        if self.executor.stage == S - 1:
+            w.control.append_later("eval", {"step": step, "val_loss": total / max(n, 1), "final": final})
+            if final:
+                with contextlib.suppress(Exception):
+                    w.control.call(lambda st: st.set("final_eval_done", "1"))
+
+    def _save_final(self) -> None:
+        """Replica 0 writes its stage's final weights; `kintsugi export` assembles the full model."""
+        import os
+
+        from safetensors.torch import save_file
+        out = os.path.join(self.w.run_dir, "final")
+        os.makedirs(out, exist_ok=True)
+        stage = self.slot[1]
+        sd = {k: v.detach().contiguous() for k, v in self.w.state.model.state_dict().items()}
+        save_file(sd, os.path.join(out, f"stage{stage}.safetensors.tmp"))
+        os.replace(os.path.join(out, f"stage{stage}.safetensors.tmp"), os.path.join(out, f"stage{stage}.safetensors"))
