@@ -138,6 +138,11 @@ class RecoveryConfig:
     checkpoint_every: int = 0       # 0 = no checkpoints unless strategy=checkpoint
     keep_checkpoints: int = 0       # newest complete steps kept on disk; 0 = keep all
     init_timeout_s: float = 120.0
+    # No commit and no plan change in a cell for this long: the coordinator re-plans it (and
+    # replaces a worker that never reached the cell's newest generation). Above the slowest step.
+    progress_timeout_s: float = 300.0
+    spare_wait_s: float = 600.0     # lost slots without a spare this long: suspend the job (exit 75)
+    coordinator_wait_s: float = 600.0  # a worker whose coordinator is away this long saves and exits 75
     notice_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     notice: str = "none"            # aws | gcp | azure | none: poll the instance-metadata service
     metadata_address: Optional[str] = None  # instance-metadata host (tests: http://127.0.0.1:PORT)
@@ -157,6 +162,11 @@ class RecoveryConfig:
                                            "(0 keeps every checkpoint)")
         _choice("recovery.notice", self.notice, ("none", "aws", "gcp", "azure"))
         _check(self.notice_interval_s > 0, "recovery.notice_interval_s must be > 0")
+        for key in ("init_timeout_s", "progress_timeout_s", "spare_wait_s", "coordinator_wait_s"):
+            _check(getattr(self, key) > 0, f"recovery.{key}={getattr(self, key)} must be > 0 seconds")
+        _check(self.progress_timeout_s > 2 * self.heartbeat_timeout_s,
+               f"recovery.progress_timeout_s={self.progress_timeout_s} must exceed twice "
+               f"recovery.heartbeat_timeout_s={self.heartbeat_timeout_s} (a hung worker is caught by its heartbeat)")
 
 
 @dataclass
