@@ -13,9 +13,14 @@ passed, so it runs in a helper thread while the caller watches its abort event (
 on). Each rank first writes a presence key, so a formation that times out names the ranks that never
 came (`FormationError.missing`).
 
-Closing: a gloo group with an operation still pending (a recv from a hung peer) blocks in its
-destructor until that operation times out, so a group is never dropped on the caller's thread:
-`close()` hands it to a reaper thread that lets it go.
+Closing: an operation still pending on an abandoned group (a recv whose sender moved on, a send
+nobody will receive) keeps gloo's connections open until the group's timeout, and an unread message
+on such a connection makes gloo's event loop spin at full CPU. So `close()` hands the group to a
+reaper thread that first closes every connection: on each pair it waits for a dummy receive with a
+1 ms timeout, and gloo closes a pair whose operation timed out ("Application timeout caused pair
+closure"). Pending operations on both ends then fail at once and everything is released. A group is
+only closed when nobody still needs it (the worker closes a generation's groups after the next
+generation's group formed, so no neighbour mistakes the closure for its death).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+CLOSE_TAG = (1 << 30) - 7  # a tag no other message uses: the dummy receive that closes a pair
 
 
 class Aborted(RuntimeError):
@@ -123,13 +129,13 @@ class Group:
         return work
 
     def close(self) -> None:
-        """Let the back-end go on the reaper thread (its destructor may block on a pending op)."""
+        """Close every connection and let the back-end go, on the reaper thread."""
         if self.closed:
             return
         self.closed = True
         pg, self.pg = self.pg, None
         if pg is not None:
-            _reaper().put(pg)
+            _reaper().put((pg, self._rank, self._size))
 
 
 class _Reaper(threading.Thread):
@@ -143,7 +149,14 @@ class _Reaper(threading.Thread):
 
     def run(self) -> None:
         while True:
-            pg = self.q.get()
+            pg, rank, size = self.q.get()
+            for peer in range(size):
+                if peer == rank:
+                    continue
+                try:  # a timed-out operation makes gloo close the pair to that peer
+                    pg.recv([torch.zeros(1)], peer, CLOSE_TAG).wait(timedelta(milliseconds=1))
+                except Exception:  # noqa: BLE001 - the expected timeout, or the pair was closed already
+                    pass
             del pg  # the last reference: gloo's destructor runs here, not on a training thread
 
 

@@ -387,7 +387,7 @@ class Coordinator:
                     entry.update(donor=donor, xfer=f"xfer/{self.boot}/{cell.index}/{cell.gen + 1}/{slot[1]}")
                     P.append(self.store, f"mail/{donor}", {"kind": "donate", "xfer": entry["xfer"],
                                                            "target": self.slots[slot], "slot": list(slot),
-                                                           "source": list(plan.sources[0])})
+                                                           "source": list(plan.sources[0]), "gen": cell.gen + 1})
                 if plan.tier not in ("handoff", "peer"):
                     self.unsettled[slot] = self.committed[slot[0]] + 1
                 rebuild[P.slot_key(slot)] = entry

@@ -237,7 +237,7 @@ class LocalLauncher:
         needed = int(self.control.call(lambda s: s.get("spares_needed").decode()) or 0) \
             if self.control.check("spares_needed") else 0
         joining = [w for w, p in self.procs.items() if p.poll() is None and not self.control.check(f"ack/{w}")]
-        for _ in range(max(0, needed - len(joining) - len(self.joins))):
+        for _ in range(max(0, needed - len(joining) - sum(n for _, n in self.joins))):
             self.start_worker()
 
     def _slots(self) -> Dict[str, str]:

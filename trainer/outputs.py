@@ -71,7 +71,8 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
                   "data_parallel": by_channel.get("data_parallel", 0),
                   "rebuild": by_channel.get("rebuild", 0),
                   "data_parallel_equivalent": dp_equiv},
-        "slowest_stage": _slowest_stage([c for c in commits if c.get("gen", 0) >= state.get("layout_gen", 0)], job,
+        "slowest_stage": _slowest_stage([c for c in commits
+                                        if c.get("layout_version", 0) == state.get("layout_version", 0)], job,
                                         state.get("layout")),
         "generations": state.get("generations"),
         "error": state.get("error"),

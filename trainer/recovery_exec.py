@@ -217,6 +217,8 @@ class Donor:
             if host.state is None or host.slot is None or list(host.slot) != list(req["source"]):
                 log.warning("asked for a peer snapshot of %s but holding %s; not served", req["source"], host.slot)
                 continue
+            if "gen" in req:
+                dump(f"g{req['gen']}_source0_{req['slot'][0]},{req['slot'][1]}_before", snapshot(host))
             payload = pack(host.state.export(exact=True, in_flight_ok=True))
             threading.Thread(target=self._send, args=(req["xfer"], payload), daemon=True,
                              name="kintsugi-donor").start()
