@@ -68,10 +68,12 @@ class Cell:
     replicas: List[int]
     gen: int = -1
     plan: Optional[dict] = None
-    lost: Dict[Slot, dict] = field(default_factory=dict)   # slots waiting for a rebuild
+    lost: Dict[Slot, dict] = field(default_factory=dict)   # slots without a holder
+    rebuilding: Dict[Slot, dict] = field(default_factory=dict)  # holder assigned, state not yet there
     since: float = field(default_factory=time.monotonic)   # last commit or publication
     waiting_since: Optional[float] = None                  # lost slots waiting for spares
     kicks: int = 0
+    needs_plan: bool = False                               # a re-plan that had to wait (a rollback)
 
 
 class Coordinator:
@@ -256,6 +258,7 @@ class Coordinator:
             failed_at = injected["t"] if injected else (time.time() if handed_off else
                                                          time.time() - (time.monotonic() - w.hb_changed))
             cell = self.cells[self.cell_of[slot[0]]]
+            cell.rebuilding.pop(slot, None)
             cell.lost[slot] = {"detected_at": time.time(), "detected_mono": time.monotonic(), "failed_at": failed_at,
                                "handed_off": handed_off, "leaver": wid if handed_off else None, "why": why,
                                "step": self.committed[slot[0]] + 1}
@@ -339,31 +342,21 @@ class Coordinator:
         if not self.started:
             self._initial_placement(spares)
             return
+        for cell in self.cells.values():
+            if cell.needs_plan and not cell.lost:
+                cell.needs_plan = False
+                self._replan_cell(cell, why="waited for every lost slot to have a holder")
         lost_cells = [c for c in self.cells.values() if c.lost]
         if not lost_cells:
             self._set_spares_needed(0)
             return
         now = time.monotonic()
-        all_lost = sorted(s for c in self.cells.values() for s in c.lost)
-        unsettled = {slot for slot, step in self.unsettled.items() if self.committed[slot[0]] < step}
-        handed = {s for c in self.cells.values() for s, v in c.lost.items() if v["handed_off"]}
         deficit = 0
         # Oldest losses first: a cell is re-planned when every one of its lost slots has a spare.
         for cell in sorted(lost_cells, key=lambda c: min(v["detected_mono"] for v in c.lost.values())):
             if now - min(v["detected_mono"] for v in cell.lost.values()) < self.settle_s:
                 continue
             lost = sorted(cell.lost)
-            try:
-                plans = plan_rebuilds(all_lost, self.R, self.S, self.strategy, handed_off=handed, diloco=self.diloco,
-                                      have_checkpoint=self.latest_checkpoint is not None, unsettled=unsettled,
-                                      targets=lost)
-            except Unrecoverable as e:
-                self.error = str(e)
-                log.error("cannot recover: %s", e)
-                return
-            if any(p.tier == "checkpoint" for p in plans.values()):
-                self._global_rollback(spares)
-                return
             if len(spares) < len(lost):
                 deficit += len(lost) - len(spares)
                 self._wait_for_spares(cell, lost, len(spares))
@@ -376,26 +369,56 @@ class Coordinator:
                 w = pool[where[slot]].pop(0)
                 spares.remove(w)
                 self._assign(slot, w)
+            self.rebuilt_slots = int(self.store.add("rebuilt_slots", len(lost)))
             leavers = [v["leaver"] for v in cell.lost.values() if v["leaver"]]
-            rebuild = {}
-            for slot, plan in plans.items():
-                info = cell.lost[slot]
-                entry = dict(plan.to_json(), detected_at=info["detected_at"], failed_at=info["failed_at"],
-                             step=self.committed[slot[0]] + 1, leaver=info["leaver"])
-                if plan.tier == "peer":
-                    donor = self.slots[plan.sources[0]]
-                    entry.update(donor=donor, xfer=f"xfer/{self.boot}/{cell.index}/{cell.gen + 1}/{slot[1]}")
-                    P.append(self.store, f"mail/{donor}", {"kind": "donate", "xfer": entry["xfer"],
-                                                           "target": self.slots[slot], "slot": list(slot),
-                                                           "source": list(plan.sources[0]), "gen": cell.gen + 1})
-                if plan.tier not in ("handoff", "peer"):
-                    self.unsettled[slot] = self.committed[slot[0]] + 1
-                rebuild[P.slot_key(slot)] = entry
+            cell.rebuilding.update(cell.lost)
             cell.lost.clear()
             cell.kicks = 0
-            self.rebuilt_slots = int(self.store.add("rebuilt_slots", len(lost)))
-            self._publish_cell(cell, rebuild, leavers)
+            cell.needs_plan = False
+            self._replan_cell(cell, leavers)
+            if self.error:
+                return
         self._set_spares_needed(deficit)
+
+    def _replan_cell(self, cell: Cell, leavers: Optional[List[str]] = None, why: str = "") -> None:
+        """Publish the cell's next generation. Every slot whose holder does not yet hold its state
+        (lost now, or rebuilt in an earlier generation that never completed) is planned again from
+        what is alive now: a slot is never left training from its initial weights."""
+        if cell.rebuilding:
+            gone = {s for c in self.cells.values() for s in list(c.lost) + list(c.rebuilding)}
+            unsettled = {slot for slot, step in self.unsettled.items() if self.committed[slot[0]] < step}
+            handed = {s for s, v in cell.rebuilding.items() if v["handed_off"] and v["leaver"] in (leavers or [])}
+            try:
+                plans = plan_rebuilds(sorted(gone), self.R, self.S, self.strategy, handed_off=handed,
+                                      diloco=self.diloco, have_checkpoint=self.latest_checkpoint is not None,
+                                      unsettled=unsettled, targets=sorted(cell.rebuilding))
+            except Unrecoverable as e:
+                self.error = str(e)
+                log.error("cannot recover: %s", e)
+                return
+            if any(p.tier == "checkpoint" for p in plans.values()):
+                self._global_rollback()
+                return
+        else:
+            plans = {}
+        rebuild = {}
+        for slot, plan in plans.items():
+            info = cell.rebuilding[slot]
+            entry = dict(plan.to_json(), detected_at=info["detected_at"], failed_at=info["failed_at"],
+                         step=self.committed[slot[0]] + 1, leaver=info["leaver"] if plan.tier == "handoff" else None)
+            if plan.tier == "peer":
+                donor = self.slots[plan.sources[0]]
+                entry.update(donor=donor, xfer=f"xfer/{self.boot}/{cell.index}/{cell.gen + 1}/{slot[1]}")
+                P.append(self.store, f"mail/{donor}", {"kind": "donate", "xfer": entry["xfer"],
+                                                       "target": self.slots[slot], "slot": list(slot),
+                                                       "source": list(plan.sources[0]), "gen": cell.gen + 1})
+            if plan.tier not in ("handoff", "peer"):
+                self.unsettled[slot] = self.committed[slot[0]] + 1
+            rebuild[P.slot_key(slot)] = entry
+        self._publish_cell(cell, rebuild, [w for w in (leavers or []) if any(
+            e.get("leaver") == w for e in rebuild.values())])
+        if why:
+            self._event({"kind": "replan", "cell": cell.index, "gen": cell.gen, "why": why})
 
     def _initial_placement(self, spares: List[WorkerInfo]) -> None:
         if len(spares) < self.R * self.S:
@@ -445,6 +468,11 @@ class Coordinator:
                 P.put_json(self.store, f"committed/{r}", {"step": k, "total": None})
         for slot in slots:
             self.ready[slot] = P.slot_key(slot) not in rebuild_at_resume
+            if not self.ready[slot]:
+                e = rebuild_at_resume[P.slot_key(slot)]
+                self.cells[self.cell_of[slot[0]]].rebuilding[slot] = {
+                    "detected_at": e["detected_at"], "detected_mono": time.monotonic(), "failed_at": e["failed_at"],
+                    "handed_off": False, "leaver": None, "why": "lost before the suspend", "step": e["step"]}
         for cell in self.cells.values():
             rb = {k: v for k, v in rebuild_at_resume.items() if P.parse_slot_key(k)[0] in cell.replicas}
             self._publish_cell(cell, rb, [], rollback=rollback)
@@ -454,20 +482,13 @@ class Coordinator:
         self.started = True
         self.store.set("started", "1")
 
-    def _global_rollback(self, spares: List[WorkerInfo]) -> None:
-        """The checkpoint tier: every slot of every replica restores the last complete checkpoint."""
-        lost = sorted(s for c in self.cells.values() for s in c.lost)
-        if len(spares) < len(lost):
-            for cell in self.cells.values():
-                if cell.lost:
-                    self._wait_for_spares(cell, sorted(cell.lost), len(spares))
+    def _global_rollback(self) -> None:
+        """The checkpoint tier: every slot of every replica restores the last complete checkpoint,
+        once every lost slot has a holder (until then the cells wait for spares)."""
+        if any(c.lost for c in self.cells.values()):
+            for c in self.cells.values():
+                c.needs_plan = bool(c.rebuilding)
             return
-        alive = {slot: self.workers[wid].machine for slot, wid in self.slots.items()}
-        where = place(lost, self._pool_sizes(spares), self.S, fixed=alive)
-        pool = self._pool(spares)
-        for slot in lost:
-            self._assign(slot, pool[where[slot]].pop(0))
-        self.rebuilt_slots = int(self.store.add("rebuilt_slots", len(lost)))
         k = self.latest_checkpoint
         for r in range(self.R):
             self.committed[r] = k
@@ -476,11 +497,9 @@ class Coordinator:
         for cell in self.cells.values():
             rebuild = {P.slot_key(slot): {"tier": "checkpoint", "sources": [], "detected_at": v["detected_at"],
                                           "failed_at": v["failed_at"], "step": k + 1, "leaver": None}
-                       for slot, v in cell.lost.items()}
-            cell.lost.clear()
+                       for slot, v in cell.rebuilding.items()}
+            cell.needs_plan = False
             self._publish_cell(cell, rebuild, [], rollback=k)
-        for slot in self.slots:
-            self.ready[slot] = True
         if self.stage_groups:
             for s in range(self.S):
                 self._publish_stage(s)
@@ -541,8 +560,7 @@ class Coordinator:
                 return
             cell.kicks += 1
             log.warning("cell %d: no progress for %.0fs; re-planning it", cell.index, now - cell.since)
-            self._event({"kind": "replan", "cell": cell.index, "why": "no progress"})
-            self._publish_cell(cell, {}, [])
+            self._replan_cell(cell, why="no progress")
 
     def _on_fault(self, f: dict) -> None:
         """A worker could not form a group or its generation failed: re-plan what it reports."""
@@ -557,7 +575,7 @@ class Coordinator:
             if not missing and not cell.lost:
                 log.warning("cell %d generation %d failed on %s (%s); re-planning", cell.index, gen, f.get("wid"),
                             str(f.get("error", ""))[:120])
-                self._publish_cell(cell, {}, [])
+                self._replan_cell(cell, why=f"generation failed on {f.get('wid')}")
         elif scope == "xfer":
             slot = tuple(f.get("slot", ()))
             cell = self.cells.get(self.cell_of.get(slot[0], -1)) if slot else None
@@ -610,7 +628,7 @@ class Coordinator:
         group with the new layout (the stages hand layers to each other exactly)."""
         if not self.rebalance or not self.started or self.suspend_gen is not None:
             return
-        if any(c.lost for c in self.cells.values()):
+        if any(c.lost or c.rebuilding for c in self.cells.values()):
             return
         warm = 2 * self.R  # the first steps under a new layout build caches; skip them
         if len(self.stage_times) < warm + self.rebalance_every:
@@ -765,6 +783,10 @@ class Coordinator:
     def _on_ready(self, rd: dict) -> None:
         slot = tuple(rd["slot"])
         if self.slots.get(slot) == rd["wid"]:
+            cell = self.cells[self.cell_of[slot[0]]]
+            if slot in cell.rebuilding and int(rd.get("gen", -1)) != cell.gen:
+                return  # an older generation's rebuild: the newest plan rebuilds it again
+            cell.rebuilding.pop(slot, None)
             self.ready[slot] = True
             self._dirty = True
 
@@ -822,7 +844,11 @@ class Coordinator:
             "cells": {str(c.index): {"gen": c.gen, "plan": c.plan, "kicks": c.kicks,
                                      "waiting": c.waiting_since is not None,
                                      "lost": {P.slot_key(s): {k: v for k, v in info.items() if k != "detected_mono"}
-                                              for s, info in c.lost.items()}} for c in self.cells.values()},
+                                              for s, info in c.lost.items()},
+                                     "rebuilding": {P.slot_key(s): {k: v for k, v in info.items()
+                                                                    if k != "detected_mono"}
+                                                    for s, info in c.rebuilding.items()}}
+                      for c in self.cells.values()},
             "stage_gen": self.stage_gen, "stage_members": self.stage_members,
             "ready": {P.slot_key(k): v for k, v in self.ready.items()},
             "unsettled": {P.slot_key(k): v for k, v in self.unsettled.items()},
@@ -870,6 +896,8 @@ class Coordinator:
             cell = self.cells[int(k)]
             cell.gen, cell.plan, cell.kicks = c["gen"], c["plan"], c["kicks"]
             cell.lost = {P.parse_slot_key(s): dict(info, detected_mono=now) for s, info in c["lost"].items()}
+            cell.rebuilding = {P.parse_slot_key(s): dict(info, detected_mono=now)
+                               for s, info in c.get("rebuilding", {}).items()}
             cell.waiting_since = now if c["waiting"] else None
         self.stage_gen = {int(k): v for k, v in st["stage_gen"].items()}
         self.stage_members = {int(k): v for k, v in st["stage_members"].items()}
