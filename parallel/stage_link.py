@@ -70,8 +70,11 @@ class StageLink:
     (the run is ending or suspending)."""
 
     def __init__(self, connect: Callable[[], object], stage: int, wid: str, timeout_s: float,
-                 stop: Optional[threading.Event] = None):
+                 stop: Optional[threading.Event] = None, on_fault: Optional[Callable[[int, Exception], None]] = None):
+        """`on_fault(gen, error)`: a generation broke (a member died, or its group never formed):
+        the coordinator publishes the next one."""
         self.connect, self.stage, self.wid, self.timeout_s = connect, stage, wid, timeout_s
+        self.on_fault = on_fault
         self.stop = stop or threading.Event()
         self._lock = threading.Lock()
         self.plan: Optional[dict] = None
@@ -146,9 +149,14 @@ class StageLink:
             try:
                 fut.set_result(self._run(gen, epoch, fn, hello, state_fn))
             except BaseException as e:  # noqa: BLE001 - handed to the waiter
-                if isinstance(e, PeerFailure):
+                if isinstance(e, (PeerFailure, FormationError)):
                     self.broken_gen = max(self.broken_gen, gen)
                     self._drop_group()
+                    if self.on_fault is not None and gen == self.gen:
+                        try:
+                            self.on_fault(gen, e)
+                        except Exception:  # noqa: BLE001 - reporting is best effort
+                            log.exception("stage %d: could not report a broken generation", self.stage)
                 fut.set_exception(e)
             del fn, fut, state_fn
 

@@ -141,6 +141,7 @@ class Coordinator:
         self.resume_from, self.resume_missing = resume_from, resume_missing or {}
         self.spares_needed = 0
         self.rebuilt_slots = 0  # slots given to spares by rebuilds: a launcher replaces each consumed spare
+        self.rebuild_plans = 0  # generations published with a rebuild in them (fault injection keys on it)
         self._waiting_logged: Set[Slot] = set()
         self.reporters: Dict[Tuple[int, int], Set[str]] = {}  # (cell, gen) -> workers that reported a failure
         self._dirty = True
@@ -204,6 +205,7 @@ class Coordinator:
         if self.started:
             st.set("started", "1")
         st.add("rebuilt_slots", self.rebuilt_slots)
+        st.add("rebuild_plans", self.rebuild_plans)
         st.set("spares_needed", str(self.spares_needed))
         st.add("version", self.version + 1)
 
@@ -314,6 +316,8 @@ class Coordinator:
         P.put_json(self.store, f"cell/{cell.index}", plan)
         P.put_json(self.store, "slots", {P.slot_key(k): v for k, v in self.slots.items()})
         self.publications += 1
+        if rebuild:
+            self.rebuild_plans = int(self.store.add("rebuild_plans", 1))
         self._bump()
         if rebuild:
             log.warning("cell %d generation %d: rebuilding %s", cell.index, cell.gen,
@@ -576,6 +580,12 @@ class Coordinator:
                 log.warning("cell %d generation %d failed on %s (%s); re-planning", cell.index, gen, f.get("wid"),
                             str(f.get("error", ""))[:120])
                 self._replan_cell(cell, why=f"generation failed on {f.get('wid')}")
+        elif scope == "stage" and self.stage_groups:
+            s = int(f["stage"])
+            if gen == self.stage_gen.get(s, -2):
+                log.warning("stage %d generation %d failed on %s (%s); publishing the next", s, gen, f.get("wid"),
+                            str(f.get("error", ""))[:120])
+                self._publish_stage(s)
         elif scope == "xfer":
             slot = tuple(f.get("slot", ()))
             cell = self.cells.get(self.cell_of.get(slot[0], -1)) if slot else None
@@ -857,7 +867,7 @@ class Coordinator:
             "rebuilds": self.rebuilds, "failures": self.failures, "publications": self.publications,
             "tokens": self.tokens, "final_val": self.final_val, "ckpt_counts": self.ckpt_counts,
             "latest_checkpoint": self.latest_checkpoint, "spares_needed": self.spares_needed,
-            "rebuilt_slots": self.rebuilt_slots,
+            "rebuilt_slots": self.rebuilt_slots, "rebuild_plans": self.rebuild_plans,
             "bytes": self._bytes_cache(), "corpus": self.corpus,
         }
         path = os.path.join(self.run_dir, STATE_FILE)
@@ -910,6 +920,7 @@ class Coordinator:
         self.ckpt_counts = {int(k): v for k, v in st["ckpt_counts"].items()}
         self.bytes_before = st.get("bytes", {})
         self.rebuilt_slots, self.spares_needed = st.get("rebuilt_slots", 0), st.get("spares_needed", 0)
+        self.rebuild_plans = st.get("rebuild_plans", 0)
         self.corpus = self.corpus or st.get("corpus")
         # What was committed is what metrics.jsonl recorded (written before the state file).
         self.tokens = 0
@@ -941,6 +952,9 @@ class Coordinator:
         clean = False
         try:
             while True:
+                if self.corpus is None and self.store.check(["corpus"]):  # a launcher put it: keep it
+                    self.corpus = P.get_json(self.store, "corpus")
+                    self._dirty = True
                 self._drain_logs()
                 if self.started and self.suspend_gen is None:
                     self._check_heartbeats()

@@ -171,11 +171,16 @@ class RecoveryConfig:
 
 @dataclass
 class FaultsConfig:
-    # [{step, replica, stage, kind}] or [{step, machine, kind}]: a machine event hits every worker
-    # labelled with that machine (launcher.machines), spares included. Machine events are moved to
-    # `machine_schedule` at construction, so `schedule` keeps its per-slot meaning everywhere.
+    # [{step, replica, stage, kind}] or [{step, machine, kind}] or [{step, target: coordinator, kind}]:
+    # a machine event hits every worker labelled with that machine (launcher.machines), spares
+    # included; a coordinator event signals the coordinator process. Machine and coordinator events
+    # are moved to their own lists at construction, so `schedule` keeps its per-slot meaning.
+    # Failures during a recovery: `on: rebuild` fires the event as soon as a generation that rebuilds
+    # something is published after `step` was reached (a slot event then hits whoever holds the slot
+    # in that generation: the incoming spare for the slot being rebuilt), `delay_s` after it.
     schedule: List[Dict[str, Any]] = field(default_factory=list)
     machine_schedule: List[Dict[str, Any]] = field(default_factory=list)  # [{step, machine, kind}]
+    coordinator_schedule: List[Dict[str, Any]] = field(default_factory=list)  # [{step, kind, on?, delay_s?}]
     rate_per_hour: float = 0.0
     step_time_s: float = 90.0       # the step time the hourly rate is converted with (paper: ~90 s)
     seed: int = 0
@@ -190,16 +195,33 @@ class FaultsConfig:
     def __post_init__(self):
         slot_events = []
         machine_events = [(f"faults.machine_schedule[{i}]", dict(e)) for i, e in enumerate(self.machine_schedule)]
+        coordinator_events = [dict(e, target="coordinator") for e in self.coordinator_schedule]
         for i, e in enumerate(dict(e) for e in self.schedule):
+            _check(e.get("on") in (None, "rebuild"), f"faults.schedule[{i}].on={e.get('on')!r} is not valid; "
+                                                     "use on: rebuild (or leave it out)")
+            _check(isinstance(e.get("delay_s", 0), (int, float)) and e.get("delay_s", 0) >= 0,
+                   f"faults.schedule[{i}].delay_s={e.get('delay_s')!r} must be a number >= 0")
+            if e.get("target") == "coordinator":
+                unknown = set(e) - {"step", "kind", "on", "delay_s", "target"}
+                _check(not unknown, f"faults.schedule[{i}] targets the coordinator but has {sorted(unknown)}; "
+                                    "use step, kind, on, delay_s")
+                _check(isinstance(e.get("step"), int) and e["step"] >= 0, f"faults.schedule[{i}] needs step >= 0")
+                e.setdefault("kind", "kill")
+                _choice(f"faults.schedule[{i}].kind", e["kind"], self.KINDS)
+                coordinator_events.append(e)
+                continue
+            _check(e.get("target", "slot") == "slot", f"faults.schedule[{i}].target={e.get('target')!r} is not "
+                                                      "valid; use target: coordinator (or leave it out)")
+            e.pop("target", None)
             if "machine" in e:
                 both = sorted({"replica", "stage"} & set(e))
                 _check(not both, f"faults.schedule[{i}] names machine and {'/'.join(both)}; give either "
                                  "machine (a whole machine) or replica+stage (one slot), not both")
                 machine_events.append((f"faults.schedule[{i}]", e))
                 continue
-            unknown = set(e) - {"step", "replica", "stage", "kind"}
+            unknown = set(e) - {"step", "replica", "stage", "kind", "on", "delay_s"}
             _check(not unknown, f"faults.schedule[{i}] has unknown keys {sorted(unknown)}; "
-                                "use step, replica, stage, kind (or step, machine, kind)")
+                                "use step, replica, stage, kind, on, delay_s (or step, machine, kind)")
             _check("step" in e and "stage" in e, f"faults.schedule[{i}] needs step and stage (or step and machine)")
             e.setdefault("replica", 0)
             e.setdefault("kind", "kill")
@@ -215,6 +237,7 @@ class FaultsConfig:
             e.setdefault("kind", "kill")
             _choice(f"{key}.kind", e["kind"], self.KINDS)
         self.schedule, self.machine_schedule = slot_events, [e for _, e in machine_events]
+        self.coordinator_schedule = coordinator_events
         _check(0.0 <= self.rate_per_hour < 1.0, f"faults.rate_per_hour={self.rate_per_hour} must be in [0, 1)")
         _check(self.step_time_s > 0, "faults.step_time_s must be > 0")
         _check(self.spares >= 0, "faults.spares must be >= 0")

@@ -75,7 +75,7 @@ class LocalLauncher:
         self.job, self.run_dir, self.corpus, self.progress = job, run_dir, corpus, progress
         self.procs: Dict[str, subprocess.Popen] = {}
         self.machine_of: Dict[str, str] = {}       # wid -> machine label (launcher.machines > 0)
-        self.machines: Dict[str, dict] = {}        # machine -> {start, end, cause}; times are time.time()
+        self.machines: Dict[str, dict] = {}        # machine -> {start (wall), t0/t1 (monotonic), cause}
         self.machine_events = sorted((dict(e) for e in job.faults.machine_schedule), key=lambda e: e["step"])
         self.joins: List[Tuple[float, int]] = []   # (when, how many workers) of replacement machines to start
         self.reclaim: List[Tuple[float, str]] = []  # (when, machine): SIGKILL what a `term` left running
@@ -86,7 +86,7 @@ class LocalLauncher:
         self.exited: set = set()        # workers whose exit was reported
         self.rebuilt_seen = 0
         self.n_workers = 0
-        self.events = fault_events(job)
+        self.events = fault_events(job) + [dict(e) for e in job.faults.coordinator_schedule]
         self.injected: List[dict] = []
         self.env = child_env({P.TOKEN_ENV: P.resolve_token(job.recovery.token) or os.urandom(8).hex()})
 
@@ -98,7 +98,8 @@ class LocalLauncher:
             if machine is None:  # a respawned spare joins the live machine with the fewest workers
                 live = [m for m, v in self.machines.items() if v["cause"] is None]
                 machine = min(live, key=lambda m: len(self._workers_on(m))) if live else f"m{len(self.machines)}"
-            self.machines.setdefault(machine, {"start": time.time(), "end": None, "cause": None})
+            self.machines.setdefault(machine, {"start": time.time(), "t0": time.monotonic(), "t1": None,
+                                               "cause": None})
             self.machine_of[wid] = machine
             env = dict(env, KINTSUGI_MACHINE=machine)
             slow = self.job.launcher.slowdowns().get(machine)
@@ -122,6 +123,7 @@ class LocalLauncher:
         try:
             self.control = P.Control("127.0.0.1", self.port, store=self._connect_fresh())
             self.control.put_json("corpus", self.corpus)
+            self.control.on_new_boot.append(self._on_coordinator_restart)
             # A preemption warning to the launcher (Slurm's `--signal=B:USR1@90`, a SIGTERM from a
             # scheduler) reaches every worker: with nobody left to hand off to, the job suspends
             # (each slot checkpoints its exact state; exit 75) and `train.resume` continues it.
@@ -145,7 +147,7 @@ class LocalLauncher:
         return subprocess.Popen(cmd + (["--resume"] if resume else []), env=self.env)
 
     def _connect_fresh(self):
-        deadline = time.time() + self.job.launcher.start_timeout_s
+        deadline = time.monotonic() + self.job.launcher.start_timeout_s
         while True:
             if self.coordinator.poll() is not None:
                 raise RuntimeError("the coordinator did not come up; see its log above")
@@ -155,7 +157,7 @@ class LocalLauncher:
                     return store
             except RuntimeError:
                 pass
-            if time.time() > deadline:
+            if time.monotonic() > deadline:
                 raise RuntimeError("the coordinator did not come up; see its log above")
             time.sleep(0.05)
 
@@ -202,16 +204,21 @@ class LocalLauncher:
             except P.CoordinatorAway:
                 time.sleep(0.05)
                 continue
-            time.sleep(0.02)
+            time.sleep(0.001 if self._armed() else 0.02)
 
     def _await_coordinator(self) -> int:
-        deadline = time.time() + 30
-        while time.time() < deadline:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
             rc = self._coordinator_exit()
             if rc is not None:
                 return rc
             time.sleep(0.05)
         return 1
+
+    def _on_coordinator_restart(self) -> None:
+        """A restarted coordinator may have missed exits reported to its predecessor."""
+        for wid in sorted(self.exited):
+            self.control.append("died", {"wid": wid, "rc": self.procs[wid].returncode})
 
     def _report_exits(self) -> None:
         """A worker process that exited is reported at once (its heartbeat would take seconds)."""
@@ -248,26 +255,54 @@ class LocalLauncher:
         if not self.events:
             return
         committed = {}
+
+        def reached(e) -> bool:
+            rs = range(self.job.parallel.replicas) if e.get("target") == "coordinator" else [e["replica"]]
+            for r in rs:
+                if r not in committed:
+                    rec = self.control.get_json_or(f"committed/{r}")
+                    committed[r] = rec["step"] if rec else -1
+            return max(committed[r] for r in rs) + 1 >= e["step"]
+
+        now = time.monotonic()
         for e in list(self.events):
-            r = e["replica"]
-            if r not in committed:
-                rec = self.control.get_json_or(f"committed/{r}")
-                committed[r] = rec["step"] if rec else -1
-            if committed[r] + 1 < e["step"]:
+            if "armed" not in e and "due_at" not in e and not reached(e):
+                continue
+            if e.get("on") == "rebuild" and "due_at" not in e:
+                count = int(self.control.call(lambda s: s.add("rebuild_plans", 0)))
+                if "armed" not in e:
+                    e["armed"] = count  # fire at the next generation that rebuilds something
+                    continue
+                if count <= e["armed"]:
+                    continue
+            if "due_at" not in e:
+                e["due_at"] = now + float(e.get("delay_s", 0.0))
+            if now < e["due_at"]:
                 continue
             self.events.remove(e)
-            wid = self._slots().get(f"{r},{e['stage']}")
+            if e.get("target") == "coordinator":
+                log.warning("injecting %s into the coordinator (pid %d) at step %d", e["kind"], self.coordinator.pid,
+                            e["step"])
+                os.kill(self.coordinator.pid, SIGNALS[e["kind"]])
+                self.injected.append(dict(e, wid="coordinator", t=time.time()))
+                continue
+            wid = self._slots().get(f"{e['replica']},{e['stage']}")
             proc = self.procs.get(wid)
             if proc is None or proc.poll() is not None:
                 continue
-            log.warning("injecting %s into %s (replica %d, stage %d) at step %d", e["kind"], wid, r, e["stage"],
-                        e["step"])
+            log.warning("injecting %s into %s (replica %d, stage %d) at step %d%s", e["kind"], wid, e["replica"],
+                        e["stage"], e["step"], " right after a rebuild was published" if e.get("on") else "")
             self.control.put_json(f"injected/{wid}", {"t": time.time(), "kind": e["kind"], "step": e["step"]})
             os.kill(proc.pid, SIGNALS[e["kind"]])
             self.injected.append(dict(e, wid=wid, t=time.time()))
 
+    def _armed(self) -> bool:
+        """An event waits for a publication: poll every millisecond so it lands while the
+        generation forms, not after."""
+        return any("armed" in e or "due_at" in e for e in self.events)
+
     def _machine_due(self) -> None:
-        now = time.time()
+        now = time.monotonic()
         for when, n in [j for j in self.joins if j[0] <= now]:
             self.joins.remove((when, n))
             new = f"m{len(self.machines)}"  # ids are never reused: m{K}, m{K+1}, ...
@@ -279,8 +314,8 @@ class LocalLauncher:
             for wid in self._workers_on(m):
                 self.procs[wid].kill()
         for m, v in self.machines.items():  # a machine is billed until its last process is gone
-            if v["end"] is None and v["cause"] is not None and not self._workers_on(m):
-                v["end"] = now
+            if v["t1"] is None and v["cause"] is not None and not self._workers_on(m):
+                v["t1"] = now
         if not self.machine_events:
             return
         top = -1
@@ -305,14 +340,14 @@ class LocalLauncher:
         active = [w for w in wids if w in held]
         log.warning("preempting machine %s (%s) at step %d: %d workers, %d holding slots",
                     m, kind, e["step"], len(wids), len(active))
-        now = time.time()
+        wall, now = time.time(), time.monotonic()
         for wid in wids:
-            self.control.put_json(f"injected/{wid}", {"t": now, "kind": kind, "step": e["step"], "machine": m})
+            self.control.put_json(f"injected/{wid}", {"t": wall, "kind": kind, "step": e["step"], "machine": m})
             os.kill(self.procs[wid].pid, SIGNALS[kind])
-            self.injected.append(dict(e, wid=wid, t=now))
+            self.injected.append(dict(e, wid=wid, t=wall))
         info["cause"] = kind
         if kind == "stop":  # a hung machine is never coming back: bill it until now
-            info["end"] = now
+            info["t1"] = now
         if kind == "term":
             self.reclaim.append((now + self.job.faults.notice_s, m))
         self.prepaid += len(active)
@@ -322,10 +357,12 @@ class LocalLauncher:
         """machines.json: each simulated machine's alive time, for goodput per machine-second."""
         if not self.machines:
             return
-        end = time.time()
-        out = {m: {"start": v["start"], "end": v["end"] if v["end"] is not None else end, "cause": v["cause"],
-                   "alive_s": (v["end"] if v["end"] is not None else end) - v["start"],
-                   "workers": [w for w, mm in self.machine_of.items() if mm == m]} for m, v in self.machines.items()}
+        now = time.monotonic()
+        out = {}
+        for m, v in self.machines.items():  # alive time on the monotonic clock; wall times for the record
+            alive = (v["t1"] if v["t1"] is not None else now) - v["t0"]
+            out[m] = {"start": v["start"], "end": v["start"] + alive, "cause": v["cause"], "alive_s": alive,
+                      "workers": [w for w, mm in self.machine_of.items() if mm == m]}
         with open(os.path.join(self.run_dir, "machines.json"), "w") as f:
             json.dump(out, f, indent=1)
 
@@ -338,9 +375,9 @@ class LocalLauncher:
             p = self.procs.get(e["wid"])
             if e["kind"] == "stop" and p is not None and p.poll() is None:
                 p.kill()
-        deadline = time.time() + 10.0
+        deadline = time.monotonic() + 10.0
         for p in self.procs.values():
-            while p.poll() is None and time.time() < deadline:
+            while p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
         for p in list(self.procs.values()) + ([self.coordinator] if self.coordinator else []):
             if p.poll() is None:

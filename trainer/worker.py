@@ -462,12 +462,19 @@ class Worker:
         if self.job.diloco.enabled and self.job.parallel.replicas > 1:
             if self.link is None or self.link.stage != slot[1]:
                 self.link = StageLink(self.connect_store, slot[1], self.wid, self.job.recovery.init_timeout_s,
-                                      stop=self.watcher.stop)
+                                      stop=self.watcher.stop, on_fault=self._stage_fault)
                 sp = self.control.get_json_or(f"stage/{slot[1]}")
                 if sp is not None:
                     self.link.update(sp)
             self.link.layout_version = plan.get("layout_version", 0)
             self.new_outer_sync()
+
+    def _stage_fault(self, gen: int, err: Exception) -> None:
+        """The stage group's generation broke: the coordinator publishes the next one (without a
+        member that died; the same members when the group never formed)."""
+        msg = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        self.bg.append_later("fault", {"wid": self.wid, "scope": "stage", "stage": self.link.stage, "gen": gen,
+                                       "error": msg})
 
     def new_outer_sync(self) -> None:
         self.diloco = StreamingDiLoCo(dict(self.state.model.named_parameters()), self.job.diloco, self.link,
