@@ -32,6 +32,14 @@ def test_killed_replica_worker_rebuilt_exactly_from_its_peer(tmp_path, monkeypat
     for r in (0, 1):
         steps = [c["step"] for c in commits(records, replica=r)]
         assert steps == list(range(12))
+    # Isolation: replica 0 never changed generation (it never abandoned a step) and kept committing
+    # while replica 1 was being rebuilt.
+    mine = [r for r in records if "loss" in r and "val_loss" not in r]
+    assert {r["cell_gen"] for r in mine if r["replica"] == 0} == {0}
+    t1 = sorted(r["wall_s"] for r in mine if r["replica"] == 1)
+    gap = max(zip(t1, t1[1:]), key=lambda ab: ab[1] - ab[0])
+    during = [r for r in mine if r["replica"] == 0 and gap[0] < r["wall_s"] < gap[1]]
+    assert during, f"replica 0 committed nothing during replica 1's outage {gap}"
 
 
 def test_data_parallel_baseline_commits_all_replicas_together_through_failures(tmp_path):
