@@ -162,6 +162,7 @@ class StreamingDiLoCo:
         self.step = 0                       # last t seen by after_inner_step
         self.num_syncs = 0                  # outer steps applied (all fragments)
         self.peak_sync_bytes = 0            # bytes of the largest single-fragment sync
+        self.wait_s = 0.0                   # time the training thread spent blocked on syncs
         self._inflight: Dict[int, tuple] = {}  # fragment -> (start t, handle)
         # (event, fragment, t, perf_counter): for metrics and for tests of the overlap.
         self.events: collections.deque = collections.deque(maxlen=4096)
@@ -322,6 +323,7 @@ class StreamingDiLoCo:
     def _finish(self, frag: _Fragment, t: int) -> None:
         _, handle = self._inflight[frag.index]
         if self.link is not None:
+            t0 = time.perf_counter()
             try:
                 self.link.wait(handle, self.abort)
             except NeedsResync as e:
@@ -337,6 +339,8 @@ class StreamingDiLoCo:
                     raise  # our own pipeline is changing generation: keep the sync for later
                 del self._inflight[frag.index]  # superseded stage generation: it runs again
                 return
+            finally:
+                self.wait_s += time.perf_counter() - t0
             self.needs_state = False
         else:
             wait_abortable(handle, self.abort)   # raises Aborted / PeerFailure; entry stays for abandon()

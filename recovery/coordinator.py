@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from . import protocol as P
 from .placement import place, rebalance_layout, recoverability_report
+from .records import dumps_strict
 from .tiers import Unrecoverable, plan_rebuilds
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,9 @@ class Coordinator:
         self.progress_timeout = float(rec.get("progress_timeout_s", 300.0))
         self.spare_wait = float(rec.get("spare_wait_s", 600.0))
         self.strategy = rec["strategy"]
+        self.global_generations = rec.get("generations", "per_group") == "global"
         self.diloco = job["diloco"]["enabled"]
-        self.token, self.tracker, self.corpus = token, tracker, corpus
+        self.token, self.tracker, self.corpus, self.port = token, tracker, corpus, port
         # Cells: the replicas trained as one unit. Plain data-parallel couples them every step.
         if self.R > 1 and not self.diloco:
             self.cells = {0: Cell(0, list(range(self.R)))}
@@ -144,6 +146,8 @@ class Coordinator:
         self.rebuild_plans = 0  # generations published with a rebuild in them (fault injection keys on it)
         self._waiting_logged: Set[Slot] = set()
         self.reporters: Dict[Tuple[int, int], Set[str]] = {}  # (cell, gen) -> workers that reported a failure
+        self.bad_checkpoints: Set[int] = set()
+        self.checkpoint_errors: List[dict] = []
         self._dirty = True
         self._last_hb_check = 0.0
         self.t0 = time.time()
@@ -382,6 +386,13 @@ class Coordinator:
             self._replan_cell(cell, leavers)
             if self.error:
                 return
+            if self.global_generations:  # the comparison design: everyone starts a new generation
+                for other in self.cells.values():
+                    if other is not cell and not other.lost:
+                        self._replan_cell(other, why="global generation")
+                if self.stage_groups:
+                    for s in range(self.S):
+                        self._publish_stage(s)
         self._set_spares_needed(deficit)
 
     def _replan_cell(self, cell: Cell, leavers: Optional[List[str]] = None, why: str = "") -> None:
@@ -580,6 +591,8 @@ class Coordinator:
                 log.warning("cell %d generation %d failed on %s (%s); re-planning", cell.index, gen, f.get("wid"),
                             str(f.get("error", ""))[:120])
                 self._replan_cell(cell, why=f"generation failed on {f.get('wid')}")
+        elif scope == "checkpoint":
+            self._on_corrupt_checkpoint(f)
         elif scope == "stage" and self.stage_groups:
             s = int(f["stage"])
             if gen == self.stage_gen.get(s, -2):
@@ -595,6 +608,26 @@ class Coordinator:
                 log.warning("slot %s never received its state (%s); re-planning it", list(slot),
                             str(f.get("error", ""))[:120])
                 self._declare_dead(wid, "rebuild never received its state")
+
+    def _on_corrupt_checkpoint(self, f: dict) -> None:
+        """A slot could not restore its checkpoint (a file fails its manifest). The exact state it
+        was meant to restore is never replaced by a guess: roll every slot back to the newest step
+        that is complete and not known bad, or stop saying why."""
+        step = f.get("step")
+        if step is None or step in self.bad_checkpoints:
+            return
+        self.bad_checkpoints.add(int(step))
+        log.error("checkpoint of step %s is corrupt (%s: %s)", step, f.get("file"), f.get("reason"))
+        self._event({"kind": "checkpoint_corrupt", "step": step, "slot": f.get("slot"), "file": f.get("file"),
+                     "reason": f.get("reason")})
+        good = [k for k, n in self.ckpt_counts.items() if n >= self.R * self.S and k not in self.bad_checkpoints]
+        if not good:
+            self.error = (f"the checkpoint of step {step} is corrupt ({f.get('file')}: {f.get('reason')}) and no "
+                          "earlier complete checkpoint exists; the exact state cannot be restored")
+            return
+        self.latest_checkpoint = max(good)
+        log.warning("rolling every slot back to step %d instead", self.latest_checkpoint)
+        self._global_rollback()
 
     def _maybe_suspend(self) -> None:
         """Every slot's holder is leaving (Slurm's warning reaches every task; a whole fleet gets its
@@ -694,7 +727,7 @@ class Coordinator:
     # --- records ----------------------------------------------------------------------------------
     def _event(self, ev: dict) -> None:
         ev = dict(ev, t=time.time() - self.t0)
-        self._write(json.dumps({"event": ev}))
+        self._write(dumps_strict({"event": ev}))
         if self.tracker is not None:
             self.tracker.event(ev)
 
@@ -714,7 +747,7 @@ class Coordinator:
             if c.get("replay"):
                 return  # a worker replaying what a restarted coordinator may have missed
             rec = dict(c, wall_s=time.time() - self.t0, duplicate=True)
-            self._write(json.dumps(rec))
+            self._write(dumps_strict(rec))
             log.error("step %d of replica %d was committed twice", k, r)
             return
         self.recorded[r].add(k)
@@ -729,7 +762,7 @@ class Coordinator:
             self.stage_times.append(c["stage_compute_s"])
         rec = dict(c, wall_s=time.time() - self.t0, gen=cell.gen)
         rec.pop("replay", None)
-        self._write(json.dumps(rec))
+        self._write(dumps_strict(rec))
         self._dirty = True
         if self.tracker is not None:
             self.tracker.commit(c)
@@ -802,7 +835,7 @@ class Coordinator:
 
     def _on_eval(self, e: dict) -> None:
         rec = dict(e, wall_s=time.time() - self.t0)
-        self._write(json.dumps(rec))
+        self._write(dumps_strict(rec))
         if e.get("final"):
             self.final_val = e["val_loss"]
             self._dirty = True
@@ -819,6 +852,10 @@ class Coordinator:
             self._dirty = True
 
     def _on_event(self, ev: dict) -> None:
+        if ev.get("kind") == "checkpoint_failed":
+            log.error("slot %s could not write its checkpoint of step %s: %s", ev.get("slot"), ev.get("step"),
+                      ev.get("error"))
+            self.checkpoint_errors.append({k: ev.get(k) for k in ("step", "slot", "error")})
         if ev.get("kind") == "rebuild":
             if not any(r["slot"] == ev["slot"] and r["step"] == ev["step"] and r["tier"] == ev["tier"]
                        for r in self.rebuilds[-2 * self.R * self.S:]):
@@ -847,7 +884,7 @@ class Coordinator:
             return
         self._dirty = False
         state = {
-            "incarnation": self.incarnation, "version": self.version, "started": self.started,
+            "incarnation": self.incarnation, "version": self.version, "started": self.started, "port": self.port,
             "t0": self.t0, "workers": {w.wid: dict(asdict(w), hb_changed=None, slot=list(w.slot) if w.slot else None)
                                        for w in self.workers.values()},
             "slots": {P.slot_key(k): v for k, v in self.slots.items()},
@@ -874,7 +911,7 @@ class Coordinator:
         tmp = path + ".tmp"
         try:
             with open(tmp, "w") as f:
-                json.dump(state, f)
+                f.write(dumps_strict(state))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -1005,7 +1042,8 @@ class Coordinator:
                  "suspended": ({P.slot_key(s): k for s, k in sorted(self.suspended.items())}
                                if self.suspend_gen is not None else None),
                  "suspend_lost": [list(s) for s in self.suspend_lost] or None,
-                 "write_error": getattr(self, "_write_error", None)}
+                 "write_error": getattr(self, "_write_error", None),
+                 "checkpoint_errors": self.checkpoint_errors or None}
         if self.tracker is not None:
             try:
                 self.tracker.finish(state)
@@ -1014,7 +1052,7 @@ class Coordinator:
                 log.warning("wandb finish failed: %s", e)
         try:
             with open(os.path.join(self.run_dir, "coordinator_state.json"), "w") as f:
-                json.dump(state, f, indent=1)
+                f.write(dumps_strict(state, indent=1))
         except OSError as e:
             log.error("cannot write coordinator_state.json: %s", e)
         if self.bar is not None:

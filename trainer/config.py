@@ -143,6 +143,10 @@ class RecoveryConfig:
     progress_timeout_s: float = 300.0
     spare_wait_s: float = 600.0     # lost slots without a spare this long: suspend the job (exit 75)
     coordinator_wait_s: float = 600.0  # a worker whose coordinator is away this long saves and exits 75
+    # per_group: a failure re-plans its own cell (replica) and the lost stage's group only.
+    # global: every failure starts a new generation of every group (the design before per-group
+    # generations; kept to measure what isolation buys, benchmarks.isolation).
+    generations: str = "per_group"
     notice_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     notice: str = "none"            # aws | gcp | azure | none: poll the instance-metadata service
     metadata_address: Optional[str] = None  # instance-metadata host (tests: http://127.0.0.1:PORT)
@@ -162,6 +166,7 @@ class RecoveryConfig:
                                            "(0 keeps every checkpoint)")
         _choice("recovery.notice", self.notice, ("none", "aws", "gcp", "azure"))
         _check(self.notice_interval_s > 0, "recovery.notice_interval_s must be > 0")
+        _choice("recovery.generations", self.generations, ("per_group", "global"))
         for key in ("init_timeout_s", "progress_timeout_s", "spare_wait_s", "coordinator_wait_s"):
             _check(getattr(self, key) > 0, f"recovery.{key}={getattr(self, key)} must be > 0 seconds")
         _check(self.progress_timeout_s > 2 * self.heartbeat_timeout_s,

@@ -76,18 +76,32 @@ def main(argv=None) -> int:
         description="Kintsugi coordinator (hosts the store, owns membership). Launchers start it with --job; "
         "on a stable host for torchrun nodes and `kintsugi join`, start it with the job's Hydra overrides: "
         "kintsugi coordinator --port 29400 --run-dir outputs/run1 -- experiment=quick parallel.stages=4")
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--port", type=int, default=None, help="required, except with --resume (the port it had)")
     ap.add_argument("--host", default="0.0.0.0")
-    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--run-dir", default=None, help="required, except with --resume RUN_DIR")
     ap.add_argument("--job", default=None, help="job config JSON written by a launcher (or a run's job.json); "
                     "without it the job is composed from the overrides and the corpus prepared here")
-    ap.add_argument("--resume", action="store_true",
-                    help=f"restart a coordinator that died: its state is read from RUN_DIR/{STATE_FILE}")
+    ap.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                    help=f"restart a coordinator that died, on the same address: its state is read from "
+                    f"RUN_DIR/{STATE_FILE}; the workers re-register and the run goes on")
     ap.add_argument("--outputs", action="store_true",
                     help="write summary.json and loss.png when the run ends (implied without --job)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for `kintsugi` (only without --job)")
     args = ap.parse_args(argv)
+    if isinstance(args.resume, str):
+        args.run_dir = args.run_dir or args.resume
+        args.resume = True
+    if args.run_dir is None:
+        ap.error("--run-dir is required (or --resume RUN_DIR)")
+    if args.port is None and args.resume:
+        try:
+            with open(os.path.join(args.run_dir, STATE_FILE)) as f:
+                args.port = json.load(f).get("port")
+        except (OSError, ValueError):
+            pass
+    if args.port is None:
+        ap.error("--port is required")
     if args.job and args.overrides:
         ap.error(f"pass either --job or overrides, not both (got {args.overrides[0]!r} with --job)")
     P.die_with_parent()

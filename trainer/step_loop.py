@@ -139,6 +139,7 @@ class StepLoop:
         self.scale = 1.0 / len(replicas) if self.dp else 1.0  # each replica holds the same averaged gradient
         self.hooks: List[StepHook] = self._hooks()
         self.shards = {}
+        self._outer_wait_seen = worker.diloco.wait_s if worker.diloco is not None else 0.0
 
     def _hooks(self) -> List[StepHook]:
         w, job = self.w, self.job
@@ -204,9 +205,13 @@ class StepLoop:
             allreduce_gradients(list(st.model.parameters()), w.dp_group, w.counter, w.watcher.cell_abort)
         local_sq = st.local_grad_sq()
         w.pending = (step, local_sq)
-        # [grad sq-norm, loss, per-stage compute seconds...]: summed along the chain.
-        vec = torch.zeros(2 + S, dtype=torch.float64)
+        # [grad sq-norm, loss, per-stage compute seconds, per-stage seconds blocked on outer syncs
+        # since the stage's previous commit]: summed along the chain.
+        vec = torch.zeros(2 + 2 * S, dtype=torch.float64)
         vec[0], vec[1], vec[2 + s] = local_sq, loss or 0.0, compute_s
+        if w.diloco is not None:
+            vec[2 + S + s] = w.diloco.wait_s - self._outer_wait_seen
+            self._outer_wait_seen = w.diloco.wait_s
         replicas = self.plan["replicas"] if self.dp else [r]
 
         def commit(total):  # runs on the chain's root only, before the broadcast
@@ -227,6 +232,7 @@ class StepLoop:
 
     def _record(self, q: int, step: int, total, t0: float, root: bool) -> dict:
         job, w = self.job, self.w
+        S = job.parallel.stages
         if q not in self.shards:
             self.shards[q] = w.data if q == self.slot[0] else ShardedBatches(
                 w.train_tokens, job.data.seq_len, job.train.batch_size, q, job.parallel.replicas, job.train.seed)
@@ -235,7 +241,9 @@ class StepLoop:
                "lr": w.state.optimizer.param_groups[0]["lr"], "step_s": time.time() - t0,
                "batch_ids": self.shards[q].batch_ids(step), "cell_gen": self.plan["gen"],
                "layout_version": self.plan.get("layout_version", 0),
-               "stage_compute_s": [round(float(x), 4) for x in total[2:]]}
+               "stage_compute_s": [round(float(x), 4) for x in total[2:2 + S]]}
+        if w.diloco is not None:  # per stage, blocked on outer syncs since its previous commit
+            rec["outer_wait_s"] = [round(float(x), 4) for x in total[2 + S:2 + 2 * S]]
         if not root:
             rec["relayed_by"] = self.slot[1]
         return rec

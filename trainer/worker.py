@@ -40,6 +40,7 @@ from parallel.topology import Grid
 from parallel.transport import ByteCounter, PeerFailure, Transport, set_idle_hook
 from recovery import protocol as P
 
+from .checkpoint import CheckpointCorrupt
 from .config import JobConfig
 from .data import ShardedBatches, load_tokens
 from .recovery_exec import Donor, XferFailed, execute_plan, reconcile, snapshot
@@ -219,7 +220,12 @@ class Worker:
         rec = self.job.recovery
         every = rec.checkpoint_every or (10 if rec.strategy == "checkpoint" else 0)
         from .checkpoint import AsyncCheckpointer
-        self.checkpointer = AsyncCheckpointer(_ControlStore(self.bg), self.run_dir, every)
+        self.checkpointer = AsyncCheckpointer(
+            _ControlStore(self.bg), self.run_dir, every, keep=rec.keep_checkpoints,
+            grid=(self.job.parallel.replicas, self.job.parallel.stages),
+            on_error=lambda step, e: self.bg.append_later("event", {
+                "kind": "checkpoint_failed", "step": step, "slot": list(self.slot) if self.slot else None,
+                "error": f"{type(e).__name__}: {str(e)[:300]}"}))
         set_idle_hook(self.idle)
         self._warm_up()
 
@@ -313,6 +319,13 @@ class Worker:
                 done = False
             except (FormationError, XferFailed, RuntimeError) as e:
                 self._report_fault(plan, e)
+                done = False
+            except CheckpointCorrupt as e:  # an exact state that cannot be restored: never guess
+                log.error("cannot restore the checkpoint: %s", e)
+                self.control.append_later("fault", {"wid": self.wid, "scope": "checkpoint", "cell": plan["cell"],
+                                                    "gen": plan["gen"], "slot": list(self.slot) if self.slot else None,
+                                                    "file": e.file, "reason": e.reason,
+                                                    "step": _rollback_step(plan, self.slot)})
                 done = False
             finally:
                 self._close_groups()
@@ -561,6 +574,13 @@ class Worker:
     def record_commit(self, rec: dict) -> None:
         with self.recent_lock:
             self.recent.append(rec)
+
+
+def _rollback_step(plan: dict, slot) -> Optional[int]:
+    rb = plan.get("rollback")
+    if rb is None or slot is None:
+        return None
+    return rb[str(slot[0])] if isinstance(rb, dict) else rb
 
 
 def main(argv=None) -> int:
