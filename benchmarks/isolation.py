@@ -63,7 +63,12 @@ def stalls(commits: List[dict], kill_step: int) -> Dict[str, dict]:
                 waits.setdefault(c["step"], max(c["outer_wait_s"]))
         w_med = median([v for k, v in waits.items() if k not in window]) or 0.0
         w_excess = sum(waits[k] - w_med for k in window if k in waits)
+        # The whole run: a replica that ran ahead while another was rebuilt waits for it at their
+        # next common outer sync, which may fall outside the window (at the end: after its last commit).
+        last_any = max(c["wall_s"] for c in commits)
+        whole = (by_step[steps[-1]] - by_step[steps[0]]) - med * (len(steps) - 1) if med else None
         out[str(r)] = {"median_step_s": rnd(med), "stall_s": rnd(excess, 3),
+                       "whole_run_excess_s": rnd(whole, 3), "idle_tail_s": rnd(last_any - by_step[steps[-1]], 3),
                        "stall_in_median_steps": rnd(excess / med, 2) if med and excess is not None else None,
                        "outer_sync_wait_excess_s": rnd(max(0.0, w_excess), 3), "generations_seen": gens}
     return out
@@ -96,7 +101,8 @@ def main(argv=None) -> int:
         for r in map(str, range(R)):
             rows = [run["replicas"][r] for run in runs]
             per[r] = {k: rnd(median([row[k] for row in rows]), 3)
-                      for k in ("stall_s", "stall_in_median_steps", "outer_sync_wait_excess_s", "median_step_s")}
+                      for k in ("stall_s", "stall_in_median_steps", "outer_sync_wait_excess_s", "median_step_s",
+                                "whole_run_excess_s", "idle_tail_s")}
             per[r]["generations_seen"] = sorted({g for row in rows for g in row["generations_seen"]})
         others = [per[r]["stall_in_median_steps"] for r in per if r != "0"]
         result["modes"][mode] = {"median_over_runs": per, "runs": runs,

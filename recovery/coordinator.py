@@ -270,8 +270,9 @@ class Coordinator:
                                "step": self.committed[slot[0]] + 1}
             del self.slots[slot]
             self.ready[slot] = False
-            if self.stage_groups and wid in self.stage_members[slot[1]]:
-                self._publish_stage(slot[1])  # the live replicas keep syncing without it
+            # The replica's pipeline is down until it is rebuilt: every stage group leaves it out,
+            # so the live replicas keep syncing without waiting for it (see _maybe_stage_groups).
+            self._maybe_stage_groups()
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
@@ -334,9 +335,7 @@ class Coordinator:
                 "layout_version": self.layout_version}
 
     def _publish_stage(self, s: int) -> None:
-        """The stage group: every replica whose stage-s holder has its state."""
-        holders = [(r, self.slots[(r, s)]) for r in range(self.R)
-                   if (r, s) in self.slots and self.ready.get((r, s), False)]
+        holders = self._stage_holders(s)
         self.stage_members[s] = {wid: i for i, (_, wid) in enumerate(holders)}
         self.stage_gen[s] += 1
         P.put_json(self.store, f"stage/{s}", self._stage_plan(s))
@@ -542,13 +541,24 @@ class Coordinator:
             self.store.set("spares_needed", str(n))
             self._dirty = True
 
+    def _stage_holders(self, s: int) -> List[Tuple[int, str]]:
+        """Stage s's group: the holders of replicas whose pipeline is whole (no slot lost or still
+        being rebuilt) and who hold their state. A replica that is down cannot reach its next sync,
+        so it is left out while it is down and comes back through the handshake."""
+        out = []
+        for r in range(self.R):
+            cell = self.cells[self.cell_of[r]]
+            if cell.lost or cell.rebuilding or (r, s) not in self.slots or not self.ready.get((r, s)):
+                continue
+            out.append((r, self.slots[(r, s)]))
+        return out
+
     def _maybe_stage_groups(self) -> None:
-        """Rebuilt workers that report holding their state rejoin their stage group."""
+        """Stage groups follow the replicas that are whole: out when one goes down, back when rebuilt."""
         if not self.stage_groups or not self.started:
             return
         for s in range(self.S):
-            want = {self.slots[(r, s)] for r in range(self.R) if (r, s) in self.slots and self.ready.get((r, s))}
-            if want != set(self.stage_members[s]):
+            if {w for _, w in self._stage_holders(s)} != set(self.stage_members[s]):
                 self._publish_stage(s)
 
     def _watchdog(self) -> None:

@@ -318,11 +318,13 @@ class LocalLauncher:
                 v["t1"] = now
         if not self.machine_events:
             return
-        top = -1
-        for r in range(self.job.parallel.replicas):
-            rec = self.control.get_json_or(f"committed/{r}")
-            top = max(top, rec["step"] if rec else -1)
+        # The trace's step is the fleet's: the slowest replica's (replicas drift apart while one of
+        # them is rebuilt, and a machine that replaced a lost one must have trained before it goes).
+        top = min((self.control.get_json_or(f"committed/{r}") or {"step": -1})["step"]
+                  for r in range(self.job.parallel.replicas))
         for e in [e for e in self.machine_events if top + 1 >= e["step"]]:
+            if e["machine"] not in self.machines and self.joins:
+                continue  # a replacement machine the trace names that has not started yet: when it has
             self.machine_events.remove(e)
             self._preempt(e)
 
