@@ -178,11 +178,24 @@ class StreamingDiLoCo:
         then starts syncs that had to wait for their fragment's previous sync to finish."""
         t = self.step + 1 if t is None else int(t)
         self.step = t
+        self._link_housekeeping()
         self._start_due(t)
         for p, (t0, _) in sorted(self._inflight.items(), key=lambda kv: kv[1][0]):
             if t - t0 >= self.cfg.overlap and p in self._inflight:
                 self._finish(self.fragments[p], t)
         self._start_due(t)
+
+    def _link_housekeeping(self) -> None:
+        """Adopt a handshake's verdict; open a newer stage generation at once (a handshake-only job,
+        not waited for), so every member meets in it within a step instead of when a sync is due."""
+        link = self.link
+        if link is None:
+            return
+        rs = link.take_resync()
+        if rs is not None:
+            self._apply_resync(rs)
+        if link.can_start() and link.needs_hello():
+            self._hello_handle = link.submit(None, hello=self._hello(), state_fn=self._resync_source)
 
     def _start_due(self, t: int) -> None:
         """Owed syncs start in order of their due step, and a sync never overtakes an earlier-due one
@@ -210,6 +223,7 @@ class StreamingDiLoCo:
         takes us in) is given up after a bounded number of attempts: the run is ending."""
         attempts = 0
         while True:
+            self._link_housekeeping()
             self._start_due(self.step)
             if not self._inflight:
                 if self.link is None or not self._owed() or attempts > 50:
@@ -221,26 +235,17 @@ class StreamingDiLoCo:
                 continue
             for p, _ in sorted(self._inflight.items(), key=lambda kv: kv[1][0]):
                 if p in self._inflight:
-                    self._finish(self.fragments[p], self.step)
+                    self._finish(self.fragments[p], self.step, block=True)
 
     def _owed(self) -> bool:
         H, P = self.cfg.sync_every, self.num_fragments
         return any(self.step >= next_due(f.syncs, f.index, H, P) for f in self.fragments)
 
     def serve_idle(self) -> None:
-        """A replica that finished training still answers its stage group: when a newer stage
-        generation takes it in (a rebuilt replica joining late), run the handshake so the newcomer
-        adopts the finished state instead of waiting for syncs nobody else will start."""
-        link = self.link
-        if link is None or self._inflight or not link.can_start() or not link.needs_hello():
-            return
-        handle = link.submit(None, hello=self._hello(), state_fn=self._resync_source)
-        try:
-            link.wait(handle, self.abort)
-        except NeedsResync as e:
-            self._apply_resync(e)
-        except (Aborted, PeerFailure, RuntimeError) as e:  # the next generation tries again
-            log.info("stage handshake while idle failed: %s", str(e).splitlines()[0][:120])
+        """While the training thread waits (between generations, after the last step), this stage
+        still answers its stage group: a newer generation that takes it in is opened with a
+        handshake, so a newcomer adopts this state instead of waiting for syncs nobody will start."""
+        self._link_housekeeping()
 
     def abandon(self) -> None:
         """Forget syncs in flight (their group is gone); the next sync of each fragment carries the
@@ -320,24 +325,32 @@ class StreamingDiLoCo:
         self.needs_state = False
 
     @torch.no_grad()
-    def _finish(self, frag: _Fragment, t: int) -> None:
+    def _finish(self, frag: _Fragment, t: int, block: bool = False) -> None:
         _, handle = self._inflight[frag.index]
         if self.link is not None:
+            if not (block or self.link.settled(handle.gen)) and not handle.future.done():
+                return  # the stage generation is still forming: merge later, never block on it now
             t0 = time.perf_counter()
             try:
                 self.link.wait(handle, self.abort)
             except NeedsResync as e:
+                if self.link.pending_resync is e:
+                    self.link.take_resync()
                 self._apply_resync(e)   # every member does the same; owed syncs start again
                 return
             except (PeerFailure, FormationError) as e:
                 log.warning("stage %d outer sync of fragment %d failed (%s); it runs again on the next "
                             "stage generation", self.link.stage, frag.index, str(e).splitlines()[0][:120])
-                del self._inflight[frag.index]
+                self._inflight.pop(frag.index, None)
                 return
             except Aborted:
                 if self.abort is not None and self.abort.is_set():
                     raise  # our own pipeline is changing generation: keep the sync for later
-                del self._inflight[frag.index]  # superseded stage generation: it runs again
+                rs = self.link.take_resync()
+                if rs is not None:  # cancelled by a resync whose verdict came with another job
+                    self._apply_resync(rs)
+                    return
+                self._inflight.pop(frag.index, None)  # superseded stage generation: it runs again
                 return
             finally:
                 self.wait_s += time.perf_counter() - t0

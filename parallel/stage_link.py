@@ -87,6 +87,7 @@ class StageLink:
         self.layout_version = 0     # this member's layer layout (live rebalancing)
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
         self.formed: List[int] = []  # generations formed (tests, metrics)
+        self.pending_resync: Optional[NeedsResync] = None  # a handshake's verdict, until adopted
         threading.Thread(target=self._loop, daemon=True, name=f"kintsugi-stage{stage}").start()
 
     # --- plans (the worker's watcher thread calls update) ------------------------------------------
@@ -94,6 +95,10 @@ class StageLink:
         with self._lock:
             if self.plan is None or plan["gen"] > self.plan["gen"]:
                 self.plan = plan
+                if plan.get("trusted"):
+                    # A fresh run's first generation: every member built its stage from the same
+                    # seed and has synced nothing yet, so there is nothing to reconcile.
+                    self._ready_gen = self._hello_gen = plan["gen"]
 
     @property
     def gen(self) -> int:
@@ -112,6 +117,17 @@ class StageLink:
     def needs_hello(self) -> bool:
         """The next job opens a generation: it must carry this member's handshake row."""
         return self._hello_gen < self.gen
+
+    def settled(self, gen: int) -> bool:
+        """`gen` is the newest generation and its handshake is done: every member holds the same
+        sync counts, so each reaches every sync on its own, and waiting for one cannot deadlock.
+        While a generation forms, members may be at different counts (one would wait for a sync
+        another will only start after its own pipeline moves on): nobody blocks on it then."""
+        return gen == self.gen == self._ready_gen
+
+    def take_resync(self) -> Optional[NeedsResync]:
+        rs, self.pending_resync = self.pending_resync, None
+        return rs
 
     def size(self) -> int:
         return len(self.plan["members"]) if self.plan is not None else 1
@@ -149,6 +165,8 @@ class StageLink:
             try:
                 fut.set_result(self._run(gen, epoch, fn, hello, state_fn))
             except BaseException as e:  # noqa: BLE001 - handed to the waiter
+                if isinstance(e, NeedsResync):
+                    self.pending_resync = e  # kept: the training thread may never wait on this job
                 if isinstance(e, (PeerFailure, FormationError)):
                     self.broken_gen = max(self.broken_gen, gen)
                     self._drop_group()

@@ -101,6 +101,7 @@ class Coordinator:
         self.cell_of = {r: c.index for c in self.cells.values() for r in c.replicas}
         self.stage_groups = self.diloco and self.R > 1
         self.stage_gen = {s: -1 for s in range(self.S)}
+        self._stage_trust_spent: Dict[int, bool] = {}
         self.stage_members: Dict[int, Dict[str, int]] = {s: {} for s in range(self.S)}
         self.ready: Dict[Slot, bool] = {}       # the holder has its state (may join its stage group)
         self.workers: Dict[str, WorkerInfo] = {}
@@ -331,8 +332,10 @@ class Coordinator:
             log.info("cell %d generation %d published (%d workers)", cell.index, cell.gen, len(plan["ranks"]))
 
     def _stage_plan(self, s: int) -> dict:
+        # The first generation of a fresh run needs no handshake (identical seeds, nothing synced).
+        trusted = self.stage_gen[s] == 0 and self.resume_from is None and not self._stage_trust_spent.get(s)
         return {"stage": s, "gen": self.stage_gen[s], "members": dict(self.stage_members[s]),
-                "layout_version": self.layout_version}
+                "layout_version": self.layout_version, "trusted": trusted}
 
     def _publish_stage(self, s: int) -> None:
         holders = self._stage_holders(s)

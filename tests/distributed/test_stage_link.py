@@ -42,7 +42,14 @@ connect = lambda: dist.TCPStore("127.0.0.1", port, is_master=False, timeout=time
                                 wait_for_workers=False, use_libuv=True)
 store = connect()
 def plan(gen, members):
-    return {"stage": 0, "gen": gen, "members": {f"w{r}": i for i, r in enumerate(members)}, "layout_version": 0}
+    return {"stage": 0, "gen": gen, "members": {f"w{r}": i for i, r in enumerate(members)}, "layout_version": 0,
+            "trusted": gen == 0}
+def settle():  # what a worker does between steps while a stage generation opens (its handshake)
+    deadline = time.monotonic() + 60
+    while link.member() and not (link.settled(link.gen) and link.pending_resync is None):
+        d.serve_idle()
+        assert time.monotonic() < deadline, "the stage generation never settled"
+        time.sleep(0.01)
 def barrier(name):
     store.add(name, 1)
     while int(store.add(name, 0)) < 3:
@@ -68,6 +75,7 @@ snap("gen0")
 barrier("b0")
 if rank < 2:
     link.update(plan(1, [0, 1]))
+    settle()
     for t in (3, 4):
         pre = {n: g.clone() for n, g in d.global_params().items()}
         loc = {n: p.detach().clone() for n, p in params.items()}
@@ -86,6 +94,7 @@ else:
     d.needs_state = True   # as an approximately rebuilt stage would be
 barrier("b1")
 link.update(plan(2, [0, 1, 2]))
+settle()
 for t in (5, 6):
     inner(t); d.after_inner_step(t)
 d.finish_all()
