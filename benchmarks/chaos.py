@@ -1,0 +1,211 @@
+"""Chaos: seeded random fault schedules against real jobs, checked against invariants read from what
+the run recorded, never from the code's own view.
+
+Each case is a real `python -m trainer` run in its own process session. Its schedule mixes, at random
+steps: SIGKILL / SIGSTOP / SIGTERM of slot holders, SIGCONT of whoever was stopped (a hung worker
+that wakes up after it was replaced), kills of waiting spares, faults fired right after a rebuild
+generation is published (while it forms), and SIGKILL / SIGSTOP of the coordinator. Grids: one
+replica of 4 stages, and 2 x 2 under Streaming DiLoCo.
+
+Invariants (each case):
+- the run completes (exit 0), or stops with a clear one-line reason when a loss is unrecoverable
+  (exit 3, "cannot" in the message): never a hang (bounded wall time), never exit 0 after a failure
+  it did not mend;
+- every step of every replica is committed exactly once (a duplicate commit record is kept and
+  marked, so it would show), on the batches of that replica's shard for that step;
+- a completed run's final validation loss is within 5 % of the failure-free run's (same config);
+- no process of the job outlives it.
+
+    python -m benchmarks.chaos --seeds 50 [--first 0]
+
+Prints one JSON line: cases run, passed, and every broken invariant with its seed and schedule.
+`tests/chaos/` runs a few seeds in the default test run; the rest under `-m slow`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+from benchmarks._runs import REPORT_DIR, ROOT, read_metrics
+
+GRIDS = {
+    "r1": ["parallel.replicas=1", "parallel.stages=4"],
+    "r2": ["parallel.replicas=2", "parallel.stages=2", "model.n_layers=4", "diloco.enabled=true",
+           "diloco.sync_every=4", "diloco.fragments=2", "diloco.quant=fp4"],
+}
+COMMON = ["experiment=quick", "train.eval_batches=1", "train.eval_every=0", "faults=none", "faults.spares=1",
+          "logger=quiet", "recovery.heartbeat_timeout_s=2.0", "recovery.progress_timeout_s=20",
+          "recovery.spare_wait_s=60"]
+STEPS = 16
+CASE_TIMEOUT_S = 300.0
+
+
+def schedule(seed: int) -> Dict:
+    """A seeded case: grid and fault list."""
+    rng = random.Random(seed)
+    grid = "r1" if seed % 2 == 0 else "r2"
+    R, S = (1, 4) if grid == "r1" else (2, 2)
+    events: List[dict] = []
+    stopped = False
+    for _ in range(rng.choice((2, 3, 3, 4))):
+        step = rng.randint(2, STEPS - 4)
+        roll = rng.random()
+        if roll < 0.12:
+            events.append({"step": step, "target": "coordinator", "kind": rng.choice(("kill", "kill", "stop"))})
+            continue
+        if roll < 0.2:
+            events.append({"step": step, "target": "spare", "kind": "kill"})
+            continue
+        if roll < 0.28 and stopped:
+            events.append({"step": step, "kind": "cont", "target": "stopped"})
+            continue
+        kind = rng.choice(("kill", "kill", "kill", "stop", "term"))
+        stopped = stopped or kind == "stop"
+        ev = {"step": step, "replica": rng.randrange(R), "stage": rng.randrange(S), "kind": kind}
+        if rng.random() < 0.3:
+            ev["on"] = "rebuild"
+            if rng.random() < 0.5:
+                ev["delay_s"] = round(rng.uniform(0.0, 0.8), 2)
+        events.append(ev)
+    return {"seed": seed, "grid": grid, "replicas": R, "stages": S, "events": sorted(events, key=lambda e: e["step"])}
+
+
+def _override(events: List[dict]) -> str:
+    items = []
+    for e in events:
+        items.append("{" + ", ".join(f"{k}: {v}" for k, v in e.items()) + "}")
+    return "faults.schedule=[" + ", ".join(items) + "]"
+
+
+def _session_alive(sid: int) -> List[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(pid))
+    return out
+
+
+def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict:
+    run_dir = os.path.join(out_dir, f"seed{case['seed']}")
+    cmd = [sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", *COMMON, *GRIDS[case["grid"]],
+           f"train.max_steps={STEPS}"]
+    if case["events"]:
+        cmd.append(_override(case["events"]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=CASE_TIMEOUT_S)
+        hung = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        hung = True
+    wall = time.monotonic() - t0
+    time.sleep(1.0)
+    leftover = _session_alive(proc.pid)
+    for pid in leftover:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    broken: List[str] = []
+    rc = proc.returncode
+    last = [l for l in err.splitlines() if l.strip()][-1:] or [""]
+    if hung:
+        broken.append(f"hung: no end within {CASE_TIMEOUT_S:.0f}s")
+    elif rc == 3:
+        if "cannot" not in err and "run stopped" not in err:
+            broken.append(f"stopped (exit 3) without a clear reason: {last[0][:200]}")
+    elif rc != 0:
+        broken.append(f"exit code {rc}: {last[0][:200]}")
+    if leftover:
+        broken.append(f"{len(leftover)} process(es) outlived the job")
+    commits, evals, events = read_metrics(run_dir)
+    broken += check_records(commits, case["replicas"], completed=(rc == 0 and not hung))
+    final = next((e["val_loss"] for e in evals if e.get("final")), None)
+    if rc == 0 and not hung:
+        if final is None:
+            broken.append("completed without a final validation loss")
+        elif baseline is not None and abs(final - baseline) > 0.05 * baseline:
+            broken.append(f"final val loss {final:.4f} is more than 5% from the failure-free {baseline:.4f}")
+    rebuilds = [ev for ev in events if ev.get("kind") == "rebuild"]
+    return {"seed": case["seed"], "grid": case["grid"], "events": case["events"], "rc": rc, "wall_s": round(wall, 1),
+            "final_val_loss": final, "rebuilds": [(r["tier"], r["slot"]) for r in rebuilds],
+            "broken": broken, "passed": not broken}
+
+
+def check_records(commits: List[dict], replicas: int, completed: bool) -> List[str]:
+    """Exactly once, on the right batches (observed: stage 0 reports the ids it consumed)."""
+    from trainer.data import DataConfig, ShardedBatches, load_tokens, prepare_corpus
+    broken = []
+    dup = [c for c in commits if c.get("duplicate")]
+    if dup:
+        broken.append(f"steps committed twice: {sorted({(c['replica'], c['step']) for c in dup})}")
+    corpus = prepare_corpus(DataConfig(max_files=300))
+    tokens = load_tokens(corpus.train_path, corpus.dtype)
+    for r in range(replicas):
+        steps = sorted(c["step"] for c in commits if c.get("replica") == r and not c.get("duplicate"))
+        if len(steps) != len(set(steps)):
+            broken.append(f"replica {r}: a step recorded twice")
+        top = max(steps) + 1 if steps else 0
+        want = STEPS if completed else top
+        if steps != list(range(want)):
+            missing = sorted(set(range(want)) - set(steps))
+            broken.append(f"replica {r}: steps missing {missing[:10]}")
+        data = ShardedBatches(tokens, 128, 16, r, replicas, 0)
+        wrong = [c["step"] for c in commits if c.get("replica") == r and c.get("batch_ids") != data.batch_ids(c["step"])]
+        if wrong:
+            broken.append(f"replica {r}: steps {wrong[:10]} trained on the wrong batches")
+    return broken
+
+
+def baselines(out_dir: str) -> Dict[str, float]:
+    out = {}
+    for grid in GRIDS:
+        res = run_case({"seed": f"baseline-{grid}", "grid": grid, "replicas": 1 if grid == "r1" else 2, "events": []},
+                       out_dir)
+        out[grid] = res["final_val_loss"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--first", type=int, default=0)
+    args = ap.parse_args(argv)
+    out_dir = os.path.join(REPORT_DIR, "chaos")
+    os.makedirs(out_dir, exist_ok=True)
+    base = baselines(out_dir)
+    cases = []
+    for seed in range(args.first, args.first + args.seeds):
+        case = schedule(seed)
+        res = run_case(case, out_dir, base[case["grid"]])
+        cases.append(res)
+        print(f"[chaos] seed {seed} {case['grid']} {'ok' if res['passed'] else 'BROKEN'} {res['wall_s']}s "
+              f"{res['broken']}", file=sys.stderr, flush=True)
+    failed = [c for c in cases if not c["passed"]]
+    print(json.dumps({"benchmark": "chaos", "cases": len(cases), "passed": len(cases) - len(failed),
+                      "baseline_val_loss": base, "broken": [{k: c[k] for k in ("seed", "grid", "events", "rc", "broken")}
+                                                           for c in failed],
+                      "wall_s": round(sum(c["wall_s"] for c in cases), 1)}))
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
