@@ -196,6 +196,12 @@ class Coordinator:
         st.set("boot", self.boot)
         for r, k in self.committed.items():
             P.put_json(st, f"committed/{r}", {"step": k, "total": self.totals.get(r)})
+            # Every step up to this one is in metrics.jsonl: workers replay their commit records
+            # after it (the store's committed/<r> moves on as soon as a root commits again).
+            prefix = -1
+            while prefix + 1 in self.recorded[r]:
+                prefix += 1
+            P.put_json(st, f"recorded/{r}", {"step": prefix})
         for c in self.cells.values():
             if c.plan is not None:
                 P.put_json(st, f"cell/{c.index}", c.plan)
@@ -357,18 +363,17 @@ class Coordinator:
                 cell.needs_plan = False
                 self._replan_cell(cell, why="waited for every lost slot to have a holder")
         lost_cells = [c for c in self.cells.values() if c.lost]
+        # What the waiting slots lack, counted every loop (a launcher starts that many workers).
+        self._set_spares_needed(max(0, sum(len(c.lost) for c in lost_cells) - len(spares)))
         if not lost_cells:
-            self._set_spares_needed(0)
             return
         now = time.monotonic()
-        deficit = 0
         # Oldest losses first: a cell is re-planned when every one of its lost slots has a spare.
         for cell in sorted(lost_cells, key=lambda c: min(v["detected_mono"] for v in c.lost.values())):
             if now - min(v["detected_mono"] for v in cell.lost.values()) < self.settle_s:
                 continue
             lost = sorted(cell.lost)
             if len(spares) < len(lost):
-                deficit += len(lost) - len(spares)
                 self._wait_for_spares(cell, lost, len(spares))
                 continue
             cell.waiting_since = None
@@ -388,6 +393,7 @@ class Coordinator:
             self._replan_cell(cell, leavers)
             if self.error:
                 return
+            self._set_spares_needed(max(0, sum(len(c.lost) for c in self.cells.values()) - len(spares)))
             if self.global_generations:  # the comparison design: everyone starts a new generation
                 for other in self.cells.values():
                     if other is not cell and not other.lost:
@@ -395,7 +401,6 @@ class Coordinator:
                 if self.stage_groups:
                     for s in range(self.S):
                         self._publish_stage(s)
-        self._set_spares_needed(deficit)
 
     def _replan_cell(self, cell: Cell, leavers: Optional[List[str]] = None, why: str = "") -> None:
         """Publish the cell's next generation. Every slot whose holder does not yet hold its state

@@ -85,6 +85,7 @@ class LocalLauncher:
         self.restarts = 0               # coordinator restarts after it was killed
         self.exited: set = set()        # workers whose exit was reported
         self.rebuilt_seen = 0
+        self._lacking_since: Optional[float] = None
         self.n_workers = 0
         self.events = fault_events(job) + [dict(e) for e in job.faults.coordinator_schedule]
         self.injected: List[dict] = []
@@ -244,8 +245,18 @@ class LocalLauncher:
         needed = int(self.control.call(lambda s: s.get("spares_needed").decode()) or 0) \
             if self.control.check("spares_needed") else 0
         joining = [w for w, p in self.procs.items() if p.poll() is None and not self.control.check(f"ack/{w}")]
-        for _ in range(max(0, needed - len(joining) - sum(n for _, n in self.joins))):
-            self.start_worker()
+        lacking = max(0, needed - len(joining) - sum(n for _, n in self.joins))
+        # Act on a shortfall that lasts (0.25 s): a worker that just joined is free to the
+        # coordinator a loop later than its acknowledgement is visible here.
+        now = time.monotonic()
+        if lacking == 0:
+            self._lacking_since = None
+        elif self._lacking_since is None:
+            self._lacking_since = now
+        elif now - self._lacking_since > 0.25:
+            self._lacking_since = None
+            for _ in range(lacking):
+                self.start_worker()
 
     def _slots(self) -> Dict[str, str]:
         return self.control.get_json_or("slots", {}) or {}

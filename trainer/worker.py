@@ -261,7 +261,7 @@ class Worker:
             self.watcher.cell_abort.set()
             return
         if self.slot is not None:
-            known = (c.get_json_or(f"committed/{self.slot[0]}") or {}).get("step", -1)
+            known = (c.get_json_or(f"recorded/{self.slot[0]}") or {}).get("step", -1)
             with self.recent_lock:
                 replay = [r for r in self.recent if r["step"] > known]
             for r in replay:
