@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
 from . import protocol as P
+from .auth import Auth, Forged
 from .placement import place, rebalance_layout, recoverability_report
 from .records import dumps_strict
 from .tiers import Unrecoverable, plan_rebuilds
@@ -154,6 +155,7 @@ class Coordinator:
         self.t0 = time.time()
         self.tokens = 0
         self.incarnation = 0
+        self.run_id: Optional[str] = None
         self.store = P.connect(host, port, is_master=True, timeout_s=rec["init_timeout_s"])
         os.makedirs(run_dir, exist_ok=True)
         if restore:
@@ -164,8 +166,17 @@ class Coordinator:
                 self.latest_checkpoint = k if len(set(self.resume_from.values())) == 1 else None
         self.incarnation += 1
         self.boot = f"{uuid.uuid4().hex[:8]}-{self.incarnation}"
+        if not token:
+            raise ValueError("a run always has a token: give the coordinator one (KINTSUGI_TOKEN)")
+        self.run_id = self.run_id or uuid.uuid4().hex
+        self.auth = Auth(token, self.run_id, self.boot)
+        self.refused_joins, self._last_refusal, self._refused_ids = 0, 0.0, set()
+        self.store.set("run_id", self.run_id)
+        self.store.set("boot", self.auth.seal("boot", {"boot": self.boot}, with_boot=False))
         self._fill_store()
-        self.readers = {name: P.LogReader(self.store, name) for name in LOGS}
+        self.readers = {name: P.LogReader(self.store, name, auth=self.auth,
+                                          on_forged=self._on_forged_join if name == "join" else None)
+                        for name in LOGS}
         self.metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         self.bar = None
         if progress:
@@ -189,36 +200,38 @@ class Coordinator:
     def _fill_store(self) -> None:
         """Everything a worker reads: on a restart the store is new and empty."""
         st = self.store
-        P.put_json(st, "job", self.job)
+        P.put_json(st, "job", self.job, auth=self.auth)
         if self.corpus is not None:
-            P.put_json(st, "corpus", self.corpus)
-        st.set("run_dir", os.path.abspath(self.run_dir))
-        st.set("boot", self.boot)
+            P.put_json(st, "corpus", self.corpus, auth=self.auth)
+        P.put_json(st, "run_dir", os.path.abspath(self.run_dir), auth=self.auth)
         for r, k in self.committed.items():
-            P.put_json(st, f"committed/{r}", {"step": k, "total": self.totals.get(r)})
+            P.put_json(st, f"committed/{r}", {"step": k, "total": self.totals.get(r)}, auth=self.auth)
             # Every step up to this one is in metrics.jsonl: workers replay their commit records
             # after it (the store's committed/<r> moves on as soon as a root commits again).
             prefix = -1
             while prefix + 1 in self.recorded[r]:
                 prefix += 1
-            P.put_json(st, f"recorded/{r}", {"step": prefix})
+            P.put_json(st, f"recorded/{r}", {"step": prefix}, auth=self.auth)
         for c in self.cells.values():
             if c.plan is not None:
-                P.put_json(st, f"cell/{c.index}", c.plan)
+                P.put_json(st, f"cell/{c.index}", c.plan, auth=self.auth)
         for s in range(self.S):
             if self.stage_gen[s] >= 0:
-                P.put_json(st, f"stage/{s}", self._stage_plan(s))
+                P.put_json(st, f"stage/{s}", self._stage_plan(s), auth=self.auth)
         for w in self.workers.values():
-            st.set(f"hb/{w.wid}", json.dumps({"n": -1}))
+            P.put_json(st, f"hb/{w.wid}", {"n": -1}, auth=self.auth)
             if w.slot is not None and w.state == "active":
-                P.put_json(st, f"role/{w.wid}", {"cell": self.cell_of[w.slot[0]]})
-        P.put_json(st, "slots", {P.slot_key(k): v for k, v in self.slots.items()})
+                P.put_json(st, f"role/{w.wid}", {"cell": self.cell_of[w.slot[0]]}, auth=self.auth)
+        P.put_json(st, "slots", {P.slot_key(k): v for k, v in self.slots.items()}, auth=self.auth)
         if self.started:
-            st.set("started", "1")
-        st.add("rebuilt_slots", self.rebuilt_slots)
-        st.add("rebuild_plans", self.rebuild_plans)
-        st.set("spares_needed", str(self.spares_needed))
+            P.put_json(st, "started", True, auth=self.auth)
+        self._put_counters()
         st.add("version", self.version + 1)
+
+    def _put_counters(self) -> None:
+        """What launchers act on, sealed: a forged count must not make them start processes."""
+        P.put_json(self.store, "counters", {"rebuilt_slots": self.rebuilt_slots, "rebuild_plans": self.rebuild_plans,
+                                            "spares_needed": self.spares_needed}, auth=self.auth)
 
     def _bump(self) -> None:
         self.version = int(self.store.add("version", 1))
@@ -227,32 +240,44 @@ class Coordinator:
     # --- membership -------------------------------------------------------------------------------
     def _on_join(self, req: dict) -> None:
         wid = str(req["wid"])
-        if self.token and req.get("token") != self.token:
-            log.warning("refused join from %s (pid %s on %s): wrong or missing token", wid, req.get("pid"),
-                        req.get("host"))
-            self.store.set(f"ack/{wid}", "refused")
-            self._event({"kind": "join_refused", "wid": wid, "host": req.get("host")})
-            return
+        if wid in self.workers:
+            return  # a replayed join (or a worker id used twice): the first one holds
         self.workers[wid] = WorkerInfo(wid, int(req["pid"]), str(req["host"]), str(req.get("machine", req["host"])))
-        self.store.set(f"hb/{wid}", json.dumps({"n": -1}))
-        self.store.set(f"ack/{wid}", "ok")
+        P.put_json(self.store, f"hb/{wid}", {"n": -1}, auth=self.auth)
+        P.put_json(self.store, f"ack/{wid}", "ok", auth=self.auth)
         self._dirty = True
         log.info("worker %s joined (pid %s on %s)", wid, req["pid"], req["host"])
+
+    def _on_forged_join(self, raw) -> None:
+        """A join whose seal does not verify: a worker with a wrong or missing token (or anyone).
+        It gets a refusal it can read as one (it cannot verify it either), once per claimed id and
+        at most a few per second; the log line is rate-limited the same way."""
+        self.refused_joins += 1
+        try:
+            claimed = str(json.loads(json.loads(bytes(raw).decode())["b"]).get("wid", "?"))[:80]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            claimed = "?"
+        now = time.monotonic()
+        if now - self._last_refusal < 0.2 or claimed in self._refused_ids:
+            return
+        self._last_refusal = now
+        if len(self._refused_ids) < 1000:
+            self._refused_ids.add(claimed)
+            self.store.set(f"ack/{claimed}", "refused")
+        log.warning("refused join from %s: its record does not verify with the run's token (wrong or missing "
+                    "KINTSUGI_TOKEN); %d refused so far", claimed, self.refused_joins)
 
     def _on_rejoin(self, req: dict) -> None:
         """A worker re-registers with a restarted coordinator."""
         wid = str(req["wid"])
-        if self.token and req.get("token") != self.token:
-            log.warning("refused re-registration from %s: wrong or missing token", wid)
-            return
         w = self.workers.get(wid)
         if w is None or w.state in ("dead", "left"):
             log.warning("worker %s re-registered but is not a member (%s); it is told to stop", wid,
                         "unknown" if w is None else w.state)
-            self.store.set(f"ack/{wid}", "refused")
+            P.put_json(self.store, f"ack/{wid}", "refused", auth=self.auth)
             return
         w.hb_changed = time.monotonic()
-        self.store.set(f"ack/{wid}", "ok")
+        P.put_json(self.store, f"ack/{wid}", "ok", auth=self.auth)
         log.info("worker %s re-registered (slot %s, step %s)", wid, req.get("slot"), req.get("step_done"))
 
     def _declare_dead(self, wid: str, why: str, handed_off: bool = False) -> None:
@@ -267,7 +292,7 @@ class Coordinator:
             slot = w.slot
             if not handed_off:
                 self.failures += 1
-            injected = P.get_json_or(self.store, f"injected/{wid}")
+            injected = P.get_json_or(self.store, f"injected/{wid}", auth=self.auth)
             failed_at = injected["t"] if injected else (time.time() if handed_off else
                                                          time.time() - (time.monotonic() - w.hb_changed))
             cell = self.cells[self.cell_of[slot[0]]]
@@ -295,8 +320,11 @@ class Coordinator:
             return
         for w, raw in zip(live, values):
             try:
-                status = json.loads(bytes(raw).decode())
+                status = self.auth.open(f"hb/{w.wid}", raw)
                 n = int(status.get("n", -1))
+            except Forged as e:  # a forged beat never keeps a dead worker alive
+                self.auth.dropped(e)
+                n = w.hb
             except (ValueError, AttributeError, TypeError):
                 continue
             if n != w.hb:
@@ -324,12 +352,13 @@ class Coordinator:
         plan = self._cell_plan(cell, rebuild, leavers, rollback, prev_layout)
         cell.plan, cell.since = plan, time.monotonic()
         for wid in plan["slots"].values():
-            P.put_json(self.store, f"role/{wid}", {"cell": cell.index})
-        P.put_json(self.store, f"cell/{cell.index}", plan)
-        P.put_json(self.store, "slots", {P.slot_key(k): v for k, v in self.slots.items()})
+            P.put_json(self.store, f"role/{wid}", {"cell": cell.index}, auth=self.auth)
+        P.put_json(self.store, f"cell/{cell.index}", plan, auth=self.auth)
+        P.put_json(self.store, "slots", {P.slot_key(k): v for k, v in self.slots.items()}, auth=self.auth)
         self.publications += 1
         if rebuild:
-            self.rebuild_plans = int(self.store.add("rebuild_plans", 1))
+            self.rebuild_plans += 1
+            self._put_counters()
         self._bump()
         if rebuild:
             log.warning("cell %d generation %d: rebuilding %s", cell.index, cell.gen,
@@ -347,7 +376,7 @@ class Coordinator:
         holders = self._stage_holders(s)
         self.stage_members[s] = {wid: i for i, (_, wid) in enumerate(holders)}
         self.stage_gen[s] += 1
-        P.put_json(self.store, f"stage/{s}", self._stage_plan(s))
+        P.put_json(self.store, f"stage/{s}", self._stage_plan(s), auth=self.auth)
         self._bump()
         log.info("stage %d generation %d: replicas %s", s, self.stage_gen[s], [r for r, _ in holders])
 
@@ -384,7 +413,8 @@ class Coordinator:
                 w = pool[where[slot]].pop(0)
                 spares.remove(w)
                 self._assign(slot, w)
-            self.rebuilt_slots = int(self.store.add("rebuilt_slots", len(lost)))
+            self.rebuilt_slots += len(lost)
+            self._put_counters()
             leavers = [v["leaver"] for v in cell.lost.values() if v["leaver"]]
             cell.rebuilding.update(cell.lost)
             cell.lost.clear()
@@ -433,7 +463,8 @@ class Coordinator:
                 entry.update(donor=donor, xfer=f"xfer/{self.boot}/{cell.index}/{cell.gen + 1}/{slot[1]}")
                 P.append(self.store, f"mail/{donor}", {"kind": "donate", "xfer": entry["xfer"],
                                                        "target": self.slots[slot], "slot": list(slot),
-                                                       "source": list(plan.sources[0]), "gen": cell.gen + 1})
+                                                       "source": list(plan.sources[0]), "gen": cell.gen + 1},
+                         auth=self.auth)
             if plan.tier not in ("handoff", "peer"):
                 self.unsettled[slot] = self.committed[slot[0]] + 1
             rebuild[P.slot_key(slot)] = entry
@@ -483,11 +514,11 @@ class Coordinator:
                                      xfer=f"xfer/{self.boot}/resume/{slot[0]}/{slot[1]}")
                         P.append(self.store, f"mail/{entry['donor']}",
                                  {"kind": "donate", "xfer": entry["xfer"], "target": self.slots[slot],
-                                  "slot": list(slot), "source": list(p.sources[0])})
+                                  "slot": list(slot), "source": list(p.sources[0])}, auth=self.auth)
                     rebuild_at_resume[P.slot_key(slot)] = entry
             for r, k in self.resume_from.items():
                 self.totals.pop(r, None)
-                P.put_json(self.store, f"committed/{r}", {"step": k, "total": None})
+                P.put_json(self.store, f"committed/{r}", {"step": k, "total": None}, auth=self.auth)
         for slot in slots:
             self.ready[slot] = P.slot_key(slot) not in rebuild_at_resume
             if not self.ready[slot]:
@@ -502,7 +533,7 @@ class Coordinator:
             for s in range(self.S):
                 self._publish_stage(s)
         self.started = True
-        self.store.set("started", "1")
+        P.put_json(self.store, "started", True, auth=self.auth)
 
     def _global_rollback(self) -> None:
         """The checkpoint tier: every slot of every replica restores the last complete checkpoint,
@@ -515,7 +546,7 @@ class Coordinator:
         for r in range(self.R):
             self.committed[r] = k
             self.totals.pop(r, None)
-            P.put_json(self.store, f"committed/{r}", {"step": k, "total": None})
+            P.put_json(self.store, f"committed/{r}", {"step": k, "total": None}, auth=self.auth)
         for cell in self.cells.values():
             rebuild = {P.slot_key(slot): {"tier": "checkpoint", "sources": [], "detected_at": v["detected_at"],
                                           "failed_at": v["failed_at"], "step": k + 1, "leaver": None}
@@ -546,7 +577,7 @@ class Coordinator:
     def _set_spares_needed(self, n: int) -> None:
         if n != self.spares_needed:
             self.spares_needed = n
-            self.store.set("spares_needed", str(n))
+            self._put_counters()
             self._dirty = True
 
     def _stage_holders(self, s: int) -> List[Tuple[int, str]]:
@@ -673,7 +704,7 @@ class Coordinator:
                 json.dump({"layers_per_stage": self.layout}, f)
         self.suspend_lost = sorted(lost or [])
         P.put_json(self.store, "suspend", {"holders": {P.slot_key(k): v for k, v in holders.items()},
-                                           "lost": [list(s) for s in self.suspend_lost]})
+                                           "lost": [list(s) for s in self.suspend_lost]}, auth=self.auth)
         self.suspend_holders = holders
         self.suspend_gen = self.publications
         self._bump()
@@ -887,7 +918,7 @@ class Coordinator:
         total: Dict[str, int] = {}
         for wid in self.workers:
             try:
-                got = P.get_json_or(self.store, f"bytes/{wid}", {}) or {}
+                got = P.get_json_or(self.store, f"bytes/{wid}", {}, auth=self.auth) or {}
             except (RuntimeError, ValueError):
                 got = {}
             for ch, n in got.items():
@@ -903,6 +934,7 @@ class Coordinator:
         self._dirty = False
         state = {
             "incarnation": self.incarnation, "version": self.version, "started": self.started, "port": self.port,
+            "run_id": self.run_id,
             "t0": self.t0, "workers": {w.wid: dict(asdict(w), hb_changed=None, slot=list(w.slot) if w.slot else None)
                                        for w in self.workers.values()},
             "slots": {P.slot_key(k): v for k, v in self.slots.items()},
@@ -950,6 +982,7 @@ class Coordinator:
         with open(path) as f:
             st = json.load(f)
         self.incarnation, self.version, self.started = st["incarnation"], st["version"], st["started"]
+        self.run_id = st.get("run_id")
         self.t0 = st["t0"]
         for wid, w in st["workers"].items():
             info = WorkerInfo(wid, w["pid"], w["host"], w["machine"], state=w["state"],
@@ -1008,7 +1041,7 @@ class Coordinator:
         try:
             while True:
                 if self.corpus is None and self.store.check(["corpus"]):  # a launcher put it: keep it
-                    self.corpus = P.get_json(self.store, "corpus")
+                    self.corpus = P.get_json_or(self.store, "corpus", auth=self.auth)
                     self._dirty = True
                 self._drain_logs()
                 if self.started and self.suspend_gen is None:
@@ -1045,7 +1078,7 @@ class Coordinator:
         if not clean and self.error is None:
             self.error = "the coordinator failed; see its log"
         try:
-            self.store.set("shutdown", self.error or "ok")
+            P.put_json(self.store, "shutdown", {"reason": self.error or "ok"}, auth=self.auth)
             self.store.add("version", 1)
         except RuntimeError:
             pass
@@ -1061,7 +1094,8 @@ class Coordinator:
                                if self.suspend_gen is not None else None),
                  "suspend_lost": [list(s) for s in self.suspend_lost] or None,
                  "write_error": getattr(self, "_write_error", None),
-                 "checkpoint_errors": self.checkpoint_errors or None}
+                 "checkpoint_errors": self.checkpoint_errors or None,
+                 "refused_joins": self.refused_joins, "forged_records_dropped": self.auth.dropped_count}
         if self.tracker is not None:
             try:
                 self.tracker.finish(state)

@@ -3,6 +3,7 @@
 Every exchange between the coordinator and the workers goes through these keys, so the protocol
 can be read in one place:
 
+  run_id                    the run's id (plain): with the token it keys every seal (recovery.auth)
   job, corpus, run_dir      the job config (JSON), its token cache, the run directory
   boot                      this coordinator incarnation's id: a new one means it was restarted
   version                   bumped after every publication below: watchers poll only this key
@@ -19,6 +20,8 @@ can be read in one place:
   slots                     {"r,s": wid} for every held slot (launchers, fault injection, tests)
   suspend                   a suspend plan: every holder saves its committed state and stops
   committed/<r>             the last committed step of replica r (and its commit vector)
+  recorded/<r>              the steps of replica r a restarted coordinator already holds (replays start after)
+  counters                  rebuilt slots, rebuild generations, spares the waiting slots lack
   mail/<wid>/<i>            requests to one worker (donate a peer snapshot)
   suspect/<i>               log of "peer X failed" reports, tagged with the reporter's generation
   fault/<i>                 log of failed formations and generation errors (re-planned)
@@ -28,8 +31,11 @@ can be read in one place:
   commit/<i>, eval/<i>      committed steps and validation losses
   event/<i>, ckpt/<i>       events for the run record, written checkpoints
   suspended/<i>             slots saved by a suspend
-  spares_needed             workers the waiting slots still lack (a launcher starts them)
   shutdown                  the coordinator ends the run
+
+Every value but `run_id`, `version` and the logs' `n` counters is a sealed record (recovery.auth):
+an HMAC keyed from the token over the key (or log name and index) and the incarnation. Readers drop
+what does not verify. Counters only say "look again"; nothing trusts them for content.
 """
 from __future__ import annotations
 
@@ -46,13 +52,30 @@ from typing import Any, Callable, Deque, List, Optional, Tuple
 
 import torch.distributed as dist
 
+from .auth import Auth, Forged
+
 log = logging.getLogger(__name__)
 TOKEN_ENV = "KINTSUGI_TOKEN"
 
 
+_LISTENING: List[socket.socket] = []
+
+
 def connect(host: str, port: int, timeout_s: float = 60.0, is_master: bool = False) -> dist.TCPStore:
-    return dist.TCPStore(host, port, is_master=is_master, timeout=timedelta(seconds=timeout_s),
-                         wait_for_workers=False, multi_tenant=False, use_libuv=True)
+    """A store client, or (is_master) the server: it listens on `host` only. TCPStore itself binds
+    every interface whatever host it is given, so the server gets a socket bound here."""
+    if not is_master:
+        return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s),
+                             wait_for_workers=False, multi_tenant=False, use_libuv=True)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    store = dist.TCPStore(host, port, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
+                          multi_tenant=False, use_libuv=True, master_listen_fd=sock.fileno())
+    _LISTENING.append(sock)  # the store serves on this socket: keep it (and its descriptor) open
+    return store
 
 
 def parse_addr(addr: str):
@@ -78,41 +101,77 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def put_json(store, key: str, obj: Any) -> None:
-    store.set(key, json.dumps(obj))
+def put_json(store, key: str, obj: Any, auth: Optional[Auth] = None) -> None:
+    store.set(key, auth.seal(key, obj) if auth is not None else json.dumps(obj))
 
 
-def get_json(store, key: str) -> Any:
-    return json.loads(store.get(key).decode())
+def get_json(store, key: str, auth: Optional[Auth] = None) -> Any:
+    raw = store.get(key)
+    return auth.open(key, raw) if auth is not None else json.loads(raw.decode())
 
 
 def has(store, key: str) -> bool:
     return store.check([key])
 
 
-def get_json_or(store, key: str, default: Any = None) -> Any:
-    return get_json(store, key) if store.check([key]) else default
+def get_json_or(store, key: str, default: Any = None, auth: Optional[Auth] = None) -> Any:
+    """The verified value, or `default` when the key is missing or its seal does not verify."""
+    if not store.check([key]):
+        return default
+    try:
+        return get_json(store, key, auth)
+    except Forged as e:
+        auth.dropped(e)
+        return default
+    except ValueError:
+        log.warning("dropped a malformed value at %s", key)
+        return default
 
 
 def counter(store, key: str) -> int:
     return int(store.add(key, 0))
 
 
-def append(store, log_name: str, obj: Any) -> int:
-    """Append to a multi-writer log kept as `<log>/n` (a counter) + `<log>/<i>` entries."""
+def append(store, log_name: str, obj: Any, auth: Optional[Auth] = None) -> int:
+    """Append to a multi-writer log kept as `<log>/n` (a counter) + `<log>/<i>` entries; a sealed
+    entry is sealed with its index, so it is worthless anywhere else."""
     i = int(store.add(f"{log_name}/n", 1))
-    put_json(store, f"{log_name}/{i}", obj)
+    store.set(f"{log_name}/{i}", auth.seal(f"{log_name}#{i}", obj) if auth is not None else json.dumps(obj))
     return i
 
 
 class LogReader:
-    """Reads a log written by `append` in order. A writer that reserved an index and died before
-    writing it leaves a hole; holes are skipped after `hole_timeout_s` so the reader never blocks."""
+    """Reads a log written by `append` in order, dropping entries that do not verify (and, with
+    `on_forged`, showing them to the caller unverified: the coordinator answers a join with a wrong
+    token). Entries are deleted once read, so the store does not grow with the run.
 
-    def __init__(self, store, log_name: str, hole_timeout_s: float = 5.0, start: int = 1):
+    Holes: a writer that reserved an index and died before writing leaves one; it is skipped after
+    `hole_timeout_s`. A counter bumped far ahead (by someone without the token) would leave millions:
+    after the timeout the reader jumps to the lowest entry that exists near the counter."""
+
+    MAX_SCAN = 1024
+
+    def __init__(self, store, log_name: str, hole_timeout_s: float = 5.0, start: int = 1,
+                 auth: Optional[Auth] = None, on_forged=None, delete: bool = True):
         self.store, self.log, self.hole_timeout_s = store, log_name, hole_timeout_s
+        self.auth, self.on_forged, self.delete = auth, on_forged, delete
         self.next = start
         self._hole_since: Optional[float] = None
+
+    def _read(self, i: int):
+        key = f"{self.log}/{i}"
+        raw = self.store.get(key)
+        if self.delete:
+            self.store.delete_key(key)
+        if self.auth is None:
+            return json.loads(raw.decode())
+        try:
+            return self.auth.open(f"{self.log}#{i}", raw)
+        except Forged as e:
+            self.auth.dropped(e)
+            if self.on_forged is not None:
+                self.on_forged(raw)
+            return None
 
     def poll(self):
         out = []
@@ -121,7 +180,9 @@ class LogReader:
             key = f"{self.log}/{self.next}"
             if self.store.check([key]):
                 try:
-                    out.append(get_json(self.store, key))
+                    rec = self._read(self.next)
+                    if rec is not None:
+                        out.append(rec)
                 except ValueError:
                     log.warning("dropped a malformed record %s", key)
                 self.next += 1
@@ -132,9 +193,26 @@ class LogReader:
                 self._hole_since = now
             if now - self._hole_since < self.hole_timeout_s:
                 break
-            self.next += 1  # the writer died between reserving and writing
             self._hole_since = None
+            self.next = self._after_hole(n)
         return out
+
+    def _after_hole(self, n: int) -> int:
+        """The index to read next after a hole timed out: the next one that exists, found without
+        scanning more than MAX_SCAN keys whatever the counter says."""
+        for i in range(self.next + 1, min(n, self.next + self.MAX_SCAN) + 1):
+            if self.store.check([f"{self.log}/{i}"]):
+                return i
+        if n - self.next <= self.MAX_SCAN:
+            return n + 1
+        lowest = n + 1  # a counter bumped far ahead: the entries written since sit just below n
+        for i in range(n, max(self.next, n - self.MAX_SCAN), -1):
+            if self.store.check([f"{self.log}/{i}"]):
+                lowest = i
+            else:
+                break
+        log.warning("log %s: skipped %d missing entries (its counter jumped ahead)", self.log, lowest - self.next)
+        return lowest
 
 
 class CoordinatorAway(RuntimeError):
@@ -151,19 +229,35 @@ class Control:
     in `on_new_boot` run (re-register, replay what it may have missed) before the queued records
     are written."""
 
-    def __init__(self, host: str, port: int, timeout_s: float = 60.0, store=None):
+    def __init__(self, host: str, port: int, timeout_s: float = 60.0, store=None, token: Optional[str] = None):
         self.host, self.port, self.timeout_s = host, port, timeout_s
         self._lock = threading.RLock()
         self.store = store if store is not None else connect(host, port, timeout_s)
+        self.token = token
+        self.auth: Optional[Auth] = None
         self.boot = self._read_boot()
         self.away_since: Optional[float] = None
         self.outbox: Deque[Tuple[str, Any]] = collections.deque(maxlen=100_000)
         self.on_new_boot: List[Callable[[], None]] = []
 
-    def _read_boot(self) -> Optional[str]:
+    def _read_boot(self, store=None) -> Optional[str]:
+        """The coordinator's incarnation, verified: with a token, the keys every seal uses."""
+        store = store if store is not None else self.store
         try:
-            return self.store.get("boot").decode() if self.store.check(["boot"]) else None
-        except Exception:  # noqa: BLE001
+            if not store.check(["boot"]):
+                return None
+            if self.token is None:
+                return json.loads(store.get("boot").decode()).get("b")
+            run_id = store.get("run_id").decode()
+            auth = Auth(self.token, run_id)
+            boot = auth.open("boot", store.get("boot"), with_boot=False)["boot"]
+            auth.boot = boot
+            self.auth = auth
+            return boot
+        except Forged as e:
+            raise Forged(f"the coordinator's identity does not verify with this token ({e}); set KINTSUGI_TOKEN "
+                         "to the run's token") from None
+        except Exception:  # noqa: BLE001 - not there yet
             return None
 
     @property
@@ -188,16 +282,19 @@ class Control:
 
     # --- conveniences ---------------------------------------------------------------------------
     def get_json(self, key: str) -> Any:
-        return self.call(get_json, key)
+        return self.call(get_json, key, self.auth)
 
     def get_json_or(self, key: str, default: Any = None) -> Any:
-        return self.call(get_json_or, key, default)
+        return self.call(get_json_or, key, default, self.auth)
 
     def put_json(self, key: str, obj: Any) -> None:
-        self.call(put_json, key, obj)
+        self.call(put_json, key, obj, self.auth)
 
     def append(self, log_name: str, obj: Any) -> int:
-        return self.call(append, log_name, obj)
+        return self.call(append, log_name, obj, self.auth)
+
+    def reader(self, log_name: str, **kw) -> "LogReader":
+        return LogReader(self.store, log_name, auth=self.auth, **kw)
 
     def append_later(self, log_name: str, obj: Any) -> None:
         """Append now, or when the coordinator is back (records keep their order)."""
@@ -223,7 +320,7 @@ class Control:
             store = connect(self.host, self.port, timeout_s=min(self.timeout_s, 5.0))
             if not store.check(["job"]):
                 return False  # a restarted coordinator still filling its store
-            boot = store.get("boot").decode() if store.check(["boot"]) else None
+            boot = self._read_boot(store)
         except Exception:  # noqa: BLE001 - not back yet
             return False
         with self._lock:
@@ -246,6 +343,19 @@ class Control:
             except CoordinatorAway:
                 return
             self.outbox.popleft()
+
+
+def open_control(host: str, port: int, token: str, timeout_s: float = 120, store=None) -> Control:
+    """A connection whose seals verify with `token`, once the coordinator published its identity;
+    Forged if that identity does not verify with this token."""
+    control = Control(host, port, timeout_s, store=store, token=token)
+    deadline = time.monotonic() + timeout_s
+    while control.auth is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the coordinator at {host}:{port} never published its identity")
+        time.sleep(0.05)
+        control.boot = control._read_boot()
+    return control
 
 
 def die_with_parent() -> None:

@@ -265,6 +265,9 @@ class AsyncCheckpointer:
         if keep < 0:
             raise ValueError(f"recovery.keep_checkpoints={keep} must be >= 0 (0 keeps all)")
         self.store, self.run_dir, self.every, self.keep = store, run_dir, every, keep
+        # `store`: where a complete checkpoint is announced (the coordinator's `ckpt` log): a store,
+        # or a callable taking the record (a worker's authenticated connection).
+        self.notify = store if callable(store) else (lambda rec: P.append(store, "ckpt", rec))
         self.on_error = on_error or _log_error
         self.slots = [(r, s) for r in range(grid[0]) for s in range(grid[1])] if grid else None
         self.last_error: Optional[Tuple[int, BaseException]] = None
@@ -286,7 +289,7 @@ class AsyncCheckpointer:
                 self.on_error(step, e)
                 return
             try:
-                P.append(self.store, "ckpt", {"slot": list(slot), "step": step})
+                self.notify({"slot": list(slot), "step": step})
             except Exception:  # noqa: BLE001 - the run may be ending; the checkpoint is still there
                 pass
 

@@ -59,6 +59,30 @@ def resume_state(run_dir: str, job: dict):
     return points, missing, layout, None
 
 
+def _new_token_shown_once(run_dir: str, host: str, port: int) -> str:
+    """A run always has a token. None was given: make one and show it once, with how to join, on the
+    terminal only (a log file is no place for it); it is also written to RUN_DIR/.token (mode 0600)
+    for the launcher's own nodes and for a restarted coordinator."""
+    from recovery.auth import new_token
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, ".token")
+    if os.path.exists(path):  # a restart (--resume) keeps the run's token
+        with open(path) as f:
+            return f.read().strip()
+    token = new_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    join = f"KINTSUGI_TOKEN=<token> kintsugi join --coordinator {socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
+    if sys.stderr.isatty():
+        print(f"kintsugi coordinator: no token given; this run's token is {token}\n  workers join with: "
+              f"{join.replace('<token>', token)}", file=sys.stderr)
+    else:
+        log.warning("no token given: generated one, readable only by this user in %s; workers join with %s",
+                    path, join)
+    return token
+
+
 def _suspend_record(run_dir: str):
     path = os.path.join(run_dir, "coordinator_state.json")
     if not os.path.exists(path):
@@ -77,7 +101,9 @@ def main(argv=None) -> int:
         "on a stable host for torchrun nodes and `kintsugi join`, start it with the job's Hydra overrides: "
         "kintsugi coordinator --port 29400 --run-dir outputs/run1 -- experiment=quick parallel.stages=4")
     ap.add_argument("--port", type=int, default=None, help="required, except with --resume (the port it had)")
-    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="the interface the store listens on (only that one): 127.0.0.1 by default; a "
+                    "machine's address (or 0.0.0.0) for workers on other machines")
     ap.add_argument("--run-dir", default=None, help="required, except with --resume RUN_DIR")
     ap.add_argument("--job", default=None, help="job config JSON written by a launcher (or a run's job.json); "
                     "without it the job is composed from the overrides and the corpus prepared here")
@@ -133,6 +159,8 @@ def main(argv=None) -> int:
             return 2
         progress = not args.no_progress and job["logger"]["progress"]
     token = P.resolve_token(job["recovery"].get("token", ""))
+    if not token:
+        token = _new_token_shown_once(args.run_dir, args.host, args.port)
     # Anyone who reaches the store can read `job`: the token stays out of it (and out of job.json).
     job = dict(job, recovery=dict(job["recovery"], token=""))
     if not job_path:

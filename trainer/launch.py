@@ -27,6 +27,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from recovery import protocol as P
+from recovery.auth import new_token
 
 from .config import JobConfig
 
@@ -89,7 +90,9 @@ class LocalLauncher:
         self.n_workers = 0
         self.events = fault_events(job) + [dict(e) for e in job.faults.coordinator_schedule]
         self.injected: List[dict] = []
-        self.env = child_env({P.TOKEN_ENV: P.resolve_token(job.recovery.token) or os.urandom(8).hex()})
+        # A run always has a token: the one given, or a fresh one that only this launcher's children see.
+        self.token = P.resolve_token(job.recovery.token) or new_token()
+        self.env = child_env({P.TOKEN_ENV: self.token})
 
     def start_worker(self, machine: Optional[str] = None) -> str:
         wid = f"w{self.n_workers}"
@@ -122,7 +125,7 @@ class LocalLauncher:
         # The coordinator reads the token from the same environment variable the workers present.
         self.coordinator = self._start_coordinator(resume=False)
         try:
-            self.control = P.Control("127.0.0.1", self.port, store=self._connect_fresh())
+            self.control = P.open_control("127.0.0.1", self.port, self.token, store=self._connect_fresh())
             self.control.put_json("corpus", self.corpus)
             self.control.on_new_boot.append(self._on_coordinator_restart)
             # A preemption warning to the launcher (Slurm's `--signal=B:USR1@90`, a SIGTERM from a
@@ -197,7 +200,7 @@ class LocalLauncher:
                 time.sleep(0.05)
                 continue
             try:
-                if self.control.check("shutdown"):
+                if self.control.get_json_or("shutdown") is not None:
                     return self._await_coordinator()
                 self._report_exits()
                 self._inject_due()
@@ -231,7 +234,8 @@ class LocalLauncher:
     def _replace_spares(self) -> None:
         """With faults.respawn, a new spare for every spare a rebuild consumed (a replacement machine
         already covers its own slots), and whatever the waiting slots still lack."""
-        rebuilt = self.control.call(lambda s: int(s.add("rebuilt_slots", 0)))
+        counters = self.control.get_json_or("counters") or {}
+        rebuilt = int(counters.get("rebuilt_slots", self.rebuilt_seen))
         if rebuilt < self.rebuilt_seen:  # a restarted coordinator counts from what it persisted
             self.rebuilt_seen = rebuilt
         fresh = rebuilt - self.rebuilt_seen
@@ -242,8 +246,8 @@ class LocalLauncher:
         self.prepaid -= covered
         for _ in range(fresh - covered):
             self.start_worker()
-        needed = int(self.control.call(lambda s: s.get("spares_needed").decode()) or 0) \
-            if self.control.check("spares_needed") else 0
+        # Sealed by the coordinator (a forged count must not start processes), and bounded anyway.
+        needed = min(int(counters.get("spares_needed", 0)), self.job.parallel.replicas * self.job.parallel.stages)
         joining = [w for w, p in self.procs.items() if p.poll() is None and not self.control.check(f"ack/{w}")]
         lacking = max(0, needed - len(joining) - sum(n for _, n in self.joins))
         # Act on a shortfall that lasts (0.25 s): a worker that just joined is free to the
@@ -280,7 +284,7 @@ class LocalLauncher:
             if "armed" not in e and "due_at" not in e and not reached(e):
                 continue
             if e.get("on") == "rebuild" and "due_at" not in e:
-                count = int(self.control.call(lambda s: s.add("rebuild_plans", 0)))
+                count = int((self.control.get_json_or("counters") or {}).get("rebuild_plans", 0))
                 if "armed" not in e:
                     e["armed"] = count  # fire at the next generation that rebuilds something
                     continue

@@ -32,6 +32,7 @@ import time
 from typing import Dict, List, Optional
 
 from recovery import protocol as P
+from recovery.auth import new_token
 
 from .config import ConfigError, JobConfig
 from .launch import child_env
@@ -147,7 +148,7 @@ class SlurmRun:
         job_path = os.path.join(self.run_dir, "job.json")
         with open(job_path, "w") as f:
             json.dump(job.public_dict(), f, indent=1)  # the token travels in the environment only
-        env = child_env({P.TOKEN_ENV: P.resolve_token(job.recovery.token) or os.urandom(8).hex()})
+        env = child_env({P.TOKEN_ENV: P.resolve_token(job.recovery.token) or new_token()})
         port = P.free_port()
         host = os.environ.get("KINTSUGI_COORDINATOR_HOST") or socket.gethostname()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -155,11 +156,15 @@ class SlurmRun:
             # Its own session: a signal Slurm sends to the batch step's process group must not kill the
             # store the workers still need (the coordinator dies with this process: KINTSUGI_PDEATHSIG).
             self.coordinator = subprocess.Popen(
-                [sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--run-dir", self.run_dir,
+                # Every interface: the tasks on the allocation's other nodes connect to it (the seals,
+                # not the address, keep others out; see the README's threat model).
+                [sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--host", "0.0.0.0",
+                 "--run-dir", self.run_dir,
                  "--job", job_path] + ([] if job.logger.progress else ["--no-progress"]),
                 env=env, start_new_session=True)
             self.store = store = self._connect(port)
-            P.put_json(store, "corpus", self.corpus)
+            self.control = P.open_control("127.0.0.1", port, env[P.TOKEN_ENV], store=store)
+            self.control.put_json("corpus", self.corpus)
             cmd = srun_command(job, f"{host}:{port}")
             log.info("coordinator on %s:%d; starting %d workers: %s", host, port, tasks_needed(job), shlex.join(cmd))
             self.srun = subprocess.Popen(cmd, env=env)
@@ -180,7 +185,7 @@ class SlurmRun:
 
     def _check_workers_ready(self) -> None:
         try:
-            ready = self.store.check(["started"])
+            ready = self.control.get_json_or("started") is not None
         except (RuntimeError, ValueError):
             return
         if ready:

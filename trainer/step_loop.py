@@ -180,7 +180,7 @@ class StepLoop:
         r = self.slot[0]
         if r == 0:
             try:
-                done_already = w.control.check("final_eval_done")
+                done_already = w.control.get_json_or("final_eval_done") is not None
             except Exception:  # noqa: BLE001 - the coordinator is away: evaluate anyway
                 done_already = False
             if not done_already:
@@ -265,7 +265,7 @@ class StepLoop:
             w.control.append_later("eval", {"step": step, "val_loss": total / max(n, 1), "final": final})
             if final:
                 with contextlib.suppress(Exception):
-                    w.control.call(lambda st: st.set("final_eval_done", "1"))
+                    w.control.put_json("final_eval_done", True)
 
     def _save_final(self) -> None:
         """Replica 0 writes its stage's final weights; `kintsugi export` assembles the full model."""

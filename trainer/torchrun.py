@@ -72,24 +72,30 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
             job_path = os.path.join(run_dir, "job.json")
             with open(job_path, "w") as f:
                 json.dump(job.public_dict(), f, indent=1)
-            cmd = [sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--run-dir", run_dir,
-                   "--job", job_path] + ([] if job.logger.progress else ["--no-progress"])
-            token = P.resolve_token(job.recovery.token)
-            coordinator = subprocess.Popen(cmd, env=child_env({P.TOKEN_ENV: token} if token else None))
+            cmd = [sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--host", host,
+                   "--run-dir", run_dir, "--job", job_path] + ([] if job.logger.progress else ["--no-progress"])
+    token = P.resolve_token(job.recovery.token)
+    if token is None:
+        if external:
+            raise ConfigError(f"recovery.coordinator={job.recovery.coordinator} needs the run's token: set "
+                              f"{P.TOKEN_ENV} on every node (the coordinator shows it once when it starts)")
+        token = _local_token(rank)  # one node: its ranks share a fresh token through a 0600 file
+    if rank == 0 and not external:
+        coordinator = subprocess.Popen(cmd, env=child_env({P.TOKEN_ENV: token}))
     store = _connect(host, port, job.launcher.start_timeout_s)
+    control = P.open_control(host, port, token, store=store)
     if not external:
         if rank == 0:
-            P.put_json(store, "corpus", corpus)
+            control.put_json("corpus", corpus)
     else:
-        _shared_corpus(store, corpus)
+        _shared_corpus(control, corpus)
     from .worker import Shutdown, Worker
     logging.getLogger("kintsugi.worker").setLevel(os.environ.get("KINTSUGI_LOG", "WARNING"))
     os.environ.setdefault("KINTSUGI_MACHINE", socket.gethostname())
     wid = worker_id()
     worker = None
     try:
-        worker = Worker(P.Control(host, port, 60, store=store), wid, P.resolve_token(job.recovery.token),
-                        bg=P.Control(host, port, 60, store=_connect(host, port, 60)))
+        worker = Worker(control, wid, token, bg=P.open_control(host, port, token, store=_connect(host, port, 60)))
         rc = worker.run()
     except Shutdown:
         rc = 0
@@ -112,19 +118,46 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
     os._exit(rc)
 
 
-def _shared_corpus(store, corpus: dict) -> None:
+def _local_token(rank: int, timeout_s: float = 60.0) -> str:
+    """One node, no token given: rank 0 makes one and the other ranks read it from a file only this
+    user can read, keyed by the torchrun job (the token never goes through the store)."""
+    import tempfile
+
+    from recovery.auth import new_token
+    key = hashlib.sha1(f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}/"
+                       f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}".encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), f"kintsugi-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    path = os.path.join(folder, f"{key}.token")
+    if rank == 0:
+        tmp = f"{path}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(new_token())
+        os.replace(tmp, path)
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise ConfigError(f"no {P.TOKEN_ENV} and rank 0 did not write one to {path}; set {P.TOKEN_ENV}")
+        time.sleep(0.05)
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _shared_corpus(control: P.Control, corpus: dict) -> None:
     """A coordinator started from overrides serves its corpus entry (put right after `job`); one
     started with --job takes the first node's. Either way the token files must exist on this node:
     if they do not, they are prepared here from the job's own data settings (same cache key)."""
     deadline = time.time() + 2.0
-    while not store.check(["corpus"]) and time.time() < deadline:
+    while control.get_json_or("corpus") is None and time.time() < deadline:
         time.sleep(0.05)
-    store.compare_set("corpus", "", json.dumps(corpus))  # no-op when one is there
-    shared = P.get_json(store, "corpus")
+    if control.get_json_or("corpus") is None:
+        control.put_json("corpus", corpus)
+    shared = control.get_json("corpus")
     if all(os.path.exists(shared[k]) for k in ("train_path", "val_path")):
         return
     from .data import prepare_corpus
-    data = JobConfig.from_dict(P.get_json(store, "job")).data
+    data = JobConfig.from_dict(control.get_json("job")).data
     info = prepare_corpus(data)
     if info.train_path != shared["train_path"]:
         raise ConfigError(f"the job's corpus {shared['train_path']} is not on this node and preparing it here gave "

@@ -54,20 +54,6 @@ class Shutdown(Exception):
     pass
 
 
-class _ControlStore:
-    """The two store calls `protocol.append` makes, through a Control that survives a coordinator
-    restart (the checkpointer's background thread appends its `ckpt` records with it)."""
-
-    def __init__(self, control: P.Control):
-        self.c = control
-
-    def add(self, key: str, n: int) -> int:
-        return self.c.call(lambda s: s.add(key, n))
-
-    def set(self, key: str, value: str) -> None:
-        self.c.call(lambda s: s.set(key, value))
-
-
 class Watcher(threading.Thread):
     """Heartbeat, publications, abort flags, peer requests, reconnection."""
 
@@ -137,22 +123,23 @@ class Watcher(threading.Thread):
         w = self.w
         status = {"n": self._n, "cell": self.working_cell, "cell_gen": self.working_gen, "phase": self.phase,
                   "step": w.state.step_done if w.state is not None else None}
-        self.control.call(lambda s: (s.set(f"hb/{w.wid}", P.json.dumps(status)),
-                                     P.put_json(s, f"bytes/{w.wid}", w.counter.as_dict())))
+        self.control.put_json(f"hb/{w.wid}", status)
+        self.control.put_json(f"bytes/{w.wid}", w.counter.as_dict())
         if w.leaving.is_set() and not self._intent_sent:
             self.control.append("intent", {"wid": w.wid})
             self._intent_sent = True
 
     def _refresh(self) -> None:
         c, w = self.control, self.w
-        self.rebuilt_slots = int(c.call(lambda s: s.add("rebuilt_slots", 0)))
-        if c.check("shutdown"):
+        self.rebuilt_slots = (c.get_json_or("counters") or {}).get("rebuilt_slots", self.rebuilt_slots)
+        if c.get_json_or("shutdown") is not None:
             self.shutdown.set()
             self.stop.set()
             self.cell_abort.set()
             return
-        if self.suspend_plan is None and c.check("suspend"):
-            self.suspend_plan = c.get_json("suspend")
+        if self.suspend_plan is None:
+            self.suspend_plan = c.get_json_or("suspend")
+        if self.suspend_plan is not None and not self.stop.is_set():
             self.stop.set()
             self.cell_abort.set()
         if self.working_cell is not None:
@@ -164,8 +151,8 @@ class Watcher(threading.Thread):
             if sp is not None:
                 w.link.update(sp)
         if self._mail is None:
-            self._mail = P.LogReader(c.store, f"mail/{w.wid}")
-        self._mail.store = c.store
+            self._mail = c.reader(f"mail/{w.wid}")
+        self._mail.store, self._mail.auth = c.store, c.auth
         for req in self._mail.poll():
             if req.get("kind") == "donate":
                 w.donor.request(req)
@@ -216,12 +203,12 @@ class Worker:
         self.val_tokens = load_tokens(corpus["val_path"], corpus["dtype"])
         # launcher.slow_machines: this (simulated) machine computes this many times slower.
         self.slowdown = float(os.environ.get("KINTSUGI_SLOWDOWN") or 1.0)
-        self.run_dir = control.call(lambda s: s.get("run_dir").decode())
+        self.run_dir = control.get_json("run_dir")
         rec = self.job.recovery
         every = rec.checkpoint_every or (10 if rec.strategy == "checkpoint" else 0)
         from .checkpoint import AsyncCheckpointer
         self.checkpointer = AsyncCheckpointer(
-            _ControlStore(self.bg), self.run_dir, every, keep=rec.keep_checkpoints,
+            lambda record: self.bg.append_later("ckpt", record), self.run_dir, every, keep=rec.keep_checkpoints,
             grid=(self.job.parallel.replicas, self.job.parallel.stages),
             on_error=lambda step, e: self.bg.append_later("event", {
                 "kind": "checkpoint_failed", "step": step, "slot": list(self.slot) if self.slot else None,
@@ -235,26 +222,40 @@ class Worker:
         return P.connect(self.control.host, self.control.port, timeout_s=60)
 
     def _join(self) -> None:
-        self.control.append("join", {"wid": self.wid, "token": self.token, "pid": os.getpid(),
-                                     "host": socket.gethostname(), "machine": self.machine})
-        ack = self.control.call(lambda s: s.get(f"ack/{self.wid}").decode())
+        """The join record proves the token by its seal; the token itself never leaves here."""
+        self.control.append("join", {"wid": self.wid, "pid": os.getpid(), "host": socket.gethostname(),
+                                     "machine": self.machine})
+        ack = self._await_ack(self.control, 120.0)
         if ack != "ok":
-            raise SystemExit(f"kintsugi: the coordinator refused this worker ({ack}); set KINTSUGI_TOKEN or "
-                             "recovery.token")
+            raise SystemExit(f"kintsugi: the coordinator refused this worker ({ack}); set KINTSUGI_TOKEN to the "
+                             "run's token")
+
+    def _await_ack(self, c: P.Control, timeout_s: float) -> str:
+        """The coordinator's verified answer. An answer that does not verify is a refusal (a
+        coordinator that could not verify our token cannot seal for us either) once no verified one
+        came for a few seconds: someone else may have written it."""
+        deadline, unverified_since = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:
+            if c.check(f"ack/{self.wid}"):
+                ack = c.get_json_or(f"ack/{self.wid}")
+                if ack is not None:
+                    return ack
+                unverified_since = unverified_since or time.monotonic()
+                if time.monotonic() - unverified_since > 5.0:
+                    return "refused: its answer does not verify with this token"
+            time.sleep(0.05)
+        return "no answer"
 
     def _rejoin(self) -> None:
         """The coordinator came back (a new incarnation): re-register, then replay the commits it may
         not have recorded (it keeps the first record of each step)."""
         c = self.bg
         st = self.state
-        c.append("rejoin", {"wid": self.wid, "token": self.token, "pid": os.getpid(), "host": socket.gethostname(),
+        c.append("rejoin", {"wid": self.wid, "pid": os.getpid(), "host": socket.gethostname(),
                             "machine": self.machine, "slot": list(self.slot) if self.slot else None,
                             "cell": self.watcher.working_cell, "cell_gen": self.watcher.working_gen,
                             "step_done": st.step_done if st is not None else None})
-        deadline = time.monotonic() + 30
-        while not c.check(f"ack/{self.wid}") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if c.check(f"ack/{self.wid}") and c.call(lambda s: s.get(f"ack/{self.wid}").decode()) != "ok":
+        if self._await_ack(c, 30.0) not in ("ok", "no answer"):
             log.warning("the restarted coordinator does not count this worker as a member; stopping")
             self.watcher.shutdown.set()
             self.watcher.stop.set()
@@ -603,9 +604,18 @@ def main(argv=None) -> int:
 
 
 def run_worker(host: str, port: int, wid: str, token: Optional[str], timeout_s: float = 120) -> int:
-    control = P.Control(host, port, timeout_s)
+    if not token:
+        print(f"kintsugi worker: no token; set {P.TOKEN_ENV} to the run's token (the coordinator shows it once, "
+              "or writes it to <run dir>/.token)", file=sys.stderr)
+        return 2
     try:
-        return Worker(control, wid, token, bg=P.Control(host, port, timeout_s)).run()
+        control = P.open_control(host, port, token, timeout_s)
+        bg = P.open_control(host, port, token, timeout_s)
+    except P.Forged as e:
+        print(f"kintsugi worker: {e}", file=sys.stderr)
+        return 2
+    try:
+        return Worker(control, wid, token, bg=bg).run()
     except Shutdown:
         return 0
 

@@ -1,0 +1,131 @@
+"""Nobody without the token can steer a run. Each attack reported against the old control plane is
+replayed against a running job by a client that reaches the store but has no token, and the run is
+checked by outcome: the same losses as the same run left alone, every step committed once, no
+rebuild, no eviction, no early end. Plus: the token is in no file and no store value, and the store
+listens on the configured interface only."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+
+from conftest import ROOT, run_trainer
+
+pytestmark = pytest.mark.distributed
+
+TOKEN = "t0ken-" + "9f3a" * 6
+JOB = ["experiment=quick", "train.max_steps=24", "train.eval_batches=1", "faults=none", "faults.spares=1",
+       "recovery.heartbeat_timeout_s=2.0"]
+
+
+def _losses(records):
+    return {r["step"]: r["loss"] for r in records if "loss" in r and "val_loss" not in r and "event" not in r}
+
+
+class Attacker:
+    """A store client without the token."""
+
+    def __init__(self, port):
+        self.s = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10),
+                               wait_for_workers=False, use_libuv=True)
+
+    def append(self, log, obj, sealed_like=False):
+        i = int(self.s.add(f"{log}/n", 1))
+        value = {"b": json.dumps(obj), "m": "0" * 64} if sealed_like else obj
+        self.s.set(f"{log}/{i}", json.dumps(value))
+
+    def read(self, key):
+        return self.s.get(key).decode(errors="replace") if self.s.check([key]) else None
+
+
+def _wait_steps(run_dir, n, proc, timeout=120):
+    path = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().count('"loss"') >= n):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+
+
+def test_attacks_without_the_token_change_nothing(tmp_path):
+    _, plain, plain_records = run_trainer(tmp_path / "plain", *JOB, f"recovery.token={TOKEN}")
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", *JOB,
+                             f"recovery.token={TOKEN}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        _wait_steps(run_dir, 3, proc)
+        port = json.loads((run_dir / "control_state.json").read_text())["port"]
+        a = Attacker(port)
+        slots = json.loads(json.loads(a.read("slots"))["b"])  # readable, but not forgeable
+        victim = slots["0,1"]
+        # The values anyone can read hold no token.
+        for key in ["job", "corpus", "run_dir", "boot", "run_id", "cell/0", "slots", "counters", "committed/0",
+                    f"hb/{victim}", f"ack/{victim}", f"role/{victim}"]:
+            value = a.read(key)
+            seen.append(key)
+            assert value is None or TOKEN not in value, key
+        # 1. a forged suspect record against a healthy worker (plain, and shaped like a sealed one)
+        a.append("suspect", {"gen": 0, "cell": 0, "scope": "cell", "reporter": "x", "peer_wid": victim, "why": "x"})
+        a.append("suspect", {"gen": 0, "cell": 0, "scope": "cell", "reporter": "x", "peer_wid": victim, "why": "x"},
+                 sealed_like=True)
+        # 2. a forged commit of the last step and a forged final evaluation
+        a.append("commit", {"replica": 0, "step": 23, "loss": 0.001, "grad_norm": 0, "tokens": 10 ** 12})
+        a.append("eval", {"step": 24, "val_loss": 0.001, "final": True})
+        # 3. a forged generation swapping two stages' holders, and a forged end of the run
+        plan = json.loads(json.loads(a.read("cell/0"))["b"])
+        plan["gen"] += 5
+        plan["slots"]["0,1"], plan["slots"]["0,2"] = plan["slots"]["0,2"], plan["slots"]["0,1"]
+        a.s.set("cell/0", json.dumps(plan))
+        a.s.add("version", 1)
+        a.s.set("shutdown", json.dumps({"b": json.dumps({"reason": "ok"}), "m": "f" * 64}))
+        # 4. a forged heartbeat to keep nobody alive, and the commit log's counter bumped far ahead
+        a.s.set(f"hb/{victim}", json.dumps({"n": 10 ** 9}))
+        a.s.add("commit/n", 10 ** 9)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["failures"] == 0 and summary["rebuilds"] == [], "a forged record evicted a worker"
+    assert summary["steps"] == 24 and summary["tokens"] == plain["tokens"]
+    assert _losses(records) == _losses(plain_records), "a forged record changed training"
+    assert summary["final_val_loss"] == plain["final_val_loss"] != 0.001
+    state = json.loads((run_dir / "coordinator_state.json").read_text())
+    assert state["forged_records_dropped"] >= 4
+    assert "failed verification" in err
+    # The token is in no file of the run (it was given as a Hydra override: .hydra/ is redacted).
+    for root, _, files in os.walk(run_dir):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert TOKEN.encode() not in f.read(), os.path.join(root, name)
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text().count("<redacted>") == 1
+
+
+def _other_address():
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return next((a for a in out if not a.startswith("127.") and ":" not in a), None)
+
+
+def test_the_store_listens_on_the_configured_interface_only():
+    from recovery.protocol import connect, free_port
+    other = _other_address()
+    if other is None:
+        pytest.skip("this machine has no address besides loopback")
+    port = free_port()
+    store = connect("127.0.0.1", port, is_master=True, timeout_s=10)
+    store.set("x", "1")
+    assert connect("127.0.0.1", port, timeout_s=5).get("x") == b"1"
+    with pytest.raises(OSError):
+        socket.create_connection((other, port), timeout=2).close()
