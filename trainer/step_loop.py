@@ -24,6 +24,7 @@ from parallel.diloco import allreduce_gradients
 from parallel.schedules import StageExecutor, actions_for, routes_for
 from parallel.topology import Grid
 from parallel.transport import Transport
+from recovery import protocol as P
 
 from .data import ShardedBatches, val_batches
 from .model import cross_entropy_loss
@@ -220,8 +221,15 @@ class StepLoop:
                 with contextlib.suppress(Exception):  # the coordinator away: reconcile covers it
                     w.control.put_json(f"committed/{q}", {"step": step, "total": total.tolist()})
             for q in replicas:
-                with contextlib.suppress(Exception):  # ... and the replayed ring its record
-                    w.control.append("commit", self._record(q, step, total, t0, root=True))
+                rec = self._record(q, step, total, t0, root=True)
+                if q != r:
+                    w.record_commit(rec)  # the other replicas' records, for a restarted coordinator
+                try:
+                    w.control.append("commit", rec)
+                except P.CoordinatorAway:
+                    # Delivered when the coordinator is back; a stage's ring may have replayed it
+                    # by then, so it may arrive twice: marked, the coordinator keeps the first.
+                    w.control.outbox.append(("commit", dict(rec, replay=True)))
 
         total = self.transport.chain_allreduce(vec, self.chain, COMMIT_TAG + 2 * (step % 1000),
                                                on_total=commit) * self.scale
