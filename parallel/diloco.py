@@ -163,6 +163,7 @@ class StreamingDiLoCo:
         self.num_syncs = 0                  # outer steps applied (all fragments)
         self.peak_sync_bytes = 0            # bytes of the largest single-fragment sync
         self.wait_s = 0.0                   # time the training thread spent blocked on syncs
+        self.nonfinite_deltas = 0           # pseudo-gradients that were not finite (sent as zeros)
         self._inflight: Dict[int, tuple] = {}  # fragment -> (start t, handle)
         # (event, fragment, t, perf_counter): for metrics and for tests of the overlap.
         self.events: collections.deque = collections.deque(maxlen=4096)
@@ -264,6 +265,14 @@ class StreamingDiLoCo:
     def _start(self, frag: _Fragment, t: int) -> None:
         for g, p in zip(frag.glob, frag.local):
             g.grad.copy_(g).sub_(p.detach().to(g.device, torch.float32))  # delta = global - local
+        if not all(bool(torch.isfinite(g.grad).all()) for g in frag.glob):
+            # This replica's weights went non-finite: it contributes no change rather than poison
+            # every replica's global copy (the trainer rolls it back to that copy).
+            for g in frag.glob:
+                g.grad.zero_()
+            self.nonfinite_deltas += 1
+            log.warning("fragment %d: non-finite pseudo-gradient replaced by zeros in outer sync %d", frag.index,
+                        frag.syncs)
         if self.link is not None:
             handle = self._submit_link(frag)
         else:
@@ -358,8 +367,14 @@ class StreamingDiLoCo:
         else:
             wait_abortable(handle, self.abort)   # raises Aborted / PeerFailure; entry stays for abandon()
         del self._inflight[frag.index]
-        frag.opt.step()
         frag.syncs += 1
+        if not all(bool(torch.isfinite(g.grad).all()) for g in frag.glob):
+            # Every replica received these same bytes, so every replica skips this outer step.
+            log.warning("fragment %d: outer sync %d averaged to non-finite values; outer step skipped", frag.index,
+                        frag.syncs - 1)
+            self.num_syncs += 1
+            return
+        frag.opt.step()
         a = self.cfg.alpha
         for g, p in zip(frag.glob, frag.local):
             merged = g.to(p.device, p.dtype)

@@ -75,6 +75,7 @@ class Cell:
     since: float = field(default_factory=time.monotonic)   # last commit or publication
     waiting_since: Optional[float] = None                  # lost slots waiting for spares
     kicks: int = 0
+    diverging: bool = False
     needs_plan: bool = False                               # a re-plan that had to wait (a rollback)
 
 
@@ -149,6 +150,8 @@ class Coordinator:
         self._waiting_logged: Set[Slot] = set()
         self.reporters: Dict[Tuple[int, int], Set[str]] = {}  # (cell, gen) -> workers that reported a failure
         self.bad_checkpoints: Set[int] = set()
+        self.divergences = 0
+        self.nonfinite_steps = 0
         self.checkpoint_errors: List[dict] = []
         self._dirty = True
         self._last_hb_check = 0.0
@@ -348,8 +351,11 @@ class Coordinator:
                 "layout_version": self.layout_version,
                 "committed": {str(r): self.committed[r] for r in cell.replicas}, "published_at": time.time()}
 
-    def _publish_cell(self, cell: Cell, rebuild: dict, leavers: List[str], rollback=None, prev_layout=None) -> None:
+    def _publish_cell(self, cell: Cell, rebuild: dict, leavers: List[str], rollback=None, prev_layout=None,
+                      diverged: Optional[dict] = None) -> None:
         plan = self._cell_plan(cell, rebuild, leavers, rollback, prev_layout)
+        if diverged is not None:
+            plan["diverged"] = diverged
         cell.plan, cell.since = plan, time.monotonic()
         for wid in plan["slots"].values():
             P.put_json(self.store, f"role/{wid}", {"cell": cell.index}, auth=self.auth)
@@ -535,7 +541,7 @@ class Coordinator:
         self.started = True
         P.put_json(self.store, "started", True, auth=self.auth)
 
-    def _global_rollback(self) -> None:
+    def _global_rollback(self, diverged: Optional[dict] = None) -> None:
         """The checkpoint tier: every slot of every replica restores the last complete checkpoint,
         once every lost slot has a holder (until then the cells wait for spares)."""
         if any(c.lost for c in self.cells.values()):
@@ -543,16 +549,21 @@ class Coordinator:
                 c.needs_plan = bool(c.rebuilding)
             return
         k = self.latest_checkpoint
+        discarded = {}
         for r in range(self.R):
+            # The steps after the checkpoint are undone: training them again is no second commit.
+            discarded[str(r)] = sorted(x for x in self.recorded[r] if x > k)
+            self.recorded[r] = {x for x in self.recorded[r] if x <= k}
             self.committed[r] = k
             self.totals.pop(r, None)
             P.put_json(self.store, f"committed/{r}", {"step": k, "total": None}, auth=self.auth)
+        self._event({"kind": "rollback", "step": k, "discarded": discarded})
         for cell in self.cells.values():
             rebuild = {P.slot_key(slot): {"tier": "checkpoint", "sources": [], "detected_at": v["detected_at"],
                                           "failed_at": v["failed_at"], "step": k + 1, "leaver": None}
                        for slot, v in cell.rebuilding.items()}
             cell.needs_plan = False
-            self._publish_cell(cell, rebuild, [], rollback=k)
+            self._publish_cell(cell, rebuild, [], rollback=k, diverged=diverged)
         if self.stage_groups:
             for s in range(self.S):
                 self._publish_stage(s)
@@ -642,6 +653,8 @@ class Coordinator:
                 self._replan_cell(cell, why=f"generation failed on {f.get('wid')}")
         elif scope == "checkpoint":
             self._on_corrupt_checkpoint(f)
+        elif scope == "diverged":
+            self._on_diverged(f)
         elif scope == "stage" and self.stage_groups:
             s = int(f["stage"])
             if gen == self.stage_gen.get(s, -2):
@@ -657,6 +670,40 @@ class Coordinator:
                 log.warning("slot %s never received its state (%s); re-planning it", list(slot),
                             str(f.get("error", ""))[:120])
                 self._declare_dead(wid, "rebuild never received its state")
+
+    def _on_diverged(self, f: dict) -> None:
+        """train.max_nonfinite steps of a replica in a row were skipped. Roll it back with half the
+        learning rate: under Streaming DiLoCo to its outer global copy (its own cell only), else
+        every slot to the last checkpoint; without either, or after 3 divergences, stop saying so."""
+        cell = self.cells.get(int(f.get("cell", -1)))
+        if cell is None or int(f.get("gen", -1)) != cell.gen or cell.diverging:
+            return
+        self.divergences += 1
+        r, step, count = f.get("replica"), f.get("step"), f.get("count")
+        self._event({"kind": "diverged", "replica": r, "step": step, "count": count})
+        if self.divergences > 3:
+            self.error = (f"training diverged again (replica {r}: {count} non-finite steps in a row up to step "
+                          f"{step}, divergence {self.divergences}); lower train.lr or raise train.warmup_steps")
+            return
+        fix = {"id": f"{self.boot}/{self.divergences}", "lr_factor": 0.5}
+        if self.stage_groups:
+            fix["reset_to_global"] = True
+            log.warning("replica %s diverged (%s non-finite steps in a row up to step %s): it restarts from its "
+                        "outer global copy with half the learning rate", r, count, step)
+            cell.diverging = True
+            self._publish_cell(cell, {}, [], diverged=fix)
+            cell.diverging = False
+            return
+        good = [k for k, n in self.ckpt_counts.items() if n >= self.R * self.S and k not in self.bad_checkpoints]
+        if not good:
+            self.error = (f"training diverged: replica {r} had {count} non-finite losses or gradient norms in a row "
+                          f"up to step {step} and there is no checkpoint to roll back to; lower train.lr, raise "
+                          "train.warmup_steps, or set recovery.checkpoint_every to roll back instead")
+            return
+        self.latest_checkpoint = max(good)
+        log.warning("replica %s diverged (%s non-finite steps in a row up to step %s): every slot rolls back to "
+                    "step %d with half the learning rate", r, count, step, self.latest_checkpoint)
+        self._global_rollback(diverged=fix)
 
     def _on_corrupt_checkpoint(self, f: dict) -> None:
         """A slot could not restore its checkpoint (a file fails its manifest). The exact state it
@@ -807,6 +854,8 @@ class Coordinator:
             if c.get("grad_sq") is not None:
                 self.totals[r] = [c["grad_sq"], c.get("loss")]
         self.tokens += int(c.get("tokens", 0))
+        if c.get("nonfinite"):
+            self.nonfinite_steps += 1
         if self.rebalance and c.get("stage_compute_s") and c.get("layout_version", 0) == self.layout_version:
             self.stage_times.append(c["stage_compute_s"])
         rec = dict(c, wall_s=time.time() - self.t0, gen=cell.gen)
@@ -817,8 +866,8 @@ class Coordinator:
             self.tracker.commit(c)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{c['loss']:.3f}", tok_s=f"{self.tokens / (time.time() - self.t0):.0f}",
-                                 refresh=False)
+            self.bar.set_postfix(loss=f"{c['loss']:.3f}" if c.get("loss") is not None else "skipped",
+                                 tok_s=f"{self.tokens / (time.time() - self.t0):.0f}", refresh=False)
 
     def _drain_logs(self) -> None:
         handlers = {"join": self._on_join, "rejoin": self._on_rejoin, "suspect": self._on_suspect,
@@ -1095,7 +1144,8 @@ class Coordinator:
                  "suspend_lost": [list(s) for s in self.suspend_lost] or None,
                  "write_error": getattr(self, "_write_error", None),
                  "checkpoint_errors": self.checkpoint_errors or None,
-                 "refused_joins": self.refused_joins, "forged_records_dropped": self.auth.dropped_count}
+                 "refused_joins": self.refused_joins, "forged_records_dropped": self.auth.dropped_count,
+                 "nonfinite_steps": self.nonfinite_steps, "divergences": self.divergences}
         if self.tracker is not None:
             try:
                 self.tracker.finish(state)

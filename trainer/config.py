@@ -48,6 +48,10 @@ class TrainConfig:
     eval_batches: int = 8
     log_every: int = 1
     resume: Optional[str] = None
+    # A step whose loss or gradient norm is not finite is skipped on every stage of the replica; this
+    # many in a row and the replica rolls back (to its outer global copy under Streaming DiLoCo, else
+    # the last checkpoint) with half the learning rate, or the run stops saying so.
+    max_nonfinite: int = 3
 
     def __post_init__(self):
         _check(self.max_steps >= 1, f"train.max_steps={self.max_steps} must be >= 1")
@@ -61,6 +65,7 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
         _check(self.eval_batches >= 1, f"train.eval_batches={self.eval_batches} must be >= 1")
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        _check(self.max_nonfinite >= 1, f"train.max_nonfinite={self.max_nonfinite} must be >= 1")
         _choice("train.optimizer", self.optimizer, ("adamw", "deepspeed_adam", "deepspeed_cpu_adam"))
         if self.optimizer != "adamw":
             from .optim import check_optimizer
@@ -195,7 +200,7 @@ class FaultsConfig:
     rejoin_delay_s: float = 0.0     # a preempted machine's replacement joins this long after the event
     notice_s: float = 30.0          # machine `term`: processes still alive this long after it are SIGKILLed
 
-    KINDS = ("kill", "stop", "term")
+    KINDS = ("kill", "stop", "term", "poison")  # poison: the slot's weights turn NaN (a memory fault, a bad update)
 
     def __post_init__(self):
         slot_events = []

@@ -75,6 +75,10 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
                                         if c.get("layout_version", 0) == state.get("layout_version", 0)], job,
                                         state.get("layout")),
         "generations": state.get("generations"),
+        "nonfinite_steps": state.get("nonfinite_steps", 0),
+        "divergences": state.get("divergences", 0),
+        "forged_records_dropped": state.get("forged_records_dropped", 0),
+        "checkpoint_errors": state.get("checkpoint_errors"),
         "error": state.get("error"),
         "config": job.public_dict(),
     }

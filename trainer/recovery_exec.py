@@ -90,9 +90,10 @@ def reconcile(host: SlotHost, group: Group, abort, has_state: bool, store_commit
     st = host.state
     pending = host.pending if has_state else None
     has_total = has_state and st.last_total is not None
+    skipped = has_state and st.last_skipped
     row = torch.tensor([float(has_state), float(st.step_done if has_state else -1),
                         float(st.last_total if has_total else 0.0), float(has_total),
-                        float(pending[0] if pending is not None else -1)], dtype=torch.float64)
+                        float(pending[0] if pending is not None else -1), float(skipped)], dtype=torch.float64)
     rows = torch.empty(group.size() * row.numel(), dtype=torch.float64)
     from parallel.transport import wait_abortable
     wait_abortable(group.all_gather_into_tensor(rows, row), abort)
@@ -103,11 +104,18 @@ def reconcile(host: SlotHost, group: Group, abort, has_state: bool, store_commit
     with_total = live[(live[:, 1] == k_live) & (live[:, 3] == 1.0)] if len(live) else live
     if len(with_total):
         total = float(with_total[0, 2])
-    if store_commit is not None and int(store_commit["step"]) > k and store_commit.get("total") is not None:
-        k, total = int(store_commit["step"]), float(store_commit["total"][0])
+    skip = bool(len(live)) and bool((live[live[:, 1] == k_live][:, 5] == 1.0).any())
+    if store_commit is not None and int(store_commit["step"]) > k and (
+            store_commit.get("total") is not None or store_commit.get("skipped")):
+        k = int(store_commit["step"])
+        skip = bool(store_commit.get("skipped"))
+        total = None if skip else float(store_commit["total"][0])
     if has_state:
         if st.step_done < k:
-            if st.step_done == k - 1 and pending is not None and pending[0] == k and total is not None:
+            if st.step_done == k - 1 and pending is not None and pending[0] == k and skip:
+                st.skip_step(k)
+                log.info("step %d was skipped by the cell (non-finite): skipped here too", k)
+            elif st.step_done == k - 1 and pending is not None and pending[0] == k and total is not None:
                 st.apply_step(k, total, pending[1])
                 st.last_total = total
                 log.info("finished step %d from the cell's commit record", k)

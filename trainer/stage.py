@@ -14,6 +14,15 @@ from .config import JobConfig, lr_at
 from .model import Llama
 
 
+def _finite_params(params: Dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in params.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def _finite_norm(x) -> float:
+    """A gradient norm as a CheckFree weight: a non-finite one counts as zero (the 1e-4 floor stays)."""
+    return float(x) if math.isfinite(float(x)) else 0.0
+
+
 class StageState:
     def __init__(self, job: JobConfig, stage: int, seed_offset: int = 0):
         self.job, self.stage = job, stage
@@ -26,6 +35,7 @@ class StageState:
         self.grad_norm = 1.0          # CheckFree weight before any gradient exists
         self.step_done = -1           # last step whose optimizer step ran on this stage
         self.last_total = None        # that step's pipeline-wide gradient sq-norm (its commit record)
+        self.last_skipped = False     # that step was skipped (a non-finite loss or gradient norm)
         # Copies of the neighbouring end stage's embedding / head (CheckFree+), refreshed periodically.
         self.neighbour_copy: Dict[str, torch.Tensor] = {}
         self.lisa = None              # a LisaController when lisa.enabled: owns which layers train
@@ -79,8 +89,13 @@ class StageState:
             g["lr"] = lr
         self.optimizer.step()
         self.zero_grad()
-        self.step_done, self.last_total = step, total_sq
+        self.step_done, self.last_total, self.last_skipped = step, total_sq, False
         return total_norm
+
+    def skip_step(self, step: int) -> None:
+        """A step whose loss or gradient norm was not finite: no optimizer step, its batch is spent."""
+        self.zero_grad()
+        self.step_done, self.last_total, self.last_skipped = step, None, True
 
     # --- state for rebuilds ---------------------------------------------------------------------------
     def positional_params(self) -> Dict[str, torch.Tensor]:
@@ -125,12 +140,21 @@ class StageState:
         fresh and the learning rate permanently times `lr_bump` (not compounding)."""
         if tier in ("checkfree", "average"):
             prev, nxt = packages
-            w_prev = prev["grad_norm"] + 1e-4 if tier == "checkfree" else 1.0
-            w_next = nxt["grad_norm"] + 1e-4 if tier == "checkfree" else 1.0
+            # A neighbour holding non-finite weights is never averaged in: the other one is copied
+            # (weight 0), and with both bad there is nothing sound to rebuild from.
+            ok = [_finite_params(p["params"]) for p in packages]
+            if not any(ok):
+                raise RuntimeError(f"stage {self.stage}: both neighbours hold non-finite weights; no rebuild from them")
+            w_prev = (_finite_norm(prev["grad_norm"]) + 1e-4 if tier == "checkfree" else 1.0) if ok[0] else 0.0
+            w_next = (_finite_norm(nxt["grad_norm"]) + 1e-4 if tier == "checkfree" else 1.0) if ok[1] else 0.0
             n = len(self.layer_ids)
             a = to_positional(from_positional(prev["params"], range(n), prev["layer_count"]), range(n))
             b = to_positional(from_positional(nxt["params"], range(n), nxt["layer_count"]), range(n))
-            self._load_params(checkfree_average(a, b, w_prev, w_next), n)
+            if not ok[0]:   # 0 x NaN is NaN: a left-out side is not averaged at all
+                a = {k: v for k, v in b.items()}
+            elif not ok[1]:
+                b = {k: v for k, v in a.items()}
+            self._load_params(checkfree_average(a, b, w_prev if ok[0] else 1.0, w_next if ok[1] else 1.0), n)
             self._restore_ends(packages)
         elif tier in ("copy", "checkfree_plus"):
             (src,) = packages

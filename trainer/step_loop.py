@@ -34,6 +34,18 @@ log = logging.getLogger("kintsugi.worker")
 COMMIT_TAG = 1 << 21
 
 
+def _finite(total) -> bool:
+    return bool(torch.isfinite(total[:2]).all())
+
+
+class Diverged(RuntimeError):
+    """train.max_nonfinite steps in a row were skipped: the replica must roll back."""
+
+    def __init__(self, step: int, count: int):
+        super().__init__(f"{count} non-finite steps in a row up to step {step}")
+        self.step, self.count = step, count
+
+
 class Leave(Exception):
     """The worker announced it is leaving; the next generation hands its state over."""
 
@@ -75,8 +87,14 @@ class CheckpointHook(StepHook):
         self.w, self.slot = worker, slot
 
     def after_commit(self, step):
+        st = self.w.state
         if self.w.checkpointer.due(step):
-            self.w.checkpointer.save(self.w.state, self.slot, step, self.w.diloco)
+            # A checkpoint is a state to roll back to: never one whose weights are not finite (that
+            # step's checkpoint then stays incomplete, and the rollback takes the one before).
+            if st.last_skipped or not all(bool(torch.isfinite(p).all()) for p in st.model.parameters()):
+                log.warning("slot %s: checkpoint of step %d skipped: the weights are not finite", self.slot, step)
+                return
+            self.w.checkpointer.save(st, self.slot, step, self.w.diloco)
 
 
 class NeighbourCopyHook(StepHook):
@@ -140,6 +158,7 @@ class StepLoop:
         self.scale = 1.0 / len(replicas) if self.dp else 1.0  # each replica holds the same averaged gradient
         self.hooks: List[StepHook] = self._hooks()
         self.shards = {}
+        self.nonfinite_run = 0
         self._outer_wait_seen = worker.diloco.wait_s if worker.diloco is not None else 0.0
 
     def _hooks(self) -> List[StepHook]:
@@ -192,6 +211,12 @@ class StepLoop:
 
     def _one_step(self) -> None:
         w, job, st = self.w, self.job, self.w.state
+        if w.poison.is_set():  # injected fault (faults kind poison): this stage's weights turn NaN
+            w.poison.clear()
+            with torch.no_grad():
+                for p in st.model.parameters():
+                    p.mul_(float("nan"))
+            log.warning("slot %s: weights poisoned with NaN (injected fault)", self.slot)
         step, (r, s), S = self.step, self.slot, job.parallel.stages
         t0 = time.time()
         inputs, targets = w.data.batch_at(step)
@@ -217,9 +242,11 @@ class StepLoop:
 
         def commit(total):  # runs on the chain's root only, before the broadcast
             total = total * self.scale
+            entry = ({"step": step, "total": total.tolist()} if _finite(total)
+                     else {"step": step, "total": None, "skipped": True})
             for q in replicas:
                 with contextlib.suppress(Exception):  # the coordinator away: reconcile covers it
-                    w.control.put_json(f"committed/{q}", {"step": step, "total": total.tolist()})
+                    w.control.put_json(f"committed/{q}", entry)
             for q in replicas:
                 rec = self._record(q, step, total, t0, root=True)
                 if q != r:
@@ -233,10 +260,17 @@ class StepLoop:
 
         total = self.transport.chain_allreduce(vec, self.chain, COMMIT_TAG + 2 * (step % 1000),
                                                on_total=commit) * self.scale
-        st.apply_step(step, float(total[0]), local_sq)
+        if not _finite(total):
+            st.skip_step(step)  # every stage of the replica saw the same total: all skip
+            self.nonfinite_run += 1
+        else:
+            st.apply_step(step, float(total[0]), local_sq)
+            self.nonfinite_run = 0
         w.pending = None
         w.data.advance()
         w.record_commit(self._record(r, step, total, t0, root=s == 0))
+        if self.nonfinite_run >= job.train.max_nonfinite:
+            raise Diverged(step, self.nonfinite_run)
 
     def _record(self, q: int, step: int, total, t0: float, root: bool) -> dict:
         job, w = self.job, self.w
@@ -244,8 +278,10 @@ class StepLoop:
         if q not in self.shards:
             self.shards[q] = w.data if q == self.slot[0] else ShardedBatches(
                 w.train_tokens, job.data.seq_len, job.train.batch_size, q, job.parallel.replicas, job.train.seed)
-        rec = {"replica": q, "step": step, "loss": float(total[1]), "grad_norm": float(total[0]) ** 0.5,
-               "grad_sq": float(total[0]), "tokens": job.train.batch_size * job.data.seq_len,
+        finite = _finite(total)
+        rec = {"replica": q, "step": step, "loss": float(total[1]) if finite else None,
+               "grad_norm": float(total[0]) ** 0.5 if finite else None,
+               "grad_sq": float(total[0]) if finite else None, "tokens": job.train.batch_size * job.data.seq_len,
                "lr": w.state.optimizer.param_groups[0]["lr"], "step_s": time.time() - t0,
                "batch_ids": self.shards[q].batch_ids(step), "cell_gen": self.plan["gen"],
                "layout_version": self.plan.get("layout_version", 0),
@@ -254,6 +290,8 @@ class StepLoop:
             rec["outer_wait_s"] = [round(float(x), 4) for x in total[2 + S:2 + 2 * S]]
         if not root:
             rec["relayed_by"] = self.slot[1]
+        if not finite:
+            rec.update(nonfinite=True, tokens=0)  # skipped: nothing of this batch was learned
         return rec
 
     def evaluate(self, step: int, final: bool) -> None:

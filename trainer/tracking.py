@@ -65,6 +65,8 @@ class LiveWandb:
             self.run = None
 
     def commit(self, c: dict) -> None:
+        if c.get("loss") is None:  # a skipped (non-finite) step: nothing to plot
+            return
         if c.get("replica", 0) != 0:
             return
         self.tokens += c.get("tokens", 0)

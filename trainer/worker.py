@@ -45,6 +45,7 @@ from .config import JobConfig
 from .data import ShardedBatches, load_tokens
 from .recovery_exec import Donor, XferFailed, execute_plan, reconcile, snapshot
 from .stage import StageState
+from .step_loop import Diverged
 
 log = logging.getLogger("kintsugi.worker")
 EX_RESUMABLE = 75
@@ -107,6 +108,7 @@ class Watcher(threading.Thread):
                 now = time.monotonic()
                 if now - self._last_beat >= self.interval:
                     self._beat()
+                    self._poll_mail()
                     self._last_beat = now
                 v = int(self.control.call(lambda s: s.add("version", 0)))
                 if v != self._version:
@@ -150,12 +152,19 @@ class Watcher(threading.Thread):
             sp = c.get_json_or(f"stage/{w.link.stage}")
             if sp is not None:
                 w.link.update(sp)
+        self._poll_mail()
+
+    def _poll_mail(self) -> None:
+        """Requests to this worker (peer snapshots, injected faults): every beat and on a change."""
+        c, w = self.control, self.w
         if self._mail is None:
             self._mail = c.reader(f"mail/{w.wid}")
         self._mail.store, self._mail.auth = c.store, c.auth
         for req in self._mail.poll():
             if req.get("kind") == "donate":
                 w.donor.request(req)
+            elif req.get("kind") == "poison":  # faults kind poison (fault injection, from the launcher)
+                w.poison.set()
 
 
 class Worker:
@@ -177,9 +186,11 @@ class Worker:
         self.cell_group: Optional[Group] = None
         self.dp_group: Optional[Group] = None
         self._retired: list = []
+        self._divergences_handled: set = set()
         self.recent = collections.deque(maxlen=4096)  # this stage's commit records (replayed after a restart)
         self.recent_lock = threading.Lock()
         self.leaving = threading.Event()
+        self.poison = threading.Event()
         self.machine_noticed = False
         self.watcher = Watcher(self)
         self.donor = Donor(self, self.watcher.stop)
@@ -318,6 +329,12 @@ class Worker:
             except PeerFailure as e:
                 self._report_peer(plan, e)
                 done = False
+            except Diverged as e:
+                log.error("replica %d diverged: %s", self.slot[0], e)
+                self.control.append_later("fault", {"wid": self.wid, "scope": "diverged", "cell": plan["cell"],
+                                                    "gen": plan["gen"], "replica": self.slot[0], "step": e.step,
+                                                    "count": e.count})
+                done = False
             except (FormationError, XferFailed, RuntimeError) as e:
                 self._report_fault(plan, e)
                 done = False
@@ -423,6 +440,7 @@ class Worker:
             raise SystemExit(0)
         t_start = time.time()
         execute_plan(self, plan, grid, transport, slot, rebuild, committed, abort)
+        self._recover_from_divergence(plan)
         if plan.get("prev_layout") is not None and self.state.layer_ids != self._layer_ids(slot[1], plan["layout"]):
             from .relayout import relayout
             relayout(self, plan, grid, transport, slot)
@@ -439,6 +457,27 @@ class Worker:
         log.info("cell %d gen %d: plan executed %.3fs after publication", cell, gen, time.time() - plan["published_at"])
         self.watcher.phase = "training"
         return StepLoop(self, plan, grid, transport, slot, committed + 1).run()
+
+    def _recover_from_divergence(self, plan) -> None:
+        """A plan that answers a divergence (train.max_nonfinite skipped steps in a row): under
+        Streaming DiLoCo the stage restarts from its outer global copy (the last synced state),
+        otherwise the rollback restored a checkpoint; either way with a fresh inner optimizer (its
+        moments may hold non-finite values) and the learning rate scaled down. Once per plan."""
+        fix = plan.get("diverged")
+        if not fix or fix["id"] in self._divergences_handled:
+            return
+        self._divergences_handled.add(fix["id"])
+        st = self.state
+        if fix.get("reset_to_global") and self.diloco is not None:
+            with torch.no_grad():
+                for f in self.diloco.fragments:
+                    for g, p in zip(f.glob, f.local):
+                        p.copy_(g.to(p.device, p.dtype))
+        st.fresh_optimizer()
+        st.lr_scale *= float(fix["lr_factor"])
+        log.warning("slot %s restarts from %s with learning rate x %.3g (now x %.3g)", self.slot,
+                    "its outer global copy" if fix.get("reset_to_global") else "the checkpoint", fix["lr_factor"],
+                    st.lr_scale)
 
     def _agree_on_step(self, plan, group, abort, has_state: bool) -> int:
         rollback = plan.get("rollback")
