@@ -308,6 +308,13 @@ class Coordinator:
             # The replica's pipeline is down until it is rebuilt: every stage group leaves it out,
             # so the live replicas keep syncing without waiting for it (see _maybe_stage_groups).
             self._maybe_stage_groups()
+        # A rebuild elsewhere that was to take its state from this worker (a peer donor, a
+        # neighbour) waits for it in vain: plan that cell again.
+        for c in self.cells.values():
+            if c.rebuilding and c.plan is not None and any(
+                    rb.get("donor") == wid or any(self.slots.get(tuple(src)) is None for src in rb.get("sources", []))
+                    for rb in c.plan["rebuild"].values()):
+                c.needs_plan = True
 
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
@@ -976,6 +983,20 @@ class Coordinator:
             total[ch] = max(total.get(ch, 0), n)
         return total
 
+    def _alive(self) -> None:
+        """Touch RUN_DIR/.coordinator_alive about once a second: a launcher replaces a coordinator
+        whose file stops moving (hung, stopped) like one that died."""
+        now = time.monotonic()
+        if now - getattr(self, "_alive_at", 0.0) < 1.0:
+            return
+        self._alive_at = now
+        path = os.path.join(self.run_dir, ".coordinator_alive")
+        try:
+            with open(path, "a"):
+                os.utime(path)
+        except OSError:
+            pass
+
     # --- persistence ------------------------------------------------------------------------------
     def _persist(self) -> None:
         if not self._dirty:
@@ -1101,6 +1122,7 @@ class Coordinator:
                 self._maybe_stage_groups()
                 self._maybe_rebalance()
                 self._persist()
+                self._alive()
                 if self.error or self.finished() or self._suspend_done():
                     break
                 if self.terminating and self.suspend_gen is None and \

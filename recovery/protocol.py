@@ -216,7 +216,38 @@ class LogReader:
 
 
 class CoordinatorAway(RuntimeError):
-    """The coordinator's store does not answer (it died or is restarting)."""
+    """The coordinator's store does not answer (it died, hangs, or is restarting)."""
+
+
+class _OpThread:
+    """Runs one store client's operations on a daemon thread, so a caller can give up on one: a
+    TCPStore request to a coordinator that hangs (SIGSTOP, a deadlock) never returns by itself.
+    A thread left blocked that way is abandoned with its connection; a new pair replaces both."""
+
+    def __init__(self):
+        import queue as _queue
+        self.q: "_queue.SimpleQueue" = _queue.SimpleQueue()
+        threading.Thread(target=self._loop, daemon=True, name="kintsugi-store-op").start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, box, done = self.q.get()
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                box.append((False, e))
+            done.set()
+
+    def run(self, fn, timeout_s: float):
+        box: list = []
+        done = threading.Event()
+        self.q.put((fn, box, done))
+        if not done.wait(timeout_s):
+            raise TimeoutError
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
 
 
 class Control:
@@ -229,12 +260,17 @@ class Control:
     in `on_new_boot` run (re-register, replay what it may have missed) before the queued records
     are written."""
 
+    # Each store operation waits at most this long: a hung coordinator (stopped, deadlocked) then
+    # costs the training thread seconds, not the minutes of a rendezvous timeout.
+    OP_TIMEOUT_S = 10.0
+
     def __init__(self, host: str, port: int, timeout_s: float = 60.0, store=None, token: Optional[str] = None):
         self.host, self.port, self.timeout_s = host, port, timeout_s
         self._lock = threading.RLock()
-        self.store = store if store is not None else connect(host, port, timeout_s)
+        self.store = store if store is not None else connect(host, port, min(timeout_s, self.OP_TIMEOUT_S))
         self.token = token
         self.auth: Optional[Auth] = None
+        self._ops = _OpThread()
         self.boot = self._read_boot()
         self.away_since: Optional[float] = None
         self.outbox: Deque[Tuple[str, Any]] = collections.deque(maxlen=100_000)
@@ -265,20 +301,27 @@ class Control:
         return self.away_since is not None
 
     def call(self, fn: Callable, *args):
-        """Run `fn(store, *args)`; CoordinatorAway if the store does not answer."""
+        """Run `fn(store, *args)`; CoordinatorAway if the store does not answer within
+        OP_TIMEOUT_S (a hung coordinator) or the connection fails (a dead one)."""
         if self.away_since is not None:
             raise CoordinatorAway("the coordinator is away")
-        try:
-            with self._lock:
-                return fn(self.store, *args)
-        except (RuntimeError, ConnectionError, OSError) as e:  # DistNetworkError is a RuntimeError
-            if isinstance(e, (KeyError, ValueError)):
-                raise
-            if self.away_since is None:
-                self.away_since = time.monotonic()
-                log.warning("lost the coordinator at %s:%d (%s); training goes on, reconnecting", self.host,
-                            self.port, str(e).splitlines()[0][:100])
-            raise CoordinatorAway(str(e)) from e
+        with self._lock:
+            store, ops = self.store, self._ops
+            try:
+                return ops.run(lambda: fn(store, *args), self.OP_TIMEOUT_S)
+            except TimeoutError:
+                self._ops = _OpThread()  # the blocked thread and its connection are left behind
+                self._lost(f"no answer within {self.OP_TIMEOUT_S:.0f}s")
+                raise CoordinatorAway("the coordinator does not answer") from None
+            except (RuntimeError, ConnectionError, OSError) as e:  # DistNetworkError is a RuntimeError
+                self._lost(str(e).splitlines()[0][:100])
+                raise CoordinatorAway(str(e)) from e
+
+    def _lost(self, why: str) -> None:
+        if self.away_since is None:
+            self.away_since = time.monotonic()
+            log.warning("lost the coordinator at %s:%d (%s); training goes on, reconnecting", self.host, self.port,
+                        why)
 
     # --- conveniences ---------------------------------------------------------------------------
     def get_json(self, key: str) -> Any:
@@ -316,15 +359,16 @@ class Control:
             return True
         if not port_open(self.host, self.port):
             return False
+        probe = _OpThread()  # a hung coordinator accepts connections but never answers
         try:
-            store = connect(self.host, self.port, timeout_s=min(self.timeout_s, 5.0))
-            if not store.check(["job"]):
+            store = probe.run(lambda: connect(self.host, self.port, timeout_s=min(self.timeout_s, 5.0)), 10.0)
+            if not probe.run(lambda: store.check(["job"]), 5.0):
                 return False  # a restarted coordinator still filling its store
-            boot = self._read_boot(store)
+            boot = probe.run(lambda: self._read_boot(store), 5.0)
         except Exception:  # noqa: BLE001 - not back yet
             return False
         with self._lock:
-            self.store = store
+            self.store, self._ops = store, probe
             new_boot = boot != self.boot
             self.boot = boot
             self.away_since = None

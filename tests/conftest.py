@@ -58,6 +58,17 @@ def run_benchmark(module: str, *args: str, timeout: float) -> dict:
     return dict(json.loads(lines[0]), _elapsed_s=time.time() - t0)
 
 
+def observed_batch_ids(rec, replicas=1):
+    """The batch a commit record says its step trained on. Stage 0 reports the ids it read; only a
+    data-parallel root writing another replica's record falls back to the shard's definition, and
+    says so ({"computed": ids})."""
+    ids = rec["batch_ids"]
+    if isinstance(ids, dict):
+        assert replicas > 1 and rec["replica"] != 0, f"step {rec['step']}: batch ids not observed"
+        return ids["computed"]
+    return ids
+
+
 def commits(records, replica=0):
     out = {}
     for r in records:

@@ -211,6 +211,14 @@ class FaultsConfig:
                                                      "use on: rebuild (or leave it out)")
             _check(isinstance(e.get("delay_s", 0), (int, float)) and e.get("delay_s", 0) >= 0,
                    f"faults.schedule[{i}].delay_s={e.get('delay_s')!r} must be a number >= 0")
+            if e.get("target") in ("spare", "stopped"):
+                unknown = set(e) - {"step", "kind", "target"}
+                _check(not unknown, f"faults.schedule[{i}] targets {e['target']} but has {sorted(unknown)}; use step, kind")
+                e.setdefault("kind", "kill" if e["target"] == "spare" else "cont")
+                _choice(f"faults.schedule[{i}].kind", e["kind"],
+                        ("kill", "stop", "term") if e["target"] == "spare" else ("cont",))
+                coordinator_events.append(e)
+                continue
             if e.get("target") == "coordinator":
                 unknown = set(e) - {"step", "kind", "on", "delay_s", "target"}
                 _check(not unknown, f"faults.schedule[{i}] targets the coordinator but has {sorted(unknown)}; "
@@ -221,7 +229,7 @@ class FaultsConfig:
                 coordinator_events.append(e)
                 continue
             _check(e.get("target", "slot") == "slot", f"faults.schedule[{i}].target={e.get('target')!r} is not "
-                                                      "valid; use target: coordinator (or leave it out)")
+                                                      "valid; use coordinator, spare or stopped (or leave it out)")
             e.pop("target", None)
             if "machine" in e:
                 both = sorted({"replica", "stage"} & set(e))

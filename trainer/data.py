@@ -494,6 +494,7 @@ class ShardedBatches:
         if self.batches_per_epoch == 0:
             raise ValueError(f"data.seq_len={seq_len}: replica {replica} has {len(self.local_ids)} sequences, fewer than one batch of {batch_size}; lower data.seq_len or the batch size, or use more data")
         self.position = 0
+        self.consumed = None
         self._perm_epoch, self._perm = -1, None
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -509,7 +510,9 @@ class ShardedBatches:
         return self.local_ids[perm[j * self.batch_size:(j + 1) * self.batch_size]].tolist()
 
     def batch_at(self, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _gather(self.tokens, self.batch_ids(k), self.seq_len)
+        ids = self.batch_ids(k)
+        self.consumed = (k, list(ids))  # what was actually read, for the commit record
+        return _gather(self.tokens, ids, self.seq_len)
 
     def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The batch of the step in progress; call `advance()` once that step commits."""

@@ -34,6 +34,7 @@ from .config import JobConfig
 log = logging.getLogger("kintsugi.launch")
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
 MAX_COORDINATOR_RESTARTS = 5
+HUNG_S = 20.0  # a coordinator whose liveness file is older than this is replaced
 
 
 def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -177,10 +178,23 @@ class LocalLauncher:
 
     def _coordinator_exit(self) -> Optional[int]:
         """The coordinator's exit code once it ended for good; a coordinator killed by a signal (not a
-        SIGTERM it handled) is started again on the same port from the state it persisted."""
+        SIGTERM it handled), or hung (its liveness file unchanged for `HUNG_S`), is started again on
+        the same port from the state it persisted."""
         rc = self.coordinator.poll()
         if rc is None:
-            return None
+            alive = os.path.join(self.run_dir, ".coordinator_alive")
+            try:
+                age = time.time() - os.path.getmtime(alive)
+            except OSError:
+                age = 0.0
+            if age > max(HUNG_S, 3 * self.job.recovery.heartbeat_timeout_s):
+                log.warning("the coordinator has not moved for %.0fs (hung or stopped); killing it", age)
+                self.coordinator.kill()
+                self.coordinator.wait()
+                os.utime(alive) if os.path.exists(alive) else None
+                rc = self.coordinator.poll()
+            else:
+                return None
         if rc >= 0 or self.restarts >= MAX_COORDINATOR_RESTARTS or \
                 not os.path.exists(os.path.join(self.run_dir, "control_state.json")):
             return rc
@@ -272,7 +286,8 @@ class LocalLauncher:
         committed = {}
 
         def reached(e) -> bool:
-            rs = range(self.job.parallel.replicas) if e.get("target") == "coordinator" else [e["replica"]]
+            whole = e.get("target") in ("coordinator", "spare", "stopped")  # the fleet's step: the leader's
+            rs = range(self.job.parallel.replicas) if whole else [e["replica"]]
             for r in rs:
                 if r not in committed:
                     rec = self.control.get_json_or(f"committed/{r}")
@@ -300,6 +315,23 @@ class LocalLauncher:
                             e["step"])
                 os.kill(self.coordinator.pid, SIGNALS[e["kind"]])
                 self.injected.append(dict(e, wid="coordinator", t=time.time()))
+                continue
+            if e.get("target") == "stopped":  # kind cont: every worker stopped earlier wakes up
+                for x in self.injected:
+                    p = self.procs.get(x["wid"])
+                    if x["kind"] == "stop" and p is not None and p.poll() is None:
+                        log.warning("resuming %s (SIGCONT) at step %d", x["wid"], e["step"])
+                        os.kill(p.pid, signal.SIGCONT)
+                continue
+            if e.get("target") == "spare":
+                held = set(self._slots().values())
+                spares = [w for w, p in self.procs.items() if p.poll() is None and w not in held]
+                if not spares:
+                    continue
+                wid = spares[0]
+                log.warning("injecting %s into spare %s at step %d", e["kind"], wid, e["step"])
+                os.kill(self.procs[wid].pid, SIGNALS[e["kind"]])
+                self.injected.append(dict(e, wid=wid, t=time.time()))
                 continue
             wid = self._slots().get(f"{e['replica']},{e['stage']}")
             proc = self.procs.get(wid)

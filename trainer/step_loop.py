@@ -272,6 +272,14 @@ class StepLoop:
         if self.nonfinite_run >= job.train.max_nonfinite:
             raise Diverged(step, self.nonfinite_run)
 
+    def _batch_ids(self, q: int, step: int):
+        """The sequences this step trained on: as stage 0 read them (observed), or, for another
+        replica's record or a stage that reads no tokens, as the shard defines them (marked)."""
+        consumed = self.w.data.consumed if q == self.slot[0] else None
+        if self.slot[1] == 0 and consumed is not None and consumed[0] == step:
+            return consumed[1]
+        return {"computed": self.shards[q].batch_ids(step)}
+
     def _record(self, q: int, step: int, total, t0: float, root: bool) -> dict:
         job, w = self.job, self.w
         S = job.parallel.stages
@@ -283,7 +291,7 @@ class StepLoop:
                "grad_norm": float(total[0]) ** 0.5 if finite else None,
                "grad_sq": float(total[0]) if finite else None, "tokens": job.train.batch_size * job.data.seq_len,
                "lr": w.state.optimizer.param_groups[0]["lr"], "step_s": time.time() - t0,
-               "batch_ids": self.shards[q].batch_ids(step), "cell_gen": self.plan["gen"],
+               "batch_ids": self._batch_ids(q, step), "cell_gen": self.plan["gen"],
                "layout_version": self.plan.get("layout_version", 0),
                "stage_compute_s": [round(float(x), 4) for x in total[2:2 + S]]}
         if w.diloco is not None:  # per stage, blocked on outer syncs since its previous commit

@@ -159,8 +159,12 @@ class Watcher(threading.Thread):
         c, w = self.control, self.w
         if self._mail is None:
             self._mail = c.reader(f"mail/{w.wid}")
-        self._mail.store, self._mail.auth = c.store, c.auth
-        for req in self._mail.poll():
+        self._mail.auth = c.auth
+
+        def poll(store):
+            self._mail.store = store
+            return self._mail.poll()
+        for req in c.call(poll):
             if req.get("kind") == "donate":
                 w.donor.request(req)
             elif req.get("kind") == "poison":  # faults kind poison (fault injection, from the launcher)
@@ -187,6 +191,7 @@ class Worker:
         self.dp_group: Optional[Group] = None
         self._retired: list = []
         self._divergences_handled: set = set()
+        self.state_valid = False  # the stage holds a real state (not weights waiting for a rebuild)
         self.recent = collections.deque(maxlen=4096)  # this stage's commit records (replayed after a restart)
         self.recent_lock = threading.Lock()
         self.leaving = threading.Event()
@@ -429,17 +434,22 @@ class Worker:
         new_here = slot is not None and self.slot != slot
         if new_here:
             self._take_slot(slot, plan)
+            # A fresh slot's initial weights are its state only where nothing is to be rebuilt
+            # (the first placement); a rebuilt one has a state once its rebuild completed.
+            self.state_valid = rebuild is None and plan.get("rollback") is None
         # Plain data-parallel: the stage groups live inside the cell (every replica, every step).
         self.dp_group = None
         if len(plan["replicas"]) > 1 and not self.job.diloco.enabled and slot is not None:
             self.dp_group = form_group(self.connect_store, f"cell{cell}/gen{gen}/stage{slot[1]}",
                                        plan["replicas"].index(slot[0]), len(plan["replicas"]), timeout, abort=abort)
-        committed = self._agree_on_step(plan, group, abort, has_state=not new_here and self.state is not None)
+        committed = self._agree_on_step(plan, group, abort,
+                                        has_state=not new_here and self.state is not None and self.state_valid)
         if leaving:
             self._hand_off(plan, transport)
             raise SystemExit(0)
         t_start = time.time()
         execute_plan(self, plan, grid, transport, slot, rebuild, committed, abort)
+        self.state_valid = True
         self._recover_from_divergence(plan)
         if plan.get("prev_layout") is not None and self.state.layer_ids != self._layer_ids(slot[1], plan["layout"]):
             from .relayout import relayout

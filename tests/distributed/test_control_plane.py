@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_trainer
+from conftest import ROOT, observed_batch_ids, run_trainer
 from trainer.data import DataConfig, ShardedBatches, load_tokens, prepare_corpus
 
 pytestmark = pytest.mark.distributed
@@ -44,7 +44,8 @@ def _exactly_once(records, replicas, steps, batch_size=16, seq_len=128):
         assert sorted(r["step"] for r in mine) == list(range(steps)), f"replica {q}: steps skipped or repeated"
         data = ShardedBatches(tokens, seq_len, batch_size, q, replicas, 0)
         for r in mine:
-            assert r["batch_ids"] == data.batch_ids(r["step"]), f"replica {q} step {r['step']} trained on the wrong batch"
+            assert observed_batch_ids(r, replicas) == data.batch_ids(r["step"]), \
+                f"replica {q} step {r['step']} trained on the wrong batch"
 
 
 def _losses(records, replica=0):

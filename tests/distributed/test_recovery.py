@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, commits, run_trainer
+from conftest import ROOT, commits, observed_batch_ids, run_trainer
 from recovery.rebuild import checkfree_average, from_positional, to_positional
 from trainer.data import DataConfig, ShardedBatches, load_tokens, prepare_corpus
 
@@ -31,7 +31,7 @@ def _check_every_batch_once(records, max_steps, batch_size=16, seq_len=128):
     corpus = prepare_corpus(DataConfig(max_files=300))
     data = ShardedBatches(load_tokens(corpus.train_path, corpus.dtype), seq_len, batch_size)
     for c in steps:
-        assert c["batch_ids"] == data.batch_ids(c["step"]), f"step {c['step']} trained on the wrong batch"
+        assert observed_batch_ids(c) == data.batch_ids(c["step"]), f"step {c['step']} trained on the wrong batch"
 
 
 def _load(dump_dir, pattern):
