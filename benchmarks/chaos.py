@@ -43,7 +43,7 @@ GRIDS = {
 }
 COMMON = ["experiment=quick", "train.eval_batches=1", "train.eval_every=0", "faults=none", "faults.spares=1",
           "logger=quiet", "recovery.heartbeat_timeout_s=2.0", "recovery.progress_timeout_s=20",
-          "recovery.spare_wait_s=60"]
+          "recovery.spare_wait_s=60", "recovery.embedding_copy_every=2"]
 STEPS = 16
 CASE_TIMEOUT_S = 300.0
 

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 Slot = Tuple[int, int]
 EX_SUSPENDED = 75  # EX_TEMPFAIL: the job saved its state and stopped; resume it (a batch script requeues)
 TERM_GRACE_S = 5.0  # after a SIGTERM, how long to wait for the workers' leave notices
+HOLD_RELAYED_S = 1.0  # how long a relayed replay waits for its root's own copy
 STATE_FILE = "control_state.json"
 LOGS = ("join", "rejoin", "suspect", "leave", "intent", "commit", "eval", "event", "ckpt", "suspended", "ready",
         "fault", "died")
@@ -119,6 +120,7 @@ class Coordinator:
         self.settle_s = max(0.25, 2 * rec["heartbeat_interval_s"])
         self.committed = {r: -1 for r in range(self.R)}
         self.recorded: Dict[int, Set[int]] = {r: set() for r in range(self.R)}
+        self.held: Dict[Tuple[int, int], Tuple[dict, float]] = {}  # relayed replays, see _on_commit
         self.totals: Dict[int, list] = {}
         from parallel.topology import per_stage_layers
         self.layout = layout or [len(x) for x in per_stage_layers(job["model"]["n_layers"], self.S,
@@ -561,6 +563,7 @@ class Coordinator:
             # The steps after the checkpoint are undone: training them again is no second commit.
             discarded[str(r)] = sorted(x for x in self.recorded[r] if x > k)
             self.recorded[r] = {x for x in self.recorded[r] if x <= k}
+            self.held = {key: v for key, v in self.held.items() if key[0] != r or key[1] <= k}
             self.committed[r] = k
             self.totals.pop(r, None)
             P.put_json(self.store, f"committed/{r}", {"step": k, "total": None}, auth=self.auth)
@@ -846,6 +849,24 @@ class Coordinator:
         r, k = int(c["replica"]), int(c["step"])
         if r not in self.recorded:
             raise ValueError(f"replica {r} is not in this job")
+        if c.get("replay") and c.get("relayed_by") is not None and k not in self.recorded[r]:
+            # A stage's copy of a commit its root wrote while the coordinator was away: the root's
+            # own copy (which names the batch stage 0 read) may follow from its outbox. Held a
+            # moment so that copy wins; released as it is if none comes.
+            self.held.setdefault((r, k), (c, time.monotonic()))
+            return
+        self._accept_commit(r, k, c)
+
+    def _release_held(self, all_: bool = False) -> None:
+        now = time.monotonic()
+        for key, (c, t) in list(self.held.items()):
+            if all_ or now - t > HOLD_RELAYED_S:
+                del self.held[key]
+                if key[1] not in self.recorded[key[0]]:
+                    self._accept_commit(key[0], key[1], c)
+
+    def _accept_commit(self, r: int, k: int, c: dict) -> None:
+        self.held.pop((r, k), None)
         if k in self.recorded[r]:
             if c.get("replay"):
                 return  # a worker replaying what a restarted coordinator may have missed
@@ -1114,6 +1135,7 @@ class Coordinator:
                     self.corpus = P.get_json_or(self.store, "corpus", auth=self.auth)
                     self._dirty = True
                 self._drain_logs()
+                self._release_held()
                 if self.started and self.suspend_gen is None:
                     self._check_heartbeats()
                     self._watchdog()
@@ -1153,6 +1175,7 @@ class Coordinator:
             self.store.add("version", 1)
         except RuntimeError:
             pass
+        self._release_held(all_=True)
         self._dirty = True
         self._persist()
         state = {"final_val_loss": self.final_val, "committed": self.committed, "rebuilds": self.rebuilds,
