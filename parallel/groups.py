@@ -64,8 +64,9 @@ class Group:
     """A formed group: the raw back-end plus the collectives the rest of the code uses. All
     methods return a work handle (`wait()`); a group of one rank needs no back-end at all."""
 
-    def __init__(self, pg, rank: int, size: int, name: str):
+    def __init__(self, pg, rank: int, size: int, name: str, store=None):
         self.pg, self._rank, self._size, self.name = pg, rank, size, name
+        self._store = store  # the formation's store client: it deletes this rank's keys on close
         self.closed = False
 
     @classmethod
@@ -134,8 +135,9 @@ class Group:
             return
         self.closed = True
         pg, self.pg = self.pg, None
+        store, self._store = self._store, None
         if pg is not None:
-            _reaper().put((pg, self._rank, self._size))
+            _reaper().put((pg, self._rank, self._size, store))
 
 
 class _Reaper(threading.Thread):
@@ -149,7 +151,7 @@ class _Reaper(threading.Thread):
 
     def run(self) -> None:
         while True:
-            pg, rank, size = self.q.get()
+            pg, rank, size, store = self.q.get()
             for peer in range(size):
                 if peer == rank:
                     continue
@@ -158,6 +160,21 @@ class _Reaper(threading.Thread):
                 except Exception:  # noqa: BLE001 - the expected timeout, or the pair was closed already
                     pass
             del pg  # the last reference: gloo's destructor runs here, not on a training thread
+            _forget(store, rank)
+            del store  # and the formation's store connection
+
+
+def _forget(store, rank: int) -> None:
+    """Delete this rank's formation keys (its presence key and gloo's address key): every peer read
+    them long ago (the group formed, or the formation failed for good), and a long run would
+    otherwise leave two keys per rank per generation in the store."""
+    if store is None:
+        return
+    for key in (f"here/{rank}", f"0/{rank}"):
+        try:
+            store.delete_key(key)
+        except Exception:  # noqa: BLE001 - the store is gone: nothing left to tidy
+            return
 
 
 _REAPER: Optional[_Reaper] = None
@@ -182,13 +199,14 @@ def form_group(connect: Callable[[], object], prefix: str, rank: int, size: int,
         return Group(None, 0, 1, name)
     result: dict = {}
     done = threading.Event()
+    lock = threading.Lock()  # who owns a group that forms after its caller gave up: see below
 
     def _form():
-        store = None
+        store = pg = None
         try:
             store = dist.PrefixStore(prefix, connect())
             store.set(f"here/{rank}", "1")
-            result["pg"] = dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s))
+            pg = dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout_s))
         except BaseException as e:  # noqa: BLE001 - surfaced in the caller's thread
             result["error"] = e
             if store is not None:
@@ -196,12 +214,26 @@ def form_group(connect: Callable[[], object], prefix: str, rank: int, size: int,
                     result["missing"] = [r for r in range(size) if not store.check([f"here/{r}"])]
                 except Exception:  # noqa: BLE001 - the store itself may be gone
                     result["missing"] = []
-        done.set()
+            _forget(store, rank)
+            store = None  # the exception keeps this frame alive: drop the connection now, not at gc
+        with lock:
+            if result.get("abandoned"):  # the caller left: nobody will ever close this group
+                if pg is not None:
+                    _reaper().put((pg, rank, size, store))
+                return
+            result["pg"], result["store"] = pg, store
+            done.set()
 
     threading.Thread(target=_form, daemon=True, name=f"kintsugi-form-{name}").start()
     t0 = time.monotonic()
     while not done.wait(poll_s):
         if abort is not None and abort.is_set():
+            with lock:
+                if not done.is_set():
+                    result["abandoned"] = True
+                    raise Aborted(f"group {name} abandoned while forming")
+            if result.get("pg") is not None:  # it formed just now: close it, the caller gave up
+                Group(result["pg"], rank, size, name, result["store"]).close()
             raise Aborted(f"group {name} abandoned while forming")
     if "error" in result:
         err = result["error"]
@@ -209,4 +241,4 @@ def form_group(connect: Callable[[], object], prefix: str, rank: int, size: int,
         raise FormationError(f"group {name} (rank {rank} of {size}) did not form after "
                              f"{time.monotonic() - t0:.1f}s: {str(err).splitlines()[0][:160]}"
                              + (f"; ranks never arrived: {missing}" if missing else ""), missing) from err
-    return Group(result["pg"], rank, size, name)
+    return Group(result["pg"], rank, size, name, result["store"])

@@ -12,6 +12,8 @@ action always has its input available.
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -108,12 +110,34 @@ def one_f_one_b_actions(stage: int, num_stages: int, num_microbatches: int) -> L
     return acts
 
 
+def _messages(routes: Sequence[Route], a: Action):
+    """(received, sent) by action `a`: each None or ((src stage, dst stage), message id)."""
+    kind, mb, h = a
+    route = routes[mb]
+    here = route[h].stage
+    if kind == "F":
+        recv = ((route[h - 1].stage, here), ("F", mb, h)) if h > 0 else None
+        send = ((here, route[h + 1].stage), ("F", mb, h + 1)) if HEAD not in route[h].parts else None
+    else:
+        recv = ((route[h + 1].stage, here), ("B", mb, h + 1)) if HEAD not in route[h].parts else None
+        send = ((here, route[h - 1].stage), ("B", mb, h)) if h > 0 else None
+    return recv, send
+
+
 def simulated_1f1b(routes: Sequence[Route], num_stages: int) -> Dict[int, List[Action]]:
     """1F1B for arbitrary routes (CheckFree+'s alternating ones), by simulating a run in unit-time
     ticks: each tick every stage runs one ready action, a backward first, else the next forward if
     fewer than S - s microbatches are in flight on it (the classic 1F1B memory bound). Each stage's
     order is the order it ran things in the simulation, so all orders fit one global topological
-    order and the real run cannot deadlock."""
+    order and the real run cannot deadlock.
+
+    Every directed edge is first-in first-out: an action that receives is ready only once its
+    message is the oldest one unreceived on that edge. So on every edge the receiver takes messages
+    in the order the sender sent them, which a back-end that ignores tags and matches point-to-point
+    messages in issue order (NCCL) needs; without it, CheckFree+'s swapped routes made e.g. stage 0
+    send F(mb2) then B(mb1) while stage 1 received B(mb1) then F(mb2): same shapes, silently
+    swapped. The head of every edge's queue is always ready, so the FIFO rule cannot stall the
+    simulation; if the memory bound would, it is waived for that tick."""
     done = set()
     pending = {s: [] for s in range(num_stages)}
     for mb, r in enumerate(routes):
@@ -123,31 +147,44 @@ def simulated_1f1b(routes: Sequence[Route], num_stages: int) -> Dict[int, List[A
     order: Dict[int, List[Action]] = {s: [] for s in range(num_stages)}
     started = {s: set() for s in range(num_stages)}   # microbatches with a forward here
     finished = {s: set() for s in range(num_stages)}  # ... whose every backward here is done
+    queues: Dict[Tuple[int, int], List[tuple]] = {}   # per directed edge, messages sent, not received
 
     def ready(a):
         kind, mb, h = a
-        if kind == "F":
-            return h == 0 or ("F", mb, h - 1) in done
-        last = len(routes[mb]) - 1
-        return ("F", mb, h) in done and (h == last or ("B", mb, h + 1) in done)
+        recv, _ = _messages(routes, a)
+        if kind == "B" and ("F", mb, h) not in done:
+            return False
+        if recv is None:
+            return True
+        q = queues.get(recv[0])
+        return bool(q) and q[0] == recv[1]
 
-    while any(pending.values()):
-        tick = []
-        for s in range(num_stages):
-            cands = [a for a in pending[s] if ready(a)]
-            bwd = sorted(a for a in cands if a[0] == "B")
-            fwd = sorted((a for a in cands if a[0] == "F"), key=lambda a: (a[1], a[2]))
+    def pick(s, bounded):
+        cands = [a for a in pending[s] if ready(a)]
+        bwd = sorted(a for a in cands if a[0] == "B")
+        if bwd:
+            return bwd[0]
+        fwd = sorted((a for a in cands if a[0] == "F"), key=lambda a: (a[1], a[2]))
+        if bounded:
             limit = num_stages - s
             fwd = [a for a in fwd if a[1] in started[s] or len(started[s] - finished[s]) < limit]
-            pick = bwd[0] if bwd else (fwd[0] if fwd else None)
-            if pick is not None:
-                tick.append((s, pick))
+        return fwd[0] if fwd else None
+
+    while any(pending.values()):
+        tick = [(s, a) for s in range(num_stages) if (a := pick(s, True)) is not None]
         if not tick:
-            raise RuntimeError("1F1B simulation stalled")  # cannot happen with a limit >= 1
+            tick = [(s, a) for s in range(num_stages) if (a := pick(s, False)) is not None]
+        if not tick:
+            raise RuntimeError("1F1B simulation stalled")  # cannot happen: an edge's oldest message is ready
         for s, a in tick:
             pending[s].remove(a)
             order[s].append(a)
             done.add(a)
+            recv, send = _messages(routes, a)
+            if recv is not None:
+                queues[recv[0]].pop(0)
+            if send is not None:
+                queues.setdefault(send[0], []).append(send[1])
             if a[0] == "F":
                 started[s].add(a[1])
             elif not any(x[1] == a[1] and x[0] == "B" for x in pending[s]):
@@ -179,10 +216,19 @@ class StageExecutor:
 
     def __init__(self, model, stage: int, num_stages: int, transport: Transport,
                  rank_of_stage: Callable[[int], int], hidden_dim: int,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 autocast_dtype: Optional[torch.dtype] = None, device_type: str = "cpu"):
         self.model, self.stage, self.num_stages = model, stage, num_stages
         self.transport, self.rank_of_stage = transport, rank_of_stage
         self.hidden_dim, self.loss_fn = hidden_dim, loss_fn
+        # Mixed precision: the forward runs under autocast (weights stay fp32); what leaves the
+        # stage is fp32, so the wire format and the receiver's buffers do not depend on it.
+        self.autocast_dtype, self.device_type = autocast_dtype, device_type
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype)
 
     @staticmethod
     def _tag(mb: int, hop: int, backward: bool) -> int:
@@ -208,13 +254,15 @@ class StageExecutor:
                                             self.rank_of_stage(route[h - 1].stage), self._tag(mb, h, False))
                     x.requires_grad_(train)
                 with torch.set_grad_enabled(train):
-                    out = run_parts(self.model, hop.parts, x)
+                    with self._autocast():
+                        out = run_parts(self.model, hop.parts, x)
                     if HEAD in hop.parts:
                         tgt = targets[mb * mb_size:(mb + 1) * mb_size]
-                        out = self.loss_fn(out, tgt) / num_mb
+                        out = self.loss_fn(out.float(), tgt) / num_mb  # the loss in fp32
                         loss_total += out.detach().to(torch.float64)
                         has_loss = True
                     else:
+                        out = out.float()  # a no-op in fp32
                         self.transport.send(out, self.rank_of_stage(route[h + 1].stage), self._tag(mb, h + 1, False))
                 if train:
                     saved[(mb, h)] = (x, out)

@@ -44,6 +44,7 @@ from .tiers import Unrecoverable, plan_rebuilds
 log = logging.getLogger(__name__)
 Slot = Tuple[int, int]
 EX_SUSPENDED = 75  # EX_TEMPFAIL: the job saved its state and stopped; resume it (a batch script requeues)
+EX_RECORD = 74  # EX_IOERR: training finished, but its record could not be written whole (disk full)
 TERM_GRACE_S = 5.0  # after a SIGTERM, how long to wait for the workers' leave notices
 HOLD_RELAYED_S = 1.0  # how long a relayed replay waits for its root's own copy
 STATE_FILE = "control_state.json"
@@ -121,6 +122,7 @@ class Coordinator:
         self.committed = {r: -1 for r in range(self.R)}
         self.recorded: Dict[int, Set[int]] = {r: set() for r in range(self.R)}
         self.held: Dict[Tuple[int, int], Tuple[dict, float]] = {}  # relayed replays, see _on_commit
+        self.peak_bytes: Dict[int, int] = {}  # per stage, the largest peak any holder reported
         self.totals: Dict[int, list] = {}
         from parallel.topology import per_stage_layers
         self.layout = layout or [len(x) for x in per_stage_layers(job["model"]["n_layers"], self.S,
@@ -341,6 +343,9 @@ class Coordinator:
                 continue
             if n != w.hb:
                 w.hb, w.hb_changed, w.status = n, now, status
+                stage, peak = status.get("stage"), status.get("peak_bytes")
+                if isinstance(stage, int) and isinstance(peak, int):  # memory.peak_bytes per stage
+                    self.peak_bytes[stage] = max(self.peak_bytes.get(stage, 0), peak)
             elif now - w.hb_changed > self.hb_timeout:
                 self._declare_dead(w.wid, f"no heartbeat for {now - w.hb_changed:.1f}s")
 
@@ -1165,6 +1170,13 @@ class Coordinator:
                      if self.suspend_lost else "")
                   + f"; continue with train.resume={os.path.abspath(self.run_dir)}", file=sys.stderr)
             return EX_SUSPENDED
+        lost = [f"{name}: {err}" for name, err in (("metrics.jsonl", getattr(self, "_write_error", None)),
+                                                    (STATE_FILE, getattr(self, "_persist_error", None))) if err]
+        if lost:
+            print(f"kintsugi: training finished, but its record is incomplete ({'; '.join(lost)}); "
+                  "free space in the run directory -- the final weights and summary.json say what was kept",
+                  file=sys.stderr)
+            return EX_RECORD
         return 0
 
     def _finish_run(self, clean: bool) -> None:
@@ -1188,9 +1200,11 @@ class Coordinator:
                                if self.suspend_gen is not None else None),
                  "suspend_lost": [list(s) for s in self.suspend_lost] or None,
                  "write_error": getattr(self, "_write_error", None),
+                 "persist_error": getattr(self, "_persist_error", None),
                  "checkpoint_errors": self.checkpoint_errors or None,
                  "refused_joins": self.refused_joins, "forged_records_dropped": self.auth.dropped_count,
-                 "nonfinite_steps": self.nonfinite_steps, "divergences": self.divergences}
+                 "nonfinite_steps": self.nonfinite_steps, "divergences": self.divergences,
+                 "memory": {"peak_bytes": {str(s): v for s, v in sorted(self.peak_bytes.items())}}}
         if self.tracker is not None:
             try:
                 self.tracker.finish(state)

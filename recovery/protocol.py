@@ -8,7 +8,8 @@ can be read in one place:
   boot                      this coordinator incarnation's id: a new one means it was restarted
   version                   bumped after every publication below: watchers poll only this key
   started                   the first placement is published
-  join/<i>                  log of join requests (worker id, token, pid, host); ack/<wid> = ok | refused
+  join/<i>                  log of join requests (worker id, pid, host; the seal proves the token,
+                            which is never sent); ack/<wid> = ok | refused
   rejoin/<i>                log of workers re-registering with a restarted coordinator (their state)
   hb/<wid>                  the worker's status (JSON: beat counter, cell, generation, step, phase)
   bytes/<wid>               bytes the worker sent, per channel (JSON), refreshed by the heartbeat
@@ -35,7 +36,9 @@ can be read in one place:
 
 Every value but `run_id`, `version` and the logs' `n` counters is a sealed record (recovery.auth):
 an HMAC keyed from the token over the key (or log name and index) and the incarnation. Readers drop
-what does not verify. Counters only say "look again"; nothing trusts them for content.
+what does not verify. Counters only say "look again"; nothing trusts them for content. Logs are
+deleted as they are read, and groups delete their formation keys when they close
+(parallel.groups), so the store does not grow with the run's length.
 """
 from __future__ import annotations
 

@@ -21,6 +21,17 @@ class ConfigError(ValueError):
     """A user configuration mistake; its message is a single line naming the key and the fix."""
 
 
+def cuda_available() -> bool:
+    import torch
+    return bool(torch.cuda.is_available())
+
+
+def resolved_device(device: str) -> str:
+    """`train.device` as the worker uses it. auto is the CPU until CUDA stages exist (issue 14):
+    never a half-working GPU path."""
+    return "cpu" if device == "auto" else device
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -52,6 +63,12 @@ class TrainConfig:
     # many in a row and the replica rolls back (to its outer global copy under Streaming DiLoCo, else
     # the last checkpoint) with half the learning rate, or the run stops saying so.
     max_nonfinite: int = 3
+    # Where each stage trains: auto = a CUDA device when one is visible, else the CPU.
+    device: str = "auto"          # auto | cpu | cuda
+    # bf16 autocast of the forward (fp32 master weights, optimizer state, loss and gradient norm;
+    # CheckFree averages and DiLoCo outer steps stay fp32). Activations cross the network as fp32.
+    precision: str = "fp32"       # fp32 | bf16
+    activation_checkpointing: bool = False  # recompute each decoder block in the backward
 
     def __post_init__(self):
         _check(self.max_steps >= 1, f"train.max_steps={self.max_steps} must be >= 1")
@@ -67,6 +84,12 @@ class TrainConfig:
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         _check(self.max_nonfinite >= 1, f"train.max_nonfinite={self.max_nonfinite} must be >= 1")
         _choice("train.optimizer", self.optimizer, ("adamw", "deepspeed_adam", "deepspeed_cpu_adam"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.precision", self.precision, ("fp32", "bf16"))
+        if self.device == "cuda":
+            _check(cuda_available(), "train.device=cuda: no CUDA device is visible here (torch.cuda.is_available() "
+                                     "is False); use train.device=auto or train.device=cpu")
+            _check(False, "train.device=cuda: CUDA stages are not implemented yet (issue 14); use train.device=cpu")
         if self.optimizer != "adamw":
             from .optim import check_optimizer
             check_optimizer(self.optimizer)  # deepspeed installed, ninja + a C++ compiler present
@@ -96,8 +119,11 @@ class ParallelConfig:
         _check(self.replicas >= 1, f"parallel.replicas={self.replicas} must be >= 1")
         _choice("parallel.schedule", self.schedule, ("gpipe", "1f1b"))
         _choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
-        _check(self.backend != "nccl", "parallel.backend=nccl: GPU training is not implemented yet; use "
-                                       "parallel.backend=auto (gloo on CPU)")
+        if self.backend == "nccl":
+            _check(cuda_available(), "parallel.backend=nccl needs CUDA stages, and no CUDA device is visible here; "
+                                     "use parallel.backend=auto (gloo)")
+            _check(False, "parallel.backend=nccl: the NCCL data plane is not implemented yet (issue 14); use "
+                          "parallel.backend=auto (gloo)")
         if self.layers_per_stage is not None:
             self.layers_per_stage = list(self.layers_per_stage)
             _check(len(self.layers_per_stage) == self.stages,

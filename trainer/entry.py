@@ -38,6 +38,8 @@ def prepare_corpus_and_model(job: JobConfig) -> dict:
 
 def train(job: JobConfig, run_dir: str) -> int:
     """Prepare the corpus, run the job with the configured launcher, write the outputs."""
+    from recovery.coordinator import EX_RECORD
+
     from .outputs import write_outputs
 
     t0 = time.time()
@@ -66,6 +68,8 @@ def train(job: JobConfig, run_dir: str) -> int:
             log.info("done: final val loss %s, %d steps, %.0f tokens/s, %d failures, %d rebuilds -> %s",
                      summary["final_val_loss"], summary["steps"], summary["tokens_per_s"], summary["failures"],
                      len(summary["rebuilds"]), run_dir)
+            if rc == 0 and summary.get("write_error"):
+                rc = EX_RECORD  # trained, but the record on disk is not whole: never a silent 0
     return rc
 
 

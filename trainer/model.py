@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -170,6 +171,7 @@ class Llama(nn.Module):
         if len(set(ids)) != len(ids) or any(not 0 <= i < cfg.n_layers for i in ids):
             raise ValueError(f"layer_ids={list(layer_ids)}: must be distinct indices in [0, model.n_layers={cfg.n_layers})")
         self.cfg, self.layer_ids = cfg, ids
+        self.activation_checkpointing = False  # train.activation_checkpointing sets it per stage
         self.has_embedding, self.has_head = has_embedding, has_head
         if has_embedding:
             self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -202,9 +204,7 @@ class Llama(nn.Module):
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.cfg.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
         h = self.tok_embeddings(x) if self.has_embedding else x
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
-        for i in self.layer_ids:
-            h = self.layers[str(i)](h, cos, sin)
+        h = self._blocks(h, t)
         if self.has_head:
             return self.output(self.norm(h))
         return h
@@ -215,10 +215,17 @@ class Llama(nn.Module):
         return self.tok_embeddings(ids)
 
     def forward_layers(self, h: torch.Tensor) -> torch.Tensor:
-        t = h.shape[1]
+        return self._blocks(h, h.shape[1])
+
+    def _blocks(self, h: torch.Tensor, t: int) -> torch.Tensor:
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i in self.layer_ids:
-            h = self.layers[str(i)](h, cos, sin)
+            block = self.layers[str(i)]
+            if recompute:  # keep only the block's input; its activations are recomputed in the backward
+                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, use_reentrant=False)
+            else:
+                h = block(h, cos, sin)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

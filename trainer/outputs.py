@@ -52,6 +52,8 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
     commits, evals, events = read_metrics(run_dir)
     by_channel: Dict[str, int] = state.get("bytes", {})
     steps = max((c["step"] for c in commits), default=-1) + 1
+    if state.get("write_error"):  # metrics.jsonl has a gap: the coordinator's own count stands
+        steps = max([steps] + [int(k) + 1 for k in (state.get("committed") or {}).values()])
     # What per-step data-parallel all-reduce of fp32 gradients would have sent (ring: 2(R-1)/R x size
     # per replica per step), for comparison with the outer syncs.
     R = job.parallel.replicas
@@ -79,11 +81,18 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         "divergences": state.get("divergences", 0),
         "forged_records_dropped": state.get("forged_records_dropped", 0),
         "checkpoint_errors": state.get("checkpoint_errors"),
+        "memory": state.get("memory"),
+        "write_error": state.get("write_error"),
+        "persist_error": state.get("persist_error"),
         "error": state.get("error"),
         "config": job.public_dict(),
     }
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        f.write(dumps_strict(summary, indent=1))  # a NaN loss becomes null: the file stays valid JSON
+    try:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            f.write(dumps_strict(summary, indent=1))  # a NaN loss becomes null: the file stays valid JSON
+    except OSError as e:  # disk full: the caller still reports the run (and its exit code shows it)
+        log.error("cannot write summary.json (%s)", e)
+        summary["write_error"] = summary["write_error"] or f"summary.json: {e}"
     try:
         plot_loss(os.path.join(run_dir, "loss.png"), commits, evals, summary["rebuilds"])
     except Exception as e:  # noqa: BLE001 - a plot must never fail a finished run

@@ -31,6 +31,7 @@ class StageState:
         self.is_first, self.is_last = stage == 0, stage == S - 1
         self.model = Llama(job.model, self.layer_ids, has_embedding=self.is_first, has_head=self.is_last,
                            seed=job.train.seed + seed_offset)
+        self.model.activation_checkpointing = job.train.activation_checkpointing
         self.lr_scale = 1.0
         self.grad_norm = 1.0          # CheckFree weight before any gradient exists
         self.step_done = -1           # last step whose optimizer step ran on this stage

@@ -148,7 +148,8 @@ class StepLoop:
         self.routes = routes_for(S, job.train.microbatches, alternate=worker.alternate())
         self.actions = actions_for(job.parallel.schedule, s, S, self.routes)
         self.executor = StageExecutor(worker.state.model, s, S, transport, lambda stage: self.pipe[stage],
-                                      job.model.dim, cross_entropy_loss)
+                                      job.model.dim, cross_entropy_loss,
+                                      autocast_dtype=torch.bfloat16 if job.train.precision == "bf16" else None)
         # The data-parallel baseline keeps every replica on the same step (its gradient all-reduce
         # pairs step k with step k), so its commit spans all replicas: one chain through every
         # slot of the cell commits step k for all replicas or for none.

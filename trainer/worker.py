@@ -51,6 +51,15 @@ log = logging.getLogger("kintsugi.worker")
 EX_RESUMABLE = 75
 
 
+
+def peak_memory_bytes() -> int:
+    """This process's peak memory: the CUDA allocator's peak on a GPU stage, else the peak resident
+    set size (Linux reports ru_maxrss in KiB)."""
+    import resource
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
 class Shutdown(Exception):
     pass
 
@@ -124,7 +133,8 @@ class Watcher(threading.Thread):
         self._n += 1
         w = self.w
         status = {"n": self._n, "cell": self.working_cell, "cell_gen": self.working_gen, "phase": self.phase,
-                  "step": w.state.step_done if w.state is not None else None}
+                  "step": w.state.step_done if w.state is not None else None,
+                  "stage": w.slot[1] if w.slot is not None else None, "peak_bytes": peak_memory_bytes()}
         self.control.put_json(f"hb/{w.wid}", status)
         self.control.put_json(f"bytes/{w.wid}", w.counter.as_dict())
         if w.leaving.is_set() and not self._intent_sent:

@@ -93,3 +93,33 @@ def test_resume_of_a_run_without_checkpoints_is_a_one_line_error(tmp_path):
     from trainer.cli import validate_overrides
     msg = validate_overrides([f"train.resume={tmp_path}"])
     assert msg and "train.resume" in msg and "checkpoint_every" in msg and "\n" not in msg
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, uninterrupted):
+    # The job dies after step 9 (checkpoints at steps 3 and 7); then one data file of step 7 is cut
+    # short, as a crash mid-copy or a full disk leaves it. Resume must name the bad file, continue
+    # from step 3 (every slot: an exact state that cannot be restored is never rebuilt
+    # approximately) and follow the uninterrupted curve bit for bit.
+    run_dir = tmp_path / "damaged"
+    job = _start(run_dir)
+    _wait_for_step(run_dir, 9)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    victim = run_dir / "checkpoints" / "step_7" / "r0s2"
+    data = max((p for p in victim.iterdir() if p.name != "MANIFEST.json"), key=lambda p: p.stat().st_size)
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    proc, _, _ = run_trainer(tmp_path / "unused", *ARGS, f"train.resume={run_dir}")
+    assert "step_7/r0s2" in proc.stderr and data.name in proc.stderr, proc.stderr[-3000:]
+    assert "resuming from an older step" in proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rebuilds"] == [] and summary["failures"] == 0, "a slot was rebuilt approximately"
+    got = _resumed_curve(run_dir)
+    assert sorted(got) == list(range(12))
+    for k in range(12):
+        assert got[k] == uninterrupted[k], (k, got[k], uninterrupted[k])
+    # Steps 4..7 were trained twice (once before the kill, once after resuming from step 3): the
+    # record keeps both and the second is not marked a duplicate (the first was undone).
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line and "val_loss" not in line and '"event"' not in line]
+    assert all(steps.count(k) >= 2 for k in range(4, 8)), steps

@@ -44,6 +44,8 @@ def test_default_job_is_the_documented_one():
     (["parallel.layers_per_stage=[1,2]"], "parallel.layers_per_stage has 2 entries"),
     (["faults.schedule=[{step: 5, stage: 9}]"], "faults.schedule[0].stage=9"),
     (["model.n_heads=3"], "model.n_heads"),
+    (["train.precision=fp16"], "train.precision='fp16' is not valid"),
+    (["train.device=tpu"], "train.device='tpu' is not valid"),
 ])
 def test_bad_config_is_one_line_naming_the_key(overrides, needle):
     msg = validate_overrides(overrides)
@@ -86,3 +88,13 @@ def test_job_config_round_trips_through_json():
     job, _ = compose_job(["parallel=grid2x4", "faults=demo"])
     again = JobConfig.from_dict(job.to_dict())
     assert again == job
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("override,needle", [
+    ("train.device=cuda", "train.device=cuda: no CUDA device is visible here"),
+    ("parallel.backend=nccl", "parallel.backend=nccl needs CUDA stages"),
+])
+def test_cuda_or_nccl_without_cuda_is_one_line(override, needle):
+    msg = validate_overrides([override])
+    assert msg is not None and needle in msg and "\n" not in msg, msg
