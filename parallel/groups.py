@@ -164,13 +164,13 @@ class _Reaper(threading.Thread):
             del store  # and the formation's store connection
 
 
-def _forget(store, rank: int) -> None:
-    """Delete this rank's formation keys (its presence key and gloo's address key): every peer read
-    them long ago (the group formed, or the formation failed for good), and a long run would
-    otherwise leave two keys per rank per generation in the store."""
+def _forget(store, rank: int, presence: bool = True) -> None:
+    """Delete this rank's formation keys (gloo's address key and, with `presence`, the presence
+    key): every peer read them long ago (the group formed and is closing, or the formation was
+    given up), and a long run would otherwise leave two keys per rank per generation."""
     if store is None:
         return
-    for key in (f"here/{rank}", f"0/{rank}"):
+    for key in ((f"here/{rank}",) if presence else ()) + (f"0/{rank}",):
         try:
             store.delete_key(key)
         except Exception:  # noqa: BLE001 - the store is gone: nothing left to tidy
@@ -214,12 +214,18 @@ def form_group(connect: Callable[[], object], prefix: str, rank: int, size: int,
                     result["missing"] = [r for r in range(size) if not store.check([f"here/{r}"])]
                 except Exception:  # noqa: BLE001 - the store itself may be gone
                     result["missing"] = []
-            _forget(store, rank)
-            store = None  # the exception keeps this frame alive: drop the connection now, not at gc
         with lock:
-            if result.get("abandoned"):  # the caller left: nobody will ever close this group
-                if pg is not None:
-                    _reaper().put((pg, rank, size, store))
+            abandoned = result.get("abandoned")
+            if pg is None:
+                # Failed: gloo's address key goes; the presence key stays while the caller may still
+                # report the formation (peers name the ranks whose presence key is missing, and a
+                # live rank named there would be declared dead). An abandoned formation (the
+                # generation moved on) reports nothing: both go.
+                _forget(store, rank, presence=bool(abandoned))
+                store = None  # the exception keeps this frame alive: drop the connection now, not at gc
+            elif abandoned:  # the caller left: nobody will ever close this group
+                _reaper().put((pg, rank, size, store))
+            if abandoned:
                 return
             result["pg"], result["store"] = pg, store
             done.set()

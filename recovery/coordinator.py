@@ -46,6 +46,7 @@ Slot = Tuple[int, int]
 EX_SUSPENDED = 75  # EX_TEMPFAIL: the job saved its state and stopped; resume it (a batch script requeues)
 EX_RECORD = 74  # EX_IOERR: training finished, but its record could not be written whole (disk full)
 TERM_GRACE_S = 5.0  # after a SIGTERM, how long to wait for the workers' leave notices
+END_GRACE_S = 3.0  # after the last step and the final evaluation, wait at most this for end markers
 HOLD_RELAYED_S = 1.0  # how long a relayed replay waits for its root's own copy
 STATE_FILE = "control_state.json"
 LOGS = ("join", "rejoin", "suspect", "leave", "intent", "commit", "eval", "event", "ckpt", "suspended", "ready",
@@ -1130,7 +1131,18 @@ class Coordinator:
             log.warning("SIGTERM: waiting up to %.0fs for the workers to suspend", TERM_GRACE_S)
 
     def finished(self) -> bool:
-        return all(k >= self.max_steps - 1 for k in self.committed.values()) and self.final_val is not None
+        """Every step committed and the final evaluation in; then a moment (END_GRACE_S at most)
+        for every slot holder's end marker, which follows its final byte counts."""
+        if not (all(k >= self.max_steps - 1 for k in self.committed.values()) and self.final_val is not None):
+            return False
+        now = time.monotonic()
+        self._finished_at = getattr(self, "_finished_at", None) or now
+        if now - self._finished_at > END_GRACE_S:
+            return True
+        try:
+            return self.store.check([f"end/{wid}" for wid in set(self.slots.values())])
+        except RuntimeError:
+            return True
 
     def serve(self, poll_s: float = 0.01) -> int:
         clean = False
@@ -1172,6 +1184,7 @@ class Coordinator:
             return EX_SUSPENDED
         lost = [f"{name}: {err}" for name, err in (("metrics.jsonl", getattr(self, "_write_error", None)),
                                                     (STATE_FILE, getattr(self, "_persist_error", None))) if err]
+        lost += self.final_errors
         if lost:
             print(f"kintsugi: training finished, but its record is incomplete ({'; '.join(lost)}); "
                   "free space in the run directory -- the final weights and summary.json say what was kept",
@@ -1188,6 +1201,14 @@ class Coordinator:
         except RuntimeError:
             pass
         self._release_held(all_=True)
+        self.final_errors = []  # final weights a stage could not write (disk full)
+        for s in range(self.S):
+            try:
+                err = P.get_json_or(self.store, f"final_error/{s}", None, auth=self.auth)
+            except (RuntimeError, ValueError):
+                err = None
+            if err:
+                self.final_errors.append(str(err))
         self._dirty = True
         self._persist()
         state = {"final_val_loss": self.final_val, "committed": self.committed, "rebuilds": self.rebuilds,
@@ -1201,6 +1222,7 @@ class Coordinator:
                  "suspend_lost": [list(s) for s in self.suspend_lost] or None,
                  "write_error": getattr(self, "_write_error", None),
                  "persist_error": getattr(self, "_persist_error", None),
+                 "final_errors": self.final_errors or None,
                  "checkpoint_errors": self.checkpoint_errors or None,
                  "refused_joins": self.refused_joins, "forged_records_dropped": self.auth.dropped_count,
                  "nonfinite_steps": self.nonfinite_steps, "divergences": self.divergences,
@@ -1226,7 +1248,7 @@ class Coordinator:
 
 
 def _read_jsonl(path: str):
-    if not os.path.exists(path):
+    if not os.path.isfile(path):  # absent, or a device / FIFO whose reading may never end
         return
     with open(path) as f:
         for line in f:

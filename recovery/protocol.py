@@ -13,6 +13,9 @@ can be read in one place:
   rejoin/<i>                log of workers re-registering with a restarted coordinator (their state)
   hb/<wid>                  the worker's status (JSON: beat counter, cell, generation, step, phase)
   bytes/<wid>               bytes the worker sent, per channel (JSON), refreshed by the heartbeat
+                            and written once more when it finished training
+  end/<wid>                 the worker finished training (its final bytes/<wid> are in)
+  final_error/<s>           stage s could not write its final weights (disk full): the run exits 74
   cell/<c>                  the newest plan of cell c: the replicas whose pipelines are trained as
                             one unit (a replica under Streaming DiLoCo; all replicas when plain
                             data-parallel couples them every step), with its generation number

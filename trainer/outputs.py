@@ -23,9 +23,15 @@ def read_metrics(run_dir: str):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return commits, evals, events
+    if not os.path.isfile(path):  # a device or FIFO in its place: reading it may never end
+        log.warning("%s is not a regular file; the summary is made without it", path)
+        return commits, evals, events
     with open(path) as f:
         for line in f:
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash or a full disk
             if "event" in rec:
                 events.append(rec["event"])
             elif "val_loss" in rec:
@@ -59,6 +65,8 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
     R = job.parallel.replicas
     dp_equiv = int(2 * (R - 1) / R * param_count(job) * 4 * steps * R) if R > 1 else 0
     tokens = sum(c.get("tokens", 0) for c in commits)
+    if state.get("write_error"):  # metrics.jsonl has a gap: the coordinator counted every commit
+        tokens = max(tokens, int(state.get("tokens") or 0))
     summary = {
         "final_val_loss": state.get("final_val_loss"),
         "steps": steps,
@@ -84,6 +92,7 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         "memory": state.get("memory"),
         "write_error": state.get("write_error"),
         "persist_error": state.get("persist_error"),
+        "final_errors": state.get("final_errors"),
         "error": state.get("error"),
         "config": job.public_dict(),
     }

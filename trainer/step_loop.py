@@ -207,6 +207,11 @@ class StepLoop:
             if not done_already:
                 self.evaluate(job.train.max_steps, final=True)
             self._save_final()
+        try:  # the final byte counts (the heartbeat's may predate the final evaluation), then "done"
+            w.control.put_json(f"bytes/{w.wid}", w.counter.as_dict())
+            w.control.put_json(f"end/{w.wid}", True)
+        except Exception:  # noqa: BLE001 - the coordinator is away: it reads the heartbeat's counts
+            pass
         w._wait_for_shutdown()
         return True
 
@@ -331,5 +336,14 @@ class StepLoop:
         os.makedirs(out, exist_ok=True)
         stage = self.slot[1]
         sd = {k: v.detach().contiguous() for k, v in self.w.state.model.state_dict().items()}
-        save_file(sd, os.path.join(out, f"stage{stage}.safetensors.tmp"))
-        os.replace(os.path.join(out, f"stage{stage}.safetensors.tmp"), os.path.join(out, f"stage{stage}.safetensors"))
+        tmp = os.path.join(out, f"stage{stage}.safetensors.tmp")
+        try:
+            save_file(sd, tmp)
+            os.replace(tmp, os.path.join(out, f"stage{stage}.safetensors"))
+        except Exception as e:  # noqa: BLE001 - disk full (safetensors raises its own error type)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            msg = f"final/stage{stage}.safetensors: {str(e).splitlines()[0][:200]}"
+            log.error("cannot write the final weights (%s)", msg)
+            with contextlib.suppress(Exception):  # the coordinator's exit code and summary say so
+                self.w.control.put_json(f"final_error/{stage}", msg)
