@@ -369,6 +369,13 @@ class LoggerConfig:
     progress: bool = True
     level: str = "INFO"
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # > 0: the coordinator serves a status page and /status.json (token required) on this port,
+    # on the interface its store listens on; 0 = off.
+    dashboard_port: int = 0
+
+    def __post_init__(self):
+        _check(0 <= self.dashboard_port <= 65535,
+               f"logger.dashboard_port={self.dashboard_port} is not a TCP port; use 1..65535, or 0 for no dashboard")
 
 
 @dataclass

@@ -94,6 +94,37 @@ def _suspend_record(run_dir: str):
     return {"suspended": st["suspended"], "lost": st.get("suspend_lost")}
 
 
+def _start_dashboard(job: dict, run_dir: str, host: str, token: str, coordinator):
+    """The status page of `logger.dashboard_port` (trainer.dashboard), on the store's interface, or None.
+    A port that is taken costs the dashboard, not the run."""
+    port = int(job.get("logger", {}).get("dashboard_port") or 0)
+    if port <= 0:
+        return None
+    from .dashboard import Dashboard
+
+    def heartbeat_ages():
+        # Read from the dashboard's thread while the coordinator's loop runs: a snapshot of the
+        # values, retried if the dict changes size under us (a worker joining).
+        for _ in range(3):
+            try:
+                now = time.monotonic()
+                return {w.wid: now - w.hb_changed for w in list(coordinator.workers.values())}
+            except RuntimeError:
+                continue
+        return {}
+
+    try:
+        dash = Dashboard(run_dir, token, host, port, heartbeat_ages=heartbeat_ages).start()
+    except OSError as e:
+        log.warning("logger.dashboard_port=%d: cannot listen on %s (%s); the run goes on without a dashboard",
+                    port, host, e)
+        return None
+    shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
+    log.info("dashboard: http://%s:%d/ (asks for the run's token; /status.json wants "
+             "'Authorization: Bearer <token>')", shown, dash.port)
+    return dash
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="kintsugi coordinator",
@@ -182,12 +213,17 @@ def main(argv=None) -> int:
                               resume_from=resume_from, resume_missing=resume_missing, layout=layout,
                               corpus=corpus, restore=args.resume)
     signal.signal(signal.SIGTERM, coordinator.on_sigterm)
+    dashboard = _start_dashboard(job, args.run_dir, args.host, token, coordinator)
     if corpus is not None:
         log.info("job %r: %d x %d slots, waiting for workers at %s:%d (%s); run dir %s", job["name"],
                  job["parallel"]["replicas"], job["parallel"]["stages"], socket.gethostname(), args.port,
                  f"they need {P.TOKEN_ENV}" if token else "no token: any worker that reaches this port may join",
                  os.path.abspath(args.run_dir))
-    rc = coordinator.serve()
+    try:
+        rc = coordinator.serve()
+    finally:
+        if dashboard is not None:
+            dashboard.close()
     if args.outputs or not args.job:
         from .config import JobConfig
         from .outputs import write_outputs
