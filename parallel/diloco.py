@@ -212,8 +212,11 @@ class StreamingDiLoCo:
             stale = [p for p, (_, h) in self._inflight.items() if h.gen != self.link.gen]
             for p in stale:  # syncs of a superseded generation: every member abandons them
                 del self._inflight[p]
-        for frag in sorted(self.fragments, key=lambda f: (next_due(f.syncs, f.index, H, P), f.index)):
-            if t < next_due(frag.syncs, frag.index, H, P) or frag.index in self._inflight:
+        def due(f) -> int:  # a fragment in flight is next due for its following sync, not this one
+            return next_due(f.syncs + (f.index in self._inflight), f.index, H, P)
+
+        for frag in sorted(self.fragments, key=lambda f: (due(f), f.index)):
+            if t < due(frag) or frag.index in self._inflight:
                 break
             self._start(frag, t)
 

@@ -21,7 +21,7 @@ import json
 import logging
 import secrets
 import time
-from typing import Any, Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 _MAX_RECORD = 64 << 20  # a sealed record larger than this is refused before parsing
@@ -91,7 +91,3 @@ class Auth:
     @property
     def dropped_count(self) -> int:
         return self._dropped
-
-
-def maybe(auth: Optional[Auth]) -> Optional[Auth]:
-    return auth

@@ -7,7 +7,6 @@ failure-free run, no process outlives the job, and it ends in bounded time.
 
 A few seeds run by default; `python -m pytest -m slow tests/chaos` runs 40 more, and
 `python -m benchmarks.chaos --seeds 50` reports all of them."""
-import os
 
 import pytest
 

@@ -8,7 +8,6 @@ step should train on, and where the numerics must not change, the same losses as
 failure."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time

@@ -1,7 +1,6 @@
 """Machine-level faults: a whole simulated machine (launcher.machines) preempted with notice hands its
 slots off exactly, and its replacement machine joins under a new id."""
 import json
-import os
 
 import pytest
 

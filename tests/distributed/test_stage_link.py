@@ -16,8 +16,6 @@ import os
 import pickle
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 import torch

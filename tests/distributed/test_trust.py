@@ -129,3 +129,39 @@ def test_the_store_listens_on_the_configured_interface_only():
     assert connect("127.0.0.1", port, timeout_s=5).get("x") == b"1"
     with pytest.raises(OSError):
         socket.create_connection((other, port), timeout=2).close()
+
+
+def test_a_flood_of_forged_joins_is_counted_not_logged_or_stored_one_by_one(tmp_path):
+    # 3,000 joins without the token, each with a fresh worker id, while a job trains: every one is
+    # refused and counted; the log and the store's refusal keys stay bounded (rate-limited, capped);
+    # the job trains on to the end with the losses it has alone.
+    _, _, plain_records = run_trainer(tmp_path / "plain", *JOB, f"recovery.token={TOKEN}")
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", *JOB,
+                             f"recovery.token={TOKEN}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_steps(run_dir, 2, proc)
+        port = json.loads((run_dir / "control_state.json").read_text())["port"]
+        a = Attacker(port)
+        keys_before = a.s.num_keys()
+        t0 = time.monotonic()
+        for i in range(3000):
+            a.append("join", {"wid": f"flood{i}", "pid": 1, "host": "x"}, sealed_like=True)
+        flood_s = time.monotonic() - t0
+        time.sleep(1.0)
+        keys_after = a.s.num_keys()
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    state = json.loads((run_dir / "coordinator_state.json").read_text())
+    assert state["refused_joins"] == 3000
+    lines = err.count("refused join from")
+    assert 1 <= lines <= flood_s / 0.2 + 10, (lines, flood_s)  # one per 0.2 s at most
+    # Read log entries are deleted; at most ~one refusal key per logged refusal remains.
+    assert keys_after - keys_before <= lines + 50, (keys_before, keys_after, lines)
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert _losses(records) == _losses(plain_records)

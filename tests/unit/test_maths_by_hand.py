@@ -402,12 +402,9 @@ def test_the_scheduled_fragment_is_the_strided_layers():
     assert [float(g[f"layers.{i}.w"]) for i in range(6)] == [3.0, 4.0, 5.0, 3.0, 4.0, 5.0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "parallel/diloco.py _start_due: an in-flight fragment is sorted by the due step of the sync it is "
-    "already running (next_due(frag.syncs) before it finishes) and `break`s the loop, so with "
-    "tau > H/P a later fragment starts late and the syncs bunch up; the paper starts fragment p at "
-    "(t - t_p) % H == 0 whatever is in flight"))
 def test_sync_schedule_with_overlap_longer_than_the_fragment_gap():
+    # Was a bug: an in-flight fragment was sorted by the due step of the sync it was already running
+    # and stopped the loop, so with tau > H/P later fragments started late and the syncs bunched up.
     # H = 4, P = 2, tau = 3: t_p = 0, 2. Fragment 0 starts at 4, 8, 12 and is applied at 7, 11, 15;
     # fragment 1 starts at 6, 10, 14 and is applied at 9, 13.
     want = {4: ([0], []), 6: ([1], []), 7: ([], [0]), 8: ([0], []), 9: ([], [1]), 10: ([1], []),
