@@ -225,8 +225,9 @@ def render(st: dict) -> str:
     lines.append(f"\nslots ({g['replicas']} replica(s) x {g['stages']} stage(s)):")
     rows = [("replica", "stage", "worker", "machine", "state", "phase", "step", "heartbeat")]
     for s in st["slots"]:
+        age = s["heartbeat_age_s"]
         rows.append((str(s["replica"]), str(s["stage"]), _fmt(s["worker"]), _fmt(s["machine"]), s["state"],
-                     _fmt(s["phase"]), _fmt(s["step"]), _fmt(s["heartbeat_age_s"], ".1f") + ("s" if s["heartbeat_age_s"] is not None else "")))
+                     _fmt(s["phase"]), _fmt(s["step"]), "-" if age is None else f"{age:.1f}s"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     spares = [w for w in st["other_workers"] if w["state"] == "spare"]
