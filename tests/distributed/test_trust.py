@@ -51,8 +51,15 @@ def _wait_steps(run_dir, n, proc, timeout=120):
         time.sleep(0.05)
 
 
-def test_attacks_without_the_token_change_nothing(tmp_path):
-    _, plain, plain_records = run_trainer(tmp_path / "plain", *JOB, f"recovery.token={TOKEN}")
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """The same job left alone: what every attacked run must reproduce."""
+    _, summary, records = run_trainer(tmp_path_factory.mktemp("plain") / "run", *JOB, f"recovery.token={TOKEN}")
+    return summary, records
+
+
+def test_attacks_without_the_token_change_nothing(tmp_path, plain_run):
+    plain, plain_records = plain_run
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", *JOB,
@@ -131,11 +138,11 @@ def test_the_store_listens_on_the_configured_interface_only():
         socket.create_connection((other, port), timeout=2).close()
 
 
-def test_a_flood_of_forged_joins_is_counted_not_logged_or_stored_one_by_one(tmp_path):
+def test_a_flood_of_forged_joins_is_counted_not_logged_or_stored_one_by_one(tmp_path, plain_run):
     # 3,000 joins without the token, each with a fresh worker id, while a job trains: every one is
     # refused and counted; the log and the store's refusal keys stay bounded (rate-limited, capped);
     # the job trains on to the end with the losses it has alone.
-    _, _, plain_records = run_trainer(tmp_path / "plain", *JOB, f"recovery.token={TOKEN}")
+    _, plain_records = plain_run
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", *JOB,
