@@ -226,7 +226,9 @@ class FaultsConfig:
     rejoin_delay_s: float = 0.0     # a preempted machine's replacement joins this long after the event
     notice_s: float = 30.0          # machine `term`: processes still alive this long after it are SIGKILLed
 
-    KINDS = ("kill", "stop", "term", "poison")  # poison: the slot's weights turn NaN (a memory fault, a bad update)
+    # poison: the slot's weights turn NaN (a memory fault, a bad update); crash_in_commit: a chain root
+    # SIGKILLs itself inside its next commit, after publishing the step and before recording it.
+    KINDS = ("kill", "stop", "term", "poison", "crash_in_commit")
 
     def __post_init__(self):
         slot_events = []

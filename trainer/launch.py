@@ -339,8 +339,8 @@ class LocalLauncher:
                 continue
             log.warning("injecting %s into %s (replica %d, stage %d) at step %d%s", e["kind"], wid, e["replica"],
                         e["stage"], e["step"], " right after a rebuild was published" if e.get("on") else "")
-            if e["kind"] == "poison":  # not a signal: the worker poisons its own weights at its next step
-                self.control.append(f"mail/{wid}", {"kind": "poison"})
+            if e["kind"] in ("poison", "crash_in_commit"):  # not a signal: the worker does it at its next step
+                self.control.append(f"mail/{wid}", {"kind": e["kind"]})
                 self.injected.append(dict(e, wid=wid, t=time.time()))
                 continue
             self.control.put_json(f"injected/{wid}", {"t": time.time(), "kind": e["kind"], "step": e["step"]})

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import time
 from typing import List
 
@@ -250,11 +252,17 @@ class StepLoop:
             total = total * self.scale
             entry = ({"step": step, "total": total.tolist()} if _finite(total)
                      else {"step": step, "total": None, "skipped": True})
+            recs = {q: self._record(q, step, total, t0, root=True) for q in replicas}
             for q in replicas:
+                # The record rides along: a root that dies before appending it below leaves a step
+                # the survivors finish from this entry, and they send its record (worker.py).
                 with contextlib.suppress(Exception):  # the coordinator away: reconcile covers it
-                    w.control.put_json(f"committed/{q}", entry)
+                    w.control.put_json(f"committed/{q}", dict(entry, record=recs[q]))
+            if w.crash_in_commit.is_set():  # injected fault: die in the window between publish and record
+                log.warning("slot %s: SIGKILL inside the commit of step %d (injected fault)", self.slot, step)
+                os.kill(os.getpid(), signal.SIGKILL)
             for q in replicas:
-                rec = self._record(q, step, total, t0, root=True)
+                rec = recs[q]
                 if q != r:
                     w.record_commit(rec)  # the other replicas' records, for a restarted coordinator
                 try:

@@ -179,6 +179,8 @@ class Watcher(threading.Thread):
                 w.donor.request(req)
             elif req.get("kind") == "poison":  # faults kind poison (fault injection, from the launcher)
                 w.poison.set()
+            elif req.get("kind") == "crash_in_commit":  # faults kind crash_in_commit (fault injection)
+                w.crash_in_commit.set()
 
 
 class Worker:
@@ -206,6 +208,7 @@ class Worker:
         self.recent_lock = threading.Lock()
         self.leaving = threading.Event()
         self.poison = threading.Event()
+        self.crash_in_commit = threading.Event()
         self.machine_noticed = False
         self.watcher = Watcher(self)
         self.donor = Donor(self, self.watcher.stop)
@@ -457,6 +460,7 @@ class Worker:
         if leaving:
             self._hand_off(plan, transport)
             raise SystemExit(0)
+        self._replay_unrecorded(plan, slot, committed)
         t_start = time.time()
         execute_plan(self, plan, grid, transport, slot, rebuild, committed, abort)
         self.state_valid = True
@@ -630,6 +634,32 @@ class Worker:
             if self.diloco is not None and self.watcher.suspend_plan is None:
                 self.diloco.serve_idle()
             time.sleep(0.02)
+
+    def _replay_unrecorded(self, plan, slot, committed: int) -> None:
+        """A root killed after publishing a step's commit but before appending its record leaves the
+        coordinator without that record (the plan's `committed` is what it recorded), while the
+        survivors applied the step. Their rings hold it (relayed): send those steps, marked as
+        replays (the coordinator keeps the first copy, and prefers the root's if one comes)."""
+        if slot is None:
+            return
+        known = (plan.get("committed") or {}).get(str(slot[0]))
+        if known is None or committed <= int(known):
+            return
+        with self.recent_lock:
+            missing = [r for r in self.recent if r.get("replica") == slot[0] and int(known) < r["step"] <= committed]
+        if committed not in {r["step"] for r in missing}:
+            # Finished from the store's entry (the root died before any broadcast): its record is there.
+            try:
+                entry = self.control.get_json_or(f"committed/{slot[0]}")
+            except P.CoordinatorAway:
+                entry = None
+            if isinstance(entry, dict) and entry.get("step") == committed and isinstance(entry.get("record"), dict):
+                missing.append(entry["record"])
+        for rec in missing:
+            self.control.append_later("commit", dict(rec, replay=True))
+        if missing:
+            log.warning("replica %d: steps %s were committed but never recorded (their root died in between); "
+                        "sent this stage's copy", slot[0], [r["step"] for r in missing])
 
     def record_commit(self, rec: dict) -> None:
         with self.recent_lock:

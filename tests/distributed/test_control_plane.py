@@ -173,3 +173,14 @@ def test_a_wall_clock_step_declares_nobody_dead(tmp_path):
     assert "declared dead" not in err
     records = [json.loads(l) for l in metrics.read_text().splitlines()]
     _exactly_once(records, 1, 24)
+
+
+def test_root_killed_between_publishing_a_step_and_recording_it(tmp_path):
+    # Stage 0 (the chain's root) SIGKILLs itself inside its commit of a step: after it published the
+    # step's total in the store, before it appended the commit record and before any broadcast. The
+    # survivors finish that step from the store's entry; its record must still reach metrics.jsonl
+    # (sent by a survivor, as the root wrote it): no step missing, none twice.
+    _, summary, records = run_trainer(tmp_path / "run", *BASE, "train.max_steps=12",
+                                      f"faults.schedule=[{_kill(5, 0, kind='crash_in_commit')}]")
+    assert summary["failures"] == 1 and len(summary["rebuilds"]) == 1
+    _exactly_once(records, 1, 12)
