@@ -44,6 +44,14 @@ def run_trainer(run_dir, *overrides, timeout=240, check=True):
     return proc, summary, records
 
 
+def start_trainer(run_dir, *overrides, env=None):
+    """Start `python -m trainer` (coordinator + workers) in the background, stderr piped, for a test
+    that acts on the run while it trains. `env`: extra environment variables."""
+    full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", *overrides],
+                            cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def run_benchmark(module: str, *args: str, timeout: float) -> dict:
     """Run `python -m <module> <args>` (a benchmark) for real and return its one JSON line, plus
     `_elapsed_s` (wall seconds of the whole process)."""

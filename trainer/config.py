@@ -26,12 +26,6 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def resolved_device(device: str) -> str:
-    """`train.device` as the worker uses it. auto is the CPU until CUDA stages exist (issue 14):
-    never a half-working GPU path."""
-    return "cpu" if device == "auto" else device
-
-
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)

@@ -20,7 +20,6 @@ look on; the dashboard, which lives in the coordinator's process, is handed the 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

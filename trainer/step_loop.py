@@ -337,8 +337,6 @@ class StepLoop:
 
     def _save_final(self) -> None:
         """Replica 0 writes its stage's final weights; `kintsugi export` assembles the full model."""
-        import os
-
         from safetensors.torch import save_file
         out = os.path.join(self.w.run_dir, "final")
         os.makedirs(out, exist_ok=True)

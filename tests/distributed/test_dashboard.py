@@ -3,16 +3,13 @@ step 3 and rebuilt by a spare. /status.json answers with the run's token (the sl
 and after the kill the rebuild) and refuses without it or with a wrong one; the page is served and
 holds no run data."""
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from conftest import ROOT
+from conftest import start_trainer
 from recovery.protocol import free_port
 
 pytestmark = pytest.mark.distributed
@@ -32,11 +29,9 @@ def _get(url, token=None):
 def test_dashboard_serves_status_to_token_holders_only(tmp_path):
     port = free_port()
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", "experiment=quick",
-           "train.max_steps=12", "train.eval_batches=1", "faults.spares=1",
-           "faults.schedule=[{step: 3, stage: 1, kind: kill}]", f"logger.dashboard_port={port}"]
-    env = dict(os.environ, PYTHONPATH=ROOT, KINTSUGI_TOKEN=TOKEN)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_trainer(run_dir, "experiment=quick", "train.max_steps=12", "train.eval_batches=1", "faults.spares=1",
+                         "faults.schedule=[{step: 3, stage: 1, kind: kill}]", f"logger.dashboard_port={port}",
+                         env={"KINTSUGI_TOKEN": TOKEN})
     base = f"http://127.0.0.1:{port}"
     seen_gen, rebuilt, refused, page = None, None, [], None
     try:

@@ -7,14 +7,13 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
 
-from conftest import ROOT, run_trainer
+from conftest import run_trainer, start_trainer
 
 pytestmark = pytest.mark.distributed
 
@@ -61,10 +60,7 @@ def plain_run(tmp_path_factory):
 def test_attacks_without_the_token_change_nothing(tmp_path, plain_run):
     plain, plain_records = plain_run
     run_dir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", *JOB,
-                             f"recovery.token={TOKEN}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_trainer(run_dir, *JOB, f"recovery.token={TOKEN}")
     seen = []
     try:
         _wait_steps(run_dir, 3, proc)
@@ -144,10 +140,7 @@ def test_a_flood_of_forged_joins_is_counted_not_logged_or_stored_one_by_one(tmp_
     # the job trains on to the end with the losses it has alone.
     _, plain_records = plain_run
     run_dir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", *JOB,
-                             f"recovery.token={TOKEN}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_trainer(run_dir, *JOB, f"recovery.token={TOKEN}")
     try:
         _wait_steps(run_dir, 2, proc)
         port = json.loads((run_dir / "control_state.json").read_text())["port"]
