@@ -1,41 +1,53 @@
-"""Claim (CheckFree, arXiv 2506.15461): rebuilding a lost stage from its neighbours costs little
-convergence, random >> copy > average >= checkfree in loss after a failure, and at a 10%/hour
-failure rate CheckFree+ needs ~1.45x and checkpointing ~2.45x the no-failure iterations to a
-target validation loss.
+"""Claim (CheckFree, arXiv 2506.15461): once a network is trained and its stages specialised,
+rebuilding a lost stage from its neighbours beats the alternatives a user has -- re-initialising
+it (random), copying a neighbour (copy), a plain average, rolling back to a checkpoint -- and the
+loss jump after a failure is ordered random >> copy > average >= checkfree; at a 10 %/hour failure
+rate CheckFree+ needs ~1.45x and checkpointing ~2.45x the failure-free iterations to a target loss.
 
-Real runs of `python -m trainer` (tiny model, 4 stages, default corpus, real SIGKILLs from the
-local launcher, real rebuilds by the recovery strategy under test), one at a time:
+Every run is a real `python -m trainer` job (launcher, coordinator, one process per stage, spares),
+failures are real SIGKILLs sent by the launcher, rebuilds are the strategies' own. On this machine:
 
-- reference: no failures (`recovery.strategy=checkfree`, which without failures trains exactly as
-  random / copy / average do: same weights, same batches); in full mode also `no_failure_plus`, the
-  CheckFree+ swapped microbatch routes without failures.
-- base comparison: the same explicit schedule of intermediate-stage kills (`BASE_KILLS`: stages 1
-  and 2 of 4, which every strategy can rebuild; end stages only checkfree_plus / copy can) under
-  random, copy, average, checkfree, checkfree_plus and checkpoint. Per failure the loss jump is the
-  mean training loss of the J=3 commits after the failure minus that of the J commits before it;
-  `excess` subtracts the no-failure run's change over the same steps (same batches), which removes
-  batch-to-batch noise and the downward trend. Also the final validation loss / the reference's.
-- three rates: the paper's 5 / 10 / 16 %/hour, seeded (`faults.seed=4`) so every strategy sees the
-  same failures, on every stage. At the paper's 90 s steps they give ~0.1-0.4% per stage-step,
-  too few for a short run, so the hourly rates are converted with `faults.step_time_s=343.3`
-  instead: p per stage-step = 1 - (1 - rate)^(343.3/3600) = 0.49 / 1.00 / 1.65 %. (The same seed
-  makes the failures of a lower rate a subset of a higher rate's.) Target = the reference's
-  validation loss after its last step; a run stops once an evaluation reaches every target (or
-  at `CAP` x the reference's steps, reported as censored). Iterations to target are interpolated
-  between evaluations and counted as commits received (so a rollback's re-done steps count);
-  the headline is iterations / the reference's own (its first evaluation at or below the target).
-  The validation curve of so short a run is noisy near its end, so the same ratio is also given
-  for the targets set by each of the reference's evaluations in its second half, and their mean.
+1. **Pretraining** (no failures) until the loss has flattened: `pre_steps` steps of the tiny model
+   (1.6M parameters, 4 stages) with constant learning rate after warm-up (`train.min_lr_ratio=1`, as
+   in the paper), ending in a checkpoint. Twice: with the plain microbatch routes, and with
+   CheckFree+'s swapped routes (CheckFree+ trains its end stages to stand in for each other from the
+   start; its reference is its own). The validation curve of the pretraining is reported, with its
+   relative drop over the last quarter (how flat it is).
+2. **Single failures on the trained network** (`base`): each run resumes the pretrained checkpoint
+   (`train.resume`, exact) and trains `post_steps` more steps; per seed one intermediate stage (1 or
+   2, which every strategy rebuilds by its own rule) is killed at a seeded step in the first third.
+   Every strategy sees the same failure per seed, and the no-failure continuation (same batches) is
+   the reference. Per run:
+   - `jump`: mean training loss of the first J=3 commits after the failure minus the reference's
+     loss on the same steps (same batches, so only the weights differ);
+   - `steps_to_recover`: commits received after the failure (a rollback's re-done steps count) before
+     the run is back on the reference curve: at a step >= the failed one, with the mean excess over
+     the reference on W=5 consecutive commits <= `TOL` (1 %) of the reference's loss;
+   - `excess_last`: the mean excess over the reference on the last 10 commits (did it stay there);
+   - `wall_to_recover_s`: seconds from the kill to that commit (detection, rebuild, restore, re-done
+     steps);
+   - `final_val_ratio`: final validation loss / the reference's.
+   The checkpoint baseline checkpoints every `checkpoint_every` steps from the resumed step on (real
+   asynchronous writes with manifests and fsync, as the periodic checkpoints always are) and rolls
+   every stage back to the last complete one; its save and restore cost is in its wall-clock.
+3. **Failure rates** (`rates`): the paper's 5 / 10 / 16 %/hour, on every stage, seeded (`faults.seed`)
+   so every strategy sees the same failures. At the paper's 90 s steps they give 0.1-0.4 % per
+   stage-step, too few for a short run, so the hourly rates are converted with
+   `faults.step_time_s=343.3` instead: p per stage-step = 1 - (1 - rate)^(343.3/3600) =
+   0.49 / 1.00 / 1.65 %. Target: the reference's final validation loss. Per run: iterations (commits,
+   re-done ones included) and wall-clock seconds after the resume until an evaluation reaches it
+   (interpolated between evaluations), as ratios to the reference's own; a run that does not reach
+   it within `cap` x post_steps is censored (reported as `>cap`).
 
-The learning rate is constant after warm-up (`train.min_lr_ratio=1`, as in the paper), so a run
-longer than the reference follows the same schedule. Checkpointing uses
-`recovery.checkpoint_every=10`. A strategy that fails (e.g. not implemented yet) is reported with its
-error and the rest go on.
+Each cell has several seeds; the tables give the median and the spread (min, max). One figure:
+training loss against wall-clock per strategy with the failures marked (seed 0 of the base part),
+and validation loss against wall-clock at 10 %/hour.
 
-    python -m benchmarks.checkfree_convergence [--quick]
+    python -m benchmarks.checkfree_convergence --quick   # pretrain 400 steps, base part only
+    python -m benchmarks.checkfree_convergence           # pretrain 1000 steps, base + rates
 
-Prints one JSON line; the runs, result.json and convergence.png go to
-outputs/benchmarks/checkfree_convergence/.
+Prints one JSON line (per strategy: median steps to recover and final loss ratio, first); the runs,
+result.json and convergence.png go to outputs/benchmarks/checkfree_convergence[_quick]/.
 """
 from __future__ import annotations
 
@@ -43,111 +55,131 @@ import argparse
 import json
 import logging
 import os
+import random
 import shutil
+import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from benchmarks._runs import (REPORT_DIR, RunResult, commits_of, final_eval_seen, rebuilds_of, rnd,
-                              run_job_retrying, schedule_override)
+from benchmarks._runs import (REPORT_DIR, RunResult, commits_of, coordinator_t0, final_eval_seen, rebuilds_of,
+                              rnd, run_job_retrying, schedule_override)
 
 log = logging.getLogger("benchmarks.checkfree_convergence")
-BASE_STRATEGIES = ("random", "copy", "average", "checkfree", "checkfree_plus", "checkpoint")
-RATES = (0.05, 0.10, 0.16)       # per hour, the paper's
-# Seed 4: its failures before step 75 (1 / 3 / 5 at the three rates) match the expectation
-# (1.5 / 3 / 5), and none falls before the checkpoint baseline's first checkpoint (step 9), which the
-# trainer cannot roll back to yet (BENCHMARKS_recovery.md). Seed 0 gives the 5% and 10% rates the
-# same failures over the reference's length; seed 1 kills stage 1 at step 4.
-FAULT_SEED = 4
-STEP_TIME_S = 343.3              # converts 10%/hour to p = 1.00% per stage-step
-JUMP_STEPS = 3
-CHECKPOINT_EVERY = 10
+STRATEGIES = ("random", "copy", "average", "checkfree", "checkfree_plus", "checkpoint")
+STEP_TIME_S = 343.3   # converts 10 %/hour to p = 1.00 % per stage-step
+JUMP = 3              # commits averaged for the loss jump
+WINDOW = 5            # consecutive commits that must be back on the reference curve
+TOL = 0.01            # ... within this fraction of the reference's loss
 PAPER = {"fig2_perplexity_after_10k": {"random": 121, "copy": 29.2, "checkfree": 22.6},
-         "table2_iterations_ratio_at_10pct": {"checkfree_plus": 1.45, "checkfree": 1.6, "checkpoint": 2.45}}
+         "table2_iterations_ratio": {"5%": {"checkfree_plus": 1.4, "checkfree": 1.45, "checkpoint": 2.2},
+                                     "10%": {"checkfree_plus": 1.45, "checkfree": 1.6, "checkpoint": 2.45},
+                                     "16%": {"checkfree_plus": 1.8, "checkfree": 2.2, "checkpoint": 2.5}}}
 
 
 @dataclass
 class Plan:
-    ref_steps: int                  # the reference's length; the target is its final validation loss
-    cap: float                      # failure runs of the rate part stop at cap x ref_steps
+    pre_steps: int                   # pretraining, no failures
+    post_steps: int                  # after the pretrained checkpoint (the reference's length)
+    seeds: Tuple[int, ...]           # base part: one seeded failure each
+    rates: Tuple[float, ...]         # per hour, the paper's
+    rate_cells: Tuple[Tuple[float, str], ...]  # (rate, strategy) pairs run at every rate seed
+    rate_seeds: Tuple[int, ...]
+    cap: float                       # rate runs stop at cap x post_steps
     eval_every: int
     eval_batches: int
-    # (step, stage); off the evaluation steps: a failure while an evaluation runs loses that evaluation
-    base_kills: Tuple[Tuple[int, int], ...]
-    rates: Tuple[float, ...]
-    rate_strategies: Tuple[str, ...]
-    reference_plus: bool
-    fault_seed: int = FAULT_SEED
+    checkpoint_every: int
+    pre_eval_every: int = 50
+    strategies: Tuple[str, ...] = STRATEGIES  # the base part's
 
 
-def plan_for(quick: bool, rate_strategies: Sequence[str]) -> Plan:
+def plan_for(quick: bool) -> Plan:
     if quick:
-        return Plan(ref_steps=20, cap=2.0, eval_every=5, eval_batches=2, base_kills=((12, 1), (17, 2)),
-                    rates=(0.10,), rate_strategies=("checkfree_plus",), reference_plus=False,
-                    fault_seed=1)  # seed 1 fails stage 1 at step 4: inside the short quick run
-    return Plan(ref_steps=60, cap=2.5, eval_every=10, eval_batches=4,
-                base_kills=((22, 1), (32, 2), (42, 1), (52, 2)), rates=RATES,
-                rate_strategies=tuple(rate_strategies), reference_plus=True, fault_seed=FAULT_SEED)
+        return Plan(pre_steps=400, post_steps=30, seeds=(0, 1, 2), rates=(), rate_cells=(), rate_seeds=(),
+                    cap=2.0, eval_every=10, eval_batches=8, checkpoint_every=10)
+    paper_trio = ("checkfree_plus", "checkfree", "checkpoint")
+    cells = tuple((rate, s) for rate in (0.05, 0.10, 0.16) for s in paper_trio)
+    cells += tuple((0.10, s) for s in ("random", "copy", "average"))
+    return Plan(pre_steps=1000, post_steps=60, seeds=(0, 1, 2), rates=(0.05, 0.10, 0.16), rate_cells=cells,
+                rate_seeds=(0, 1, 2), cap=2.5, eval_every=10, eval_batches=8, checkpoint_every=10)
 
 
-def common_overrides(plan: Plan, max_steps: int) -> List[str]:
-    return [f"train.max_steps={max_steps}", f"train.eval_every={plan.eval_every}",
-            f"train.eval_batches={plan.eval_batches}", "train.min_lr_ratio=1.0", "train.seed=0",
-            "faults.spares=2"]
+def common_overrides(plan: Plan, max_steps: int, eval_every: int) -> List[str]:
+    return [f"train.max_steps={max_steps}", f"train.eval_every={eval_every}", f"train.eval_batches={plan.eval_batches}",
+            "train.min_lr_ratio=1.0", "train.seed=0", "faults.spares=2"]
 
 
-def strategy_overrides(strategy: str) -> List[str]:
-    extra = [f"recovery.checkpoint_every={CHECKPOINT_EVERY}"] if strategy == "checkpoint" else []
+def strategy_overrides(plan: Plan, strategy: str) -> List[str]:
+    extra = [f"recovery.checkpoint_every={plan.checkpoint_every}"] if strategy == "checkpoint" else []
     return [f"recovery.strategy={strategy}", *extra]
 
 
+def routes_of(strategy: str) -> str:
+    """Which pretrained network and reference a strategy uses: CheckFree+ trains with swapped routes."""
+    return "plus" if strategy == "checkfree_plus" else "plain"
+
+
+def base_failure(plan: Plan, seed: int) -> dict:
+    """The seed's one failure: an intermediate stage, at a step in the first third after the resume."""
+    rng = random.Random(1000 + seed)
+    lo = max(JUMP + 2, plan.post_steps // 8)
+    return {"step": plan.pre_steps + rng.randint(lo, max(lo, plan.post_steps // 3)), "replica": 0,
+            "stage": rng.choice([1, 2]), "kind": "kill"}
+
 
 # --- reading runs ------------------------------------------------------------------------------------
-def loss_by_step(result: RunResult) -> Dict[int, float]:
+def first_loss_by_step(result: RunResult) -> Dict[int, float]:
     out: Dict[int, float] = {}
     for c in commits_of(result):
-        out.setdefault(c["step"], c["loss"])  # the first time a step committed (before any rollback)
+        out.setdefault(c["step"], c["loss"])
     return out
 
 
-def loss_jumps(result: RunResult, reference: Optional[RunResult]) -> List[dict]:
-    """Per rebuild: mean loss of the J commits after it minus the J steps before it, and the same
-    difference in the reference run over the same steps (its `excess` over the reference)."""
+def failures_of(result: RunResult) -> List[dict]:
+    """Each injected failure as (step, stage, t on the coordinator's clock), from the rebuild events
+    (`failed_at` is when the launcher sent the signal). One per failed slot, first rebuild only. The
+    failed step is the one after the newest commit before the signal (a rollback's rebuild event
+    names the step after the checkpoint instead)."""
+    t0 = coordinator_t0(result.events)
+    out, seen = [], set()
     commits = commits_of(result)
-    ref = loss_by_step(reference) if reference is not None else {}
-    own = loss_by_step(result)
-    rows = []
     for ev in rebuilds_of(result):
-        k = ev["step"]
-        before = [s for s in range(k - JUMP_STEPS, k) if s in own]
-        after_recs = [c for c in commits if c["wall_s"] >= ev["t"] - 0.05][:JUMP_STEPS]  # t: when it resumed
-        if len(before) < JUMP_STEPS or len(after_recs) < JUMP_STEPS:
+        key = (ev["failed_at"], tuple(ev["slot"]))
+        if key in seen or t0 is None:
             continue
-        after = [c["step"] for c in after_recs]
-        jump = sum(c["loss"] for c in after_recs) / JUMP_STEPS - sum(own[s] for s in before) / JUMP_STEPS
-        row = {"step": k, "stage": ev["slot"][1], "tier": ev["tier"], "jump": rnd(jump)}
-        if all(s in ref for s in before + after):
-            ref_jump = sum(ref[s] for s in after) / JUMP_STEPS - sum(ref[s] for s in before) / JUMP_STEPS
-            row["excess"] = rnd(jump - ref_jump)
-        rows.append(row)
-    return rows
+        seen.add(key)
+        t = ev["failed_at"] - t0
+        done = [c["step"] for c in commits if c["wall_s"] < t]
+        out.append({"step": max(done) + 1 if done else ev["step"], "stage": ev["slot"][1], "tier": ev["tier"],
+                    "t": t})
+    return sorted(out, key=lambda f: f["t"])
 
 
-def iterations_to_target(result: RunResult, target: float) -> Optional[float]:
-    """Iterations (commit records received, so re-done steps count) when the validation loss first
-    reaches `target`, interpolated linearly between evaluations; None if it never does."""
-    commit_times = sorted(c["wall_s"] for c in commits_of(result))
-    prev = None
-    for e in sorted(result.evals, key=lambda e: e["wall_s"]):
-        iters = sum(1 for t in commit_times if t <= e["wall_s"])
-        if e["val_loss"] <= target:
-            if prev is None or prev[1] <= e["val_loss"]:
-                return float(iters)
-            frac = (prev[1] - target) / (prev[1] - e["val_loss"])
-            return prev[0] + frac * (iters - prev[0])
-        prev = (iters, e["val_loss"])
-    return None
+def start_wall(result: RunResult) -> Optional[float]:
+    """The coordinator time of the first commit after the resume: wall-clock is counted from here,
+    so start-up and restore of the pretrained checkpoint (the same for every strategy) drop out."""
+    cs = commits_of(result)
+    return cs[0]["wall_s"] if cs else None
+
+
+def recovery_of(result: RunResult, ref: Dict[int, float], failure: dict) -> dict:
+    """Loss jump, steps and seconds to get back on the reference curve after `failure`."""
+    after = [c for c in commits_of(result) if c["wall_s"] >= failure["t"]]
+    out = {"step": failure["step"], "stage": failure["stage"], "tier": failure["tier"]}
+    if len(after) < JUMP or not all(c["step"] in ref for c in after[:JUMP]):
+        return dict(out, error="too few commits after the failure")
+    out["jump"] = rnd(sum(c["loss"] - ref[c["step"]] for c in after[:JUMP]) / JUMP)
+    tail = [c for c in after if c["step"] in ref][-10:]
+    out["excess_last"] = rnd(sum(c["loss"] - ref[c["step"]] for c in tail) / len(tail))
+    for i in range(len(after) - WINDOW + 1):
+        win = after[i:i + WINDOW]
+        if win[0]["step"] < failure["step"] or not all(c["step"] in ref for c in win):
+            continue
+        excess = sum(c["loss"] - ref[c["step"]] for c in win) / WINDOW
+        if excess <= TOL * sum(ref[c["step"]] for c in win) / WINDOW:
+            return dict(out, steps_to_recover=i, wall_to_recover_s=rnd(win[0]["wall_s"] - failure["t"], 2))
+    return dict(out, steps_to_recover=None, censored_after=len(after))
 
 
 def final_val(result: RunResult) -> Optional[float]:
@@ -155,209 +187,247 @@ def final_val(result: RunResult) -> Optional[float]:
     return fin[-1] if fin else None
 
 
-def val_curve(result: RunResult) -> List[Tuple[int, float]]:
-    return [(e["step"], rnd(e["val_loss"])) for e in sorted(result.evals, key=lambda e: e["wall_s"])]
+def to_target(result: RunResult, target: float) -> Tuple[Optional[float], Optional[float]]:
+    """(iterations, wall seconds) after the resume when the validation loss first reaches `target`,
+    interpolated between evaluations; iterations count commits received (re-done steps too)."""
+    t_start = start_wall(result)
+    commit_times = sorted(c["wall_s"] for c in commits_of(result))
+    prev = None
+    for e in sorted(result.evals, key=lambda e: e["wall_s"]):
+        point = (sum(1 for t in commit_times if t <= e["wall_s"]), e["wall_s"] - t_start, e["val_loss"])
+        if e["val_loss"] <= target:
+            if prev is None or prev[2] <= e["val_loss"]:
+                return float(point[0]), point[1]
+            frac = (prev[2] - target) / (prev[2] - e["val_loss"])
+            return prev[0] + frac * (point[0] - prev[0]), prev[1] + frac * (point[1] - prev[1])
+        prev = point
+    return None, None
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return rnd(sum(xs) / len(xs)) if xs else None
+def spread(xs: Sequence[Optional[float]], censored_as=None) -> dict:
+    """Median and range over seeds; a censored value (None) counts as +infinity for the median."""
+    have = sorted(x for x in xs if x is not None)
+    n_cens = len(xs) - len(have)
+    if not xs:
+        return {}
+    out = {"n": len(xs), "censored": n_cens} if n_cens else {"n": len(xs)}
+    if len(have) * 2 > len(xs) or (len(have) * 2 == len(xs) and n_cens == 0):
+        vals = have + [float("inf")] * n_cens
+        med = statistics.median(vals)
+        out["median"] = rnd(med, 3) if med != float("inf") else censored_as
+    else:
+        out["median"] = censored_as
+    if have:
+        out["min"], out["max"] = rnd(have[0], 3), rnd(have[-1], 3)
+    return out
 
 
 # --- the experiment ---------------------------------------------------------------------------------
-def run_one(name: str, out_dir: str, overrides: List[str], stall_s: float = 60.0, **kw) -> RunResult:
-    """One job, ended as soon as its final evaluation is in, or earlier if `stop_when_evals` says so."""
+def run_one(name: str, run_dir: str, overrides: List[str], **kw) -> RunResult:
     kw.setdefault("stop_when_evals", final_eval_seen)
     t0 = time.time()
-    res = run_job_retrying(name, os.path.join(out_dir, name), overrides, stall_s=stall_s, **kw)
+    res = run_job_retrying(name, run_dir, overrides, stall_s=90.0, **kw)
     log.info("%s: %s in %.0fs (%d commits, %d rebuilds)", name, "ok" if res.ok else res.error,
              time.time() - t0, len(res.commits), len(rebuilds_of(res)))
     return res
 
 
-def unplanned(res: RunResult, scheduled: Sequence[dict]) -> List[list]:
-    """Rebuilds no injected failure explains (e.g. a worker declared dead for missed heartbeats on
-    the loaded machine): [step, stage] each. They make a run's failures differ from its peers'."""
-    todo = [(e["step"], e["stage"]) for e in scheduled]
-    extra = []
-    for ev in rebuilds_of(res):
-        hit = next((t for t in todo if t[1] == ev["slot"][1] and abs(t[0] - ev["step"]) <= 1), None)
-        if hit is None:
-            extra.append([ev["step"], ev["slot"][1]])
-        else:
-            todo.remove(hit)
-    return extra
+def pretrain(plan: Plan, out_dir: str, routes: str, reuse: bool) -> Tuple[str, dict]:
+    """The trained network: a no-failure run ending in a checkpoint of step pre_steps - 1."""
+    strategy = "checkfree_plus" if routes == "plus" else "checkfree"
+    run_dir = os.path.join(out_dir.rstrip("/") + "_pretrained", f"{routes}-{plan.pre_steps}")
+    ckpt = os.path.join(run_dir, "checkpoints", f"step_{plan.pre_steps - 1}")
+    info_path = os.path.join(run_dir, "pretrain.json")
+    if reuse and os.path.isdir(ckpt) and os.path.exists(info_path):
+        with open(info_path) as f:
+            return run_dir, dict(json.load(f), reused=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    res = run_one(f"pretrain-{routes}", run_dir, common_overrides(plan, plan.pre_steps, plan.pre_eval_every)
+                  + [f"recovery.strategy={strategy}", f"recovery.checkpoint_every={plan.pre_steps}"],
+                  stop_when_evals=None, timeout_s=3600.0)
+    if not res.ok or not os.path.isdir(ckpt):
+        raise SystemExit(f"benchmarks.checkfree_convergence: pretraining ({routes}) failed: {res.error} "
+                         f"(see {run_dir}.stderr.log)")
+    curve = [(e["step"], rnd(e["val_loss"])) for e in sorted(res.evals, key=lambda e: e["step"])]
+    last_q = [v for s, v in curve if s >= 0.75 * plan.pre_steps]
+    info = {"steps": plan.pre_steps, "wall_s": rnd(res.wall_s, 1), "val_curve": curve,
+            "final_val_loss": curve[-1][1] if curve else None,
+            "drop_over_last_quarter": rnd((last_q[0] - last_q[-1]) / last_q[0], 4) if len(last_q) > 1 else None}
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    return run_dir, dict(info, reused=False)
 
 
-def summarize_run(res: RunResult, scheduled: Sequence[dict] = ()) -> dict:
-    out = {"wall_s": rnd(res.wall_s, 1), "commits": len(commits_of(res)), "rebuilds": len(rebuilds_of(res)),
-           "tiers": sorted({e["tier"] for e in rebuilds_of(res)})}
-    extra = unplanned(res, scheduled)
-    if extra:
-        out["unplanned_rebuilds"] = extra
-    if res.error:
-        out["error"] = res.error
-    if res.startup_failures:
-        out["startup_failures"] = res.startup_failures
-    return out
+def resumed(name: str, out_dir: str, pre_dir: str, plan: Plan, overrides: List[str], **kw) -> RunResult:
+    """A run that continues the pretrained checkpoint in a run directory of its own."""
+    run_dir = os.path.join(out_dir, name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(os.path.join(run_dir, "checkpoints"))
+    src = os.path.join(pre_dir, "checkpoints", f"step_{plan.pre_steps - 1}")
+    shutil.copytree(src, os.path.join(run_dir, "checkpoints", os.path.basename(src)))
+    return run_one(name, run_dir, [*overrides, f"train.resume={run_dir}"], **kw)
 
 
-def run(quick: bool, rate_strategies: Sequence[str]) -> Tuple[dict, Dict[str, RunResult]]:
-    plan = plan_for(quick, rate_strategies)
-    out_dir = os.path.join(REPORT_DIR, "checkfree_convergence")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.makedirs(out_dir, exist_ok=True)
-    runs: Dict[str, RunResult] = {}
-
-    # Reference runs.
-    runs["no_failure"] = run_one("no_failure", out_dir, common_overrides(plan, plan.ref_steps)
-                                 + strategy_overrides("checkfree"))
-    ref = runs["no_failure"]
-    target = final_val(ref)
-    # The reference's own first crossing (<= ref_steps when its validation curve is not monotone).
-    ref_iters = iterations_to_target(ref, target) if target is not None else None
-    # Extra targets: the reference's validation loss at each evaluation in its second half.
-    targets = {e["step"]: e["val_loss"] for e in ref.evals if e["step"] >= plan.ref_steps / 2}
-    ref_cross = {k: iterations_to_target(ref, v) for k, v in targets.items()}
-    if plan.reference_plus:
-        runs["no_failure_plus"] = run_one("no_failure_plus", out_dir, common_overrides(plan, plan.ref_steps)
-                                          + strategy_overrides("checkfree_plus"))
-
-    # Base comparison: explicit intermediate-stage kills, same length as the reference.
-    kills = [{"step": s, "replica": 0, "stage": st, "kind": "kill"} for s, st in plan.base_kills]
-    base = {}
-    for strategy in BASE_STRATEGIES:
-        name = f"base-{strategy}"
-        res = runs[name] = run_one(name, out_dir, common_overrides(plan, plan.ref_steps)
-                                   + strategy_overrides(strategy) + [schedule_override(kills)])
-        reference = runs.get("no_failure_plus") if strategy == "checkfree_plus" else ref
-        jumps = loss_jumps(res, ref)
-        row = summarize_run(res, kills)
-        row.update(loss_jump=_mean(j["jump"] for j in jumps), loss_jump_excess=_mean(j.get("excess") for j in jumps),
-                   per_failure=jumps, final_val_loss=rnd(final_val(res)))
-        if strategy == "checkfree_plus" and reference is not None and reference is not ref:
-            row["loss_jump_excess_vs_no_failure_plus"] = _mean(j.get("excess") for j in loss_jumps(res, reference))
-        fv = final_val(res)
-        if fv is not None and target is not None:
-            row["final_val_ratio"] = rnd(fv / target)
-        base[strategy] = row
-
-    # Three rates: seeded Bernoulli failures on every stage; stop at the target.
-    rates_out = {}
-    max_steps = int(round(plan.cap * plan.ref_steps))
-    for rate in plan.rates:
-        fault_cfg = [f"faults.rate_per_hour={rate}", f"faults.step_time_s={STEP_TIME_S}",
-                     f"faults.seed={plan.fault_seed}"]
-        schedule = scheduled_failures(common_overrides(plan, max_steps) + fault_cfg)
-        per = {"p_per_stage_step": rnd(1 - (1 - rate) ** (STEP_TIME_S / 3600), 5),
-               "failures_before_ref_steps": [[e["step"], e["stage"]] for e in schedule if e["step"] < plan.ref_steps],
-               "failures_scheduled_total": len(schedule)}
-        for strategy in plan.rate_strategies:
-            name = f"rate{int(rate * 100)}-{strategy}"
-            lowest = min(targets.values(), default=None)
-            stop = ((lambda r, tgt=lowest: final_eval_seen(r) or any(e["val_loss"] <= tgt for e in r))
-                    if lowest is not None else final_eval_seen)
-            res = runs[name] = run_one(name, out_dir, common_overrides(plan, max_steps) + fault_cfg
-                                       + strategy_overrides(strategy), stop_when_evals=stop)
-            row = summarize_run(res, schedule)
-            iters = iterations_to_target(res, target) if target is not None else None
-            row.update(iterations_to_target=rnd(iters, 1),
-                       ratio_to_no_failure=rnd(iters / ref_iters, 3) if iters is not None and ref_iters else None,
-                       reached_target=iters is not None,
-                       loss_jump_excess=_mean(j.get("excess") for j in loss_jumps(res, ref)))
-            if iters is None and not res.error:
-                row["ratio_to_no_failure"] = f">{plan.cap}"
-            per_target = {}
-            for k, tgt in targets.items():
-                it = iterations_to_target(res, tgt)
-                per_target[k] = rnd(it / ref_cross[k], 3) if it is not None and ref_cross[k] else None
-            row["ratio_per_target"] = per_target  # keyed by the reference step that set the target
-            done = [v for v in per_target.values() if v is not None]
-            row["ratio_mean_over_targets"] = (rnd(sum(done) / len(done), 3)
-                                              if done and len(done) == len(per_target) else None)
-            per[strategy] = row
-        rates_out[f"{int(rate * 100)}%/h"] = per
-
-    result = {
-        "benchmark": "checkfree_convergence", "mode": "quick" if quick else "full",
-        "reference": dict(summarize_run(ref), final_val_loss=rnd(target), steps=plan.ref_steps,
-                          iterations_to_target=rnd(ref_iters, 1), val_curve=val_curve(ref)),
-        "target_val_loss": rnd(target),
-        "extra_targets": {k: rnd(v) for k, v in targets.items()},
-        "extra_targets_reference_iterations": {k: rnd(v, 1) for k, v in ref_cross.items()},
-        "base": {"kills": [list(k) for k in plan.base_kills], "jump_steps": JUMP_STEPS, **base},
-        "base_ordering_by_excess_jump": ordering(base, "loss_jump_excess"),
-        "rates": rates_out,
-        "paper": PAPER,
-        "config": {"model": "tiny", "stages": 4, "batch_size": 16, "microbatches": 4, "seq_len": 128,
-                   "lr": "3e-3 constant after 20 warm-up steps", "ref_steps": plan.ref_steps, "cap": plan.cap,
-                   "eval_every": plan.eval_every, "eval_batches": plan.eval_batches,
-                   "faults.step_time_s": STEP_TIME_S, "faults.seed": plan.fault_seed, "faults.spares": 2,
-                   "recovery.checkpoint_every": CHECKPOINT_EVERY},
-    }
-    if "no_failure_plus" in runs:
-        result["reference_plus"] = dict(summarize_run(runs["no_failure_plus"]),
-                                        final_val_loss=rnd(final_val(runs["no_failure_plus"])))
-    result["runs_dir"] = os.path.relpath(out_dir)
-    return result, runs
-
-
-def ordering(rows: Dict[str, dict], key: str) -> List[str]:
-    """Strategies from the largest to the smallest value of `key` (those without one left out)."""
-    have = [(v[key], k) for k, v in rows.items() if v.get(key) is not None]
-    return [k for _, k in sorted(have, reverse=True)]
-
-
-def scheduled_failures(overrides: List[str]) -> List[dict]:
-    """The launcher's own seeded schedule for these overrides (what every strategy will see)."""
+def scheduled_failures(overrides: List[str], after: int) -> List[dict]:
+    """The launcher's own seeded schedule for these overrides (what every strategy sees), from `after`."""
     from benchmarks._runs import BASE_OVERRIDES
     from trainer.cli import compose_job
     from trainer.launch import fault_events
     job, _ = compose_job([*BASE_OVERRIDES, *overrides])
-    return fault_events(job)
+    return [e for e in fault_events(job) if e["step"] >= after]
 
 
+def run(plan: Plan, out_dir: str, reuse: bool) -> Tuple[dict, Dict[str, RunResult]]:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
+    runs: Dict[str, RunResult] = {}
+    end = plan.pre_steps + plan.post_steps
+    pre, pre_info, refs, ref_loss, ref_final, ref_to = {}, {}, {}, {}, {}, {}
+    needed = {routes_of(s) for s in plan.strategies} | {routes_of(s) for _, s in plan.rate_cells}
+    for routes in [r for r in ("plain", "plus") if r in needed]:
+        pre[routes], pre_info[routes] = pretrain(plan, out_dir, routes, reuse)
+        strategy = "checkfree_plus" if routes == "plus" else "checkfree"
+        ref = runs[f"reference-{routes}"] = resumed(f"reference-{routes}", out_dir, pre[routes], plan,
+                                                    common_overrides(plan, end, plan.eval_every)
+                                                    + [f"recovery.strategy={strategy}"])
+        if not ref.ok or final_val(ref) is None:
+            raise SystemExit(f"benchmarks.checkfree_convergence: the no-failure reference ({routes}) failed: {ref.error}")
+        refs[routes], ref_loss[routes], ref_final[routes] = ref, first_loss_by_step(ref), final_val(ref)
+        ref_to[routes] = to_target(ref, ref_final[routes])
+
+    # Single failures on the trained network.
+    base: Dict[str, List[dict]] = {s: [] for s in plan.strategies}
+    for seed in plan.seeds:
+        kill = base_failure(plan, seed)
+        for strategy in plan.strategies:
+            routes = routes_of(strategy)
+            name = f"base-s{seed}-{strategy}"
+            res = runs[name] = resumed(name, out_dir, pre[routes], plan,
+                                       common_overrides(plan, end, plan.eval_every) + strategy_overrides(plan, strategy)
+                                       + [schedule_override([kill])])
+            row = {"seed": seed, "kill": [kill["step"], kill["stage"]], "wall_s": rnd(res.wall_s, 1)}
+            fails = failures_of(res)
+            if res.error:
+                row["error"] = res.error
+            if len(fails) != 1:
+                row["failures_seen"] = [[f["step"], f["stage"]] for f in fails]
+            if fails:
+                row.update(recovery_of(res, ref_loss[routes], fails[0]))
+            fv = final_val(res)
+            row["final_val_ratio"] = rnd(fv / ref_final[routes], 4) if fv is not None else None
+            base[strategy].append(row)
+
+    base_summary = {}
+    for strategy, rows in base.items():
+        steps = [r.get("steps_to_recover") for r in rows]
+        base_summary[strategy] = {
+            "steps_to_recover": spread(steps, censored_as=f">{plan.post_steps}"),
+            "wall_to_recover_s": spread([r.get("wall_to_recover_s") for r in rows], censored_as="censored"),
+            "jump": spread([r.get("jump") for r in rows]),
+            "excess_last": spread([r.get("excess_last") for r in rows]),
+            "final_val_ratio": spread([r.get("final_val_ratio") for r in rows]),
+            "errors": [r["error"] for r in rows if r.get("error")] or None}
+
+    # Failure rates: seeded failures on every stage; stop at the reference's final validation loss.
+    rates_out: Dict[str, dict] = {}
+    max_steps = plan.pre_steps + int(round(plan.cap * plan.post_steps))
+    for rate, strategy in plan.rate_cells:
+        routes = routes_of(strategy)
+        target = ref_final[routes]
+        ref_iters, ref_wall = ref_to[routes]
+        rows = []
+        for seed in plan.rate_seeds:
+            fault_cfg = [f"faults.rate_per_hour={rate}", f"faults.step_time_s={STEP_TIME_S}", f"faults.seed={seed}"]
+            cfg = common_overrides(plan, max_steps, plan.eval_every) + fault_cfg
+            schedule = scheduled_failures(cfg, plan.pre_steps)
+            name = f"rate{int(rate * 100)}-s{seed}-{strategy}"
+            res = runs[name] = resumed(name, out_dir, pre[routes], plan, cfg + strategy_overrides(plan, strategy),
+                                       stop_when_evals=lambda evals, tgt=target: final_eval_seen(evals) or any(
+                                           e["val_loss"] <= tgt for e in evals))
+            iters, wall = to_target(res, target)
+            row = {"seed": seed, "failures_scheduled": [[e["step"], e["stage"]] for e in schedule
+                                                        if e["step"] < max_steps],
+                   "failures_seen": len(failures_of(res)), "wall_s": rnd(res.wall_s, 1),
+                   "iterations_ratio": rnd(iters / ref_iters, 3) if iters is not None and ref_iters else None,
+                   "wall_ratio": rnd(wall / ref_wall, 3) if wall is not None and ref_wall else None}
+            if res.error:
+                row["error"] = res.error
+            rows.append(row)
+        rates_out.setdefault(f"{int(rate * 100)}%/h", {})[strategy] = {
+            "iterations_ratio": spread([r["iterations_ratio"] for r in rows], censored_as=f">{plan.cap}"),
+            "wall_ratio": spread([r["wall_ratio"] for r in rows], censored_as=f">{plan.cap}"),
+            "runs": rows}
+
+    result = {
+        "benchmark": "checkfree_convergence",
+        "per_strategy": {s: {"median_steps_to_recover": v["steps_to_recover"].get("median"),
+                             "median_final_val_ratio": v["final_val_ratio"].get("median"),
+                             "median_jump": v["jump"].get("median")} for s, v in base_summary.items()},
+        "ordering_by_median_jump": ordering(base_summary, "jump"),
+        "base": base_summary, "base_runs": base, "rates": rates_out,
+        "pretrain": pre_info,
+        "reference": {r: {"final_val_loss": rnd(ref_final[r]), "iterations_to_target": rnd(ref_to[r][0], 1),
+                          "wall_to_target_s": rnd(ref_to[r][1], 2), "wall_s": rnd(refs[r].wall_s, 1)}
+                      for r in refs},
+        "paper": PAPER,
+        "config": dict(asdict(plan), model="tiny (1.6M parameters, dim 128, 8 layers)", stages=4, batch_size=16,
+                       microbatches=4, seq_len=128, lr="3e-3, constant after 20 warm-up steps", jump_commits=JUMP,
+                       window=WINDOW, tol=TOL, **{"faults.step_time_s": STEP_TIME_S, "faults.spares": 2}),
+        "runs_dir": os.path.relpath(out_dir),
+    }
+    return result, runs
+
+
+def ordering(summary: Dict[str, dict], key: str) -> List[str]:
+    """Strategies from the largest to the smallest median of `key` (those without one left out)."""
+    have = [(v[key]["median"], k) for k, v in summary.items() if isinstance(v[key].get("median"), (int, float))]
+    return [k for _, k in sorted(have, reverse=True)]
+
+
+# --- the figure --------------------------------------------------------------------------------------
 def plot(result: dict, runs: Dict[str, RunResult], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    ax = axes[0]
+    colours = dict(zip(("reference", *STRATEGIES), ("black", "tab:red", "tab:orange", "tab:olive", "tab:blue",
+                                                    "tab:green", "tab:purple")))
+    rate_names = [n for n in runs if n.startswith("rate10-s0-")]
+    fig, axes = plt.subplots(1, 2 if rate_names else 1, figsize=(15 if rate_names else 8, 5), squeeze=False)
+    ax = axes[0][0]
+    seed = result["config"]["seeds"][0]
     for name, res in runs.items():
-        if name.startswith("rate") or not res.evals:
+        label = name.replace(f"base-s{seed}-", "")
+        if not (name.startswith(f"base-s{seed}-") or name == "reference-plain") or not res.commits:
             continue
-        commit_times = sorted(c["wall_s"] for c in commits_of(res))
-        curve = [(sum(1 for t in commit_times if t <= e["wall_s"]), e["val_loss"])
-                 for e in sorted(res.evals, key=lambda e: e["wall_s"])]
-        ax.plot([c[0] for c in curve], [c[1] for c in curve], marker=".", lw=1, label=name.replace("base-", ""))
-    ax.set(title="validation loss, 4 intermediate-stage kills", xlabel="iterations (a rollback's included)",
-           ylabel="val loss")
-    ax.legend(fontsize=7)
-
-    ax = axes[1]
-    base = {k: v for k, v in result["base"].items() if isinstance(v, dict)}
-    names = [k for k in base if base[k].get("loss_jump_excess") is not None]
-    ax.bar(names, [base[k]["loss_jump_excess"] for k in names], color="tab:orange")
-    ax.set(title=f"loss jump after a failure (mean of {JUMP_STEPS} steps, minus no-failure)",
-           ylabel="excess train loss")
-    ax.tick_params(axis="x", rotation=30, labelsize=8)
-
-    ax = axes[2]
-    rates = list(result["rates"])
-    strategies = sorted({s for r in result["rates"].values() for s, v in r.items() if isinstance(v, dict)})
-    width = 0.8 / max(1, len(strategies))
-    for i, s in enumerate(strategies):
-        ys = []
-        for r in rates:
-            v = result["rates"][r].get(s, {})
-            ratio = v.get("ratio_to_no_failure") if isinstance(v, dict) else None
-            ys.append(ratio if isinstance(ratio, (int, float)) else 0.0)
-        ax.bar([j + i * width for j in range(len(rates))], ys, width=width, label=s)
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks([j + width * (len(strategies) - 1) / 2 for j in range(len(rates))], rates)
-    ax.set(title="iterations to the no-failure val loss (0 = error / not reached)", ylabel="x no-failure")
-    ax.legend(fontsize=7)
+        t0 = start_wall(res)
+        cs = commits_of(res)
+        smooth = [sum(c["loss"] for c in cs[max(0, i - 4):i + 1]) / len(cs[max(0, i - 4):i + 1]) for i in range(len(cs))]
+        colour = colours.get(label.split("-")[0], "grey")
+        ax.plot([c["wall_s"] - t0 for c in cs], smooth, lw=1.2, color=colour, label=label)
+        for f in failures_of(res):
+            ax.axvline(f["t"] - t0, color=colour, ls=":", lw=1)
+    ax.set(title=f"one failure on the trained network (seed {seed}): training loss, 5-commit mean",
+           xlabel="seconds since the first step after the pretrained checkpoint", ylabel="training loss")
+    ax.legend(fontsize=8)
+    if rate_names:
+        ax = axes[0][1]
+        for name in ["reference-plain", *rate_names]:
+            res = runs[name]
+            if not res.evals:
+                continue
+            t0 = start_wall(res)
+            label = name.replace("rate10-s0-", "")
+            colour = colours.get(label.split("-")[0], "grey")
+            ev = sorted(res.evals, key=lambda e: e["wall_s"])
+            ax.plot([e["wall_s"] - t0 for e in ev], [e["val_loss"] for e in ev], marker=".", lw=1.2, color=colour,
+                    label=label)
+            for f in failures_of(res):
+                ax.axvline(f["t"] - t0, color=colour, ls=":", lw=0.8)
+        ax.axhline(result["reference"]["plain"]["final_val_loss"], color="black", lw=0.6)
+        ax.set(title="10 %/hour on every stage (seed 0): validation loss; dotted = failures",
+               xlabel="seconds since the first step after the pretrained checkpoint", ylabel="validation loss")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -365,16 +435,33 @@ def plot(result: dict, runs: Dict[str, RunResult], path: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="30-step reference, 2 kills, one rate (10%%/h) with checkfree_plus only")
-    p.add_argument("--rate-strategies", default="checkfree_plus,checkfree,checkpoint",
-                   help="strategies run at each failure rate (full mode)")
+    p.add_argument("--quick", action="store_true", help="pretrain 400 steps; single failures only (3 seeds)")
+    p.add_argument("--reuse-pretrained", action="store_true",
+                   help="reuse a finished pretraining of the same length from an earlier run")
+    p.add_argument("--pre-steps", type=int, help="override the pretraining length (a smoke run)")
+    p.add_argument("--post-steps", type=int, help="override the steps after the pretrained checkpoint")
+    p.add_argument("--seeds", type=int, help="override the number of seeds of the base part")
+    p.add_argument("--strategies", help="override the base part's strategies (comma-separated)")
+    p.add_argument("--out", help="where the runs go (default outputs/benchmarks/checkfree_convergence[_quick])")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     t0 = time.time()
-    result, runs = run(a.quick, a.rate_strategies.split(","))
+    plan = plan_for(a.quick)
+    if a.pre_steps:
+        plan.pre_steps, plan.pre_eval_every = a.pre_steps, max(1, a.pre_steps // 4)
+    if a.post_steps:
+        plan.post_steps = a.post_steps
+    if a.seeds:
+        plan.seeds = tuple(range(a.seeds))
+    if a.strategies:
+        unknown = set(a.strategies.split(",")) - set(STRATEGIES)
+        if unknown:
+            p.error(f"--strategies: unknown {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
+        plan.strategies = tuple(a.strategies.split(","))
+    out_dir = a.out or os.path.join(REPORT_DIR, "checkfree_convergence" + ("_quick" if a.quick else ""))
+    result, runs = run(plan, out_dir, a.reuse_pretrained)
+    result["mode"] = "quick" if a.quick else "full"
     result["wall_s"] = round(time.time() - t0, 1)
-    out_dir = os.path.join(REPORT_DIR, "checkfree_convergence")
     try:
         plot(result, runs, os.path.join(out_dir, "convergence.png"))
         result["plot"] = os.path.relpath(os.path.join(out_dir, "convergence.png"))

@@ -158,7 +158,7 @@ class RecordsMixin:
         step = int(c["step"])
         self.ckpt_counts[step] = self.ckpt_counts.get(step, 0) + 1
         if self.ckpt_counts[step] == self.R * self.S:
-            self.latest_checkpoint = max(self.latest_checkpoint or -1, step)
+            self.latest_checkpoint = step if self.latest_checkpoint is None else max(self.latest_checkpoint, step)
             self._dirty = True
 
     def _on_event(self, ev: dict) -> None:

@@ -62,8 +62,8 @@ def _plan_one(r, s, R, S, strategy, alive, handed_off, diloco, have_checkpoint) 
         return RebuildPlan("random")
     if strategy == "checkpoint":
         if not have_checkpoint:
-            raise Unrecoverable(f"slot (replica {r}, stage {s}) lost before the first checkpoint; "
-                                "lower recovery.checkpoint_every")
+            raise Unrecoverable(f"slot (replica {r}, stage {s}) lost before any checkpoint was complete (not "
+                                "even the initial one, written as step 0 starts); nothing to roll back to")
         return RebuildPlan("checkpoint")
     if strategy == "copy":
         src = [n for n in nbrs if alive(n)]

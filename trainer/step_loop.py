@@ -34,6 +34,7 @@ from .recovery_exec import refresh_neighbour_copies
 
 log = logging.getLogger("kintsugi.worker")
 COMMIT_TAG = 1 << 21
+INITIAL_STEP = -1  # the checkpoint of the initial state: "committed up to step -1"
 
 
 def _finite(total) -> bool:
@@ -85,8 +86,18 @@ class DilocoHook(StepHook):
 
 
 class CheckpointHook(StepHook):
+    """Periodic checkpoints, and one of the initial state (`step_-1`, the state before step 0)
+    written once before the first step of a fresh run: a failure before the first periodic
+    checkpoint then rolls every stage back to the start instead of stopping the run."""
+
     def __init__(self, worker, slot):
         self.w, self.slot = worker, slot
+
+    def before_step(self, step):
+        ckpt = self.w.checkpointer
+        if step == 0 and ckpt.every > 0 and not getattr(self.w, "initial_checkpoint_saved", False):
+            self.w.initial_checkpoint_saved = True
+            ckpt.save(self.w.state, self.slot, INITIAL_STEP, self.w.diloco)
 
     def after_commit(self, step):
         st = self.w.state
@@ -97,6 +108,10 @@ class CheckpointHook(StepHook):
                 log.warning("slot %s: checkpoint of step %d skipped: the weights are not finite", self.slot, step)
                 return
             self.w.checkpointer.save(st, self.slot, step, self.w.diloco)
+
+    def at_end(self):
+        # The writer is a daemon thread: a checkpoint due at the last step must land before exit.
+        self.w.checkpointer.wait()
 
 
 class NeighbourCopyHook(StepHook):

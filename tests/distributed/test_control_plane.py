@@ -69,6 +69,19 @@ def test_survivor_killed_one_step_after_the_rebuild_generation(tmp_path):
     _exactly_once(records, 1, 12)
 
 
+def test_copy_rebuild_never_makes_a_healthy_worker_look_dead(tmp_path):
+    # recovery.strategy=copy once cascaded false suspects (BENCHMARKS.md, issue 15): stage 1 is
+    # copied from stage 0 while stage 2, its other neighbour, is SIGKILLed as the rebuild generation
+    # is published. Only the two killed workers may be declared dead: the donor (stage 0) and the
+    # incoming stage-1 worker stay, stage 2 is copied from stage 3, and no step is lost or doubled.
+    _, summary, records = run_trainer(tmp_path / "run", *BASE, "train.max_steps=12", "recovery.strategy=copy",
+                                      f"faults.schedule=[{_kill(4, 1)},{_kill(4, 2, on='rebuild')}]")
+    assert summary["failures"] == 2, summary
+    assert {tuple(rb["slot"]) for rb in summary["rebuilds"]} == {(0, 1), (0, 2)}, summary["rebuilds"]
+    assert {rb["tier"] for rb in summary["rebuilds"]} == {"copy"}
+    _exactly_once(records, 1, 12)
+
+
 def test_incoming_spare_killed_right_after_publication(tmp_path):
     # The second event targets whoever holds slot (0, 2) in the rebuild generation: the spare that
     # was just given it. The slot is planned again with another spare, never left untrained.
