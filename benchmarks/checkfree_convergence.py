@@ -23,6 +23,8 @@ failures are real SIGKILLs sent by the launcher, rebuilds are the strategies' ow
    - `steps_to_recover`: commits received after the failure (a rollback's re-done steps count) before
      the run is back on the reference curve: at a step >= the failed one, with the mean excess over
      the reference on W=5 consecutive commits <= `TOL` (1 %) of the reference's loss;
+   - `steps_to_half_jump`: commits until that mean excess over W commits is down to half the jump
+     (how fast it heals where it does not get all the way back within the run);
    - `excess_last`: the mean excess over the reference on the last 10 commits (did it stay there);
    - `wall_to_recover_s`: seconds from the kill to that commit (detection, rebuild, restore, re-done
      steps);
@@ -44,7 +46,7 @@ training loss against wall-clock per strategy with the failures marked (seed 0 o
 and validation loss against wall-clock at 10 %/hour.
 
     python -m benchmarks.checkfree_convergence --quick   # pretrain 400 steps, base part only
-    python -m benchmarks.checkfree_convergence           # pretrain 1000 steps, base + rates
+    python -m benchmarks.checkfree_convergence           # pretrain 1200 steps, base + rates
 
 Prints one JSON line (per strategy: median steps to recover and final loss ratio, first); the runs,
 result.json and convergence.png go to outputs/benchmarks/checkfree_convergence[_quick]/.
@@ -101,7 +103,7 @@ def plan_for(quick: bool) -> Plan:
     paper_trio = ("checkfree_plus", "checkfree", "checkpoint")
     cells = tuple((rate, s) for rate in (0.05, 0.10, 0.16) for s in paper_trio)
     cells += tuple((0.10, s) for s in ("random", "copy", "average"))
-    return Plan(pre_steps=1000, post_steps=60, seeds=(0, 1, 2), rates=(0.05, 0.10, 0.16), rate_cells=cells,
+    return Plan(pre_steps=1200, post_steps=60, seeds=(0, 1, 2), rates=(0.05, 0.10, 0.16), rate_cells=cells,
                 rate_seeds=(0, 1, 2), cap=2.5, eval_every=10, eval_batches=8, checkpoint_every=10)
 
 
@@ -172,11 +174,15 @@ def recovery_of(result: RunResult, ref: Dict[int, float], failure: dict) -> dict
     out["jump"] = rnd(sum(c["loss"] - ref[c["step"]] for c in after[:JUMP]) / JUMP)
     tail = [c for c in after if c["step"] in ref][-10:]
     out["excess_last"] = rnd(sum(c["loss"] - ref[c["step"]] for c in tail) / len(tail))
+    half = None
     for i in range(len(after) - WINDOW + 1):
         win = after[i:i + WINDOW]
         if win[0]["step"] < failure["step"] or not all(c["step"] in ref for c in win):
             continue
         excess = sum(c["loss"] - ref[c["step"]] for c in win) / WINDOW
+        if half is None and excess <= out["jump"] / 2:
+            half = i
+            out["steps_to_half_jump"] = i
         if excess <= TOL * sum(ref[c["step"]] for c in win) / WINDOW:
             return dict(out, steps_to_recover=i, wall_to_recover_s=rnd(win[0]["wall_s"] - failure["t"], 2))
     return dict(out, steps_to_recover=None, censored_after=len(after))
@@ -323,6 +329,7 @@ def run(plan: Plan, out_dir: str, reuse: bool) -> Tuple[dict, Dict[str, RunResul
         base_summary[strategy] = {
             "steps_to_recover": spread(steps, censored_as=f">{plan.post_steps}"),
             "wall_to_recover_s": spread([r.get("wall_to_recover_s") for r in rows], censored_as="censored"),
+            "steps_to_half_jump": spread([r.get("steps_to_half_jump") for r in rows], censored_as="censored"),
             "jump": spread([r.get("jump") for r in rows]),
             "excess_last": spread([r.get("excess_last") for r in rows]),
             "final_val_ratio": spread([r.get("final_val_ratio") for r in rows]),
@@ -361,6 +368,7 @@ def run(plan: Plan, out_dir: str, reuse: bool) -> Tuple[dict, Dict[str, RunResul
     result = {
         "benchmark": "checkfree_convergence",
         "per_strategy": {s: {"median_steps_to_recover": v["steps_to_recover"].get("median"),
+                             "median_steps_to_half_jump": v["steps_to_half_jump"].get("median"),
                              "median_final_val_ratio": v["final_val_ratio"].get("median"),
                              "median_jump": v["jump"].get("median")} for s, v in base_summary.items()},
         "ordering_by_median_jump": ordering(base_summary, "jump"),
@@ -393,25 +401,45 @@ def plot(result: dict, runs: Dict[str, RunResult], path: str) -> None:
     colours = dict(zip(("reference", *STRATEGIES), ("black", "tab:red", "tab:orange", "tab:olive", "tab:blue",
                                                     "tab:green", "tab:purple")))
     rate_names = [n for n in runs if n.startswith("rate10-s0-")]
-    fig, axes = plt.subplots(1, 2 if rate_names else 1, figsize=(15 if rate_names else 8, 5), squeeze=False)
+    panels = 3 if rate_names else 2
+    fig, axes = plt.subplots(1, panels, figsize=(7.5 * panels, 5), squeeze=False)
     ax = axes[0][0]
     seed = result["config"]["seeds"][0]
+    refs = {r: first_loss_by_step(runs[f"reference-{r}"]) for r in ("plain", "plus") if f"reference-{r}" in runs}
+    for name, res in runs.items():  # the excess over the no-failure run on the same batches
+        strategy = name.replace(f"base-s{seed}-", "")
+        if not name.startswith(f"base-s{seed}-") or routes_of(strategy) not in refs or not res.commits:
+            continue
+        ref, t0 = refs[routes_of(strategy)], start_wall(res)
+        cs = [c for c in commits_of(res) if c["step"] in ref]
+        ex = [c["loss"] - ref[c["step"]] for c in cs]
+        smooth = [sum(ex[max(0, i - 4):i + 1]) / len(ex[max(0, i - 4):i + 1]) for i in range(len(ex))]
+        axes[0][1].plot([c["wall_s"] - t0 for c in cs], smooth, lw=1.2, color=colours.get(strategy, "grey"),
+                        label=strategy)
+        for f in failures_of(res):
+            axes[0][1].axvline(f["t"] - t0, color=colours.get(strategy, "grey"), ls=":", lw=1)
+    axes[0][1].axhline(0, color="black", lw=0.6)
+    axes[0][1].set(title="excess over the no-failure run on the same batches (5-commit mean)",
+                   xlabel="seconds since the first step after the pretrained checkpoint", ylabel="excess loss")
+    axes[0][1].legend(fontsize=8)
     for name, res in runs.items():
         label = name.replace(f"base-s{seed}-", "")
-        if not (name.startswith(f"base-s{seed}-") or name == "reference-plain") or not res.commits:
+        if not (name.startswith(f"base-s{seed}-") or name.startswith("reference-")) or not res.commits:
             continue
         t0 = start_wall(res)
         cs = commits_of(res)
         smooth = [sum(c["loss"] for c in cs[max(0, i - 4):i + 1]) / len(cs[max(0, i - 4):i + 1]) for i in range(len(cs))]
         colour = colours.get(label.split("-")[0], "grey")
-        ax.plot([c["wall_s"] - t0 for c in cs], smooth, lw=1.2, color=colour, label=label)
+        style = "--" if name == "reference-plus" else "-"
+        label = "reference, CheckFree+ routes" if name == "reference-plus" else label
+        ax.plot([c["wall_s"] - t0 for c in cs], smooth, lw=1.2, color=colour, ls=style, label=label)
         for f in failures_of(res):
             ax.axvline(f["t"] - t0, color=colour, ls=":", lw=1)
     ax.set(title=f"one failure on the trained network (seed {seed}): training loss, 5-commit mean",
            xlabel="seconds since the first step after the pretrained checkpoint", ylabel="training loss")
     ax.legend(fontsize=8)
     if rate_names:
-        ax = axes[0][1]
+        ax = axes[0][2]
         for name in ["reference-plain", *rate_names]:
             res = runs[name]
             if not res.evals:
@@ -438,6 +466,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="pretrain 400 steps; single failures only (3 seeds)")
     p.add_argument("--reuse-pretrained", action="store_true",
                    help="reuse a finished pretraining of the same length from an earlier run")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw convergence.png from the runs and result.json already in the output folder")
     p.add_argument("--pre-steps", type=int, help="override the pretraining length (a smoke run)")
     p.add_argument("--post-steps", type=int, help="override the steps after the pretrained checkpoint")
     p.add_argument("--seeds", type=int, help="override the number of seeds of the base part")
@@ -459,6 +489,17 @@ def main(argv=None) -> None:
             p.error(f"--strategies: unknown {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
         plan.strategies = tuple(a.strategies.split(","))
     out_dir = a.out or os.path.join(REPORT_DIR, "checkfree_convergence" + ("_quick" if a.quick else ""))
+    if a.replot:
+        from benchmarks._runs import read_metrics
+        with open(os.path.join(out_dir, "result.json")) as f:
+            result = json.load(f)
+        runs = {}
+        for name in sorted(os.listdir(out_dir)):
+            if os.path.isdir(os.path.join(out_dir, name)):
+                c, e, ev = read_metrics(os.path.join(out_dir, name))
+                runs[name] = RunResult(name, os.path.join(out_dir, name), 0, 0.0, None, None, c, e, ev)
+        plot(result, runs, os.path.join(out_dir, "convergence.png"))
+        return
     result, runs = run(plan, out_dir, a.reuse_pretrained)
     result["mode"] = "quick" if a.quick else "full"
     result["wall_s"] = round(time.time() - t0, 1)
