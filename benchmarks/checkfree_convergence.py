@@ -461,6 +461,38 @@ def plot(result: dict, runs: Dict[str, RunResult], path: str) -> None:
     plt.close(fig)
 
 
+def markdown(result: dict) -> str:
+    """The tables BENCHMARKS.md shows, from a result.json."""
+    def cell(d, digits=3):
+        if not d or d.get("median") is None:
+            return "-"
+        if d.get("censored") == d["n"]:
+            return f"not within the run ({d['n']}/{d['n']})"
+        med = d["median"]
+        txt = f"{med:.{digits}f}" if isinstance(med, float) else str(med)
+        if "min" in d and d["min"] != d["max"]:
+            txt += f" ({d['min']:.{digits}f} .. {d['max']:.{digits}f})"
+        if d.get("censored"):
+            txt += f", {d['censored']}/{d['n']} censored"
+        return txt
+
+    lines = ["| strategy | loss jump | steps to half the jump | steps back on the curve (1 %) | "
+             "seconds back on the curve | excess, last 10 commits | final val / no-failure |",
+             "|---|---|---|---|---|---|---|"]
+    for s, v in result["base"].items():
+        lines.append(f"| {s} | {cell(v['jump'])} | {cell(v.get('steps_to_half_jump'), 0)} | "
+                     f"{cell(v['steps_to_recover'], 0)} | {cell(v['wall_to_recover_s'], 2)} | "
+                     f"{cell(v['excess_last'])} | {cell(v['final_val_ratio'])} |")
+    if result.get("rates"):
+        lines += ["", "| rate | strategy | iterations to target / no-failure | wall-clock to target / no-failure | "
+                  "failures seen per seed |", "|---|---|---|---|---|"]
+        for rate, per in result["rates"].items():
+            for s, v in per.items():
+                seen = ", ".join(str(r["failures_seen"]) for r in v["runs"])
+                lines.append(f"| {rate} | {s} | {cell(v['iterations_ratio'])} | {cell(v['wall_ratio'])} | {seen} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="pretrain 400 steps; single failures only (3 seeds)")
@@ -468,6 +500,7 @@ def main(argv=None) -> None:
                    help="reuse a finished pretraining of the same length from an earlier run")
     p.add_argument("--replot", action="store_true",
                    help="only redraw convergence.png from the runs and result.json already in the output folder")
+    p.add_argument("--markdown", action="store_true", help="only print the tables of the result.json in the output folder")
     p.add_argument("--pre-steps", type=int, help="override the pretraining length (a smoke run)")
     p.add_argument("--post-steps", type=int, help="override the steps after the pretrained checkpoint")
     p.add_argument("--seeds", type=int, help="override the number of seeds of the base part")
@@ -489,6 +522,10 @@ def main(argv=None) -> None:
             p.error(f"--strategies: unknown {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
         plan.strategies = tuple(a.strategies.split(","))
     out_dir = a.out or os.path.join(REPORT_DIR, "checkfree_convergence" + ("_quick" if a.quick else ""))
+    if a.markdown:
+        with open(os.path.join(out_dir, "result.json")) as f:
+            print(markdown(json.load(f)))
+        return
     if a.replot:
         from benchmarks._runs import read_metrics
         with open(os.path.join(out_dir, "result.json")) as f:
