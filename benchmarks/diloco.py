@@ -155,11 +155,23 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    summary = run(args)
+    print(json.dumps(summary))
+    return summary
+
+
+def run(args, eval_path: str | None = None) -> dict:
+    """Train the variants of `args` and return the summary `main` prints. `eval_path` (a token file
+    of the corpus's dtype) replaces the validation split as the set every variant is evaluated on;
+    the losses keep the name `val_loss` (benchmarks/diloco_scale.py passes a held-out test split)."""
+    import dataclasses
 
     from parallel.diloco import data_parallel_bytes_per_step
     from trainer.data import DataConfig, prepare_corpus
     from trainer.model import Llama, num_params
     corpus = prepare_corpus(DataConfig(max_files=args.max_files, seq_len=args.seq_len))  # once, before spawning
+    if eval_path is not None:
+        corpus = dataclasses.replace(corpus, val_path=eval_path)
     numel = num_params(Llama(_job(args).model))
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,7 +202,6 @@ def main(argv=None) -> dict:
                "alpha": args.alpha, "quant": args.quant, "outer_lr": args.outer_lr,
                "outer_momentum": args.outer_momentum, "inner_lr": args.lr, "wall_s": round(time.time() - t0, 1),
                "variants": results}
-    print(json.dumps(summary))
     return summary
 
 
