@@ -264,9 +264,25 @@ def pretrain(plan: Plan, out_dir: str, routes: str, reuse: bool) -> Tuple[str, d
     return run_dir, dict(info, reused=False)
 
 
+# --rescore: read the runs already in the output folder instead of running them again (except those
+# named in RERUN), and score them with this code.
+RESCORE = False
+RERUN: set = set()
+
+
+def load_run(name: str, run_dir: str) -> RunResult:
+    from benchmarks._runs import read_metrics
+    c, e, ev = read_metrics(run_dir)
+    if not c:
+        raise SystemExit(f"benchmarks.checkfree_convergence --rescore: {run_dir} holds no run; run the benchmark first")
+    return RunResult(name, run_dir, 0, c[-1]["wall_s"] if c else 0.0, None, None, c, e, ev)
+
+
 def resumed(name: str, out_dir: str, pre_dir: str, plan: Plan, overrides: List[str], **kw) -> RunResult:
     """A run that continues the pretrained checkpoint in a run directory of its own."""
     run_dir = os.path.join(out_dir, name)
+    if RESCORE and name not in RERUN:
+        return load_run(name, run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(os.path.join(run_dir, "checkpoints"))
     src = os.path.join(pre_dir, "checkpoints", f"step_{plan.pre_steps - 1}")
@@ -284,11 +300,12 @@ def scheduled_failures(overrides: List[str], after: int) -> List[dict]:
 
 
 def run(plan: Plan, out_dir: str, reuse: bool) -> Tuple[dict, Dict[str, RunResult]]:
-    shutil.rmtree(out_dir, ignore_errors=True)
+    if not RESCORE:
+        shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir, exist_ok=True)
     runs: Dict[str, RunResult] = {}
     end = plan.pre_steps + plan.post_steps
-    pre, pre_info, refs, ref_loss, ref_final, ref_to = {}, {}, {}, {}, {}, {}
+    pre, pre_info, refs, ref_loss, ref_final, ref_to, ref_len = {}, {}, {}, {}, {}, {}, {}
     needed = {routes_of(s) for s in plan.strategies} | {routes_of(s) for _, s in plan.rate_cells}
     for routes in [r for r in ("plain", "plus") if r in needed]:
         pre[routes], pre_info[routes] = pretrain(plan, out_dir, routes, reuse)
@@ -300,6 +317,7 @@ def run(plan: Plan, out_dir: str, reuse: bool) -> Tuple[dict, Dict[str, RunResul
             raise SystemExit(f"benchmarks.checkfree_convergence: the no-failure reference ({routes}) failed: {ref.error}")
         refs[routes], ref_loss[routes], ref_final[routes] = ref, first_loss_by_step(ref), final_val(ref)
         ref_to[routes] = to_target(ref, ref_final[routes])
+        ref_len[routes] = commits_of(ref)[-1]["wall_s"] - start_wall(ref)
 
     # Single failures on the trained network.
     base: Dict[str, List[dict]] = {s: [] for s in plan.strategies}
@@ -352,17 +370,23 @@ def run(plan: Plan, out_dir: str, reuse: bool) -> Tuple[dict, Dict[str, RunResul
                                        stop_when_evals=lambda evals, tgt=target: final_eval_seen(evals) or any(
                                            e["val_loss"] <= tgt for e in evals))
             iters, wall = to_target(res, target)
+            last = sorted(res.evals, key=lambda e: e["wall_s"])[-1]["val_loss"] if res.evals else None
             row = {"seed": seed, "failures_scheduled": [[e["step"], e["stage"]] for e in schedule
                                                         if e["step"] < max_steps],
                    "failures_seen": len(failures_of(res)), "wall_s": rnd(res.wall_s, 1),
-                   "iterations_ratio": rnd(iters / ref_iters, 3) if iters is not None and ref_iters else None,
-                   "wall_ratio": rnd(wall / ref_wall, 3) if wall is not None and ref_wall else None}
+                   "extra_iterations": rnd(iters - ref_iters, 1) if iters is not None else None,
+                   "extra_wall_s": rnd(wall - ref_wall, 2) if wall is not None else None,
+                   # the no-failure run's own cost is its whole length: post_steps, ref_len_s
+                   "iterations_ratio": rnd(1 + (iters - ref_iters) / plan.post_steps, 3) if iters is not None else None,
+                   "wall_ratio": rnd(1 + (wall - ref_wall) / ref_len[routes], 3) if wall is not None else None,
+                   "last_val_ratio": rnd(last / target, 4) if last is not None else None}
             if res.error:
                 row["error"] = res.error
             rows.append(row)
         rates_out.setdefault(f"{int(rate * 100)}%/h", {})[strategy] = {
             "iterations_ratio": spread([r["iterations_ratio"] for r in rows], censored_as=f">{plan.cap}"),
             "wall_ratio": spread([r["wall_ratio"] for r in rows], censored_as=f">{plan.cap}"),
+            "last_val_ratio": spread([r["last_val_ratio"] for r in rows]),
             "runs": rows}
 
     result = {
@@ -375,7 +399,8 @@ def run(plan: Plan, out_dir: str, reuse: bool) -> Tuple[dict, Dict[str, RunResul
         "base": base_summary, "base_runs": base, "rates": rates_out,
         "pretrain": pre_info,
         "reference": {r: {"final_val_loss": rnd(ref_final[r]), "iterations_to_target": rnd(ref_to[r][0], 1),
-                          "wall_to_target_s": rnd(ref_to[r][1], 2), "wall_s": rnd(refs[r].wall_s, 1)}
+                          "wall_to_target_s": rnd(ref_to[r][1], 2), "wall_s": rnd(refs[r].wall_s, 1),
+                          "post_steps_wall_s": rnd(ref_len[r], 2)}
                       for r in refs},
         "paper": PAPER,
         "config": dict(asdict(plan), model="tiny (1.6M parameters, dim 128, 8 layers)", stages=4, batch_size=16,
@@ -485,11 +510,12 @@ def markdown(result: dict) -> str:
                      f"{cell(v['excess_last'])} | {cell(v['final_val_ratio'])} |")
     if result.get("rates"):
         lines += ["", "| rate | strategy | iterations to target / no-failure | wall-clock to target / no-failure | "
-                  "failures seen per seed |", "|---|---|---|---|---|"]
+                  "last val / target (at the cap) | failures seen per seed |", "|---|---|---|---|---|---|"]
         for rate, per in result["rates"].items():
             for s, v in per.items():
                 seen = ", ".join(str(r["failures_seen"]) for r in v["runs"])
-                lines.append(f"| {rate} | {s} | {cell(v['iterations_ratio'])} | {cell(v['wall_ratio'])} | {seen} |")
+                lines.append(f"| {rate} | {s} | {cell(v['iterations_ratio'])} | {cell(v['wall_ratio'])} | "
+                             f"{cell(v.get('last_val_ratio'))} | {seen} |")
     return "\n".join(lines)
 
 
@@ -500,6 +526,9 @@ def main(argv=None) -> None:
                    help="reuse a finished pretraining of the same length from an earlier run")
     p.add_argument("--replot", action="store_true",
                    help="only redraw convergence.png from the runs and result.json already in the output folder")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the runs already in the output folder again (nothing is re-run but --rerun)")
+    p.add_argument("--rerun", default="", help="with --rescore: runs to do again, e.g. reference-plain,reference-plus")
     p.add_argument("--markdown", action="store_true", help="only print the tables of the result.json in the output folder")
     p.add_argument("--pre-steps", type=int, help="override the pretraining length (a smoke run)")
     p.add_argument("--post-steps", type=int, help="override the steps after the pretrained checkpoint")
@@ -537,7 +566,11 @@ def main(argv=None) -> None:
                 runs[name] = RunResult(name, os.path.join(out_dir, name), 0, 0.0, None, None, c, e, ev)
         plot(result, runs, os.path.join(out_dir, "convergence.png"))
         return
-    result, runs = run(plan, out_dir, a.reuse_pretrained)
+    global RESCORE, RERUN
+    RESCORE, RERUN = a.rescore, set(filter(None, a.rerun.split(",")))
+    result, runs = run(plan, out_dir, a.reuse_pretrained or a.rescore)
+    if a.rescore:
+        result["rescored"] = {"at": time.strftime("%Y-%m-%d %H:%M"), "rerun": sorted(RERUN)}
     result["mode"] = "quick" if a.quick else "full"
     result["wall_s"] = round(time.time() - t0, 1)
     try:
