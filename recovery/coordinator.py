@@ -24,6 +24,7 @@ goes on. All timeouts use the monotonic clock. Starting it is the trainer's job
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -700,11 +701,15 @@ class Coordinator(FaultsMixin, RecordsMixin, PersistMixin):
                 state["wandb_live"] = True
             except Exception as e:  # noqa: BLE001 - tracking must not hide the run's own outcome
                 log.warning("wandb finish failed: %s", e)
-        try:
-            with open(os.path.join(self.run_dir, "coordinator_state.json"), "w") as f:
+        path = os.path.join(self.run_dir, "coordinator_state.json")
+        try:  # whole or not at all: a full disk must not leave a truncated record to be read as one
+            with open(path + ".tmp", "w") as f:
                 f.write(dumps_strict(state, indent=1))
+            os.replace(path + ".tmp", path)
         except OSError as e:
             log.error("cannot write coordinator_state.json: %s", e)
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
         if self.bar is not None:
             self.bar.close()
         try:

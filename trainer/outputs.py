@@ -53,8 +53,12 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
     state_path = os.path.join(run_dir, "coordinator_state.json")
     if not os.path.exists(state_path):
         return None
-    with open(state_path) as f:
-        state = json.load(f)
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:  # cut short by a full disk: no summary, the exit code says why
+        log.error("cannot read %s (%s); no summary.json", state_path, e)
+        return None
     commits, evals, events = read_metrics(run_dir)
     by_channel: Dict[str, int] = state.get("bytes", {})
     steps = max((c["step"] for c in commits), default=-1) + 1
