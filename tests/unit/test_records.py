@@ -54,3 +54,15 @@ def test_summary_of_a_diverged_run_is_strict_json(tmp_path):
     assert got["steps"] == 2 and got["tokens"] == 128
     assert got["tokens_per_s"] == 0.0  # 128 tokens over an infinite wall time
     assert got["slowest_stage"]["per_stage_compute_s"][0] is None and got["slowest_stage"]["compute_s"] is None
+
+
+def test_a_truncated_coordinator_state_gives_no_summary_and_no_traceback(tmp_path, caplog):
+    # A full disk cut the file short (the coordinator now writes it whole or not at all, but a copy
+    # from an older run or another tool may still be truncated): no summary, one error line.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 2.0, "tokens": 64, "replica": 0}\n')
+    for text in ("", '{"final_val_loss": 1.5, "committed"'):
+        (tmp_path / "coordinator_state.json").write_text(text)
+        caplog.clear()
+        assert write_outputs(str(tmp_path), JobConfig(), wall_s=1.0) is None
+        assert not (tmp_path / "summary.json").exists()
+        assert any("coordinator_state.json" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
