@@ -64,27 +64,28 @@ def test_recovery_quick():
     assert ov["ratio_default_over_disabled"] > 0 and ov["cpu_ratio_default_over_disabled"] > 0
 
 
+@pytest.mark.slow  # ~50 s: four trainer jobs; kept out of the default run's 20-minute budget
+@pytest.mark.timeout(600)
 def test_checkfree_convergence_small(tmp_path):
     """The redesigned benchmark end to end at a size the default suite affords: a 16-step
-    pretraining, a resumed reference, and one seeded failure under three strategies."""
+    pretraining, a resumed reference, and one seeded failure under two strategies."""
     out = run_benchmark("benchmarks.checkfree_convergence", "--quick", "--pre-steps", "16", "--post-steps", "14",
-                        "--seeds", "1", "--strategies", "random,checkfree,checkpoint", "--out",
+                        "--seeds", "1", "--strategies", "checkfree,checkpoint", "--out",
                         str(tmp_path / "cfc"), timeout=400)
-    rows = {s: out["base_runs"][s][0] for s in ("random", "checkfree", "checkpoint")}
+    rows = {s: out["base_runs"][s][0] for s in ("checkfree", "checkpoint")}
     for s, row in rows.items():
         assert "error" not in row and "failures_seen" not in row, row
         # The seed's kill lands on the stage and step the run planned, for every strategy.
         assert row["stage"] == row["kill"][1] and row["step"] == row["kill"][0], row
-    assert rows["random"]["tier"] == "random" and rows["checkfree"]["tier"] == "checkfree"
+    assert rows["checkfree"]["tier"] == "checkfree"
     # A rollback restores the exact state and re-trains the same batches: the final validation
     # loss is the no-failure run's, bit for bit, and the re-done steps show no jump at all.
     assert rows["checkpoint"]["tier"] == "checkpoint"
     assert rows["checkpoint"]["final_val_ratio"] == 1.0 and rows["checkpoint"]["jump"] == 0.0
     assert rows["checkpoint"]["steps_to_recover"] >= 1  # the steps after the checkpoint, re-done
-    # An approximate rebuild moves the loss off the no-failure curve (the record shows the damage);
-    # which of the two hurts more at 16 steps is not asserted (they measured 0.0275 and 0.0277).
-    assert rows["random"]["jump"] > 0 and rows["checkfree"]["jump"] > 0
-    assert set(out["per_strategy"]) == {"random", "checkfree", "checkpoint"}
+    # An approximate rebuild moves the loss off the no-failure curve (the record shows the damage).
+    assert rows["checkfree"]["jump"] > 0 and rows["checkfree"]["final_val_ratio"] != 1.0
+    assert set(out["per_strategy"]) == {"checkfree", "checkpoint"}
     assert (tmp_path / "cfc" / "convergence.png").stat().st_size > 10_000
 
 

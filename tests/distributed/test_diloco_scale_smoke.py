@@ -12,7 +12,8 @@ import pytest
 
 from conftest import run_benchmark
 
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
+# slow: nine pairs of processes, 15-55 s; kept out of the default run's 20-minute budget
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(240)]
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))

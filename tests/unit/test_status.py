@@ -140,8 +140,11 @@ def test_bad_run_dir_is_one_line_and_exit_2(tmp_path, capsys, make):
 def test_watch_refreshes_until_interrupted(tmp_path):
     run = _write_run(tmp_path / "run", hb=10)
     env = dict(os.environ, PYTHONPATH=ROOT)
+    # A shell that started pytest in the background passes SIGINT on as ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the child the default disposition, as a terminal does.
     p = subprocess.Popen([sys.executable, "-m", "trainer", "status", run, "--watch", "0.2", "--json"],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = p.stdout.readline()
         _write_run(tmp_path / "run", hb=12)
