@@ -174,14 +174,12 @@ def recovery_of(result: RunResult, ref: Dict[int, float], failure: dict) -> dict
     out["jump"] = rnd(sum(c["loss"] - ref[c["step"]] for c in after[:JUMP]) / JUMP)
     tail = [c for c in after if c["step"] in ref][-10:]
     out["excess_last"] = rnd(sum(c["loss"] - ref[c["step"]] for c in tail) / len(tail))
-    half = None
     for i in range(len(after) - WINDOW + 1):
         win = after[i:i + WINDOW]
         if win[0]["step"] < failure["step"] or not all(c["step"] in ref for c in win):
             continue
         excess = sum(c["loss"] - ref[c["step"]] for c in win) / WINDOW
-        if half is None and excess <= out["jump"] / 2:
-            half = i
+        if "steps_to_half_jump" not in out and excess <= out["jump"] / 2:
             out["steps_to_half_jump"] = i
         if excess <= TOL * sum(ref[c["step"]] for c in win) / WINDOW:
             return dict(out, steps_to_recover=i, wall_to_recover_s=rnd(win[0]["wall_s"] - failure["t"], 2))
@@ -271,10 +269,9 @@ RERUN: set = set()
 
 
 def load_run(name: str, run_dir: str) -> RunResult:
+    """A run already on disk, as `run_one` would have returned it (wall_s: its last commit's time)."""
     from benchmarks._runs import read_metrics
     c, e, ev = read_metrics(run_dir)
-    if not c:
-        raise SystemExit(f"benchmarks.checkfree_convergence --rescore: {run_dir} holds no run; run the benchmark first")
     return RunResult(name, run_dir, 0, c[-1]["wall_s"] if c else 0.0, None, None, c, e, ev)
 
 
@@ -282,7 +279,10 @@ def resumed(name: str, out_dir: str, pre_dir: str, plan: Plan, overrides: List[s
     """A run that continues the pretrained checkpoint in a run directory of its own."""
     run_dir = os.path.join(out_dir, name)
     if RESCORE and name not in RERUN:
-        return load_run(name, run_dir)
+        res = load_run(name, run_dir)
+        if not res.commits:
+            raise SystemExit(f"benchmarks.checkfree_convergence --rescore: {run_dir} holds no run; run the benchmark first")
+        return res
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(os.path.join(run_dir, "checkpoints"))
     src = os.path.join(pre_dir, "checkpoints", f"step_{plan.pre_steps - 1}")
@@ -556,14 +556,10 @@ def main(argv=None) -> None:
             print(markdown(json.load(f)))
         return
     if a.replot:
-        from benchmarks._runs import read_metrics
         with open(os.path.join(out_dir, "result.json")) as f:
             result = json.load(f)
-        runs = {}
-        for name in sorted(os.listdir(out_dir)):
-            if os.path.isdir(os.path.join(out_dir, name)):
-                c, e, ev = read_metrics(os.path.join(out_dir, name))
-                runs[name] = RunResult(name, os.path.join(out_dir, name), 0, 0.0, None, None, c, e, ev)
+        runs = {name: load_run(name, os.path.join(out_dir, name)) for name in sorted(os.listdir(out_dir))
+                if os.path.isdir(os.path.join(out_dir, name))}
         plot(result, runs, os.path.join(out_dir, "convergence.png"))
         return
     global RESCORE, RERUN

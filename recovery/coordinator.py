@@ -24,7 +24,6 @@ goes on. All timeouts use the monotonic clock. Starting it is the trainer's job
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -36,7 +35,7 @@ from typing import Dict, List, Optional, Set, Tuple
 from . import protocol as P
 from .auth import Auth, Forged
 from .placement import place, recoverability_report
-from .records import dumps_strict
+from .records import write_strict_atomic
 from .tiers import Unrecoverable, plan_rebuilds
 from .coordinator_common import (END_GRACE_S, EX_RECORD, EX_SUSPENDED, LOGS, STATE_FILE, TERM_GRACE_S, Cell, Slot,
                                  WorkerInfo, log)
@@ -701,15 +700,10 @@ class Coordinator(FaultsMixin, RecordsMixin, PersistMixin):
                 state["wandb_live"] = True
             except Exception as e:  # noqa: BLE001 - tracking must not hide the run's own outcome
                 log.warning("wandb finish failed: %s", e)
-        path = os.path.join(self.run_dir, "coordinator_state.json")
         try:  # whole or not at all: a full disk must not leave a truncated record to be read as one
-            with open(path + ".tmp", "w") as f:
-                f.write(dumps_strict(state, indent=1))
-            os.replace(path + ".tmp", path)
+            write_strict_atomic(os.path.join(self.run_dir, "coordinator_state.json"), state, indent=1)
         except OSError as e:
             log.error("cannot write coordinator_state.json: %s", e)
-            with contextlib.suppress(OSError):
-                os.remove(path + ".tmp")
         if self.bar is not None:
             self.bar.close()
         try:

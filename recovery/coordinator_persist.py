@@ -10,7 +10,7 @@ from typing import Dict
 
 from . import protocol as P
 from .coordinator_common import STATE_FILE, WorkerInfo, _read_jsonl, log
-from .records import dumps_strict
+from .records import write_strict_atomic
 
 
 class PersistMixin:
@@ -46,14 +46,8 @@ class PersistMixin:
             "rebuilt_slots": self.rebuilt_slots, "rebuild_plans": self.rebuild_plans,
             "bytes": self._bytes_cache(), "corpus": self.corpus,
         }
-        path = os.path.join(self.run_dir, STATE_FILE)
-        tmp = path + ".tmp"
         try:
-            with open(tmp, "w") as f:
-                f.write(dumps_strict(state))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_strict_atomic(os.path.join(self.run_dir, STATE_FILE), state, fsync=True)
         except OSError as e:
             self._dirty = True
             if not getattr(self, "_persist_error", None):

@@ -6,8 +6,10 @@ run's records unreadable, so non-finite numbers become null. Lower layer: no tra
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import numbers
 
 
@@ -32,3 +34,20 @@ def json_safe(obj):
 def dumps_strict(obj, **kwargs) -> str:
     """json.dumps of `json_safe(obj)` that raises rather than ever writing NaN / Infinity."""
     return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def write_strict_atomic(path: str, obj, fsync: bool = False, **kwargs) -> None:
+    """`dumps_strict(obj)` into `path`, whole or not at all: written beside it, then renamed. A failed
+    write (a full disk) raises OSError and leaves neither a truncated file nor the temporary one."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(dumps_strict(obj, **kwargs))
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

@@ -28,6 +28,7 @@ from parallel.topology import Grid
 from parallel.transport import Transport
 from recovery import protocol as P
 
+from .checkpoint import checkpoint_path, is_complete
 from .data import ShardedBatches, val_batches
 from .model import cross_entropy_loss
 from .recovery_exec import refresh_neighbour_copies
@@ -95,8 +96,9 @@ class CheckpointHook(StepHook):
 
     def before_step(self, step):
         ckpt = self.w.checkpointer
-        if step == 0 and ckpt.every > 0 and not getattr(self.w, "initial_checkpoint_saved", False):
-            self.w.initial_checkpoint_saved = True
+        # Once per slot: a worker that took the slot over at step 0 (rebuilt, maybe approximately)
+        # must not replace the initial state its predecessor wrote.
+        if step == 0 and ckpt.every > 0 and not is_complete(checkpoint_path(self.w.run_dir, INITIAL_STEP, self.slot)):
             ckpt.save(self.w.state, self.slot, INITIAL_STEP, self.w.diloco)
 
     def after_commit(self, step):
