@@ -294,7 +294,7 @@ def scheduled_failures(overrides: List[str], after: int) -> List[dict]:
     """The launcher's own seeded schedule for these overrides (what every strategy sees), from `after`."""
     from benchmarks._runs import BASE_OVERRIDES
     from trainer.cli import compose_job
-    from trainer.launch import fault_events
+    from trainer.config import fault_events
     job, _ = compose_job([*BASE_OVERRIDES, *overrides])
     return [e for e in fault_events(job) if e["step"] >= after]
 

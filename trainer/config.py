@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -473,3 +474,35 @@ def lr_at(step: int, train: TrainConfig) -> float:
     progress = min(1.0, (step - train.warmup_steps) / span)
     floor = train.lr * train.min_lr_ratio
     return floor + (train.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fault_events(job: JobConfig) -> List[dict]:
+    """The explicit schedule plus the seeded Bernoulli failures of `faults.rate_per_hour`: every
+    (step, replica, stage) draws from one seeded stream, so every strategy sees the same failures.
+    Each event gets an `id` (its index): the launcher and the workers compute the same list from the
+    same job, so both name an event the same way (see `held_at_boundary`)."""
+    events = [dict(e) for e in job.faults.schedule]
+    S, T = job.parallel.stages, job.train.max_steps
+    if job.faults.demo and T >= 10:
+        if S >= 3:  # a middle stage: CheckFree averages its neighbours
+            events.append({"step": int(0.3 * T), "replica": 0, "stage": S // 2, "kind": "kill"})
+        if S >= 2:  # the first stage: CheckFree+ copies its swap partner
+            events.append({"step": int(0.65 * T), "replica": 0, "stage": 0, "kind": "kill"})
+    p = job.faults.per_step_probability() if job.faults.rate_per_hour > 0 else 0.0
+    if p > 0:
+        rng = random.Random(job.faults.seed)
+        for step in range(1, job.train.max_steps - 1):
+            for r in range(job.parallel.replicas):
+                for s in range(job.parallel.stages):
+                    if rng.random() < p:
+                        events.append({"step": step, "replica": r, "stage": s, "kind": "kill"})
+    events = sorted(events, key=lambda e: (e["step"], e["replica"], e["stage"]))
+    return [dict(e, id=i) for i, e in enumerate(events)]
+
+
+def held_at_boundary(event: dict) -> bool:
+    """A slot event fired at an exact step: the worker holding the slot stops at the start of that
+    step and the launcher signals it there, so the failure always interrupts the same step (every
+    strategy, every run sees the same failure). Events tied to a rebuild (`on: rebuild`) fire on
+    the launcher's clock instead."""
+    return "replica" in event and "stage" in event and event.get("on") is None

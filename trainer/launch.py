@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 from recovery import protocol as P
 from recovery.auth import new_token
 
-from .config import JobConfig
+from .config import JobConfig, fault_events, held_at_boundary
 
 log = logging.getLogger("kintsugi.launch")
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
@@ -45,27 +44,6 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
-
-
-def fault_events(job: JobConfig) -> List[dict]:
-    """The explicit schedule plus the seeded Bernoulli failures of `faults.rate_per_hour`: every
-    (step, replica, stage) draws from one seeded stream, so every strategy sees the same failures."""
-    events = [dict(e) for e in job.faults.schedule]
-    S, T = job.parallel.stages, job.train.max_steps
-    if job.faults.demo and T >= 10:
-        if S >= 3:  # a middle stage: CheckFree averages its neighbours
-            events.append({"step": int(0.3 * T), "replica": 0, "stage": S // 2, "kind": "kill"})
-        if S >= 2:  # the first stage: CheckFree+ copies its swap partner
-            events.append({"step": int(0.65 * T), "replica": 0, "stage": 0, "kind": "kill"})
-    p = job.faults.per_step_probability() if job.faults.rate_per_hour > 0 else 0.0
-    if p > 0:
-        rng = random.Random(job.faults.seed)
-        for step in range(1, job.train.max_steps - 1):
-            for r in range(job.parallel.replicas):
-                for s in range(job.parallel.stages):
-                    if rng.random() < p:
-                        events.append({"step": step, "replica": r, "stage": s, "kind": "kill"})
-    return sorted(events, key=lambda e: (e["step"], e["replica"], e["stage"]))
 
 
 class LocalLauncher:
@@ -295,7 +273,25 @@ class LocalLauncher:
             return max(committed[r] for r in rs) + 1 >= e["step"]
 
         now = time.monotonic()
+        slots = None
         for e in list(self.events):
+            if held_at_boundary(e):
+                # The holder of the slot waits at the start of step e["step"] (trainer.step_loop's
+                # FaultHook) and says so in hold/<wid>: signal it there, then mark the event fired.
+                if not reached(dict(e, step=e["step"] - 1)):
+                    continue
+                e["near"] = True  # poll fast: its holder is about to wait for the signal
+                slots = self._slots() if slots is None else slots
+                wid = slots.get(f"{e['replica']},{e['stage']}")
+                proc = self.procs.get(wid)
+                if proc is None or proc.poll() is not None:
+                    continue
+                hold = self.control.get_json_or(f"hold/{wid}")
+                if not isinstance(hold, dict) or hold.get("event") != e["id"]:
+                    continue
+                self.events.remove(e)
+                self._fire(e, wid, proc)
+                continue
             if "armed" not in e and "due_at" not in e and not reached(e):
                 continue
             if e.get("on") == "rebuild" and "due_at" not in e:
@@ -337,20 +333,27 @@ class LocalLauncher:
             proc = self.procs.get(wid)
             if proc is None or proc.poll() is not None:
                 continue
-            log.warning("injecting %s into %s (replica %d, stage %d) at step %d%s", e["kind"], wid, e["replica"],
-                        e["stage"], e["step"], " right after a rebuild was published" if e.get("on") else "")
-            if e["kind"] in ("poison", "crash_in_commit"):  # not a signal: the worker does it at its next step
+            self._fire(e, wid, proc)
+
+    def _fire(self, e: dict, wid: str, proc: subprocess.Popen) -> None:
+        """Signal the slot's holder (kill / stop / term), or tell it to poison its weights or crash in
+        its next commit; a held worker learns from fired/<id> that the event happened."""
+        log.warning("injecting %s into %s (replica %d, stage %d) at step %d%s", e["kind"], wid, e["replica"],
+                    e["stage"], e["step"], " right after a rebuild was published" if e.get("on") else "")
+        if e["kind"] in ("poison", "crash_in_commit"):  # not a signal: the worker does it at its next step
+            if not held_at_boundary(e):
                 self.control.append(f"mail/{wid}", {"kind": e["kind"]})
-                self.injected.append(dict(e, wid=wid, t=time.time()))
-                continue
+        else:
             self.control.put_json(f"injected/{wid}", {"t": time.time(), "kind": e["kind"], "step": e["step"]})
             os.kill(proc.pid, SIGNALS[e["kind"]])
-            self.injected.append(dict(e, wid=wid, t=time.time()))
+        if held_at_boundary(e):
+            self.control.put_json(f"fired/{e['id']}", {"kind": e["kind"], "wid": wid})
+        self.injected.append(dict(e, wid=wid, t=time.time()))
 
     def _armed(self) -> bool:
         """An event waits for a publication: poll every millisecond so it lands while the
         generation forms, not after."""
-        return any("armed" in e or "due_at" in e for e in self.events)
+        return any("armed" in e or "due_at" in e or "near" in e for e in self.events)
 
     def _machine_due(self) -> None:
         now = time.monotonic()

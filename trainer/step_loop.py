@@ -29,6 +29,7 @@ from parallel.transport import Transport
 from recovery import protocol as P
 
 from .checkpoint import checkpoint_path, is_complete
+from .config import fault_events, held_at_boundary
 from .data import ShardedBatches, val_batches
 from .model import cross_entropy_loss
 from .recovery_exec import refresh_neighbour_copies
@@ -63,6 +64,55 @@ class StepHook:
 
     def at_end(self) -> None:
         """Every step is committed (before the final evaluation)."""
+
+
+class FaultHook(StepHook):
+    """Injected faults (the local launcher's `faults.*`) hit an exact step: before step k the holder
+    of a slot that an event targets at k says so (hold/<wid>) and waits there; the launcher sends
+    the real signal (or asks for poison / a crash inside the commit) and marks the event fired.
+    The failure then always interrupts step k, whatever the machine's speed: every run and every
+    strategy sees the same failure. A retried step k (after the rebuild) does not wait again."""
+
+    HOLD_LIMIT_S = 30.0
+
+    def __init__(self, worker, events):
+        self.w, self.events = worker, events
+
+    def before_step(self, step):
+        for e in self.events:
+            if e["step"] == step:
+                self._hold(e)
+
+    def _hold(self, e) -> None:
+        w = self.w
+        fired_key = f"fired/{e['id']}"
+        try:
+            if w.control.get_json_or(fired_key) is not None:
+                return
+            w.control.put_json(f"hold/{w.wid}", {"event": e["id"], "step": e["step"]})
+        except P.CoordinatorAway:
+            return
+        deadline = time.monotonic() + self.HOLD_LIMIT_S
+        fired = None
+        while fired is None and time.monotonic() < deadline and not w.watcher.cell_abort.is_set():
+            w.idle()
+            time.sleep(0.002)
+            try:
+                fired = w.control.get_json_or(fired_key)
+            except P.CoordinatorAway:
+                pass
+        if fired is None:
+            log.warning("slot %s: fault event %s at step %d never fired; training on", w.slot, e["id"], e["step"])
+            return
+        kind = fired.get("kind")
+        if kind == "poison":
+            w.poison.set()
+        elif kind == "crash_in_commit":
+            w.crash_in_commit.set()
+        elif kind == "term":  # the handler sets `leaving` on this (main) thread's next bytecodes
+            until = time.monotonic() + 5.0
+            while not w.leaving.is_set() and time.monotonic() < until:
+                time.sleep(0.001)
 
 
 class LisaHook(StepHook):
@@ -184,6 +234,11 @@ class StepLoop:
     def _hooks(self) -> List[StepHook]:
         w, job = self.w, self.job
         hooks: List[StepHook] = []
+        if job.launcher.name == "local":  # only the local launcher injects faults
+            r, s = self.slot
+            mine = [e for e in fault_events(job) if held_at_boundary(e) and (e["replica"], e["stage"]) == (r, s)]
+            if mine:
+                hooks.append(FaultHook(w, mine))
         if w.state.lisa is not None:
             hooks.append(LisaHook(w.state.lisa))
         if w.diloco is not None:
