@@ -69,6 +69,7 @@ class LocalLauncher:
         self.n_workers = 0
         self.events = fault_events(job) + [dict(e) for e in job.faults.coordinator_schedule]
         self.injected: List[dict] = []
+        self.fired: Dict[int, dict] = {}  # held events signalled: id -> {kind, wid}
         # A run always has a token: the one given, or a fresh one that only this launcher's children see.
         self.token = P.resolve_token(job.recovery.token) or new_token()
         self.env = child_env({P.TOKEN_ENV: self.token})
@@ -212,9 +213,12 @@ class LocalLauncher:
         return 1
 
     def _on_coordinator_restart(self) -> None:
-        """A restarted coordinator may have missed exits reported to its predecessor."""
+        """A restarted coordinator may have missed exits reported to its predecessor, and its store
+        does not know which fault events fired (a rebuilt slot's holder must not wait for one)."""
         for wid in sorted(self.exited):
             self.control.append("died", {"wid": wid, "rc": self.procs[wid].returncode})
+        for i, rec in self.fired.items():
+            self.control.put_json(f"fired/{i}", rec)
 
     def _report_exits(self) -> None:
         """A worker process that exited is reported at once (its heartbeat would take seconds)."""
@@ -347,7 +351,8 @@ class LocalLauncher:
             self.control.put_json(f"injected/{wid}", {"t": time.time(), "kind": e["kind"], "step": e["step"]})
             os.kill(proc.pid, SIGNALS[e["kind"]])
         if held_at_boundary(e):
-            self.control.put_json(f"fired/{e['id']}", {"kind": e["kind"], "wid": wid})
+            self.fired[e["id"]] = {"kind": e["kind"], "wid": wid}
+            self.control.put_json(f"fired/{e['id']}", self.fired[e["id"]])
         self.injected.append(dict(e, wid=wid, t=time.time()))
 
     def _armed(self) -> bool:

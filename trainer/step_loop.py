@@ -73,7 +73,7 @@ class FaultHook(StepHook):
     The failure then always interrupts step k, whatever the machine's speed: every run and every
     strategy sees the same failure. A retried step k (after the rebuild) does not wait again."""
 
-    HOLD_LIMIT_S = 30.0
+    HOLD_LIMIT_S = 10.0  # below recovery.progress_timeout_s: a launcher that never fires is not a hang
 
     def __init__(self, worker, events):
         self.w, self.events = worker, events
@@ -88,21 +88,26 @@ class FaultHook(StepHook):
         fired_key = f"fired/{e['id']}"
         try:
             if w.control.get_json_or(fired_key) is not None:
-                return
+                return  # fired on this slot's previous holder: this is the retried step
             w.control.put_json(f"hold/{w.wid}", {"event": e["id"], "step": e["step"]})
         except P.CoordinatorAway:
             return
         deadline = time.monotonic() + self.HOLD_LIMIT_S
-        fired = None
+        fired, said = None, time.monotonic()
         while fired is None and time.monotonic() < deadline and not w.watcher.cell_abort.is_set():
             w.idle()
             time.sleep(0.002)
             try:
                 fired = w.control.get_json_or(fired_key)
+                if fired is None and time.monotonic() - said > 0.5:  # a restarted coordinator's store is new
+                    w.control.put_json(f"hold/{w.wid}", {"event": e["id"], "step": e["step"]})
+                    said = time.monotonic()
             except P.CoordinatorAway:
                 pass
         if fired is None:
             log.warning("slot %s: fault event %s at step %d never fired; training on", w.slot, e["id"], e["step"])
+            return
+        if fired.get("wid") != w.wid:  # it hit a previous holder (re-announced after a coordinator restart)
             return
         kind = fired.get("kind")
         if kind == "poison":
