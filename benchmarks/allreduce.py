@@ -45,7 +45,7 @@ PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM, vendor figu
 
 
 def _codec(name: str, bs: int):
-    from compression import get_codec
+    from kintsugi.compression.api import get_codec
 
     return get_codec(name, bs)
 
@@ -115,7 +115,7 @@ def _worker(rank: int, args: dict, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank,
                             world_size=WORLD, timeout=timedelta(seconds=600))
-    from compression import all_reduce
+    from kintsugi.compression.api import all_reduce
 
     res: dict = {"errors": {}, "times_ms": {}, "bytes_sent": {}}
     # Accuracy: every codec on the same per-rank data, against the fp32 mean.

@@ -40,7 +40,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from benchmarks._runs import REPORT_DIR, ROOT, read_metrics
+from kintsugi.benchmarks._runs import REPORT_DIR, ROOT, read_metrics
 
 GRIDS = {
     "r1": ["parallel.replicas=1", "parallel.stages=4"],
@@ -171,7 +171,7 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
 
 def check_records(commits: List[dict], replicas: int, completed: bool) -> List[str]:
     """Exactly once, on the right batches (observed: stage 0 reports the ids it consumed)."""
-    from trainer.data import DataConfig, ShardedBatches, load_tokens, prepare_corpus
+    from kintsugi.trainer.data.corpus import DataConfig, ShardedBatches, load_tokens, prepare_corpus
     broken = []
     dup = [c for c in commits if c.get("duplicate")]
     if dup:

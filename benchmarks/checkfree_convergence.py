@@ -65,7 +65,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from benchmarks._runs import (REPORT_DIR, RunResult, commits_of, coordinator_t0, final_eval_seen, rebuilds_of,
+from kintsugi.benchmarks._runs import (REPORT_DIR, RunResult, commits_of, coordinator_t0, final_eval_seen, rebuilds_of,
                               rnd, run_job_retrying, schedule_override)
 
 log = logging.getLogger("benchmarks.checkfree_convergence")
@@ -270,7 +270,7 @@ RERUN: set = set()
 
 def load_run(name: str, run_dir: str) -> RunResult:
     """A run already on disk, as `run_one` would have returned it (wall_s: its last commit's time)."""
-    from benchmarks._runs import read_metrics
+    from kintsugi.benchmarks._runs import read_metrics
     c, e, ev = read_metrics(run_dir)
     return RunResult(name, run_dir, 0, c[-1]["wall_s"] if c else 0.0, None, None, c, e, ev)
 
@@ -292,9 +292,9 @@ def resumed(name: str, out_dir: str, pre_dir: str, plan: Plan, overrides: List[s
 
 def scheduled_failures(overrides: List[str], after: int) -> List[dict]:
     """The launcher's own seeded schedule for these overrides (what every strategy sees), from `after`."""
-    from benchmarks._runs import BASE_OVERRIDES
-    from trainer.cli import compose_job
-    from trainer.config import fault_events
+    from kintsugi.benchmarks._runs import BASE_OVERRIDES
+    from kintsugi.trainer.cli.main import compose_job
+    from kintsugi.trainer.config.job import fault_events
     job, _ = compose_job([*BASE_OVERRIDES, *overrides])
     return [e for e in fault_events(job) if e["step"] >= after]
 

@@ -34,9 +34,9 @@ REPLICAS = 2
 
 
 def _job(args, **diloco):
-    from trainer.config import DilocoConfig, JobConfig, ParallelConfig, TrainConfig
-    from trainer.data import DataConfig
-    from trainer.model import ModelConfig
+    from kintsugi.trainer.config.job import DilocoConfig, JobConfig, ParallelConfig, TrainConfig
+    from kintsugi.trainer.data.corpus import DataConfig
+    from kintsugi.trainer.model.llama import ModelConfig
     model = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=4, n_kv_heads=2, vocab_size=256,
                         max_seq_len=args.seq_len)
     train = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, microbatches=1, lr=args.lr,
@@ -57,17 +57,17 @@ def _variants(args):
 
 
 def _evaluate(model, batches) -> float:
-    from trainer.model import cross_entropy_loss
+    from kintsugi.trainer.model.llama import cross_entropy_loss
     with torch.no_grad():
         return sum(float(cross_entropy_loss(model(x), y)) for x, y in batches) / len(batches)
 
 
 def _train(rank, args, name, diloco, corpus, group):
-    from parallel.diloco import StreamingDiLoCo, allreduce_gradients
-    from parallel.transport import ByteCounter
-    from trainer.data import ShardedBatches, load_tokens, val_batches
-    from trainer.model import cross_entropy_loss
-    from trainer.stage import StageState
+    from kintsugi.parallel.diloco import StreamingDiLoCo, allreduce_gradients
+    from kintsugi.parallel.transport import ByteCounter
+    from kintsugi.trainer.data.corpus import ShardedBatches, load_tokens, val_batches
+    from kintsugi.trainer.model.llama import cross_entropy_loss
+    from kintsugi.trainer.runtime.stage import StageState
 
     job = _job(args, **diloco)
     st = StageState(job, 0)  # same seed on every replica: identical initial weights
@@ -166,9 +166,9 @@ def run(args, eval_path: str | None = None) -> dict:
     the losses keep the name `val_loss` (benchmarks/diloco_scale.py passes a held-out test split)."""
     import dataclasses
 
-    from parallel.diloco import data_parallel_bytes_per_step
-    from trainer.data import DataConfig, prepare_corpus
-    from trainer.model import Llama, num_params
+    from kintsugi.parallel.diloco import data_parallel_bytes_per_step
+    from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
+    from kintsugi.trainer.model.llama import Llama, num_params
     corpus = prepare_corpus(DataConfig(max_files=args.max_files, seq_len=args.seq_len))  # once, before spawning
     if eval_path is not None:
         corpus = dataclasses.replace(corpus, val_path=eval_path)
@@ -189,8 +189,8 @@ def run(args, eval_path: str | None = None) -> dict:
         r["data_parallel_equivalent"] = dp_equiv
         r["bytes_ratio"] = round(dp_equiv / max(r["bytes"], 1), 1)
         # Peak bandwidth: one fragment's sync against a whole-stage sync with the same codec.
-        from compression import get_codec
-        from parallel.diloco import QUANT_CODECS
+        from kintsugi.compression.api import get_codec
+        from kintsugi.parallel.diloco import QUANT_CODECS
         codec = get_codec(QUANT_CODECS[_variants(args)[name]["quant"]])
         full = (REPLICAS - 1) * codec.encoded_nbytes(numel) if not codec.lossless else dp_equiv // args.steps
         r["peak_reduction_vs_whole_model_sync"] = round(full / r["peak_sync_bytes"], 2)

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks import diloco as base
+from kintsugi.benchmarks import diloco as base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "ksbw"            # namespace / veth names: ksbw0-<pid>, ksbw1-<pid>
@@ -181,7 +181,7 @@ class _BlockedClock:
     the wall time to other jobs on a shared CPU."""
 
     def __init__(self):
-        import parallel.diloco as pd
+        import kintsugi.parallel.diloco as pd
         self.seconds, inner = 0.0, pd.wait_abortable
 
         def timed(*a, **kw):
@@ -213,9 +213,9 @@ def replica_main(argv: List[str]) -> None:
     clock = _BlockedClock()
     # Warm up outside the clock: the modules `_train` imports, and gloo's connection with a payload
     # of the model's size.
-    import compression
-    importlib.import_module("trainer.stage")
-    from trainer.model import Llama, num_params
+    from kintsugi.compression import api as compression
+    importlib.import_module("kintsugi.trainer.runtime.stage")
+    from kintsugi.trainer.model.llama import Llama, num_params
     compression.all_reduce([torch.zeros(num_params(Llama(base._job(args).model)))], "none", group=group)
     results: Dict[str, Dict] = {}
     for label, rate in conditions:
@@ -364,9 +364,9 @@ def main(argv=None) -> dict:
         print(json.dumps(out))
         return out
 
-    from parallel.diloco import data_parallel_bytes_per_step
-    from trainer.data import DataConfig, prepare_corpus
-    from trainer.model import Llama, num_params
+    from kintsugi.parallel.diloco import data_parallel_bytes_per_step
+    from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
+    from kintsugi.trainer.model.llama import Llama, num_params
     corpus = prepare_corpus(DataConfig(max_files=args.max_files, seq_len=args.seq_len))
     numel = num_params(Llama(base._job(args).model))
     dp_step = data_parallel_bytes_per_step(numel, REPLICAS)

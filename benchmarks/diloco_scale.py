@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from benchmarks import diloco
+from kintsugi.benchmarks import diloco
 
 SEQ_LEN = 64
 TRAIN_FILES = 300  # benchmarks.diloco's --max-files: its train and validation splits come from these
@@ -57,7 +57,7 @@ QUICK_STEPS, QUICK_SYNC_EVERY, QUICK_EVAL_SEQUENCES = 6, 2, 64
 
 def held_out_files(num_files: int = TEST_FILES) -> list:
     """Stdlib files after the first TRAIN_FILES in the trainer's own sorted listing, evenly spaced."""
-    from trainer.data import DataConfig, _list_files  # the listing `prepare_corpus` uses for stdlib
+    from kintsugi.trainer.data.corpus import DataConfig, _list_files  # the listing `prepare_corpus` uses for stdlib
     _, files, _ = _list_files(DataConfig(source="stdlib"))
     rest = files[TRAIN_FILES:]
     if len(rest) < num_files:
@@ -70,7 +70,7 @@ def held_out_files(num_files: int = TEST_FILES) -> list:
 def write_test_tokens(out_path: str) -> dict:
     """Byte-tokenize the test files as the trainer does (prepare_corpus, source=files) and write all
     their documents, whichever side of that corpus's own hash split they fall on, to one file."""
-    from trainer.data import DataConfig, load_tokens, prepare_corpus
+    from kintsugi.trainer.data.corpus import DataConfig, load_tokens, prepare_corpus
     files = held_out_files()
     info = prepare_corpus(DataConfig(source="files", paths=files, seq_len=SEQ_LEN, val_fraction=0.5))
     tokens = np.concatenate([np.asarray(load_tokens(p, info.dtype)) for p in (info.train_path, info.val_path)])
@@ -81,7 +81,7 @@ def write_test_tokens(out_path: str) -> dict:
 
 def _size_args(size: Size, args) -> argparse.Namespace:
     """benchmarks.diloco's own defaults, with only the model shape, batch, steps and evaluation set."""
-    from trainer.model import Llama, num_params
+    from kintsugi.trainer.model.llama import Llama, num_params
     base = diloco.build_parser().parse_args(["--dim", str(size.dim), "--layers", str(size.layers),
                                              "--batch-size", str(size.batch_size), "--seq-len", str(SEQ_LEN),
                                              "--max-files", str(TRAIN_FILES), "--seed", str(args.seed)])

@@ -82,7 +82,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from benchmarks import rendezvous
+from kintsugi.benchmarks import rendezvous
 
 log = logging.getLogger("benchmarks.fleet_model")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

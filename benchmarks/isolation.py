@@ -24,7 +24,7 @@ import os
 import shutil
 from typing import Dict, List
 
-from benchmarks._runs import REPORT_DIR, median, rnd, run_job_retrying
+from kintsugi.benchmarks._runs import REPORT_DIR, median, rnd, run_job_retrying
 
 R, S = 4, 2
 WINDOW = 8

@@ -43,11 +43,11 @@ def run_variant(name: str, steps: int, interval: int, batch_size: int, seq_len: 
     """One variant in this process; returns its figures."""
     import torch
 
-    from trainer.config import JobConfig, LisaConfig, ParallelConfig, TrainConfig
-    from trainer.data import DataConfig, ShardedBatches, load_tokens, prepare_corpus, val_batches
-    from trainer.lisa import LisaController
-    from trainer.model import ModelConfig, cross_entropy_loss, num_params
-    from trainer.stage import StageState
+    from kintsugi.trainer.config.job import JobConfig, LisaConfig, ParallelConfig, TrainConfig
+    from kintsugi.trainer.data.corpus import DataConfig, ShardedBatches, load_tokens, prepare_corpus, val_batches
+    from kintsugi.trainer.runtime.lisa import LisaController
+    from kintsugi.trainer.model.llama import ModelConfig, cross_entropy_loss, num_params
+    from kintsugi.trainer.runtime.stage import StageState
 
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

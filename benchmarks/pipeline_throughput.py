@@ -43,10 +43,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from parallel.schedules import StageExecutor, actions_for, routes_for
-from parallel.topology import per_stage_layers
-from parallel.transport import Transport
-from trainer.model import Llama, ModelConfig, cross_entropy_loss
+from kintsugi.parallel.schedules import StageExecutor, actions_for, routes_for
+from kintsugi.parallel.topology import per_stage_layers
+from kintsugi.parallel.transport import Transport
+from kintsugi.trainer.model.llama import Llama, ModelConfig, cross_entropy_loss
 
 log = logging.getLogger("benchmarks.pipeline_throughput")  # not __name__: spawned children see __mp_main__
 

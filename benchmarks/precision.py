@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 
-from benchmarks._runs import REPORT_DIR, rnd, run_job, steady_tokens_per_s
+from kintsugi.benchmarks._runs import REPORT_DIR, rnd, run_job, steady_tokens_per_s
 
 VARIANTS = {
     "fp32": [],

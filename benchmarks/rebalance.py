@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 
-from benchmarks._runs import REPORT_DIR, commits_of, final_eval_seen, rnd, run_job_retrying, steady_tokens_per_s
+from kintsugi.benchmarks._runs import REPORT_DIR, commits_of, final_eval_seen, rnd, run_job_retrying, steady_tokens_per_s
 
 
 def main(argv=None) -> int:

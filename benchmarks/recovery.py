@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-from benchmarks._runs import (REPORT_DIR, RunResult, commits_of, coordinator_t0, final_eval_seen, median,
+from kintsugi.benchmarks._runs import (REPORT_DIR, RunResult, commits_of, coordinator_t0, final_eval_seen, median,
                               rebuilds_of, rnd, run_job_retrying, schedule_override, steady_cpu_s_per_step,
                               steady_tokens_per_s)
 

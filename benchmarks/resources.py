@@ -42,7 +42,7 @@ def _rank_main(rank: int, port: int, generations: int, leak: bool) -> None:
     import torch
     import torch.distributed as dist
 
-    from parallel.groups import Aborted, FormationError, form_group
+    from kintsugi.parallel.groups import Aborted, FormationError, form_group
 
     def connect():
         return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=20),

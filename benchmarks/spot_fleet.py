@@ -30,7 +30,7 @@ import shutil
 from collections import Counter
 from typing import List
 
-from benchmarks._runs import REPORT_DIR, RunResult, rnd, run_job_retrying
+from kintsugi.benchmarks._runs import REPORT_DIR, RunResult, rnd, run_job_retrying
 
 MONTHLY_RATE = 0.125          # interruptions per machine per month (AWS advisor band 10-15%)
 NO_NOTICE_FRACTION = 0.3      # share of preemptions that act as SIGKILL (assumption, see above)

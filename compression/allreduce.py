@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from compression.codecs import Codec, get_codec, mix_seed
-from compression.error_feedback import ErrorFeedback
-from compression.packing import PackMeta, pack, unpack_into
+from kintsugi.compression.codecs import Codec, get_codec, mix_seed
+from kintsugi.compression.error_feedback import ErrorFeedback
+from kintsugi.compression.packing import PackMeta, pack, unpack_into
 
 __all__ = ["all_reduce", "AllReduceHandle", "plan_all_reduce"]
 

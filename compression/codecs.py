@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-import kernels
-from kernels.spec import ALIASES, SPECS, CodecSpec
+from kintsugi.kernels import dispatch as kernels
+from kintsugi.kernels.spec import ALIASES, SPECS, CodecSpec
 
 __all__ = ["Codec", "get_codec", "CODEC_NAMES", "mix_seed"]
 

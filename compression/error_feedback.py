@@ -12,7 +12,7 @@ from typing import Hashable, Optional
 import torch
 from torch import Tensor
 
-from compression.codecs import Codec, as_fp32_rows
+from kintsugi.compression.codecs import Codec, as_fp32_rows
 
 __all__ = ["ErrorFeedback"]
 

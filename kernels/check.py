@@ -17,8 +17,8 @@ import sys
 
 import torch
 
-from kernels import reference
-from kernels.spec import SPECS
+from kintsugi.kernels import reference
+from kintsugi.kernels.spec import SPECS
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -51,7 +51,7 @@ def _test_data(num_rows: int, numel: int, device: str, gen: torch.Generator) -> 
 
 def compare_case(spec_name: str, block_size: int, num_rows: int, numel: int, stochastic: bool,
                  with_residual: bool, device: str = "cpu", seed: int = 0) -> dict:
-    from kernels import triton_kernels as tk
+    from kintsugi.kernels import triton_kernels as tk
 
     spec = SPECS[spec_name]
     gen = torch.Generator().manual_seed(seed)
@@ -114,7 +114,7 @@ def compile_report(sm: int) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import triton_kernels as tk
+    from kintsugi.kernels import triton_kernels as tk
 
     ptr = {"x_ptr": "*fp32", "res_ptr": "*fp32", "out_ptr": "*u8", "p_ptr": "*u8"}
     variants = [("int8", "encode", dict(HAS_RES=True, STOCHASTIC=False)),

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels.spec import HASH_MULT, CodecSpec, code_nbytes, num_blocks, scale_nbytes
+from kintsugi.kernels.spec import HASH_MULT, CodecSpec, code_nbytes, num_blocks, scale_nbytes
 
 _M32 = 0xFFFFFFFF
 

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from kernels.spec import CodecSpec, num_blocks, row_nbytes
+from kintsugi.kernels.spec import CodecSpec, num_blocks, row_nbytes
 
 _KIND_ID = {"bf16": 1, "int": 2, "float": 3}
 _TILE_ELEMS = 2048  # elements per program: G blocks of BS

@@ -51,7 +51,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
-import compression
+from kintsugi.compression import api as compression
 
 from .groups import Aborted, FormationError
 from .stage_link import LinkHandle, NeedsResync, StageLink, checksum

@@ -20,7 +20,7 @@ Its state (membership, slots, generations, pending rebuilds, committed steps, co
 to `control_state.json` in the run directory on every change (atomically): started again with
 `--resume`, it rebuilds its store, the workers re-register and replay what it missed, and the run
 goes on. All timeouts use the monotonic clock. Starting it is the trainer's job
-(`trainer.coordinator_main`), which also feeds wandb through the `tracker` hooks.
+(`trainer.cli.coordinator`), which also feeds wandb through the `tracker` hooks.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class Coordinator(FaultsMixin, RecordsMixin, PersistMixin):
         self.held: Dict[Tuple[int, int], Tuple[dict, float]] = {}  # relayed replays, see _on_commit
         self.peak_bytes: Dict[int, int] = {}  # per stage, the largest peak any holder reported
         self.totals: Dict[int, list] = {}
-        from parallel.topology import per_stage_layers
+        from kintsugi.parallel.topology import per_stage_layers
         self.layout = layout or [len(x) for x in per_stage_layers(job["model"]["n_layers"], self.S,
                                                                    par.get("layers_per_stage"))]
         self.config_layout = [len(x) for x in per_stage_layers(job["model"]["n_layers"], self.S,

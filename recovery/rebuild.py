@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from parallel.transport import Transport
+from kintsugi.parallel.transport import Transport
 
 from . import packages
 from .packages import PackageError

@@ -29,7 +29,7 @@ def _neighbours(stage: int, num_stages: int) -> List[int]:
 
 
 def swap_partner(stage: int, num_stages: int) -> Optional[int]:
-    from parallel.schedules import swap_partners  # one definition of the CheckFree+ pairing
+    from kintsugi.parallel.schedules import swap_partners  # one definition of the CheckFree+ pairing
     return swap_partners(num_stages).get(stage)
 
 

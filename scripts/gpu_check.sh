@@ -26,7 +26,7 @@ timeout 360 $PY -m pytest -q -p no:cacheprovider -o addopts="" -s tests/gpu >"$O
 a=$?
 timeout 240 $PY -m benchmarks.allreduce --quick --out "$OUT/allreduce.json" >"$OUT/allreduce.log" 2>&1
 b=$?
-timeout 120 $PY -m trainer train.device=cuda hydra.run.dir="$OUT/cuda_run" >"$OUT/cuda_stages.log" 2>&1
+timeout 120 $PY -m kintsugi.trainer train.device=cuda hydra.run.dir="$OUT/cuda_run" >"$OUT/cuda_stages.log" 2>&1
 $PY - "$OUT" "$a" "$b" <<'PYEOF'
 import json, os, re, sys
 out, a, b = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -10,7 +10,7 @@ A few seeds run by default; `python -m pytest -m slow tests/chaos` runs 40 more,
 
 import pytest
 
-from benchmarks import chaos
+from kintsugi.benchmarks import chaos
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(chaos.CASE_TIMEOUT_S + 120)]
 

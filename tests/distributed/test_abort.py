@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel.groups import Aborted, form_group
-from parallel.transport import wait_abortable
+from kintsugi.parallel.groups import Aborted, form_group
+from kintsugi.parallel.transport import wait_abortable
 
 pytestmark = pytest.mark.distributed
 

@@ -17,7 +17,7 @@ from conftest import run_benchmark
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import _runs  # noqa: E402
+from kintsugi.benchmarks import _runs  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

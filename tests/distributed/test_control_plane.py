@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import ROOT, observed_batch_ids, run_trainer
-from trainer.data import DataConfig, ShardedBatches, load_tokens, prepare_corpus
+from kintsugi.trainer.data.corpus import DataConfig, ShardedBatches, load_tokens, prepare_corpus
 
 pytestmark = pytest.mark.distributed
 

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from conftest import start_trainer
-from recovery.protocol import free_port
+from kintsugi.recovery.protocol import free_port
 
 pytestmark = pytest.mark.distributed
 

@@ -23,7 +23,7 @@ from html.parser import HTMLParser
 import pytest
 
 from conftest import ROOT
-from recovery.protocol import free_port
+from kintsugi.recovery.protocol import free_port
 
 pytestmark = pytest.mark.distributed
 

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from parallel.diloco import StreamingDiLoCo
-from parallel.transport import Aborted, ByteCounter
-from trainer.config import DilocoConfig
+from kintsugi.parallel.diloco import StreamingDiLoCo
+from kintsugi.parallel.transport import Aborted, ByteCounter
+from kintsugi.trainer.config.job import DilocoConfig
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 

@@ -37,7 +37,7 @@ def _namespaces() -> set:
 
 @pytest.fixture(scope="module")
 def result() -> dict:
-    from benchmarks.diloco_bandwidth import netns_unavailable
+    from kintsugi.benchmarks.diloco_bandwidth import netns_unavailable
     why = netns_unavailable()
     if why:
         pytest.skip(f"network namespaces with tc are not permitted here: {why}")
@@ -83,7 +83,7 @@ def test_namespaces_are_removed_and_run_is_short(result):
 
 
 def test_reports_skipped_where_netns_is_refused(monkeypatch, capsys):
-    from benchmarks import diloco_bandwidth
+    from kintsugi.benchmarks import diloco_bandwidth
     monkeypatch.setattr(diloco_bandwidth, "netns_unavailable", lambda: "not root (test)")
     out = diloco_bandwidth.main(["--quick"])
     assert out == {"benchmark": "diloco_bandwidth", "skipped": "not root (test)"}

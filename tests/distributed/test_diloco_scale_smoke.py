@@ -65,8 +65,8 @@ def test_sizes_are_ten_times_apart_and_match_the_hand_count(result):
 
 
 def test_losses_come_from_files_outside_the_training_corpus(result):
-    from benchmarks.diloco_scale import TRAIN_FILES, held_out_files
-    from trainer.data import DataConfig, _list_files
+    from kintsugi.benchmarks.diloco_scale import TRAIN_FILES, held_out_files
+    from kintsugi.trainer.data.corpus import DataConfig, _list_files
     _, train_listing, _ = _list_files(DataConfig(source="stdlib", max_files=TRAIN_FILES))
     held_out = held_out_files()
     assert len(held_out) == len(set(held_out)) and not set(held_out) & set(train_listing)

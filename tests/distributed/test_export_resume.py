@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from conftest import run_trainer
-from trainer.cli import main as cli_main
-from trainer.config import JobConfig, ParallelConfig
-from trainer.data import DataConfig, load_tokens, prepare_corpus, val_batches
-from trainer.model import Llama, ModelConfig, cross_entropy_loss, load_hf_pretrained
+from kintsugi.trainer.cli.main import main as cli_main
+from kintsugi.trainer.config.job import JobConfig, ParallelConfig
+from kintsugi.trainer.data.corpus import DataConfig, load_tokens, prepare_corpus, val_batches
+from kintsugi.trainer.model.llama import Llama, ModelConfig, cross_entropy_loss, load_hf_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,8 +99,8 @@ def test_init_from_a_hf_directory_reproduces_its_logits(tmp_path):
 def test_init_from_loads_each_stage_slice(tmp_path):
     """Model level, no processes: two StageStates loaded from a HF directory and run in sequence
     compute the HF model's logits."""
-    from trainer.pretrained import checkpoint_model_config, load_into_stage
-    from trainer.stage import StageState
+    from kintsugi.trainer.model.pretrained import checkpoint_model_config, load_into_stage
+    from kintsugi.trainer.runtime.stage import StageState
 
     hf = _random_hf_llama(str(tmp_path))
     cfg = checkpoint_model_config(str(tmp_path), ModelConfig(init_from=str(tmp_path)))

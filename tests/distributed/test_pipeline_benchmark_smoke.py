@@ -78,7 +78,7 @@ def test_missing_deepspeed_is_a_field_not_a_crash(result):
 
 def test_unavailable_framework_is_skipped_with_a_reason(monkeypatch):
     # Without spawning anything: a missing package or no runnable schedule leaves the framework out.
-    import benchmarks.pipeline_throughput as bench_mod
+    import kintsugi.benchmarks.pipeline_throughput as bench_mod
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))

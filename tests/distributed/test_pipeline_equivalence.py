@@ -8,13 +8,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import commits, run_trainer
-from parallel.schedules import StageExecutor, actions_for, routes_for, swapped_route, plain_route
-from parallel.topology import per_stage_layers
-from parallel.transport import Transport
-from trainer.config import JobConfig, ParallelConfig, TrainConfig
-from trainer.data import DataConfig
-from trainer.model import Llama, ModelConfig, cross_entropy_loss
-from trainer.stage import StageState
+from kintsugi.parallel.schedules import StageExecutor, actions_for, routes_for, swapped_route, plain_route
+from kintsugi.parallel.topology import per_stage_layers
+from kintsugi.parallel.transport import Transport
+from kintsugi.trainer.config.job import JobConfig, ParallelConfig, TrainConfig
+from kintsugi.trainer.data.corpus import DataConfig
+from kintsugi.trainer.model.llama import Llama, ModelConfig, cross_entropy_loss
+from kintsugi.trainer.runtime.stage import StageState
 
 pytestmark = pytest.mark.distributed
 

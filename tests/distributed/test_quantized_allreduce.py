@@ -63,8 +63,8 @@ def _exact(ts, group, op="avg"):
 def _scenarios(rank: int, group) -> dict:
     import functools
 
-    from compression import ErrorFeedback, get_codec
-    from compression import all_reduce as _all_reduce
+    from kintsugi.compression.api import ErrorFeedback, get_codec
+    from kintsugi.compression.api import all_reduce as _all_reduce
 
     all_reduce = functools.partial(_all_reduce, group=group)
     _exact_g = functools.partial(_exact, group=group)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT, commits, observed_batch_ids, run_trainer
-from recovery.rebuild import checkfree_average, from_positional, to_positional
-from trainer.data import DataConfig, ShardedBatches, load_tokens, prepare_corpus
+from kintsugi.recovery.rebuild import checkfree_average, from_positional, to_positional
+from kintsugi.trainer.data.corpus import DataConfig, ShardedBatches, load_tokens, prepare_corpus
 
 pytestmark = pytest.mark.distributed
 
@@ -140,23 +140,23 @@ def test_adjacent_double_kill_stops_with_a_clear_message(tmp_path):
 def test_join_without_the_token_is_refused(tmp_path):
     # A worker with the wrong token cannot even verify the coordinator (its identity record is
     # sealed with the run's token): it stops with one line saying so. One with no token stops too.
-    from recovery.protocol import free_port
-    from trainer.config import JobConfig
+    from kintsugi.recovery.protocol import free_port
+    from kintsugi.trainer.config.job import JobConfig
     path = tmp_path / "job.json"
     path.write_text(json.dumps(JobConfig().to_dict()))
     port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT, KINTSUGI_TOKEN="s3cret")
-    coord = subprocess.Popen([sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--host", "127.0.0.1",
+    coord = subprocess.Popen([sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host", "127.0.0.1",
                               "--run-dir", str(tmp_path), "--job", str(path), "--no-progress"], env=env,
                              stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.5)
-        bad = subprocess.run([sys.executable, "-m", "trainer.worker", "--coordinator", f"127.0.0.1:{port}"],
+        bad = subprocess.run([sys.executable, "-m", "kintsugi.trainer.runtime.worker", "--coordinator", f"127.0.0.1:{port}"],
                              env=dict(env, KINTSUGI_TOKEN="wrong"), capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0 and "does not verify with this token" in bad.stderr, bad.stderr[-2000:]
         no_token = dict(env)
         no_token.pop("KINTSUGI_TOKEN")
-        none = subprocess.run([sys.executable, "-m", "trainer.worker", "--coordinator", f"127.0.0.1:{port}"],
+        none = subprocess.run([sys.executable, "-m", "kintsugi.trainer.runtime.worker", "--coordinator", f"127.0.0.1:{port}"],
                               env=no_token, capture_output=True, text=True, timeout=60)
         assert none.returncode != 0 and "no token" in none.stderr, none.stderr[-2000:]
     finally:

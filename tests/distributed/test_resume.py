@@ -90,7 +90,7 @@ def test_preemption_warning_suspends_exactly_and_resume_continues(tmp_path, unin
 
 
 def test_resume_of_a_run_without_checkpoints_is_a_one_line_error(tmp_path):
-    from trainer.cli import validate_overrides
+    from kintsugi.trainer.cli.main import validate_overrides
     msg = validate_overrides([f"train.resume={tmp_path}"])
     assert msg and "train.resume" in msg and "checkpoint_every" in msg and "\n" not in msg
 

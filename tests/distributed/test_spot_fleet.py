@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import commits, run_trainer
-from trainer.config import ConfigError, FaultsConfig
+from kintsugi.trainer.config.job import ConfigError, FaultsConfig
 
 pytestmark = pytest.mark.distributed
 

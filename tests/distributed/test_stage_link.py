@@ -29,10 +29,10 @@ import os, pickle, sys, time, threading
 import torch, torch.distributed as dist
 from datetime import timedelta
 sys.path.insert(0, os.environ["ROOT"])
-from parallel.diloco import StreamingDiLoCo
-from parallel.groups import Aborted
-from parallel.stage_link import StageLink
-from trainer.config import DilocoConfig
+from kintsugi.parallel.diloco import StreamingDiLoCo
+from kintsugi.parallel.groups import Aborted
+from kintsugi.parallel.stage_link import StageLink
+from kintsugi.trainer.config.job import DilocoConfig
 
 rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(1)
@@ -119,7 +119,7 @@ def test_stage_generations_drop_and_readmit_a_replica(tmp_path):
     import torch.distributed as dist
     from datetime import timedelta
 
-    from recovery.protocol import free_port
+    from kintsugi.recovery.protocol import free_port
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=60), wait_for_workers=False,
                           use_libuv=True)

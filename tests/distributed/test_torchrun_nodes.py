@@ -104,7 +104,7 @@ def _commits_so_far(run_dir):
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("joiner", ["torchrun", pytest.param("join", marks=pytest.mark.slow)])
 def test_two_torchrun_nodes_survive_a_killed_node_and_take_in_a_new_one(tmp_path, joiner):
-    from recovery.protocol import free_port
+    from kintsugi.recovery.protocol import free_port
 
     t0 = time.time()
     run_dir = tmp_path / "run"
@@ -112,7 +112,7 @@ def test_two_torchrun_nodes_survive_a_killed_node_and_take_in_a_new_one(tmp_path
     addr = f"127.0.0.1:{port}"
     fleet = Fleet(tmp_path)
     try:
-        fleet.start("coordinator", [sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--host",
+        fleet.start("coordinator", [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host",
                                     "127.0.0.1", "--run-dir", str(run_dir), "--", *JOB])
         for i in (0, 1):
             _torchrun(fleet, f"node{i}", addr, node_rank=i, master_port=master_port)
@@ -166,7 +166,7 @@ def test_two_torchrun_nodes_survive_a_killed_node_and_take_in_a_new_one(tmp_path
 
 @pytest.mark.distributed
 def test_standalone_coordinator_reports_a_config_error_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "trainer.coordinator_main", "--port", "1", "--run-dir", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", "1", "--run-dir", str(tmp_path),
                            "--", "parallel.stagez=4"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "config error" in proc.stderr and "stagez" in proc.stderr, proc.stderr
@@ -174,7 +174,7 @@ def test_standalone_coordinator_reports_a_config_error_in_one_line(tmp_path):
 
 
 def test_worker_ids_differ_across_nodes_on_one_host_and_rejoins():
-    from trainer.torchrun import worker_id
+    from kintsugi.trainer.launch.torchrun import worker_id
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none", "GROUP_RANK": "0",
            "LOCAL_RANK": "0", "RANK": "0"}
     node1 = dict(env, GROUP_RANK="1", RANK="2")

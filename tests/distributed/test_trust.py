@@ -122,7 +122,7 @@ def _other_address():
 
 
 def test_the_store_listens_on_the_configured_interface_only():
-    from recovery.protocol import connect, free_port
+    from kintsugi.recovery.protocol import connect, free_port
     other = _other_address()
     if other is None:
         pytest.skip("this machine has no address besides loopback")

@@ -5,7 +5,7 @@ import glob
 import pytest
 
 from conftest import run_trainer
-from trainer.tracking import read_offline_run
+from kintsugi.trainer.reporting.tracking import read_offline_run
 
 pytestmark = pytest.mark.distributed
 

@@ -20,20 +20,20 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def tk():
     pytest.importorskip("triton")
-    from kernels import triton_kernels
+    from kintsugi.kernels import triton_kernels
 
     return triton_kernels
 
 
 def test_dispatch_picks_triton_on_cuda(tk):
-    import kernels
-    from kernels.spec import SPECS
+    from kintsugi.kernels import dispatch as kernels
+    from kintsugi.kernels.spec import SPECS
 
     assert kernels.backend_for(torch.zeros(1, device="cuda"), SPECS["int8"]) is tk
 
 
 def test_kernels_match_reference_at_full_size(tk):
-    from kernels.check import compare
+    from kintsugi.kernels.check import compare
 
     cases = compare(device="cuda", numel=1 << 24)  # >= 16M elements
     report = [(c["codec"], c["block_size"], c["rows"], c["numel"], c["payload_mismatch_frac"],
@@ -59,7 +59,7 @@ def _time_ms(fn, iters: int = 10) -> float:
 
 @pytest.mark.parametrize("name", ["int8", "fp8_e4m3", "int4", "fp4_e3m0", "bf16"])
 def test_bandwidth_near_copy(tk, name):
-    from compression import get_codec
+    from kintsugi.compression.api import get_codec
 
     numel = 1 << 26  # 256 MB of fp32
     codec = get_codec(name)

@@ -7,7 +7,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_a_cuda_stage_package_is_cpu_only_and_exact():
-    from recovery.packages import encode, pack, unpack
+    from kintsugi.recovery.packages import encode, pack, unpack
     state = {"w": torch.randn(64, 32, device="cuda"), "opt": {"exp_avg": torch.randn(64, device="cuda")},
              "step": 7, "bf": torch.randn(8, device="cuda", dtype=torch.bfloat16)}
     _, tensors = encode(state)

@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from recovery import protocol as P
-from recovery.auth import Auth, Forged, derive_key
+from kintsugi.recovery import protocol as P
+from kintsugi.recovery.auth import Auth, Forged, derive_key
 
 
 def test_seal_is_hmac_sha256_over_place_and_body():

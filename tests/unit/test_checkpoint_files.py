@@ -16,14 +16,14 @@ import time
 import pytest
 import torch
 
-from parallel.diloco import StreamingDiLoCo
-from trainer.checkpoint import (MANIFEST, TENSORS, TREE, AsyncCheckpointer, CheckpointCorrupt, checkpoint_path,
+from kintsugi.parallel.diloco import StreamingDiLoCo
+from kintsugi.recovery.checkpoint import (MANIFEST, TENSORS, TREE, AsyncCheckpointer, CheckpointCorrupt, checkpoint_path,
                                 find_resume_points, is_complete, prune, read_snapshot, restore, resume_points,
                                 snapshot, verify, write_snapshot)
-from trainer.config import DilocoConfig, JobConfig, LisaConfig, ParallelConfig, TrainConfig
-from trainer.lisa import LisaController
-from trainer.model import ModelConfig, cross_entropy_loss
-from trainer.stage import StageState
+from kintsugi.trainer.config.job import DilocoConfig, JobConfig, LisaConfig, ParallelConfig, TrainConfig
+from kintsugi.trainer.runtime.lisa import LisaController
+from kintsugi.trainer.model.llama import ModelConfig, cross_entropy_loss
+from kintsugi.trainer.runtime.stage import StageState
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -295,7 +295,7 @@ import errno, json, os, resource, signal, sys
 import torch
 sys.path.insert(0, {repo!r})
 from tests.unit.test_checkpoint_files import _stage, _train
-from trainer.checkpoint import AsyncCheckpointer, checkpoint_path, find_resume_points, is_complete, read_snapshot
+from kintsugi.recovery.checkpoint import AsyncCheckpointer, checkpoint_path, find_resume_points, is_complete, read_snapshot
 
 run = sys.argv[1]
 st, diloco = _stage()
@@ -340,7 +340,7 @@ def test_a_write_that_fails_mid_way_is_reported_and_leaves_nothing_complete(tmp_
 
 
 def test_keep_checkpoints_must_not_be_negative():
-    from trainer.config import ConfigError, RecoveryConfig
+    from kintsugi.trainer.config.job import ConfigError, RecoveryConfig
     assert RecoveryConfig().keep_checkpoints == 0 and RecoveryConfig(keep_checkpoints=3).keep_checkpoints == 3
     with pytest.raises(ConfigError) as e:
         RecoveryConfig(keep_checkpoints=-1)

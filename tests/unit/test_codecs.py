@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import compression
-from compression import ErrorFeedback, all_reduce, get_codec, pack, plan_all_reduce, unpack
+from kintsugi.compression import api as compression
+from kintsugi.compression.api import ErrorFeedback, all_reduce, get_codec, pack, plan_all_reduce, unpack
 
 LOSSY = ["bf16", "fp16", "int8", "fp8_e4m3", "int4", "fp4_e3m0"]
 # (codec, block size) -> bound on relative L2 round-trip error (Gaussian, Student-t df=3);

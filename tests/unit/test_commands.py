@@ -12,17 +12,17 @@ import time
 import pytest
 import torch
 
-from trainer import commands
-from trainer.cli import main as cli_main
-from trainer.config import JobConfig
-from trainer.model import Llama, ModelConfig
-from trainer.report import failure_marks, load_run, plot_runs, short_names, write_report
+from kintsugi.trainer.cli import commands
+from kintsugi.trainer.cli.main import main as cli_main
+from kintsugi.trainer.config.job import JobConfig
+from kintsugi.trainer.model.llama import Llama, ModelConfig
+from kintsugi.trainer.reporting.report import failure_marks, load_run, plot_runs, short_names, write_report
 
 MiB = 2**20
 
 
 def _write_run(path, name, steps, rebuilds=(), replicas=1, bytes_=None, summary=True, val=3.0):
-    """A run directory as the coordinator and trainer.outputs leave it (loss falls 0.1 per step)."""
+    """A run directory as the coordinator and trainer.reporting.summary leave it (loss falls 0.1 per step)."""
     os.makedirs(path)
     lines = []
     for step in range(steps):
@@ -132,9 +132,9 @@ def _write_final(run_dir, stages, model=CFG, data=None):
     """job.json + final/stage<s>.safetensors as replica 0 writes them. Parameters are seeded by name,
     so a stage built alone is bitwise the slice of the full model built with the same seed."""
     from safetensors.torch import save_file
-    from trainer.config import ParallelConfig
-    from trainer.data import DataConfig
-    from trainer.stage import StageState
+    from kintsugi.trainer.config.job import ParallelConfig
+    from kintsugi.trainer.data.corpus import DataConfig
+    from kintsugi.trainer.runtime.stage import StageState
 
     job = JobConfig(model=model, parallel=ParallelConfig(stages=stages), data=data or DataConfig(seq_len=16))
     os.makedirs(os.path.join(run_dir, "final"))
@@ -159,8 +159,8 @@ def test_export_assembles_stages_into_a_transformers_model(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, full(ids), atol=1e-5, rtol=1e-5)
     # The export is also a valid model.init_from (fine-tuning / continuing from it): stage by stage.
-    from trainer.pretrained import checkpoint_model_config, load_into_stage
-    from trainer.stage import StageState
+    from kintsugi.trainer.model.pretrained import checkpoint_model_config, load_into_stage
+    from kintsugi.trainer.runtime.stage import StageState
     job = JobConfig.from_dict(json.load(open(os.path.join(run, "job.json"))))
     assert checkpoint_model_config(out, ModelConfig()).rope_theta == CFG.rope_theta
     for s in range(3):
@@ -176,7 +176,7 @@ def test_export_assembles_stages_into_a_transformers_model(tmp_path, capsys):
 
 def test_export_copies_a_bpe_tokenizer_from_the_token_cache(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from trainer.data import DataConfig, prepare_corpus
+    from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
 
     (tmp_path / "corpus").mkdir()
     for d in range(8):  # documents are files; a few so that one can be held out
@@ -239,7 +239,7 @@ def test_join_starts_one_worker_per_device_and_waits(monkeypatch, capsys):
     monkeypatch.setattr(commands, "_cuda_devices", lambda: ["3", "5"])
     monkeypatch.setenv("KINTSUGI_TOKEN", "secret")
     assert cli_main(["join", "--coordinator", "10.0.0.1:29400"]) == 0
-    assert [c for c, _ in started] == [[sys.executable, "-m", "trainer.worker", "--coordinator", "10.0.0.1:29400"]] * 2
+    assert [c for c, _ in started] == [[sys.executable, "-m", "kintsugi.trainer.runtime.worker", "--coordinator", "10.0.0.1:29400"]] * 2
     assert [e["CUDA_VISIBLE_DEVICES"] for _, e in started] == ["3", "5"]
     assert all(e["KINTSUGI_TOKEN"] == "secret" and e["KINTSUGI_PDEATHSIG"] == "1" for _, e in started)
     assert "2 worker(s) offered to 10.0.0.1:29400" in capsys.readouterr().err
@@ -288,10 +288,10 @@ def test_join_fills_the_slots_of_a_running_job(tmp_path):
     `kintsugi join --workers 2` with the job's token supplies both; the run finishes and join exits 0.
     With the wrong token the workers are refused and join reports it."""
     from conftest import ROOT
-    from recovery import protocol as P
-    from trainer.cli import compose_job
-    from trainer.data import prepare_corpus
-    from trainer.launch import child_env
+    from kintsugi.recovery import protocol as P
+    from kintsugi.trainer.cli.main import compose_job
+    from kintsugi.trainer.data.corpus import prepare_corpus
+    from kintsugi.trainer.launch.local import child_env
 
     job, _ = compose_job(["experiment=quick", "faults=none", "parallel.stages=2", "train.max_steps=2"])
     corpus = prepare_corpus(job.data)
@@ -302,7 +302,7 @@ def test_join_fills_the_slots_of_a_running_job(tmp_path):
         run.mkdir()
         (run / "job.json").write_text(json.dumps(job.to_dict()))
         port = P.free_port()
-        coordinator = subprocess.Popen([sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--host",
+        coordinator = subprocess.Popen([sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host",
                                         "127.0.0.1", "--run-dir", str(run), "--job", str(run / "job.json"),
                                         "--no-progress"], env=child_env(), cwd=ROOT)
         try:

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from trainer.cli import CONF_DIR, compose_job, validate_overrides
-from trainer.config import FaultsConfig, JobConfig, lr_at, TrainConfig
+from kintsugi.trainer.cli.main import CONF_DIR, compose_job, validate_overrides
+from kintsugi.trainer.config.job import FaultsConfig, JobConfig, lr_at, TrainConfig
 
 
 def _options(group):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data import (CorpusInfo, DataConfig, ShardedBatches, load_tokens, prepare_corpus,
+from kintsugi.trainer.data.corpus import (CorpusInfo, DataConfig, ShardedBatches, load_tokens, prepare_corpus,
                           val_batches, validate_data_config)
 
 torch.set_num_threads(1)
@@ -221,7 +221,7 @@ _PREPARE = r"""
 import json, logging, sys
 from dataclasses import asdict
 sys.path.insert(0, sys.argv[1])
-from trainer.data import DataConfig, prepare_corpus
+from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 info = prepare_corpus(DataConfig(source="files", paths=[sys.argv[2]], cache_dir=sys.argv[3], val_fraction=0.3, seq_len=8))
 print(json.dumps(dict(asdict(info), dtype=str(info.dtype))))
@@ -259,7 +259,7 @@ def test_fifo_socket_and_broken_link_are_skipped_unopened(tmp_path):
 
 
 def test_a_failure_mid_preparation_leaves_no_temporary_files(tmp_path, monkeypatch):
-    import trainer.data as data
+    import kintsugi.trainer.data.corpus as data
     _corpus(tmp_path / "corpus", 10)
     calls = []
 
@@ -279,7 +279,7 @@ def test_a_killed_preparers_leftovers_are_removed(tmp_path):
     import socket
     import subprocess
     import sys
-    import trainer.data as data
+    import kintsugi.trainer.data.corpus as data
     _corpus(tmp_path / "corpus", 6)
     cfg = _files_cfg(tmp_path)
     _, files, _ = data._list_files(cfg)

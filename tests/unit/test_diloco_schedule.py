@@ -4,9 +4,9 @@ loop runs without a process group."""
 import pytest
 import torch
 
-from parallel.diloco import (StreamingDiLoCo, data_parallel_bytes_per_step, fragment_of_layer, split_fragments,
+from kintsugi.parallel.diloco import (StreamingDiLoCo, data_parallel_bytes_per_step, fragment_of_layer, split_fragments,
                              sync_due, sync_offset)
-from trainer.config import DilocoConfig
+from kintsugi.trainer.config.job import DilocoConfig
 
 
 @pytest.mark.parametrize("H,P", [(1, 1), (4, 1), (4, 2), (10, 3), (12, 4), (100, 8), (3, 5)])

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from parallel.schedules import StageExecutor, actions_for, routes_for
+from kintsugi.parallel.schedules import StageExecutor, actions_for, routes_for
 
 H, T = 4, 3  # hidden size, sequence length
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from benchmarks import fleet_model as fm
-from benchmarks import rendezvous
+from kintsugi.benchmarks import fleet_model as fm
+from kintsugi.benchmarks import rendezvous
 
 # rdv(n) = 0.1 + 0.1 n: rdv(2) = 0.3, rdv(4) = 0.5.
 LINEAR_RDV = {"models": {"a+b*N": {"a": 0.1, "b": 0.1}}, "best": "a+b*N"}

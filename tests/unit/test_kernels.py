@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.spec import SPECS, row_nbytes
+from kintsugi.kernels import dispatch as kernels
+from kintsugi.kernels import reference
+from kintsugi.kernels.spec import SPECS, row_nbytes
 
 LOSSY = [name for name, spec in SPECS.items() if spec.kind != "raw"]
 

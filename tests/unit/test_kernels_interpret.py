@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def interpreted_cases() -> list[dict]:
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "kernels.check", "--numel", "1000"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "kintsugi.kernels.check", "--numel", "1000"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -61,7 +61,7 @@ def compiled_variants() -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "kernels.check", "--compile-sm", "90"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "kintsugi.kernels.check", "--compile-sm", "90"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=240)
     if proc.returncode != 0:
         pytest.skip(f"cannot compile for CUDA here: {proc.stderr[-500:]}")

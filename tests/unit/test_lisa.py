@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import JobConfig, LisaConfig, ParallelConfig, TrainConfig, lr_at
-from trainer.lisa import LisaController, inclusion_probabilities, sample_layers, systematic_sample
-from trainer.model import Llama, ModelConfig, cross_entropy_loss, from_hf_state_dict, hf_config
-from trainer.pretrained import checkpoint_model_config, load_into_stage, save_full_model
-from trainer.stage import StageState
+from kintsugi.trainer.config.job import JobConfig, LisaConfig, ParallelConfig, TrainConfig, lr_at
+from kintsugi.trainer.runtime.lisa import LisaController, inclusion_probabilities, sample_layers, systematic_sample
+from kintsugi.trainer.model.llama import Llama, ModelConfig, cross_entropy_loss, from_hf_state_dict, hf_config
+from kintsugi.trainer.model.pretrained import checkpoint_model_config, load_into_stage, save_full_model
+from kintsugi.trainer.runtime.stage import StageState
 
 torch.set_num_threads(1)
 
@@ -74,7 +74,7 @@ def test_sample_layers_is_a_pure_function_agreed_across_processes():
         counts[sample_layers(ids, 3, 0, k, stage=0)] += 1
     assert np.abs(counts[4:] / 4000 - 3 / 8).max() < 5 * math.sqrt((3 / 8) * (5 / 8) / 4000)
     # another process (another interpreter, hash seed, thread count) computes the same sets
-    code = ("from trainer.lisa import sample_layers; "
+    code = ("from kintsugi.trainer.runtime.lisa import sample_layers; "
             "print([sample_layers(range(4, 12), 3, 7, k, stage=2) for k in range(50)])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"})
@@ -328,8 +328,8 @@ def test_save_and_load_our_format_into_a_middle_stage(tmp_path):
 def test_lisa_finetune_preset_composes():
     from hydra import compose, initialize_config_dir
 
-    from trainer.cli import CONF_DIR
-    from trainer.config_store import register, to_job_config
+    from kintsugi.trainer.cli.main import CONF_DIR
+    from kintsugi.trainer.config.store import register, to_job_config
 
     register()
     with initialize_config_dir(config_dir=os.path.abspath(CONF_DIR), version_base="1.3"):

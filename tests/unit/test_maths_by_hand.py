@@ -11,17 +11,17 @@ import math
 import pytest
 import torch
 
-import compression
-import parallel.diloco as diloco_mod
-from parallel.diloco import StreamingDiLoCo
-from parallel.schedules import EMBED, HEAD, LAYERS, Hop, swapped_route
-from parallel.topology import Grid
-from recovery.rebuild import checkfree_average
-from recovery.tiers import plan_rebuilds
-from trainer.config import DilocoConfig, JobConfig
-from trainer.model import ModelConfig
-from trainer.recovery_exec import refresh_neighbour_copies
-from trainer.stage import StageState
+from kintsugi.compression import api as compression
+import kintsugi.parallel.diloco as diloco_mod
+from kintsugi.parallel.diloco import StreamingDiLoCo
+from kintsugi.parallel.schedules import EMBED, HEAD, LAYERS, Hop, swapped_route
+from kintsugi.parallel.topology import Grid
+from kintsugi.recovery.rebuild import checkfree_average
+from kintsugi.recovery.tiers import plan_rebuilds
+from kintsugi.trainer.config.job import DilocoConfig, JobConfig
+from kintsugi.trainer.model.llama import ModelConfig
+from kintsugi.trainer.runtime.rebuild import refresh_neighbour_copies
+from kintsugi.trainer.runtime.stage import StageState
 
 TOL = 1e-6
 

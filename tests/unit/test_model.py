@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainer.model import (Llama, ModelConfig, cross_entropy_loss, from_hf_state_dict, hf_config,
+from kintsugi.trainer.model.llama import (Llama, ModelConfig, cross_entropy_loss, from_hf_state_dict, hf_config,
                            load_hf_pretrained, num_params, to_hf_state_dict)
 
 torch.set_num_threads(1)

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from trainer.config import JobConfig
-from trainer.model import ModelConfig
-from trainer.stage import StageState
+from kintsugi.trainer.config.job import JobConfig
+from kintsugi.trainer.model.llama import ModelConfig
+from kintsugi.trainer.runtime.stage import StageState
 
 
 def _job():

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from recovery.notices import AwsWatcher, AzureWatcher, GcpWatcher, make_watcher
+from kintsugi.recovery.notices import AwsWatcher, AzureWatcher, GcpWatcher, make_watcher
 
 FAST = 0.05  # poll interval for the tests
 
@@ -209,12 +209,12 @@ def _free_port():
 
 @pytest.mark.parametrize("cls", [AwsWatcher, GcpWatcher, AzureWatcher])
 def test_service_down_no_crash_no_notice(cls, caplog):
-    caplog.set_level(logging.DEBUG, logger="recovery.notices")
+    caplog.set_level(logging.DEBUG, logger="kintsugi.recovery.notices")
     w, calls, _ = _watch(cls, f"http://127.0.0.1:{_free_port()}")
     time.sleep(0.5)
     assert w.is_alive() and w.polls >= 3
     assert calls == [] and not w.noticed.is_set()
-    warnings = [r for r in caplog.records if r.name == "recovery.notices" and r.levelno >= logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "kintsugi.recovery.notices" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "retrying" in warnings[0].getMessage()
     w.stop()
     w.join(3.0)

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainer.config import ConfigError, TrainConfig
-from trainer.optim import build_deepspeed_adam, check_optimizer, prebuild_optimizer
+from kintsugi.trainer.config.job import ConfigError, TrainConfig
+from kintsugi.trainer.runtime.optim import build_deepspeed_adam, check_optimizer, prebuild_optimizer
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 # deepspeed_adam is FusedAdam: on a GPU machine its CUDA kernel; on CPU DeepSpeed builds a CPU variant.
@@ -181,7 +181,7 @@ def test_adamw_and_unknown_names():
 def test_missing_compiler_is_one_config_error_line(monkeypatch):
     if not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed")
-    import trainer.optim as optim
+    import kintsugi.trainer.runtime.optim as optim
     monkeypatch.setattr(optim.shutil, "which", lambda cmd: None)
     monkeypatch.setattr(optim.importlib.util, "find_spec",
                         lambda n, *a, _real=importlib.util.find_spec: None if n == "ninja" else _real(n, *a))

@@ -11,12 +11,12 @@ import struct
 import pytest
 import torch
 
-from recovery import packages
-from recovery.packages import PackageError
-from recovery.rebuild import pack, unpack
-from trainer.config import JobConfig, ParallelConfig, TrainConfig
-from trainer.model import ModelConfig, cross_entropy_loss
-from trainer.stage import StageState
+from kintsugi.recovery import packages
+from kintsugi.recovery.packages import PackageError
+from kintsugi.recovery.rebuild import pack, unpack
+from kintsugi.trainer.config.job import JobConfig, ParallelConfig, TrainConfig
+from kintsugi.trainer.model.llama import ModelConfig, cross_entropy_loss
+from kintsugi.trainer.runtime.stage import StageState
 
 torch.set_num_threads(1)
 MODEL = dict(dim=16, n_layers=4, n_heads=2, n_kv_heads=1, vocab_size=32)
@@ -248,7 +248,7 @@ class _LoopbackTransport:
 
 
 def test_send_and_recv_package_round_trip_and_refuse_a_garbled_length():
-    from recovery.rebuild import MAX_PACKAGE_BYTES, recv_package, send_package
+    from kintsugi.recovery.rebuild import MAX_PACKAGE_BYTES, recv_package, send_package
     st, _ = _stage_after_one_step()
     pkg = st.export(exact=True)
     link = _LoopbackTransport()

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from recovery.placement import (constraint_violations, place, rebalance, recoverability_report,
+from kintsugi.recovery.placement import (constraint_violations, place, rebalance, recoverability_report,
                                 slowest_stage)
-from recovery.tiers import Unrecoverable, plan_rebuilds
+from kintsugi.recovery.tiers import Unrecoverable, plan_rebuilds
 
 
 def grid(R, S):
@@ -57,7 +57,7 @@ def test_2x4_on_4_machines_survives_any_machine():
 
 
 def test_1x4_on_2_machines_best_effort(caplog):
-    caplog.set_level(logging.WARNING, logger="recovery.placement")
+    caplog.set_level(logging.WARNING, logger="kintsugi.recovery.placement")
     machines = {"a": 2, "b": 2}
     a = place(grid(1, 4), machines, 4)
     check_capacity(a, grid(1, 4), machines)
@@ -183,14 +183,14 @@ def test_rebalance_moves_a_layer_off_the_slowest_stage():
 
 
 def test_rebalance_layout_moves_layers_off_a_slow_stage_until_no_move_helps():
-    from recovery.placement import rebalance_layout
+    from kintsugi.recovery.placement import rebalance_layout
     counts, predicted = rebalance_layout([2, 2, 2, 2], [1.0, 3.0, 1.0, 1.0])
     assert sum(counts) == 8 and counts[1] == 1 and predicted == pytest.approx(1.5)
     assert rebalance_layout([2, 2], [1.0, 1.0]) == ([2, 2], 1.0)  # balanced: nothing to move
 
 
 def test_rebalance_config_errors_are_one_line():
-    from trainer.config import ConfigError, JobConfig, LauncherConfig, LisaConfig, ParallelConfig
+    from kintsugi.trainer.config.job import ConfigError, JobConfig, LauncherConfig, LisaConfig, ParallelConfig
     with pytest.raises(ConfigError, match="parallel.rebalance=true does not yet work with lisa.enabled"):
         JobConfig(parallel=ParallelConfig(rebalance=True), lisa=LisaConfig(enabled=True))
     with pytest.raises(ConfigError, match="label:factor"):

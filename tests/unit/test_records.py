@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from recovery.records import dumps_strict, json_safe
-from trainer.config import JobConfig
-from trainer.outputs import write_outputs
+from kintsugi.recovery.records import dumps_strict, json_safe
+from kintsugi.trainer.config.job import JobConfig
+from kintsugi.trainer.reporting.summary import write_outputs
 
 
 def strict_loads(text):

@@ -7,9 +7,9 @@ import subprocess
 import pytest
 
 from conftest import ROOT
-from trainer.cli import compose_job
-from trainer.config import ConfigError
-from trainer import slurm
+from kintsugi.trainer.cli.main import compose_job
+from kintsugi.trainer.config.job import ConfigError
+from kintsugi.trainer.launch import slurm
 
 SCRIPTS = os.path.join(ROOT, "scripts", "slurm")
 
@@ -48,7 +48,7 @@ def test_srun_line_one_task_per_slot_and_spare():
     cmd = slurm.srun_command(job, "batchhost:1234", env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "5"})
     assert cmd[0] == "srun" and "--ntasks=5" in cmd and "--kill-on-bad-exit=0" in cmd
     assert "--gpus-per-task=1" not in cmd and "--overlap" not in cmd
-    assert cmd[-4:] == ["trainer.slurm", "worker", "--coordinator", "batchhost:1234"]
+    assert cmd[-4:] == ["kintsugi.trainer.launch.slurm", "worker", "--coordinator", "batchhost:1234"]
 
 
 @pytest.mark.parametrize("env,gpus", [
@@ -137,7 +137,7 @@ def test_a_notice_before_the_worker_is_ready_is_held_and_delivered(tmp_path):
     import sys
     code = (
         "import os, signal, sys, time\n"
-        "from trainer.slurm import _hold_early_notices\n"
+        "from kintsugi.trainer.launch.slurm import _hold_early_notices\n"
         "_hold_early_notices(wait_s=float(sys.argv[1]))\n"
         "os.kill(os.getpid(), signal.SIGUSR1)\n"
         "time.sleep(0.3)\n"

@@ -12,8 +12,8 @@ import tomllib
 import pytest
 
 from conftest import ROOT
-from trainer.cli import main as cli_main
-from trainer.status import HeartbeatClock, collect
+from kintsugi.trainer.cli.main import main as cli_main
+from kintsugi.trainer.reporting.status import HeartbeatClock, collect
 
 
 def _worker(wid, slot, state="active", hb=10, machine="m0", step=4):

@@ -7,11 +7,11 @@ copy of it, during the run or after. The sources:
   committed step: workers, slots, cells with their generation, rebuilds, committed steps.
 - `metrics.jsonl`: one JSON record per line; commits ({"replica", "step", "loss", "wall_s"}),
   validation losses ({"val_loss"}) and events ({"event": {...}}). Only its tail is read.
-- `coordinator_state.json` (written when the run ends) and `summary.json` (trainer.outputs).
+- `coordinator_state.json` (written when the run ends) and `summary.json` (trainer.reporting.summary).
 - `.coordinator_alive`: touched about once a second by a live coordinator.
 
 `collect()` turns them into one JSON-able dict; `kintsugi status --json` prints it and the dashboard
-(trainer.dashboard) serves it; `render()` is the table a person reads.
+(trainer.reporting.dashboard) serves it; `render()` is the table a person reads.
 
 Heartbeat ages: the coordinator keeps heartbeat times in memory only (a monotonic clock), and writes
 each worker's heartbeat *count*. A reader that looks more than once (`--watch`) tracks when each count
@@ -270,7 +270,7 @@ def render(st: dict) -> str:
 
 
 def status_command(argv: List[str]) -> int:
-    from .commands import CommandError, _Parser
+    from kintsugi.trainer.cli.commands import CommandError, _Parser
 
     ap = _Parser(prog="kintsugi status", description="Slots, generations, rebuilds and losses of a run, read "
                  "from its run directory (during the run or after).")
@@ -302,7 +302,7 @@ def status_command(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .commands import CommandError
+    from kintsugi.trainer.cli.commands import CommandError
     try:
         return status_command(list(sys.argv[1:] if argv is None else argv))
     except CommandError as e:

@@ -6,8 +6,8 @@ ends as one line on stderr naming the fix and exit code 2, never a traceback.
 
 - export: the per-stage final weights of a finished run -> one Hugging Face Llama directory
   (`model.safetensors` + `config.json`, plus the tokenizer when the run had one).
-- report: delegates the table and the figure to `trainer.report`.
-- join: starts `python -m trainer.worker` once per local device so this machine becomes a spare of
+- report: delegates the table and the figure to `trainer.reporting.report`.
+- join: starts `python -m trainer.runtime.worker` once per local device so this machine becomes a spare of
   a running job; the worker does the joining, this only starts, forwards signals and waits.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 def coordinator_command(argv) -> int:
     """`kintsugi coordinator --port P --run-dir D -- <overrides>`: the coordinator on a stable host."""
-    from .coordinator_main import main
+    from kintsugi.trainer.cli.coordinator import main
     return main(argv)
 
 
@@ -83,7 +83,7 @@ def export_command(argv: List[str]) -> int:
 
 def load_job(run_dir: str):
     """The JobConfig a run was trained with (job.json, written by the launcher)."""
-    from .config import JobConfig
+    from kintsugi.trainer.config.job import JobConfig
 
     if not os.path.isdir(run_dir):
         raise CommandError(f"{run_dir}: no such run directory; pass a run's outputs/<name>/<time> directory")
@@ -100,7 +100,7 @@ def final_state_dict(run_dir: str, job) -> Dict[str, "torch.Tensor"]:
     import torch
     from safetensors.torch import load_file
 
-    from .model import Llama
+    from kintsugi.trainer.model.llama import Llama
 
     S = job.parallel.stages
     paths = [os.path.join(run_dir, "final", f"stage{s}.safetensors") for s in range(S)]
@@ -130,12 +130,12 @@ def export_run(run_dir: str, out_dir: str, force: bool = False) -> dict:
     README.txt). Returns what was written, for the one-line summary."""
     from safetensors.torch import save_file
 
-    from .model import to_hf_state_dict
+    from kintsugi.trainer.model.llama import to_hf_state_dict
 
     job = load_job(run_dir)
     sd = final_state_dict(run_dir, job)
     try:
-        from .model import hf_config
+        from kintsugi.trainer.model.llama import hf_config
         hf = hf_config(job.model)
     except ImportError:
         raise CommandError("writing config.json needs transformers; pip install 'kintsugi-train[hf]'") from None
@@ -252,7 +252,7 @@ def verify_export(out_dir: str, seq_len: int = 32) -> float:
     import torch
     from transformers import LlamaForCausalLM
 
-    from .model import Llama, ModelConfig, load_hf_pretrained
+    from kintsugi.trainer.model.llama import Llama, ModelConfig, load_hf_pretrained
 
     cfg, sd = load_hf_pretrained(out_dir, ModelConfig(max_seq_len=seq_len))
     ours = Llama(cfg).float().eval()
@@ -271,7 +271,7 @@ def report_command(argv: List[str]) -> int:
     ap.add_argument("runs", nargs="+", help="run directories (outputs/<name>/<time>)")
     ap.add_argument("--out", default=".", help="directory for report.png and report.txt (default: .)")
     args = ap.parse_args(argv)
-    from .report import write_report
+    from kintsugi.trainer.reporting.report import write_report
     try:
         table, png = write_report(args.runs, args.out)
     except ValueError as e:
@@ -290,7 +290,7 @@ def join_command(argv: List[str]) -> int:
     ap.add_argument("--workers", type=int, default=None,
                     help="workers to start (default: one per CUDA device, 1 without CUDA)")
     args = ap.parse_args(argv)
-    from recovery import protocol as P
+    from kintsugi.recovery import protocol as P
     try:
         P.parse_addr(args.coordinator)
     except ValueError:
@@ -321,11 +321,11 @@ def _cuda_devices() -> List[str]:
 
 
 def worker_command(coordinator: str) -> List[str]:
-    return [sys.executable, "-m", "trainer.worker", "--coordinator", coordinator]
+    return [sys.executable, "-m", "kintsugi.trainer.runtime.worker", "--coordinator", coordinator]
 
 
 def start_workers(coordinator: str, n: int, devices: List[str]) -> List[subprocess.Popen]:
-    from .launch import child_env
+    from kintsugi.trainer.launch.local import child_env
 
     procs = []
     for i in range(n):

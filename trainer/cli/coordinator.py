@@ -1,4 +1,4 @@
-"""The coordinator process: `python -m trainer.coordinator_main` (launchers) or `kintsugi coordinator`
+"""The coordinator process: `python -m trainer.cli.coordinator` (launchers) or `kintsugi coordinator`
 (a stable host for torchrun nodes and `kintsugi join`).
 
 The coordinator itself (recovery.coordinator) knows membership and generations only; this entry
@@ -18,8 +18,8 @@ import socket
 import sys
 import time
 
-from recovery import protocol as P
-from recovery.coordinator import STATE_FILE, Coordinator
+from kintsugi.recovery import protocol as P
+from kintsugi.recovery.coordinator import STATE_FILE, Coordinator
 
 log = logging.getLogger("kintsugi.coordinator")
 
@@ -28,7 +28,7 @@ def resume_state(run_dir: str, job: dict):
     """(resume_from, resume_missing, layout, error) for `train.resume`: every replica continues from
     its newest step whose stages all saved; stages a suspend could not save (lost without a spare)
     are rebuilt from the restored ones."""
-    from .checkpoint import checkpoint_path, is_complete, resume_points
+    from kintsugi.recovery.checkpoint import checkpoint_path, is_complete, resume_points
     R, S = job["parallel"]["replicas"], job["parallel"]["stages"]
     points = resume_points(run_dir, R, S)
     missing = {}
@@ -63,7 +63,7 @@ def _new_token_shown_once(run_dir: str, host: str, port: int) -> str:
     """A run always has a token. None was given: make one and show it once, with how to join, on the
     terminal only (a log file is no place for it); it is also written to RUN_DIR/.token (mode 0600)
     for the launcher's own nodes and for a restarted coordinator."""
-    from recovery.auth import new_token
+    from kintsugi.recovery.auth import new_token
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, ".token")
     if os.path.exists(path):  # a restart (--resume) keeps the run's token
@@ -95,12 +95,12 @@ def _suspend_record(run_dir: str):
 
 
 def _start_dashboard(job: dict, run_dir: str, host: str, token: str, coordinator):
-    """The status page of `logger.dashboard_port` (trainer.dashboard), on the store's interface, or None.
+    """The status page of `logger.dashboard_port` (trainer.reporting.dashboard), on the store's interface, or None.
     A port that is taken costs the dashboard, not the run."""
     port = int(job.get("logger", {}).get("dashboard_port") or 0)
     if port <= 0:
         return None
-    from .dashboard import Dashboard
+    from kintsugi.trainer.reporting.dashboard import Dashboard
 
     def heartbeat_ages():
         # Read from the dashboard's thread while the coordinator's loop runs: a snapshot of the
@@ -181,8 +181,8 @@ def main(argv=None) -> int:
     else:
         # Standalone: this process is the only one that knows the whole job, so it prepares the
         # corpus (the token cache) and serves it; nodes and `kintsugi join` workers need nothing else.
-        from .config import ConfigError
-        from .torchrun import prepare_job
+        from kintsugi.trainer.config.job import ConfigError
+        from kintsugi.trainer.launch.torchrun import prepare_job
         try:
             job, corpus = prepare_job(args.overrides)
         except ConfigError as e:
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         if err:
             print(f"kintsugi: run stopped: {err}", file=sys.stderr)
             return 3
-    from .tracking import LiveWandb  # wandb run fed live (logger.wandb.mode != disabled)
+    from kintsugi.trainer.reporting.tracking import LiveWandb  # wandb run fed live (logger.wandb.mode != disabled)
     tracker = LiveWandb.start(job, args.run_dir, resume=args.resume)
     # Before the coordinator exists a SIGTERM just ends the process (143, not a success).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -225,8 +225,8 @@ def main(argv=None) -> int:
         if dashboard is not None:
             dashboard.close()
     if args.outputs or not args.job:
-        from .config import JobConfig
-        from .outputs import write_outputs
+        from kintsugi.trainer.config.job import JobConfig
+        from kintsugi.trainer.reporting.summary import write_outputs
         try:
             summary = write_outputs(args.run_dir, JobConfig.from_dict(job), time.time() - t0)
         except Exception as e:  # noqa: BLE001 - the run itself is over and recorded in metrics.jsonl

@@ -24,7 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .config import LisaConfig
+from kintsugi.trainer.config.job import LisaConfig
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class LisaController:
                 (no_decay if p.ndim < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if t.optimizer != "adamw":
-            from .optim import build_deepspeed_adam
+            from kintsugi.trainer.runtime.optim import build_deepspeed_adam
             return build_deepspeed_adam(t.optimizer, groups, t)
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=False)
 

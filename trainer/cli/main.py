@@ -8,9 +8,9 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import ConfigError
+from kintsugi.trainer.config.job import ConfigError
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+from kintsugi import CONF_DIR
 
 
 def compose_job(overrides: List[str]):
@@ -18,7 +18,7 @@ def compose_job(overrides: List[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from .config_store import register, to_job_config
+    from kintsugi.trainer.config.store import register, to_job_config
     register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -50,10 +50,10 @@ def validate_overrides(overrides: List[str]) -> Optional[str]:
     try:
         points = [(_first_sweep_point(o) if multirun else o) for o in overrides if not o.startswith("-")]
         job, _ = compose_job(points)
-        from .data import validate_data_config
+        from kintsugi.trainer.data.corpus import validate_data_config
         validate_data_config(job.data)
         if job.launcher.name == "slurm" and not multirun:  # a sweep submits from outside any allocation
-            from .slurm import check_allocation
+            from kintsugi.trainer.launch.slurm import check_allocation
             check_allocation(job)
     except (ConfigError, ValueError) as e:
         return str(e)
@@ -116,9 +116,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         try:
             if argv[0] == "status":
-                from .status import main as status_main
+                from kintsugi.trainer.reporting.status import main as status_main
                 return status_main(argv[1:])
-            from . import commands
+            from kintsugi.trainer.cli import commands
             return commands.dispatch(argv)
         except SystemExit as e:  # argparse's --help
             return int(e.code or 0)
@@ -131,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if err:
             print(f"kintsugi: config error: {err}", file=sys.stderr)
             return 2
-    from .entry import hydra_entry
+    from kintsugi.trainer.cli.entry import hydra_entry
     sys.argv = [sys.argv[0]] + argv
     try:
         hydra_entry()

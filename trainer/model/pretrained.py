@@ -8,7 +8,7 @@ Two on-disk formats, told apart by their tensor names:
   ones too), under `LlamaForCausalLM` names.
 
 A stage reads only its own slice: tensors are opened lazily with `safe_open`, so a stage of a large
-model never holds the whole checkpoint in memory (`trainer.model.load_hf_pretrained` reads every
+model never holds the whole checkpoint in memory (`trainer.model.llama.load_hf_pretrained` reads every
 tensor, which is fine for a whole model but not for one stage of it).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .model import Llama, ModelConfig, to_hf_state_dict
+from kintsugi.trainer.model.llama import Llama, ModelConfig, to_hf_state_dict
 
 OURS_WEIGHTS = "model.safetensors"
 OURS_CONFIG = "kintsugi_model.json"
@@ -64,7 +64,7 @@ def _hf_architecture(directory: str, cfg: ModelConfig) -> dict:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"model.init_from={directory}: neither {OURS_CONFIG} nor config.json there; point it "
-                         "at a directory written by trainer.pretrained.save_full_model or a local Hugging Face Llama")
+                         "at a directory written by trainer.model.pretrained.save_full_model or a local Hugging Face Llama")
     with open(path) as f:
         hf = json.load(f)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}

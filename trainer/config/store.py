@@ -4,7 +4,7 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import ConfigError, JobConfig
+from kintsugi.trainer.config.job import ConfigError, JobConfig
 
 _registered = False
 

@@ -25,10 +25,10 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-from recovery import protocol as P
-from recovery.auth import new_token
+from kintsugi.recovery import protocol as P
+from kintsugi.recovery.auth import new_token
 
-from .config import JobConfig, fault_events, held_at_boundary
+from kintsugi.trainer.config.job import JobConfig, fault_events, held_at_boundary
 
 log = logging.getLogger("kintsugi.launch")
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
@@ -40,15 +40,13 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "KINTSUGI_PDEATHSIG": "1",
                 "PYTHONUNBUFFERED": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"})
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})
     return env
 
 
 class LocalLauncher:
     def __init__(self, job: JobConfig, run_dir: str, corpus: dict, progress: bool = True):
-        from .config import ConfigError
+        from kintsugi.trainer.config.job import ConfigError
         if job.faults.machine_schedule and job.launcher.machines < 1:
             raise ConfigError("faults.schedule names a machine but launcher.machines=0; set launcher.machines=K "
                               "(workers are labelled m0..m{K-1}) or use replica+stage events")
@@ -91,7 +89,7 @@ class LocalLauncher:
                 env["KINTSUGI_SLOWDOWN"] = str(slow)
         self.n_workers += 1
         self.procs[wid] = subprocess.Popen(
-            [sys.executable, "-m", "trainer.worker", "--coordinator", f"127.0.0.1:{self.port}", "--wid", wid],
+            [sys.executable, "-m", "kintsugi.trainer.runtime.worker", "--coordinator", f"127.0.0.1:{self.port}", "--wid", wid],
             env=env)
         return wid
 
@@ -126,7 +124,7 @@ class LocalLauncher:
             self.cleanup()
 
     def _start_coordinator(self, resume: bool) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "trainer.coordinator_main", "--port", str(self.port), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(self.port), "--host", "127.0.0.1",
                "--run-dir", self.run_dir, "--job", self.job_path] + ([] if self.progress else ["--no-progress"])
         return subprocess.Popen(cmd + (["--resume"] if resume else []), env=self.env)
 
@@ -280,7 +278,7 @@ class LocalLauncher:
         slots = None
         for e in list(self.events):
             if held_at_boundary(e):
-                # The holder of the slot waits at the start of step e["step"] (trainer.step_loop's
+                # The holder of the slot waits at the start of step e["step"] (trainer.runtime.step_loop's
                 # FaultHook) and says so in hold/<wid>: signal it there, then mark the event fired.
                 if not reached(dict(e, step=e["step"] - 1)):
                     continue

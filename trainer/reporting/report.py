@@ -1,6 +1,6 @@
 """`kintsugi report`: compare finished (or stopped) runs.
 
-Reads each run directory's `summary.json` and `metrics.jsonl` (as written by trainer.outputs and the
+Reads each run directory's `summary.json` and `metrics.jsonl` (as written by trainer.reporting.summary and the
 coordinator) and produces
 - a plain-text table: steps, final validation loss, throughput, failures, rebuilds by tier, and the
   bytes each channel carried;
@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
-from .outputs import read_metrics
+from kintsugi.trainer.reporting.summary import read_metrics
 
 # summary.json's bytes keys in table order, with short column titles. "p2p" (the sum of the first
 # two) is left out so that no byte is counted twice.

@@ -35,7 +35,7 @@ from typing import Any, Iterable, List
 
 import torch
 
-from .config import ConfigError
+from kintsugi.trainer.config.job import ConfigError
 
 DEEPSPEED_OPTIMIZERS = ("deepspeed_adam", "deepspeed_cpu_adam")
 EPS = 1e-8  # torch.optim.AdamW's default, which the adamw path uses

@@ -35,10 +35,10 @@ import uuid
 from datetime import timedelta
 from typing import List, Tuple
 
-from recovery import protocol as P
+from kintsugi.recovery import protocol as P
 
-from .config import ConfigError, JobConfig
-from .launch import child_env
+from kintsugi.trainer.config.job import ConfigError, JobConfig
+from kintsugi.trainer.launch.local import child_env
 
 log = logging.getLogger("kintsugi.torchrun")
 
@@ -72,7 +72,7 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
             job_path = os.path.join(run_dir, "job.json")
             with open(job_path, "w") as f:
                 json.dump(job.public_dict(), f, indent=1)
-            cmd = [sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--host", host,
+            cmd = [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host", host,
                    "--run-dir", run_dir, "--job", job_path] + ([] if job.logger.progress else ["--no-progress"])
     token = P.resolve_token(job.recovery.token)
     if token is None:
@@ -89,7 +89,7 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
             control.put_json("corpus", corpus)
     else:
         _shared_corpus(control, corpus)
-    from .worker import Shutdown, Worker
+    from kintsugi.trainer.runtime.worker import Shutdown, Worker
     logging.getLogger("kintsugi.worker").setLevel(os.environ.get("KINTSUGI_LOG", "WARNING"))
     os.environ.setdefault("KINTSUGI_MACHINE", socket.gethostname())
     wid = worker_id()
@@ -108,8 +108,8 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
     if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and worker is not None and worker.watcher.rebuilt_slots > 0:
         release_exit_barrier()
     if coordinator is not None:
-        return rc  # global rank 0 beside its own coordinator writes the run's outputs (trainer.entry)
-    # Every other worker process ends here, as `python -m trainer.worker` does: waits abandoned in
+        return rc  # global rank 0 beside its own coordinator writes the run's outputs (trainer.cli.entry)
+    # Every other worker process ends here, as `python -m trainer.runtime.worker` does: waits abandoned in
     # helper threads (a dead peer's recv) must not hold up or crash the exit, which torchrun's agent
     # would count as a failed worker. With an external coordinator the coordinator writes the outputs.
     logging.shutdown()
@@ -123,7 +123,7 @@ def _local_token(rank: int, timeout_s: float = 60.0) -> str:
     user can read, keyed by the torchrun job (the token never goes through the store)."""
     import tempfile
 
-    from recovery.auth import new_token
+    from kintsugi.recovery.auth import new_token
     key = hashlib.sha1(f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}/"
                        f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}".encode()).hexdigest()[:16]
     folder = os.path.join(tempfile.gettempdir(), f"kintsugi-{os.getuid()}")
@@ -156,7 +156,7 @@ def _shared_corpus(control: P.Control, corpus: dict) -> None:
     shared = control.get_json("corpus")
     if all(os.path.exists(shared[k]) for k in ("train_path", "val_path")):
         return
-    from .data import prepare_corpus
+    from kintsugi.trainer.data.corpus import prepare_corpus
     data = JobConfig.from_dict(control.get_json("job")).data
     info = prepare_corpus(data)
     if info.train_path != shared["train_path"]:
@@ -205,9 +205,9 @@ def release_exit_barrier() -> bool:
 def prepare_job(overrides: List[str]) -> Tuple[dict, dict]:
     """The job and corpus entry for a coordinator started from Hydra overrides: the same config the
     CLI composes, the corpus prepared (cached) on this host, the vocabulary size filled in, as
-    `trainer.entry.train` does before launching. Raises ConfigError with a one-line message."""
-    from .cli import compose_job, validate_overrides
-    from .entry import prepare_corpus_and_model
+    `trainer.cli.entry.train` does before launching. Raises ConfigError with a one-line message."""
+    from kintsugi.trainer.cli.main import compose_job, validate_overrides
+    from kintsugi.trainer.cli.entry import prepare_corpus_and_model
 
     err = validate_overrides(list(overrides))
     if err:

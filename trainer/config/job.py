@@ -14,8 +14,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .data import DataConfig
-from .model import ModelConfig
+from kintsugi.trainer.data.corpus import DataConfig
+from kintsugi.trainer.model.llama import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -86,7 +86,7 @@ class TrainConfig:
                                      "is False); use train.device=auto or train.device=cpu")
             _check(False, "train.device=cuda: CUDA stages are not implemented yet (issue 14); use train.device=cpu")
         if self.optimizer != "adamw":
-            from .optim import check_optimizer
+            from kintsugi.trainer.runtime.optim import check_optimizer
             check_optimizer(self.optimizer)  # deepspeed installed, ninja + a C++ compiler present
         if self.resume:
             import os

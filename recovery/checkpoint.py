@@ -46,8 +46,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from recovery import packages
-from recovery import protocol as P
+from kintsugi.recovery import packages
+from kintsugi.recovery import protocol as P
 
 log = logging.getLogger("kintsugi.checkpoint")
 

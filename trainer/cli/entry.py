@@ -10,9 +10,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .cli import CONF_DIR
-from .config import JobConfig
-from .config_store import register, to_job_config
+from kintsugi.trainer.cli.main import CONF_DIR
+from kintsugi.trainer.config.job import JobConfig
+from kintsugi.trainer.config.store import register, to_job_config
 
 log = logging.getLogger("kintsugi")
 
@@ -20,7 +20,7 @@ log = logging.getLogger("kintsugi")
 def prepare_corpus_and_model(job: JobConfig) -> dict:
     """Prepare (or reuse) the token cache, take the architecture from model.init_from and the vocab
     size from the tokenizer when unset (job.model is updated); returns the store's `corpus` entry."""
-    from .data import prepare_corpus, validate_data_config
+    from kintsugi.trainer.data.corpus import prepare_corpus, validate_data_config
 
     validate_data_config(job.data)
     corpus = prepare_corpus(job.data)
@@ -28,7 +28,7 @@ def prepare_corpus_and_model(job: JobConfig) -> dict:
              corpus.num_train_tokens, corpus.num_val_tokens, corpus.num_files, corpus.skipped_files,
              corpus.vocab_size)
     if job.model.init_from:
-        from .pretrained import checkpoint_model_config
+        from kintsugi.trainer.model.pretrained import checkpoint_model_config
         job.model = checkpoint_model_config(job.model.init_from, job.model)
     if job.model.vocab_size <= 0:
         job.model.vocab_size = corpus.vocab_size
@@ -38,24 +38,24 @@ def prepare_corpus_and_model(job: JobConfig) -> dict:
 
 def train(job: JobConfig, run_dir: str) -> int:
     """Prepare the corpus, run the job with the configured launcher, write the outputs."""
-    from recovery.coordinator import EX_RECORD
+    from kintsugi.recovery.coordinator import EX_RECORD
 
-    from .outputs import write_outputs
+    from kintsugi.trainer.reporting.summary import write_outputs
 
     t0 = time.time()
     corpus_d = prepare_corpus_and_model(job)
     if job.train.optimizer != "adamw":  # compile DeepSpeed's op once here, not inside every worker
-        from .optim import prebuild_optimizer
+        from kintsugi.trainer.runtime.optim import prebuild_optimizer
         log.info("train.optimizer=%s: DeepSpeed op ready in %.1f s", job.train.optimizer,
                  prebuild_optimizer(job.train.optimizer))
     if job.launcher.name == "local":
-        from .launch import LocalLauncher
+        from kintsugi.trainer.launch.local import LocalLauncher
         rc = LocalLauncher(job, run_dir, corpus_d, progress=job.logger.progress).run()
     elif job.launcher.name == "slurm":  # inside an sbatch allocation: coordinator here, workers via srun
-        from .slurm import run_slurm
+        from kintsugi.trainer.launch.slurm import run_slurm
         rc = run_slurm(job, run_dir, corpus_d)
     else:  # torchrun and the deepspeed launcher both start every worker process with RANK / WORLD_SIZE
-        from .torchrun import run_torchrun
+        from kintsugi.trainer.launch.torchrun import run_torchrun
         rc = run_torchrun(job, run_dir, corpus_d)
     if job.launcher.name in ("torchrun", "deepspeed") and os.environ.get("RANK", "0") != "0":
         return rc  # outputs are written once, by global rank 0 beside the coordinator

@@ -7,11 +7,11 @@ from typing import Dict
 
 import torch
 
-from parallel.topology import per_stage_layers
-from recovery.rebuild import checkfree_average, from_positional, to_positional
+from kintsugi.parallel.topology import per_stage_layers
+from kintsugi.recovery.rebuild import checkfree_average, from_positional, to_positional
 
-from .config import JobConfig, lr_at
-from .model import Llama
+from kintsugi.trainer.config.job import JobConfig, lr_at
+from kintsugi.trainer.model.llama import Llama
 
 
 def _finite_params(params: Dict[str, torch.Tensor]) -> bool:
@@ -51,7 +51,7 @@ class StageState:
             (no_decay if p.ndim < 2 else decay).append(p)  # norm gains are not decayed
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if t.optimizer != "adamw":  # DeepSpeed's fused / CPU Adam (trainer/optim.py)
-            from .optim import build_deepspeed_adam
+            from kintsugi.trainer.runtime.optim import build_deepspeed_adam
             return build_deepspeed_adam(t.optimizer, groups, t)
         # foreach=False: identical per-parameter math whatever the stage holds, so a stage reproduces
         # the single-process optimizer step bit for bit.

@@ -11,10 +11,10 @@ quantized all-reduce over torch.distributed.
 The kernels doing the bit work live in `kernels` (Triton on CUDA, a torch reference elsewhere).
 """
 
-from compression.allreduce import AllReduceHandle, AllReducePlan, all_reduce, plan_all_reduce
-from compression.codecs import CODEC_NAMES, Codec, get_codec
-from compression.error_feedback import ErrorFeedback
-from compression.packing import PackMeta, pack, unpack, unpack_into
+from kintsugi.compression.allreduce import AllReduceHandle, AllReducePlan, all_reduce, plan_all_reduce
+from kintsugi.compression.codecs import CODEC_NAMES, Codec, get_codec
+from kintsugi.compression.error_feedback import ErrorFeedback
+from kintsugi.compression.packing import PackMeta, pack, unpack, unpack_into
 
 __all__ = [
     "CODEC_NAMES",

@@ -22,17 +22,17 @@ from typing import List
 
 import torch
 
-from parallel.diloco import allreduce_gradients
-from parallel.schedules import StageExecutor, actions_for, routes_for
-from parallel.topology import Grid
-from parallel.transport import Transport
-from recovery import protocol as P
+from kintsugi.parallel.diloco import allreduce_gradients
+from kintsugi.parallel.schedules import StageExecutor, actions_for, routes_for
+from kintsugi.parallel.topology import Grid
+from kintsugi.parallel.transport import Transport
+from kintsugi.recovery import protocol as P
 
-from .checkpoint import checkpoint_path, is_complete
-from .config import fault_events, held_at_boundary
-from .data import ShardedBatches, val_batches
-from .model import cross_entropy_loss
-from .recovery_exec import refresh_neighbour_copies
+from kintsugi.recovery.checkpoint import checkpoint_path, is_complete
+from kintsugi.trainer.config.job import fault_events, held_at_boundary
+from kintsugi.trainer.data.corpus import ShardedBatches, val_batches
+from kintsugi.trainer.model.llama import cross_entropy_loss
+from kintsugi.trainer.runtime.rebuild import refresh_neighbour_copies
 
 log = logging.getLogger("kintsugi.worker")
 COMMIT_TAG = 1 << 21

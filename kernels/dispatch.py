@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels import reference
-from kernels.spec import ALIASES, SPECS, CodecSpec, check_block_size, row_nbytes
+from kintsugi.kernels import reference
+from kintsugi.kernels.spec import ALIASES, SPECS, CodecSpec, check_block_size, row_nbytes
 
 __all__ = ["CodecSpec", "SPECS", "ALIASES", "encode", "decode", "set_backend", "backend_for",
            "row_nbytes", "check_block_size", "triton_available"]
@@ -40,7 +40,7 @@ def set_backend(name: str) -> None:
 @functools.lru_cache(maxsize=None)
 def _triton_module():
     try:
-        from kernels import triton_kernels
+        from kintsugi.kernels import triton_kernels
     except ImportError as err:  # triton missing or broken: the reference does the work
         logger.warning("Triton kernels unavailable (%s); using the torch reference", err)
         return None

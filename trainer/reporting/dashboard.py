@@ -2,7 +2,7 @@
 
 - `GET /` is one self-refreshing HTML page (no external scripts, styles or fonts: it must work on a
   cluster without internet). The page itself holds no data, so it is served to anyone.
-- `GET /status.json` is what `kintsugi status --json` prints (trainer.status.collect over the run
+- `GET /status.json` is what `kintsugi status --json` prints (trainer.reporting.status.collect over the run
   directory), with exact heartbeat ages from the coordinator. It needs the run's token as
   `Authorization: Bearer <token>`: never in the query string, which ends up in proxy and server logs
   and in browser history. The page takes the token from a login form or the URL fragment
@@ -21,7 +21,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Dict, Optional
 
-from .status import StatusError, collect
+from kintsugi.trainer.reporting.status import StatusError, collect
 
 log = logging.getLogger("kintsugi.dashboard")
 

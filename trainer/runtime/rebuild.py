@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
 
-from parallel.groups import Aborted, FormationError, Group, form_group
-from parallel.topology import Grid
-from parallel.transport import PeerFailure, Transport
-from recovery.rebuild import pack, recv_package, send_package
+from kintsugi.parallel.groups import Aborted, FormationError, Group, form_group
+from kintsugi.parallel.topology import Grid
+from kintsugi.parallel.transport import PeerFailure, Transport
+from kintsugi.recovery.rebuild import pack, recv_package, send_package
 
 if TYPE_CHECKING:
-    from .config import JobConfig
-    from .stage import StageState
+    from kintsugi.trainer.config.job import JobConfig
+    from kintsugi.trainer.runtime.stage import StageState
 
 log = logging.getLogger("kintsugi.recovery")
 REBUILD_TAG = 1 << 20
@@ -68,7 +68,7 @@ def dump(name: str, obj) -> None:
 
 def snapshot(host: SlotHost) -> dict:
     """A checkpoint's snapshot of the stage, plus the DiLoCo global parameters by name."""
-    from .checkpoint import snapshot as stage_snapshot
+    from kintsugi.recovery.checkpoint import snapshot as stage_snapshot
     snap = stage_snapshot(host.state, host.state.step_done)
     snap["diloco_global"] = ({k: v.clone() for k, v in host.diloco.global_params().items()}
                              if host.diloco is not None else None)
@@ -95,7 +95,7 @@ def reconcile(host: SlotHost, group: Group, abort, has_state: bool, store_commit
                         float(st.last_total if has_total else 0.0), float(has_total),
                         float(pending[0] if pending is not None else -1), float(skipped)], dtype=torch.float64)
     rows = torch.empty(group.size() * row.numel(), dtype=torch.float64)
-    from parallel.transport import wait_abortable
+    from kintsugi.parallel.transport import wait_abortable
     wait_abortable(group.all_gather_into_tensor(rows, row), abort)
     rows = rows.view(group.size(), row.numel())
     live = rows[rows[:, 0] == 1.0]
@@ -136,7 +136,7 @@ def execute_plan(host: SlotHost, plan: dict, grid: Grid, transport: Transport, s
     rollback = plan.get("rollback")
     rebuilt_here = {_slot(k) for k in plan["rebuild"]}
     if rollback is not None and slot not in rebuilt_here:
-        from .checkpoint import restore
+        from kintsugi.recovery.checkpoint import restore
         # A resume may continue each replica from its own step (a suspended job's replicas commit
         # independently); an in-run rollback restores one step everywhere.
         step = rollback[str(slot[0])] if isinstance(rollback, dict) else rollback
@@ -147,7 +147,7 @@ def execute_plan(host: SlotHost, plan: dict, grid: Grid, transport: Transport, s
         tier = rb["tier"]
         if tier == "checkpoint":
             if target == slot:
-                from .checkpoint import restore
+                from kintsugi.recovery.checkpoint import restore
                 restore(host.state, host.run_dir, slot, committed, host.diloco)
             continue
         sources = [tuple(s) for s in rb["sources"]]

@@ -11,9 +11,9 @@ import logging
 import os
 from typing import Dict, List, Optional
 
-from recovery.records import dumps_strict
+from kintsugi.recovery.records import dumps_strict
 
-from .config import JobConfig
+from kintsugi.trainer.config.job import JobConfig
 
 log = logging.getLogger("kintsugi.outputs")
 
@@ -123,8 +123,8 @@ def _slowest_stage(commits: List[dict], job: JobConfig, layout: Optional[List[in
         return None
     mean = [sum(r[s] for r in rows) / len(rows) for s in range(len(rows[0]))]
     slowest = max(range(len(mean)), key=mean.__getitem__)
-    from parallel.topology import per_stage_layers
-    from recovery.placement import rebalance
+    from kintsugi.parallel.topology import per_stage_layers
+    from kintsugi.recovery.placement import rebalance
     counts = layout or [len(x) for x in per_stage_layers(job.model.n_layers, job.parallel.stages,
                                                          job.parallel.layers_per_stage)]
     return {"stage": slowest, "compute_s": mean[slowest], "per_stage_compute_s": mean, "layers_per_stage": counts,

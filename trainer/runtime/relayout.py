@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from parallel.topology import Grid, per_stage_layers
-from parallel.transport import Transport
-from recovery.rebuild import recv_package, send_package
+from kintsugi.parallel.topology import Grid, per_stage_layers
+from kintsugi.parallel.transport import Transport
+from kintsugi.recovery.rebuild import recv_package, send_package
 
-from .stage import StageState
+from kintsugi.trainer.runtime.stage import StageState
 
 log = logging.getLogger("kintsugi.relayout")
 REBALANCE_TAG = 1 << 23

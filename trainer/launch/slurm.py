@@ -2,7 +2,7 @@
 
 The batch host (where the batch script runs) starts the coordinator on a free port and puts the corpus
 into its store; ONE `srun` then starts `replicas x stages + faults.spares` tasks, each a Kintsugi
-worker (`python -m trainer.slurm worker`, one task per GPU when the allocation has GPUs). run_slurm
+worker (`python -m trainer.launch.slurm worker`, one task per GPU when the allocation has GPUs). run_slurm
 waits for the coordinator, stops srun and returns the coordinator's exit code.
 
 Slurm's warning signal (`sbatch --signal=USR1@90`) reaches every task of the step: every worker is
@@ -31,11 +31,11 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from recovery import protocol as P
-from recovery.auth import new_token
+from kintsugi.recovery import protocol as P
+from kintsugi.recovery.auth import new_token
 
-from .config import ConfigError, JobConfig
-from .launch import child_env
+from kintsugi.trainer.config.job import ConfigError, JobConfig
+from kintsugi.trainer.launch.local import child_env
 
 log = logging.getLogger("kintsugi.slurm")
 EX_TEMPFAIL = 75  # the coordinator's exit code when the run suspended into a checkpoint
@@ -91,7 +91,7 @@ def srun_command(job: JobConfig, coordinator: str, env: Optional[Dict[str, str]]
         # Already inside a job step (e.g. a submitit task started with srun): share its resources.
         cmd.append("--overlap")
     cmd += shlex.split(env.get("KINTSUGI_SRUN_ARGS", ""))
-    cmd += [sys.executable, "-m", "trainer.slurm", "worker", "--coordinator", coordinator]
+    cmd += [sys.executable, "-m", "kintsugi.trainer.launch.slurm", "worker", "--coordinator", coordinator]
     return cmd
 
 
@@ -158,7 +158,7 @@ class SlurmRun:
             self.coordinator = subprocess.Popen(
                 # Every interface: the tasks on the allocation's other nodes connect to it (the seals,
                 # not the address, keep others out; see the README's threat model).
-                [sys.executable, "-m", "trainer.coordinator_main", "--port", str(port), "--host", "0.0.0.0",
+                [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host", "0.0.0.0",
                  "--run-dir", self.run_dir,
                  "--job", job_path] + ([] if job.logger.progress else ["--no-progress"]),
                 env=env, start_new_session=True)
@@ -291,14 +291,14 @@ def worker_id(env: Optional[Dict[str, str]] = None) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m trainer.slurm worker --coordinator host:port`: one srun task = one Kintsugi worker."""
+    """`python -m trainer.launch.slurm worker --coordinator host:port`: one srun task = one Kintsugi worker."""
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m trainer.slurm", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m kintsugi.trainer.launch.slurm", description=main.__doc__)
     ap.add_argument("role", choices=["worker"])
     ap.add_argument("--coordinator", required=True, help="host:port of the coordinator on the batch host")
     args = ap.parse_args(argv)
     _hold_early_notices()
-    from .worker import main as worker_main
+    from kintsugi.trainer.runtime.worker import main as worker_main
     return worker_main(["--coordinator", args.coordinator, "--wid", worker_id()])
 
 

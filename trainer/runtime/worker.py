@@ -4,7 +4,7 @@ membership changes without restarting.
 Life of a worker: join with the token -> wait as a spare until the coordinator gives it a cell (the
 replicas trained as one unit, see recovery.coordinator) -> for each generation of that cell: build
 the cell's group, agree which step committed, execute its part of the rebuild plan, train
-(trainer.step_loop) until the run ends or the cell's generation changes -> drop the group, go again.
+(trainer.runtime.step_loop) until the run ends or the cell's generation changes -> drop the group, go again.
 
 Its stage group (Streaming DiLoCo across replicas) lives beside that, with generations of its own
 (parallel.stage_link): another replica's failure never interrupts this one's steps.
@@ -33,19 +33,19 @@ from typing import Optional
 
 import torch
 
-from parallel.diloco import StreamingDiLoCo
-from parallel.groups import Aborted, FormationError, Group, form_group
-from parallel.stage_link import StageLink
-from parallel.topology import Grid
-from parallel.transport import ByteCounter, PeerFailure, Transport, set_idle_hook
-from recovery import protocol as P
+from kintsugi.parallel.diloco import StreamingDiLoCo
+from kintsugi.parallel.groups import Aborted, FormationError, Group, form_group
+from kintsugi.parallel.stage_link import StageLink
+from kintsugi.parallel.topology import Grid
+from kintsugi.parallel.transport import ByteCounter, PeerFailure, Transport, set_idle_hook
+from kintsugi.recovery import protocol as P
 
-from .checkpoint import CheckpointCorrupt
-from .config import JobConfig
-from .data import ShardedBatches, load_tokens
-from .recovery_exec import Donor, XferFailed, execute_plan, reconcile, snapshot
-from .stage import StageState
-from .step_loop import Diverged
+from kintsugi.recovery.checkpoint import CheckpointCorrupt
+from kintsugi.trainer.config.job import JobConfig
+from kintsugi.trainer.data.corpus import ShardedBatches, load_tokens
+from kintsugi.trainer.runtime.rebuild import Donor, XferFailed, execute_plan, reconcile, snapshot
+from kintsugi.trainer.runtime.stage import StageState
+from kintsugi.trainer.runtime.step_loop import Diverged
 
 log = logging.getLogger("kintsugi.worker")
 EX_RESUMABLE = 75
@@ -219,7 +219,7 @@ class Worker:
         for name in self.job.recovery.notice_signals:
             signal.signal(getattr(signal, name), lambda *_: self.leaving.set())
         # A spot interruption notice from the cloud's metadata service means the same as SIGTERM.
-        from recovery.notices import make_watcher
+        from kintsugi.recovery.notices import make_watcher
         address = self.job.recovery.metadata_address
         if address and "{machine}" in address:  # one metadata endpoint per (simulated) machine
             address = address.replace("{machine}", self.machine)
@@ -235,7 +235,7 @@ class Worker:
         self.run_dir = control.get_json("run_dir")
         rec = self.job.recovery
         every = rec.checkpoint_every or (10 if rec.strategy == "checkpoint" else 0)
-        from .checkpoint import AsyncCheckpointer
+        from kintsugi.recovery.checkpoint import AsyncCheckpointer
         self.checkpointer = AsyncCheckpointer(
             lambda record: self.bg.append_later("ckpt", record), self.run_dir, every, keep=rec.keep_checkpoints,
             grid=(self.job.parallel.replicas, self.job.parallel.stages),
@@ -425,7 +425,7 @@ class Worker:
 
     def _run_generation(self, plan):
         """Form the cell's group, agree on the committed step, execute the plan, train."""
-        from .step_loop import StepLoop
+        from kintsugi.trainer.runtime.step_loop import StepLoop
         cell, gen = plan["cell"], plan["gen"]
         self.watcher.begin(cell, gen)
         self.watcher.phase = "forming"
@@ -466,7 +466,7 @@ class Worker:
         self.state_valid = True
         self._recover_from_divergence(plan)
         if plan.get("prev_layout") is not None and self.state.layer_ids != self._layer_ids(slot[1], plan["layout"]):
-            from .relayout import relayout
+            from kintsugi.trainer.runtime.relayout import relayout
             relayout(self, plan, grid, transport, slot)
         if self.link is not None:
             self.link.layout_version = plan.get("layout_version", 0)
@@ -527,10 +527,10 @@ class Worker:
         self.slot = slot
         self.state = StageState(self.job, slot[1])
         if self.job.model.init_from:
-            from .pretrained import load_into_stage
+            from kintsugi.trainer.model.pretrained import load_into_stage
             load_into_stage(self.state, self.job.model.init_from)
         if self.job.lisa.enabled:
-            from .lisa import LisaController
+            from kintsugi.trainer.runtime.lisa import LisaController
             self.state.lisa = LisaController(self.job.lisa, self.state, self.job.train.seed, replica=slot[0])
         self.data = ShardedBatches(self.train_tokens, self.job.data.seq_len, self.job.train.batch_size,
                                    slot[0], self.job.parallel.replicas, self.job.train.seed)
@@ -573,7 +573,7 @@ class Worker:
             self._retired.pop().close()
 
     def _layer_ids(self, stage: int, layout=None):
-        from parallel.topology import per_stage_layers
+        from kintsugi.parallel.topology import per_stage_layers
         layout = self.job.parallel.layers_per_stage if layout is None else layout
         return per_stage_layers(self.job.model.n_layers, self.job.parallel.stages, layout)[stage]
 
@@ -581,15 +581,15 @@ class Worker:
         c = self.job.compression
         if c.activations == "none" and c.gradients == "none":
             return {}
-        from compression import get_codec
+        from kintsugi.compression.api import get_codec
         return {"p2p": get_codec(c.activations, c.block_size), "p2p_grad": get_codec(c.gradients, c.block_size)}
 
     # --- leaving ------------------------------------------------------------------------------------
     def _hand_off(self, plan, transport) -> None:
         """Graceful leave: stream the exact state to the worker that takes our slot."""
         dst_wid = plan["slots"][P.slot_key(self.slot)]
-        from .recovery_exec import REBUILD_TAG, dump
-        from recovery.rebuild import send_package
+        from kintsugi.trainer.runtime.rebuild import REBUILD_TAG, dump
+        from kintsugi.recovery.rebuild import send_package
         dump(f"g{plan['gen']}_leaver_{self.slot[0]},{self.slot[1]}", snapshot(self))
         send_package(transport, self.state.export(exact=True, in_flight_ok=True), plan["ranks"][dst_wid], REBUILD_TAG)
         log.info("handed slot %s over to %s", self.slot, dst_wid)
