@@ -31,6 +31,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -39,6 +40,35 @@ from .groups import Aborted, FormationError, Group, form_group
 from .transport import PeerFailure, wait_abortable
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageGroupPlan:
+    """One generation of a stage group, as the coordinator publishes it: `members` maps worker id ->
+    rank; `trusted` marks a fresh run's first generation (every member built its stage from the same
+    seed and synced nothing yet: no handshake needed). Strict JSON in and out, like the cell plans
+    of recovery.plan (this layer cannot import that one)."""
+    stage: int
+    gen: int
+    members: Dict[str, int]
+    layout_version: int = 0
+    trusted: bool = False
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "gen": self.gen, "members": dict(self.members),
+                "layout_version": self.layout_version, "trusted": self.trusted}
+
+    @classmethod
+    def from_json(cls, d) -> "StageGroupPlan":
+        keys = ("stage", "gen", "members", "layout_version", "trusted")
+        if not isinstance(d, dict) or set(d) != set(keys):
+            raise ValueError(f"stage group plan: expected exactly the keys {keys}, got {d!r:.200}")
+        ints = all(type(d[k]) is int for k in ("stage", "gen", "layout_version"))
+        members_ok = isinstance(d["members"], dict) and all(
+            isinstance(w, str) and type(r) is int for w, r in d["members"].items())
+        if not ints or not members_ok or not isinstance(d["trusted"], bool):
+            raise ValueError(f"stage group plan: a field has the wrong type: {d!r:.200}")
+        return cls(d["stage"], d["gen"], dict(d["members"]), d["layout_version"], d["trusted"])
 
 
 class NeedsResync(RuntimeError):
@@ -77,7 +107,7 @@ class StageLink:
         self.on_fault = on_fault
         self.stop = stop or threading.Event()
         self._lock = threading.Lock()
-        self.plan: Optional[dict] = None
+        self.plan: Optional[StageGroupPlan] = None
         self._group: Optional[Group] = None
         self._group_gen = -1
         self._ready_gen = -1        # the generation whose handshake is done
@@ -91,28 +121,28 @@ class StageLink:
         threading.Thread(target=self._loop, daemon=True, name=f"kintsugi-stage{stage}").start()
 
     # --- plans (the worker's watcher thread calls update) ------------------------------------------
-    def update(self, plan: dict) -> None:
+    def update(self, plan: StageGroupPlan) -> None:
         with self._lock:
-            if self.plan is None or plan["gen"] > self.plan["gen"]:
+            if self.plan is None or plan.gen > self.plan.gen:
                 self.plan = plan
-                if plan.get("trusted"):
+                if plan.trusted:
                     # A fresh run's first generation: every member built its stage from the same
                     # seed and has synced nothing yet, so there is nothing to reconcile.
-                    self._ready_gen = self._hello_gen = plan["gen"]
+                    self._ready_gen = self._hello_gen = plan.gen
 
     @property
     def gen(self) -> int:
-        return self.plan["gen"] if self.plan is not None else -1
+        return self.plan.gen if self.plan is not None else -1
 
     def member(self) -> bool:
-        return self.plan is not None and self.wid in self.plan["members"]
+        return self.plan is not None and self.wid in self.plan.members
 
     def can_start(self) -> bool:
         """A sync may start now: we are a member of the newest generation, it is not broken, and
         every member works with our layer layout."""
         p = self.plan
-        return (p is not None and self.wid in p["members"] and p["gen"] > self.broken_gen
-                and p.get("layout_version", 0) == self.layout_version and not self.stop.is_set())
+        return (p is not None and self.wid in p.members and p.gen > self.broken_gen
+                and p.layout_version == self.layout_version and not self.stop.is_set())
 
     def needs_hello(self) -> bool:
         """The next job opens a generation: it must carry this member's handshake row."""
@@ -130,7 +160,7 @@ class StageLink:
         return rs
 
     def size(self) -> int:
-        return len(self.plan["members"]) if self.plan is not None else 1
+        return len(self.plan.members) if self.plan is not None else 1
 
     # --- jobs --------------------------------------------------------------------------------------
     def submit(self, fn: Callable[[Group], object], hello: Optional[dict] = None,
@@ -199,8 +229,7 @@ class StageLink:
         if self._group is not None and self._group_gen == gen:
             return self._group
         self._drop_group()
-        plan = self.plan
-        members = plan["members"]
+        members = self.plan.members
         rank, size = members[self.wid], len(members)
         try:
             group = form_group(self.connect, f"stage{self.stage}/gen{gen}", rank, size, self.timeout_s,

@@ -238,15 +238,24 @@ def read_snapshot(path: str) -> dict:
 
 
 # --- what a slot saves -----------------------------------------------------------------------------
-def snapshot(state, step: int, diloco=None) -> dict:
-    """Copies of everything an exact resume of this stage needs (cheap: memory copies only)."""
-    return {"params": {k: v.detach().clone() for k, v in state.model.state_dict().items()},
-            "optimizer": copy.deepcopy(state.optimizer.state_dict()), "lr_scale": state.lr_scale,
-            "grad_norm": state.grad_norm, "step_done": step,
-            "neighbour_copy": {k: v.clone() for k, v in state.neighbour_copy.items()},
-            "lisa": state.lisa.state_dict() if state.lisa is not None else None,
-            "diloco": diloco.state_dict(as_if_abandoned=True) if diloco is not None else None,
-            "rng": torch.get_rng_state()}
+def copy_state(obj):
+    """A copy of a state dict that later training cannot change: tensors cloned, containers rebuilt,
+    other values deep-copied. (A stage's `state_dict()` hands out its live tensors.)"""
+    if torch.is_tensor(obj):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: copy_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(copy_state(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def snapshot(state, step: int) -> dict:
+    """Everything an exact resume of this stage needs (`state.state_dict()`, copied in memory),
+    as of its committed `step`."""
+    snap = copy_state(state.state_dict())
+    snap["step_done"] = step
+    return snap
 
 
 def _log_error(step: int, exc: BaseException) -> None:
@@ -276,10 +285,10 @@ class AsyncCheckpointer:
     def due(self, committed_step: int) -> bool:
         return self.every > 0 and (committed_step + 1) % self.every == 0
 
-    def save(self, state, slot, step: int, diloco=None) -> None:
+    def save(self, state, slot, step: int) -> None:
         """Snapshot now (cheap copies), write in the background; one write in flight at a time."""
         self.wait()
-        snap = snapshot(state, step, diloco)
+        snap = snapshot(state, step)
 
         def write():
             try:
@@ -296,11 +305,11 @@ class AsyncCheckpointer:
         self._thread = threading.Thread(target=write, daemon=True, name="kintsugi-ckpt")
         self._thread.start()
 
-    def save_now(self, state, slot, step: int, diloco=None) -> str:
+    def save_now(self, state, slot, step: int) -> str:
         """Synchronous write (the job is being suspended): returns the path; a failure raises."""
         self.wait()
         try:
-            return self._write(snapshot(state, step, diloco), slot, step)
+            return self._write(snapshot(state, step), slot, step)
         except Exception as e:
             self.last_error = (step, e)
             raise
@@ -321,23 +330,10 @@ class AsyncCheckpointer:
             self._thread = None
 
 
-def restore(state, run_dir: str, slot, step: int, diloco=None) -> None:
-    """Load the slot's checkpoint of `step` into `state`; raises CheckpointCorrupt if it does not
-    verify (nothing is changed then)."""
-    snap = read_snapshot(checkpoint_path(run_dir, step, slot))
-    with torch.no_grad():
-        own = state.model.state_dict()
-        for k, v in snap["params"].items():
-            own[k].copy_(v)
-    if state.lisa is not None and snap.get("lisa") is not None:
-        state.lisa.load_state_dict(snap["lisa"])
-    state.optimizer.load_state_dict(snap["optimizer"])
-    state.lr_scale, state.grad_norm, state.step_done = snap["lr_scale"], snap["grad_norm"], snap["step_done"]
-    state.neighbour_copy = dict(snap["neighbour_copy"])
-    if diloco is not None and snap.get("diloco") is not None:
-        diloco.load_state_dict(snap["diloco"], reset_local=False)
-    if snap.get("rng") is not None:
-        torch.set_rng_state(snap["rng"])
+def restore(state, run_dir: str, slot, step: int) -> None:
+    """Load the slot's checkpoint of `step` into `state` (its `load_state_dict`); raises
+    CheckpointCorrupt if it does not verify (nothing is changed then)."""
+    state.load_state_dict(read_snapshot(checkpoint_path(run_dir, step, slot)), "checkpoint")
 
 
 # --- which steps exist, which to resume from, which to delete ------------------------------------------

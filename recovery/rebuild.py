@@ -9,6 +9,7 @@ their global indices.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Dict, Optional, Sequence
 
@@ -64,6 +65,37 @@ def checkfree_average(prev: Dict[str, torch.Tensor], nxt: Dict[str, torch.Tensor
             b = nxt[k]
             out[k] = ((w_prev * a.float() + w_next * b.float()) / denom).to(a.dtype)
     return out
+
+
+def _finite(params: Dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in params.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def checkfree_weight(grad_norm) -> float:
+    """A neighbour's weight in the CheckFree average: its last (clipped) gradient norm plus EPS. A
+    non-finite norm counts as zero (the EPS floor stays)."""
+    g = float(grad_norm)
+    return (g if math.isfinite(g) else 0.0) + EPS
+
+
+def neighbour_average(tier: str, prev: dict, nxt: dict, num_layers: int) -> Dict[str, torch.Tensor]:
+    """The lost stage's layers (positional, `num_layers` of them) from its two neighbours' source
+    packages: weighted by `checkfree_weight` (tier "checkfree") or plainly ("average"). A neighbour
+    holding non-finite weights is never averaged in (0 x NaN is NaN): the other one is copied. Both
+    bad: ValueError, there is nothing sound to rebuild from."""
+    ok = [_finite(p["params"]) for p in (prev, nxt)]
+    if not any(ok):
+        raise ValueError("both neighbours hold non-finite weights; no rebuild from them")
+    n = range(num_layers)
+    a = to_positional(from_positional(prev["params"], n, prev["layer_count"]), n)
+    b = to_positional(from_positional(nxt["params"], n, nxt["layer_count"]), n)
+    w_prev, w_next = ((checkfree_weight(prev["grad_norm"]), checkfree_weight(nxt["grad_norm"]))
+                      if tier == "checkfree" else (1.0, 1.0))
+    if not ok[0]:  # the bad side is replaced by the good one (weight 1): the result is the good one
+        return checkfree_average(b, b, 1.0, w_next)
+    if not ok[1]:
+        return checkfree_average(a, a, w_prev, 1.0)
+    return checkfree_average(a, b, w_prev, w_next)
 
 
 def pack(obj) -> torch.Tensor:

@@ -31,7 +31,7 @@ from datetime import timedelta
 sys.path.insert(0, os.environ["ROOT"])
 from kintsugi.parallel.diloco import StreamingDiLoCo
 from kintsugi.parallel.groups import Aborted
-from kintsugi.parallel.stage_link import StageLink
+from kintsugi.parallel.stage_link import StageGroupPlan, StageLink
 from kintsugi.trainer.config.job import DilocoConfig
 
 rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -40,8 +40,8 @@ connect = lambda: dist.TCPStore("127.0.0.1", port, is_master=False, timeout=time
                                 wait_for_workers=False, use_libuv=True)
 store = connect()
 def plan(gen, members):
-    return {"stage": 0, "gen": gen, "members": {f"w{r}": i for i, r in enumerate(members)}, "layout_version": 0,
-            "trusted": gen == 0}
+    return StageGroupPlan.from_json({"stage": 0, "gen": gen, "members": {f"w{r}": i for i, r in enumerate(members)},
+                                     "layout_version": 0, "trusted": gen == 0})
 def settle():  # what a worker does between steps while a stage generation opens (its handshake)
     deadline = time.monotonic() + 60
     while link.member() and not (link.settled(link.gen) and link.pending_resync is None):

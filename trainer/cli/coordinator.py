@@ -19,7 +19,8 @@ import sys
 import time
 
 from kintsugi.recovery import protocol as P
-from kintsugi.recovery.coordinator import STATE_FILE, Coordinator
+from kintsugi.recovery.coordinator import Coordinator
+from kintsugi.recovery.runfiles import CONTROL_STATE as STATE_FILE, FINAL_STATE, TOKEN
 
 log = logging.getLogger("kintsugi.coordinator")
 
@@ -65,7 +66,7 @@ def _new_token_shown_once(run_dir: str, host: str, port: int) -> str:
     for the launcher's own nodes and for a restarted coordinator."""
     from kintsugi.recovery.auth import new_token
     os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, ".token")
+    path = os.path.join(run_dir, TOKEN)
     if os.path.exists(path):  # a restart (--resume) keeps the run's token
         with open(path) as f:
             return f.read().strip()
@@ -84,7 +85,7 @@ def _new_token_shown_once(run_dir: str, host: str, port: int) -> str:
 
 
 def _suspend_record(run_dir: str):
-    path = os.path.join(run_dir, "coordinator_state.json")
+    path = os.path.join(run_dir, FINAL_STATE)
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -107,8 +108,7 @@ def _start_dashboard(job: dict, run_dir: str, host: str, token: str, coordinator
         # values, retried if the dict changes size under us (a worker joining).
         for _ in range(3):
             try:
-                now = time.monotonic()
-                return {w.wid: now - w.hb_changed for w in list(coordinator.workers.values())}
+                return coordinator.membership.heartbeat_ages()
             except RuntimeError:
                 continue
         return {}

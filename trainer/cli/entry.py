@@ -38,7 +38,7 @@ def prepare_corpus_and_model(job: JobConfig) -> dict:
 
 def train(job: JobConfig, run_dir: str) -> int:
     """Prepare the corpus, run the job with the configured launcher, write the outputs."""
-    from kintsugi.recovery.coordinator import EX_RECORD
+    from kintsugi.recovery.runfiles import EX_RECORD, EX_SUSPENDED, FINAL_STATE
 
     from kintsugi.trainer.reporting.summary import write_outputs
 
@@ -59,9 +59,9 @@ def train(job: JobConfig, run_dir: str) -> int:
         rc = run_torchrun(job, run_dir, corpus_d)
     if job.launcher.name in ("torchrun", "deepspeed") and os.environ.get("RANK", "0") != "0":
         return rc  # outputs are written once, by global rank 0 beside the coordinator
-    if rc == 0 or os.path.exists(os.path.join(run_dir, "coordinator_state.json")):
+    if rc == 0 or os.path.exists(os.path.join(run_dir, FINAL_STATE)):
         summary = write_outputs(run_dir, job, time.time() - t0)
-        if summary is not None and rc == 75:  # recovery.coordinator.EX_SUSPENDED
+        if summary is not None and rc == EX_SUSPENDED:
             log.warning("suspended after %d committed steps (exact per-slot checkpoints saved); continue with "
                         "train.resume=%s", summary["steps"], run_dir)
         elif summary is not None:

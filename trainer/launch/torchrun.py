@@ -89,16 +89,12 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
             control.put_json("corpus", corpus)
     else:
         _shared_corpus(control, corpus)
-    from kintsugi.trainer.runtime.worker import Shutdown, Worker
+    from kintsugi.trainer.runtime.worker import Worker
     logging.getLogger("kintsugi.worker").setLevel(os.environ.get("KINTSUGI_LOG", "WARNING"))
     os.environ.setdefault("KINTSUGI_MACHINE", socket.gethostname())
     wid = worker_id()
-    worker = None
-    try:
-        worker = Worker(control, wid, token, bg=P.open_control(host, port, token, store=_connect(host, port, 60)))
-        rc = worker.run()
-    except Shutdown:
-        rc = 0
+    worker = Worker(control, wid, token, bg=P.open_control(host, port, token, store=_connect(host, port, 60)))
+    rc = worker.run()
     if coordinator is not None:
         try:
             rc = coordinator.wait(timeout=60) or rc

@@ -15,6 +15,7 @@ import torch
 
 from kintsugi.parallel.topology import Grid, per_stage_layers
 from kintsugi.parallel.transport import Transport
+from kintsugi.recovery.plan import CellPlan
 from kintsugi.recovery.rebuild import recv_package, send_package
 
 from kintsugi.trainer.runtime.stage import StageState
@@ -27,13 +28,13 @@ def _layer_ids(job, stage: int, layout):
     return per_stage_layers(job.model.n_layers, job.parallel.stages, layout)[stage]
 
 
-def relayout(host, plan: dict, grid: Grid, transport: Transport, slot) -> None:
+def relayout(host, plan: CellPlan, grid: Grid, transport: Transport, slot) -> None:
     """`host`: the worker (job, state, diloco, new_outer_sync())."""
     job = host.job
     r, s = slot
     S = job.parallel.stages
-    old_owner = {l: t for t in range(S) for l in _layer_ids(job, t, plan["prev_layout"])}
-    new_owner = {l: t for t in range(S) for l in _layer_ids(job, t, plan["layout"])}
+    old_owner = {l: t for t in range(S) for l in _layer_ids(job, t, list(plan.prev_layout))}
+    new_owner = {l: t for t in range(S) for l in _layer_ids(job, t, list(plan.layout))}
     st = host.state
     named = dict(st.model.named_parameters())
     params = {n: p.detach() for n, p in named.items()}
@@ -64,7 +65,7 @@ def relayout(host, plan: dict, grid: Grid, transport: Transport, slot) -> None:
             params.update(pkg["params"])
             opt.update(pkg["opt"])
             outer.update(pkg["outer"])
-    job.parallel.layers_per_stage = list(plan["layout"])
+    job.parallel.layers_per_stage = list(plan.layout)
     new = StageState(job, s)
     with torch.no_grad():
         for n, p in new.model.named_parameters():

@@ -1,26 +1,22 @@
 """One pipeline stage's training state: its slice of the model, its optimizer, its last gradient norm,
-and the export / import of that state that rebuilds and handoffs use."""
+and that state as one dict (`state_dict` / `load_state_dict`) to which LISA and Streaming DiLoCo
+register their own parts. Checkpoints, handoff and peer packages and test dumps all use it; an
+approximate rebuild takes its neighbours' `source_package` (their layers by position)."""
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
 
 from kintsugi.parallel.topology import per_stage_layers
-from kintsugi.recovery.rebuild import checkfree_average, from_positional, to_positional
+from kintsugi.recovery.rebuild import from_positional, neighbour_average, to_positional
 
 from kintsugi.trainer.config.job import JobConfig, lr_at
 from kintsugi.trainer.model.llama import Llama
 
 
-def _finite_params(params: Dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in params.values() if torch.is_tensor(v) and v.is_floating_point())
-
-
-def _finite_norm(x) -> float:
-    """A gradient norm as a CheckFree weight: a non-finite one counts as zero (the 1e-4 floor stays)."""
-    return float(x) if math.isfinite(float(x)) else 0.0
+SOURCES = ("checkpoint", "handoff", "peer")
 
 
 class StageState:
@@ -41,6 +37,7 @@ class StageState:
         self.neighbour_copy: Dict[str, torch.Tensor] = {}
         self.lisa = None              # a LisaController when lisa.enabled: owns which layers train
         self.diloco = None            # the stage's StreamingDiLoCo when replicas sync through it
+        self._parts: Dict[str, tuple] = {}  # name -> (get, load, before_optimizer): see register_part
         self.optimizer = self._build_optimizer()
 
     # --- optimisation -----------------------------------------------------------------------------
@@ -98,37 +95,59 @@ class StageState:
         self.zero_grad()
         self.step_done, self.last_total, self.last_skipped = step, None, True
 
-    # --- state for rebuilds ---------------------------------------------------------------------------
-    def positional_params(self) -> Dict[str, torch.Tensor]:
+    # --- the state, as one dict --------------------------------------------------------------------
+    def register_part(self, name: str, get: Callable[[], dict], load: Callable[[dict, str], None],
+                      before_optimizer: bool = False) -> None:
+        """A feature adds its own state (LISA, Streaming DiLoCo): `get()` returns it, `load(sd,
+        source)` takes it back, `source` being where the state comes from (`SOURCES`). A part that
+        rebuilds the optimizer's parameter lists (LISA) loads `before_optimizer`."""
+        self._parts[name] = (get, load, before_optimizer)
+
+    def state_dict(self) -> dict:
+        """Everything an exact copy of this stage needs (checkpoints, handoff and peer packages, test
+        dumps), keyed by name: the tensors are the live ones (callers that keep it copy it; a
+        package is serialised at once). The data cursor is the step itself."""
+        sd = {"layer_ids": list(self.layer_ids), "params": dict(self.model.state_dict()),
+              "optimizer": self.optimizer.state_dict(), "lr_scale": self.lr_scale, "grad_norm": self.grad_norm,
+              "step_done": self.step_done, "neighbour_copy": dict(self.neighbour_copy), "rng": torch.get_rng_state()}
+        for name, (get, _, _) in self._parts.items():
+            sd[name] = get()
+        return sd
+
+    def load_state_dict(self, sd: dict, source: str) -> None:
+        """Take an exact state: `source` is "checkpoint" (this slot's own, saved earlier), "handoff"
+        (this slot's leaving holder) or "peer" (the same stage of another replica, whose own
+        trajectory is not ours: Streaming DiLoCo restarts the local parameters from the global copies)."""
+        assert source in SOURCES, source
+        if list(sd.get("layer_ids", self.layer_ids)) != list(self.layer_ids):
+            raise ValueError(f"stage {self.stage}: the state holds layers {sd['layer_ids']} but this stage "
+                             f"holds {self.layer_ids}; restore it with the same parallel.stages and layout")
+        own = self.model.state_dict()
+        with torch.no_grad():
+            for k, v in sd["params"].items():
+                own[k].copy_(v)
+        for name, (_, load, first) in self._parts.items():
+            if first and sd.get(name) is not None:
+                load(sd[name], source)
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.lr_scale, self.grad_norm, self.step_done = sd["lr_scale"], sd["grad_norm"], sd["step_done"]
+        self.neighbour_copy = dict(sd["neighbour_copy"])
+        for name, (_, load, first) in self._parts.items():
+            if not first and sd.get(name) is not None:
+                load(sd[name], source)
+        if sd.get("rng") is not None:
+            torch.set_rng_state(sd["rng"])
+
+    def source_package(self) -> dict:
+        """What a neighbour sends for an approximate rebuild (CheckFree, copy): its layers keyed by
+        their position in the stage (so the j-th layers of two neighbours average into the lost
+        stage's j-th), its last gradient norm (the CheckFree weight), and its end-parameter copies."""
         sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return to_positional(sd, self.layer_ids)
+        return {"params": to_positional(sd, self.layer_ids), "layer_count": len(self.layer_ids),
+                "grad_norm": self.grad_norm, "neighbour_copy": {k: v.clone() for k, v in self.neighbour_copy.items()},
+                "stage": self.stage}
 
-    def export(self, exact: bool, in_flight_ok: bool = False) -> dict:
-        """The stage's state for a rebuild. `in_flight_ok`: a peer snapshot taken while outer syncs
-        are in flight (they have not touched the global copies; the receiver redoes them)."""
-        pkg = {"params": self.positional_params(), "layer_count": len(self.layer_ids), "grad_norm": self.grad_norm,
-               "neighbour_copy": {k: v.clone() for k, v in self.neighbour_copy.items()}, "stage": self.stage}
-        if exact:
-            pkg.update(optimizer=self.optimizer.state_dict(), lr_scale=self.lr_scale, step_done=self.step_done)
-            if self.lisa is not None:
-                pkg["lisa"] = self.lisa.state_dict()
-            if self.diloco is not None:
-                pkg["diloco"] = self.diloco.state_dict(as_if_abandoned=in_flight_ok)
-        return pkg
-
-    def import_exact(self, pkg: dict) -> None:
-        self._load_params(pkg["params"], pkg["layer_count"])
-        if self.lisa is not None and "lisa" in pkg:
-            self.lisa.load_state_dict(pkg["lisa"])  # first: it rebuilds the optimizer's param lists
-        self.optimizer.load_state_dict(pkg["optimizer"])
-        self.lr_scale, self.step_done, self.grad_norm = pkg["lr_scale"], pkg["step_done"], pkg["grad_norm"]
-        if self.diloco is not None and "diloco" in pkg:
-            # Peer tier: the global parameters and outer momentum of a live replica; the local
-            # parameters start from the global ones (exact up to the peer's last sync).
-            self.diloco.load_state_dict(pkg["diloco"], reset_local=True)
-        self.neighbour_copy = dict(pkg["neighbour_copy"])
-
-    def _load_params(self, positional: Dict[str, torch.Tensor], source_count: int, strict_extra: bool = False):
+    def _load_positional(self, positional: Dict[str, torch.Tensor], source_count: int) -> None:
         sd = from_positional(positional, self.layer_ids, source_count)
         own = self.model.state_dict()
         with torch.no_grad():
@@ -140,26 +159,15 @@ class StageState:
         """Approximate tiers: checkfree / average / copy / checkfree_plus / random. The optimizer is
         fresh and the learning rate permanently times `lr_bump` (not compounding)."""
         if tier in ("checkfree", "average"):
-            prev, nxt = packages
-            # A neighbour holding non-finite weights is never averaged in: the other one is copied
-            # (weight 0), and with both bad there is nothing sound to rebuild from.
-            ok = [_finite_params(p["params"]) for p in packages]
-            if not any(ok):
-                raise RuntimeError(f"stage {self.stage}: both neighbours hold non-finite weights; no rebuild from them")
-            w_prev = (_finite_norm(prev["grad_norm"]) + 1e-4 if tier == "checkfree" else 1.0) if ok[0] else 0.0
-            w_next = (_finite_norm(nxt["grad_norm"]) + 1e-4 if tier == "checkfree" else 1.0) if ok[1] else 0.0
             n = len(self.layer_ids)
-            a = to_positional(from_positional(prev["params"], range(n), prev["layer_count"]), range(n))
-            b = to_positional(from_positional(nxt["params"], range(n), nxt["layer_count"]), range(n))
-            if not ok[0]:   # 0 x NaN is NaN: a left-out side is not averaged at all
-                a = {k: v for k, v in b.items()}
-            elif not ok[1]:
-                b = {k: v for k, v in a.items()}
-            self._load_params(checkfree_average(a, b, w_prev if ok[0] else 1.0, w_next if ok[1] else 1.0), n)
+            try:
+                self._load_positional(neighbour_average(tier, packages[0], packages[1], n), n)
+            except ValueError as e:
+                raise RuntimeError(f"stage {self.stage}: {e}") from None
             self._restore_ends(packages)
         elif tier in ("copy", "checkfree_plus"):
             (src,) = packages
-            self._load_params({k: v for k, v in src["params"].items() if k.startswith("layers.")},
+            self._load_positional({k: v for k, v in src["params"].items() if k.startswith("layers.")},
                               src["layer_count"])
             self._restore_ends(packages)
         elif tier == "random":

@@ -1,0 +1,195 @@
+"""Membership: who the workers are, which slot each holds, and when one is gone.
+
+Workers join with a sealed record (the seal proves the token), beat a sealed heartbeat counter, and
+leave by dying (a SIGKILLed peer is reported at once by its neighbours, a hung one stops beating,
+the launcher reports an exit) or by announcing it (SIGTERM, Slurm's warning, a spot notice: its
+state is handed off). A lost slot goes to its cell's `lost` list with when and why; the coordinator
+re-plans the cell once a spare can take it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable, Dict, Optional, Set, Tuple
+
+from .auth import Forged
+from .board import Board
+from .control_state import CoordinatorState, Settings, WorkerInfo
+from .plan import Slot
+from .planner import cells_waiting_on, new_loss
+
+log = logging.getLogger(__name__)
+
+
+class Membership:
+    def __init__(self, st: CoordinatorState, settings: Settings, board: Board, changed: Callable[[], None],
+                 on_slot_lost: Callable[[], None]):
+        """`changed()`: the state changed (persist it); `on_slot_lost()`: a replica is down, so the
+        stage groups must leave it out."""
+        self.st, self.settings, self.board = st, settings, board
+        self.changed, self.on_slot_lost = changed, on_slot_lost
+        self.reporters: Dict[Tuple[int, int], Set[str]] = {}  # (cell, gen) -> workers that reported a failure
+        self.peak_bytes: Dict[int, int] = {}  # per stage, the largest peak any holder reported
+        self.refused_joins = 0
+        self._last_refusal = 0.0
+        self._refused_ids: Set[str] = set()
+        self._last_hb_check = 0.0
+
+    # --- arriving --------------------------------------------------------------------------------------
+    def on_join(self, req: dict) -> None:
+        wid = str(req["wid"])
+        if wid in self.st.workers:
+            return  # a replayed join (or a worker id used twice): the first one holds
+        self.st.workers[wid] = WorkerInfo(wid, int(req["pid"]), str(req["host"]), str(req.get("machine", req["host"])))
+        self.board.put(f"hb/{wid}", {"n": -1})
+        self.board.put(f"ack/{wid}", "ok")
+        self.changed()
+        log.info("worker %s joined (pid %s on %s)", wid, req["pid"], req["host"])
+
+    def on_forged_join(self, raw) -> None:
+        """A join whose seal does not verify: a worker with a wrong or missing token (or anyone).
+        It gets a refusal it can read as one (it cannot verify it either), once per claimed id and
+        at most a few per second; the log line is rate-limited the same way."""
+        self.refused_joins += 1
+        try:
+            claimed = str(json.loads(json.loads(bytes(raw).decode())["b"]).get("wid", "?"))[:80]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            claimed = "?"
+        now = time.monotonic()
+        if now - self._last_refusal < 0.2 or claimed in self._refused_ids:
+            return
+        self._last_refusal = now
+        if len(self._refused_ids) < 1000:
+            self._refused_ids.add(claimed)
+            self.board.refuse(claimed)
+        log.warning("refused join from %s: its record does not verify with the run's token (wrong or missing "
+                    "KINTSUGI_TOKEN); %d refused so far", claimed, self.refused_joins)
+
+    def on_rejoin(self, req: dict) -> None:
+        """A worker re-registers with a restarted coordinator."""
+        wid = str(req["wid"])
+        w = self.st.workers.get(wid)
+        if w is None or w.state in ("dead", "left"):
+            log.warning("worker %s re-registered but is not a member (%s); it is told to stop", wid,
+                        "unknown" if w is None else w.state)
+            self.board.put(f"ack/{wid}", "refused")
+            return
+        w.hb_changed = time.monotonic()
+        self.board.put(f"ack/{wid}", "ok")
+        log.info("worker %s re-registered (slot %s, step %s)", wid, req.get("slot"), req.get("step_done"))
+
+    def assign(self, slot: Slot, w: WorkerInfo) -> None:
+        w.state, w.slot = "active", slot
+        self.st.slots[slot] = w.wid
+        self.changed()
+
+    # --- leaving ---------------------------------------------------------------------------------------
+    def declare_dead(self, wid: str, why: str, handed_off: bool = False) -> None:
+        st = self.st
+        w = st.workers.get(wid)
+        if w is None or w.state in ("dead", "left"):
+            return
+        was_active = w.state == "active"
+        w.state = "left" if handed_off else "dead"
+        self.changed()
+        log.warning("worker %s %s (%s)", wid, "left" if handed_off else "declared dead", why)
+        if was_active and w.slot is not None:
+            slot = w.slot
+            if not handed_off:
+                st.failures += 1
+            injected = self.board.get(f"injected/{wid}")
+            failed_at = injected["t"] if injected else (time.time() if handed_off else
+                                                         time.time() - (time.monotonic() - w.hb_changed))
+            cell = st.cell_of(slot[0])
+            cell.rebuilding.pop(slot, None)
+            cell.lost[slot] = new_loss(st, slot, detected_at=time.time(), failed_at=failed_at, handed_off=handed_off,
+                                       leaver=wid if handed_off else None, why=why)
+            del st.slots[slot]
+            st.ready[slot] = False
+            # The replica's pipeline is down until it is rebuilt: every stage group leaves it out,
+            # so the live replicas keep syncing without waiting for it.
+            self.on_slot_lost()
+        # A rebuild elsewhere that was to take its state from this worker (a peer donor, a
+        # neighbour) waits for it in vain: plan that cell again.
+        for c in cells_waiting_on(st, wid):
+            c.needs_plan = True
+
+    def check_heartbeats(self) -> None:
+        now = time.monotonic()
+        if now - self._last_hb_check < 0.05:
+            return
+        self._last_hb_check = now
+        live = [w for w in self.st.workers.values() if w.state in ("active", "spare")]
+        if not live:
+            return
+        try:
+            values = self.board.store.multi_get([f"hb/{w.wid}" for w in live])
+        except RuntimeError:
+            return
+        for w, raw in zip(live, values):
+            try:
+                status = self.board.auth.open(f"hb/{w.wid}", raw)
+                n = int(status.get("n", -1))
+            except Forged as e:  # a forged beat never keeps a dead worker alive
+                self.board.auth.dropped(e)
+                n = w.hb
+            except (ValueError, AttributeError, TypeError):
+                continue
+            if n != w.hb:
+                w.hb, w.hb_changed, w.status = n, now, status
+                stage, peak = status.get("stage"), status.get("peak_bytes")
+                if isinstance(stage, int) and isinstance(peak, int):  # memory.peak_bytes per stage
+                    self.peak_bytes[stage] = max(self.peak_bytes.get(stage, 0), peak)
+            elif now - w.hb_changed > self.settings.heartbeat_timeout_s:
+                self.declare_dead(w.wid, f"no heartbeat for {now - w.hb_changed:.1f}s")
+
+    def on_suspect(self, rep: dict) -> None:
+        wid = rep["peer_wid"]
+        w = self.st.workers.get(wid)
+        if w is None or w.slot is None:
+            return
+        cell = self.st.cell_of(w.slot[0])
+        if rep.get("scope", "cell") != "cell" or int(rep["gen"]) != cell.gen:
+            return
+        reporters = self.reporters.setdefault((cell.index, cell.gen), set())
+        reporters.add(rep["reporter"])
+        if wid in reporters:
+            # It reported a failure itself in this generation, so it was alive then; its peer saw
+            # it leave the step, not die. A dead worker's heartbeat still gives it away.
+            log.info("ignored a suspect report against %s from %s: it reported a failure itself", wid,
+                     rep["reporter"])
+            return
+        self.declare_dead(wid, f"reported by {rep['reporter']}: {str(rep.get('why', ''))[:80]}")
+
+    def on_intent(self, it: dict) -> None:
+        if it["wid"] in self.st.workers:
+            self.st.workers[it["wid"]].leaving = True
+
+    def on_leave(self, lv: dict) -> None:
+        self.declare_dead(lv["wid"], lv.get("why", "leaving"), handed_off=True)
+        if lv.get("machine"):
+            # That machine is going away: its waiting spares get no slot (they leave too).
+            for w in self.st.workers.values():
+                if w.machine == lv["machine"] and w.state == "spare":
+                    w.state = "left"
+
+    def on_died(self, d: dict) -> None:
+        """A launcher saw the process exit: no need to wait for its heartbeat to go stale."""
+        w = self.st.workers.get(d["wid"])
+        if w is not None and w.state in ("active", "spare"):
+            self.declare_dead(w.wid, f"process exited (code {d.get('rc')})")
+
+    def on_ready(self, rd: dict) -> None:
+        slot = tuple(rd["slot"])
+        if self.st.slots.get(slot) == rd["wid"]:
+            cell = self.st.cell_of(slot[0])
+            if slot in cell.rebuilding and int(rd.get("gen", -1)) != cell.gen:
+                return  # an older generation's rebuild: the newest plan rebuilds it again
+            cell.rebuilding.pop(slot, None)
+            self.st.ready[slot] = True
+            self.changed()
+
+    def heartbeat_ages(self) -> Dict[str, Optional[float]]:
+        now = time.monotonic()
+        return {w.wid: now - w.hb_changed for w in list(self.st.workers.values())}
