@@ -57,10 +57,11 @@ def _stage():
     job = JobConfig(model=ModelConfig(**MODEL), parallel=ParallelConfig(stages=1),
                     train=TrainConfig(max_steps=20, warmup_steps=1))
     st = StageState(job, 0)
-    st.lisa = LisaController(LisaConfig(enabled=True, layers_per_stage=1, interval=1, sampling="importance",
-                                        state_policy="offload"), st, seed=0, replica=0)
+    st.attach_lisa(LisaController(LisaConfig(enabled=True, layers_per_stage=1, interval=1, sampling="importance",
+                                             state_policy="offload"), st, seed=0, replica=0))
     diloco = StreamingDiLoCo(dict(st.model.named_parameters()),
                              DilocoConfig(enabled=True, sync_every=2, fragments=2, overlap=0))
+    st.attach_diloco(diloco)
     st.neighbour_copy = {"norm.weight": torch.randn(MODEL["dim"], generator=torch.Generator().manual_seed(5))}
     return st, diloco
 
@@ -79,7 +80,7 @@ def _train(st, diloco, steps):
 def trained():
     st, diloco = _stage()
     _train(st, diloco, range(5))
-    return st, diloco, snapshot(st, 4, diloco)
+    return st, diloco, snapshot(st, 4)
 
 
 def test_snapshot_round_trips_bit_exact_and_resumes_exactly(tmp_path, trained):
@@ -93,7 +94,7 @@ def test_snapshot_round_trips_bit_exact_and_resumes_exactly(tmp_path, trained):
     assert_identical(snap, read_snapshot(path))
     # Restored into a fresh stage, the next steps match the uninterrupted run bit for bit.
     cont, cont_diloco = _stage()
-    restore(cont, str(tmp_path), (0, 0), 4, cont_diloco)
+    restore(cont, str(tmp_path), (0, 0), 4)
     ref, ref_diloco = _stage()
     _train(ref, ref_diloco, range(5))
     _train(ref, ref_diloco, range(5, 8))
@@ -302,7 +303,7 @@ st, diloco = _stage()
 _train(st, diloco, range(2))
 errors = []
 ck = AsyncCheckpointer(None, run, every=1, on_error=lambda step, e: errors.append([step, type(e).__name__, e.errno]))
-ck.save(st, (0, 0), 3, diloco)
+ck.save(st, (0, 0), 3)
 ck.wait()
 small = read_snapshot(checkpoint_path(run, 3, (0, 0)))["params"]["norm.weight"].clone()
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of a killing signal
@@ -311,9 +312,9 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 st.neighbour_copy["big"] = torch.zeros(1 << 20)  # 4 MiB: the tensor file outgrows the limit
 with torch.no_grad():
     st.model.norm.weight.add_(1.0)
-ck.save(st, (0, 0), 7, diloco)  # a new step
+ck.save(st, (0, 0), 7)  # a new step
 ck.wait()
-ck.save(st, (0, 0), 3, diloco)  # over the good step 3
+ck.save(st, (0, 0), 3)  # over the good step 3
 ck.wait()
 after = read_snapshot(checkpoint_path(run, 3, (0, 0)))["params"]["norm.weight"]
 print(json.dumps({{"errors": errors, "last_error": [ck.last_error[0], type(ck.last_error[1]).__name__],

@@ -78,16 +78,16 @@ def test_checkfree_rebuild_weights_by_plain_gradient_norms():
     job = _job()
     s0, s2 = _fill(StageState(job, 0), 1.0), _fill(StageState(job, 2), 4.0)
     s0.grad_norm, s2.grad_norm = 0.2, 0.6
-    before0, before2 = s0.positional_params(), s2.positional_params()
+    before0, before2 = s0.source_package()["params"], s2.source_package()["params"]
     target = StageState(job, 1)
-    target.rebuild_from("checkfree", [s0.export(exact=False), s2.export(exact=False)], lr_bump=1.1, step=7)
+    target.rebuild_from("checkfree", [s0.source_package(), s2.source_package()], lr_bump=1.1, step=7)
     _assert_all(_layers(target.model.state_dict()), 3.2498125468632842)
     # Neighbours bitwise untouched; fresh optimizer; lr x 1.1 (not compounding); resumes at step 7.
     for st, before in ((s0, before0), (s2, before2)):
-        assert all(torch.equal(v, before[k]) for k, v in st.positional_params().items())
+        assert all(torch.equal(v, before[k]) for k, v in st.source_package()["params"].items())
     assert target.optimizer.state_dict()["state"] == {}
     assert target.lr_scale == 1.1 and target.step_done == 6
-    target.rebuild_from("checkfree", [s0.export(exact=False), s2.export(exact=False)], lr_bump=1.1, step=9)
+    target.rebuild_from("checkfree", [s0.source_package(), s2.source_package()], lr_bump=1.1, step=9)
     assert target.lr_scale == 1.1
 
 
@@ -108,7 +108,7 @@ def test_recorded_gradient_norm_is_plain_not_squared():
     params[0].grad.view(-1)[0], params[0].grad.view(-1)[1] = 0.3, 0.4
     st.apply_step(0, total_sq=0.64, local_sq=st.local_grad_sq())
     assert math.isclose(st.grad_norm, 0.5, rel_tol=0, abs_tol=TOL)
-    assert st.export(exact=False)["grad_norm"] == st.grad_norm
+    assert st.source_package()["grad_norm"] == st.grad_norm
 
 
 def test_an_infinite_gradient_norm_counts_as_zero_weight():
@@ -119,10 +119,10 @@ def test_an_infinite_gradient_norm_counts_as_zero_weight():
     s0, s2 = _fill(StageState(job, 0), 1.0), _fill(StageState(job, 2), 4.0)
     target = StageState(job, 1)
     s0.grad_norm, s2.grad_norm = float("inf"), 0.6
-    target.rebuild_from("checkfree", [s0.export(exact=False), s2.export(exact=False)], lr_bump=1.1, step=3)
+    target.rebuild_from("checkfree", [s0.source_package(), s2.source_package()], lr_bump=1.1, step=3)
     _assert_all(_layers(target.model.state_dict()), 3.99950016661113)
     s0.grad_norm, s2.grad_norm = 0.2, float("-inf")
-    target.rebuild_from("checkfree", [s0.export(exact=False), s2.export(exact=False)], lr_bump=1.1, step=3)
+    target.rebuild_from("checkfree", [s0.source_package(), s2.source_package()], lr_bump=1.1, step=3)
     _assert_all(_layers(target.model.state_dict()), 1.0014985014985015)
 
 
@@ -136,7 +136,7 @@ def test_a_single_nan_in_the_next_neighbour_copies_the_previous_one_exactly():
     with torch.no_grad():
         next(iter(s2.model.parameters())).view(-1)[3] = float("nan")
     target = StageState(job, 1)
-    target.rebuild_from("checkfree", [s0.export(exact=False), s2.export(exact=False)], lr_bump=1.1, step=3)
+    target.rebuild_from("checkfree", [s0.source_package(), s2.source_package()], lr_bump=1.1, step=3)
     layers = _layers(target.model.state_dict())
     assert layers and all(torch.equal(v, torch.full_like(v, 1.5)) for v in layers.values())
 
@@ -189,19 +189,14 @@ class _Loopback:
         pass
 
 
-class _Host:
-    def __init__(self, job, state):
-        self.job, self.state = job, state
-
-    def alternate(self):
-        return True
-
-
 def _refresh(job, states, step):
-    """refresh_neighbour_copies as the pipeline runs it: senders first (stage 0, stage S-1), then receivers."""
+    """refresh_neighbour_copies as the pipeline runs it (every recovery.embedding_copy_every steps):
+    senders first (stage 0, stage S-1), then receivers."""
     S, net, grid = len(states), _Loopback(), Grid(1, len(states))
+    if step % job.recovery.embedding_copy_every:
+        return
     for s in (0, S - 1, *range(1, S - 1)):
-        refresh_neighbour_copies(_Host(job, states[s]), grid, net, (0, s), step)
+        refresh_neighbour_copies(states[s], grid, net, (0, s), S)
     assert all(not v for v in net.box.values())  # every copy sent was received
 
 
@@ -219,14 +214,14 @@ def test_checkfree_plus_first_stage_rebuilt_from_stage_1_and_its_embedding_copy(
     _fill(states[0], 1.25)
     _refresh(job, states, step=11)
     _assert_all(states[1].neighbour_copy, 1.0)
-    source_before = states[1].positional_params()
+    source_before = states[1].source_package()["params"]
     lost = _fill(StageState(job, 0, seed_offset=99), -3.0)
-    lost.rebuild_from("checkfree_plus", [states[1].export(exact=False)], lr_bump=1.1, step=12)
+    lost.rebuild_from("checkfree_plus", [states[1].source_package()], lr_bump=1.1, step=12)
     sd = lost.model.state_dict()
     _assert_all(_layers(sd), 2.0)                          # stage 1's layers (the swap partner)
     _assert_all(_ends(sd), 1.0)                            # the embedding as of the last copy, exactly
     assert set(_ends(sd)) == {"tok_embeddings.weight"}
-    assert all(torch.equal(v, source_before[k]) for k, v in states[1].positional_params().items())
+    assert all(torch.equal(v, source_before[k]) for k, v in states[1].source_package()["params"].items())
     assert lost.optimizer.state_dict()["state"] == {} and lost.lr_scale == 1.1 and lost.step_done == 11
 
 
@@ -237,7 +232,7 @@ def test_checkfree_plus_last_stage_rebuilt_from_second_to_last_and_its_head_copy
     _refresh(job, states, step=5)
     _fill(states[3], 7.0)                                  # the head moves on after the copy
     lost = _fill(StageState(job, 3, seed_offset=98), -3.0)
-    lost.rebuild_from("checkfree_plus", [states[2].export(exact=False)], lr_bump=1.1, step=6)
+    lost.rebuild_from("checkfree_plus", [states[2].source_package()], lr_bump=1.1, step=6)
     sd = lost.model.state_dict()
     _assert_all(_layers(sd), 3.0)                          # stage 2's layers
     _assert_all(_ends(sd), 4.0)                            # norm + head as of the step-5 copy
@@ -252,7 +247,7 @@ def test_rebuilt_middle_stage_takes_a_fresh_copy_of_the_embedding():
     _refresh(job, states, step=job.recovery.embedding_copy_every)
     _fill(states[0], 1.25)
     lost = StageState(job, 1, seed_offset=97)
-    lost.rebuild_from("checkfree", [states[0].export(exact=False), states[2].export(exact=False)], 1.1, 4)
+    lost.rebuild_from("checkfree", [states[0].source_package(), states[2].source_package()], 1.1, 4)
     assert set(lost.neighbour_copy) == {"tok_embeddings.weight"}
     _assert_all(lost.neighbour_copy, 1.25)
 

@@ -18,7 +18,7 @@ def _pkg(stage, value, grad_norm):
     with torch.no_grad():
         for p in st.model.parameters():
             p.fill_(value)
-    pkg = st.export(exact=False)
+    pkg = st.source_package()
     pkg["grad_norm"] = grad_norm
     return pkg
 

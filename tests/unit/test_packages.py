@@ -77,7 +77,7 @@ def test_adamw_state_dict_round_trips_bit_exact_and_steps_identically():
 
 def test_stage_export_with_every_value_kind_round_trips():
     st, _ = _stage_after_one_step()
-    pkg = st.export(exact=True)
+    pkg = st.state_dict()
     g = torch.Generator().manual_seed(1)
     pkg.update({
         "lisa": {"layer_ids": [0, 1, 2, 3], "state_policy": "offload", "interval": 3, "active": [1, 3],
@@ -97,7 +97,7 @@ def test_stage_export_with_every_value_kind_round_trips():
     back = unpack(pack(pkg))
     assert_identical(pkg, back)
     twin = StageState(st.job, 0)
-    twin.import_exact(back)  # the stage accepts it as it accepted torch.load's output
+    twin.load_state_dict(back, "handoff")  # the stage accepts it as it accepted torch.load's output
     assert_identical(st.model.state_dict(), twin.model.state_dict())
 
 
@@ -250,7 +250,7 @@ class _LoopbackTransport:
 def test_send_and_recv_package_round_trip_and_refuse_a_garbled_length():
     from kintsugi.recovery.rebuild import MAX_PACKAGE_BYTES, recv_package, send_package
     st, _ = _stage_after_one_step()
-    pkg = st.export(exact=True)
+    pkg = st.state_dict()
     link = _LoopbackTransport()
     n = send_package(link, pkg, dst=1, tag=10)
     assert_identical(pkg, recv_package(link, src=0, tag=10))

@@ -103,6 +103,20 @@ class StageState:
         rebuilds the optimizer's parameter lists (LISA) loads `before_optimizer`."""
         self._parts[name] = (get, load, before_optimizer)
 
+    def attach_lisa(self, lisa) -> None:
+        """LISA owns which layers train; its state loads before the optimizer's (it rebuilds the
+        optimizer over the saved active layers, so the parameter lists line up)."""
+        self.lisa = lisa
+        self.register_part("lisa", lisa.state_dict, lambda sd, source: lisa.load_state_dict(sd), before_optimizer=True)
+
+    def attach_diloco(self, diloco) -> None:
+        """Streaming DiLoCo's outer state (global copies, momentum, sync counts). A peer's state is
+        another replica's trajectory: the local parameters restart from its global copies; a
+        handoff or a checkpoint is this slot's own, so they are kept."""
+        self.diloco = diloco
+        self.register_part("diloco", lambda: diloco.state_dict(as_if_abandoned=True),
+                           lambda sd, source: diloco.load_state_dict(sd, reset_local=source == "peer"))
+
     def state_dict(self) -> dict:
         """Everything an exact copy of this stage needs (checkpoints, handoff and peer packages, test
         dumps), keyed by name: the tensors are the live ones (callers that keep it copy it; a

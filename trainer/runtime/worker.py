@@ -422,9 +422,7 @@ class Worker:
             load_into_stage(self.state, self.job.model.init_from)
         if self.job.lisa.enabled:
             from kintsugi.trainer.runtime.lisa import LisaController
-            self.state.lisa = lisa = LisaController(self.job.lisa, self.state, self.job.train.seed, replica=slot[0])
-            self.state.register_part("lisa", lisa.state_dict, lambda sd, source: lisa.load_state_dict(sd),
-                                     before_optimizer=True)  # it rebuilds the optimizer's parameter lists
+            self.state.attach_lisa(LisaController(self.job.lisa, self.state, self.job.train.seed, replica=slot[0]))
         self.data = ShardedBatches(self.train_tokens, self.job.data.seq_len, self.job.train.batch_size,
                                    slot[0], self.job.parallel.replicas, self.job.train.seed)
         self.commit.pending = None
@@ -447,13 +445,9 @@ class Worker:
                                        "error": msg})
 
     def new_outer_sync(self) -> None:
-        self.diloco = d = StreamingDiLoCo(dict(self.state.model.named_parameters()), self.job.diloco, self.link,
-                                          self.counter, self.watcher.cell_abort)
-        self.state.diloco = d
-        # A peer's state is another replica's trajectory: the local parameters restart from the
-        # global copies. A handoff or a checkpoint is this slot's own: they are kept.
-        self.state.register_part("diloco", lambda: d.state_dict(as_if_abandoned=True),
-                                 lambda sd, source: d.load_state_dict(sd, reset_local=source == "peer"))
+        self.diloco = StreamingDiLoCo(dict(self.state.model.named_parameters()), self.job.diloco, self.link,
+                                      self.counter, self.watcher.cell_abort)
+        self.state.attach_diloco(self.diloco)
 
     def _close_groups(self) -> None:
         """Retire this generation's groups. They are closed only once the next generation's group
