@@ -116,7 +116,7 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
            f"train.max_steps={STEPS}"]
     if case["events"]:
         cmd.append(_override(case["events"]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, use_libuv=True,
                           timeout=timedelta(seconds=30))
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
     t0 = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.resources", "--rank", str(r), "--port", str(port),
                                "--generations", str(args.generations)] + (["--leak"] if args.leak else []),

@@ -29,7 +29,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Callable, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Deque, Dict, Optional, Protocol, Sequence, Tuple
 
 import torch
 

@@ -12,19 +12,18 @@ import json
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 from .plan import Divergence, Slot, SuspendPlan
 from .planner import everyone_leaving, rebalance_decision
 
-if TYPE_CHECKING:
-    from .coordinator import Coordinator
 
 log = logging.getLogger(__name__)
 
 
 class Reactions:
-    def __init__(self, coordinator: "Coordinator"):
+    def __init__(self, coordinator):
+        """`coordinator`: the recovery.coordinator.Coordinator reacting."""
         self.c = coordinator
         self.divergences = 0
         self.bad_checkpoints: Set[int] = set()
@@ -61,7 +60,7 @@ class Reactions:
                 return
             cell.kicks += 1
             log.warning("cell %d: no progress for %.0fs; re-planning it", cell.index, now - cell.since)
-            c.replan_cell(cell, why="no progress")
+            c.generations.replan_cell(cell, why="no progress")
 
     def on_fault(self, f: dict) -> None:
         """A worker could not form a group or its generation failed: re-plan what it reports."""
@@ -77,7 +76,7 @@ class Reactions:
             if not missing and not cell.lost:
                 log.warning("cell %d generation %d failed on %s (%s); re-planning", cell.index, gen, f.get("wid"),
                             str(f.get("error", ""))[:120])
-                c.replan_cell(cell, why=f"generation failed on {f.get('wid')}")
+                c.generations.replan_cell(cell, why=f"generation failed on {f.get('wid')}")
         elif scope == "checkpoint":
             self._on_corrupt_checkpoint(f)
         elif scope == "diverged":
@@ -87,7 +86,7 @@ class Reactions:
             if gen == st.stage_gen.get(s, -2):
                 log.warning("stage %d generation %d failed on %s (%s); publishing the next", s, gen, f.get("wid"),
                             str(f.get("error", ""))[:120])
-                c.publish_stage(s)
+                c.generations.publish_stage(s)
         elif scope == "xfer":
             slot = tuple(f.get("slot", ()))
             cell = st.cell_of(slot[0]) if slot and slot[0] in st.committed else None
@@ -123,7 +122,7 @@ class Reactions:
             log.warning("replica %s diverged (%s non-finite steps in a row up to step %s): it restarts from its "
                         "outer global copy with half the learning rate", r, count, step)
             cell.diverging = True
-            c.publish_cell(cell, diverged=Divergence(fix_id, 0.5, reset_to_global=True))
+            c.generations.publish_cell(cell, diverged=Divergence(fix_id, 0.5, reset_to_global=True))
             cell.diverging = False
             return
         good = self._good_checkpoints()
@@ -135,7 +134,7 @@ class Reactions:
         st.latest_checkpoint = max(good)
         log.warning("replica %s diverged (%s non-finite steps in a row up to step %s): every slot rolls back to "
                     "step %d with half the learning rate", r, count, step, st.latest_checkpoint)
-        c.global_rollback(diverged=Divergence(fix_id, 0.5))
+        c.generations.global_rollback(diverged=Divergence(fix_id, 0.5))
 
     def _on_corrupt_checkpoint(self, f: dict) -> None:
         """A slot could not restore its checkpoint (a file fails its manifest). The exact state it
@@ -156,7 +155,7 @@ class Reactions:
             return
         st.latest_checkpoint = max(good)
         log.warning("rolling every slot back to step %d instead", st.latest_checkpoint)
-        c.global_rollback()
+        c.generations.global_rollback()
 
     # --- suspend -----------------------------------------------------------------------------------------------
     def maybe_suspend(self) -> None:
@@ -228,7 +227,7 @@ class Reactions:
         c.ledger.event({"kind": "rebalance", "from": prev, "to": counts, "stage_compute_s": mean,
                         "predicted_gain": gain})
         for cell in st.cells.values():
-            c.publish_cell(cell, prev_layout=prev)
+            c.generations.publish_cell(cell, prev_layout=prev)
         if s.stage_groups:
             for stage in range(s.stages):
-                c.publish_stage(stage)
+                c.generations.publish_stage(stage)

@@ -56,7 +56,7 @@ def run_benchmark(module: str, *args: str, timeout: float) -> dict:
     """Run `python -m <module> <args>` (a benchmark) for real and return its one JSON line, plus
     `_elapsed_s` (wall seconds of the whole process)."""
     import time
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -111,7 +111,7 @@ def test_dashboard_page_renders_in_headless_chromium(tmp_path):
     cmd = [sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", "experiment=quick",
            "train.max_steps=100", "train.eval_batches=1", "faults.spares=1",
            "faults.schedule=[{step: 3, stage: 1, kind: kill}]", f"logger.dashboard_port={port}"]
-    env = dict(os.environ, PYTHONPATH=ROOT, KINTSUGI_TOKEN=TOKEN)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), KINTSUGI_TOKEN=TOKEN)
     base = f"http://127.0.0.1:{port}"
     png = tmp_path / "dashboard.png"
     with open(tmp_path / "trainer.log", "w") as log:

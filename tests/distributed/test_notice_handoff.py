@@ -50,7 +50,7 @@ def test_aws_notice_hands_off_every_slot_of_the_machine(tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Imds)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     run_dir, dumps = tmp_path / "run", tmp_path / "dumps"
-    env = dict(os.environ, PYTHONPATH=ROOT, KINTSUGI_DUMP_DIR=str(dumps))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), KINTSUGI_DUMP_DIR=str(dumps))
     cmd = [sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", "experiment=quick",
            "train.max_steps=14", "train.eval_batches=1", "launcher.machines=2", "faults.spares=4",
            "recovery.notice=aws", "recovery.notice_interval_s=0.1",

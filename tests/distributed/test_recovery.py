@@ -145,7 +145,7 @@ def test_join_without_the_token_is_refused(tmp_path):
     path = tmp_path / "job.json"
     path.write_text(json.dumps(JobConfig().to_dict()))
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=ROOT, KINTSUGI_TOKEN="s3cret")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), KINTSUGI_TOKEN="s3cret")
     coord = subprocess.Popen([sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host", "127.0.0.1",
                               "--run-dir", str(tmp_path), "--job", str(path), "--no-progress"], env=env,
                              stderr=subprocess.PIPE, text=True)
@@ -190,7 +190,7 @@ def _alive(pid):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_no_orphan_processes_when_the_launcher_dies(tmp_path, sig):
     run_dir = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     launcher = subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet",
                                  "experiment=quick", "train.max_steps=500", "faults.spares=1"], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

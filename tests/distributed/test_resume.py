@@ -24,7 +24,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def _start(run_dir, *extra):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", *ARGS,
                              *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True, text=True)
@@ -90,7 +90,7 @@ def test_preemption_warning_suspends_exactly_and_resume_continues(tmp_path, unin
 
 
 def test_resume_of_a_run_without_checkpoints_is_a_one_line_error(tmp_path):
-    from kintsugi.trainer.cli.main import validate_overrides
+    from kintsugi.trainer.cli.compose import validate_overrides
     msg = validate_overrides([f"train.resume={tmp_path}"])
     assert msg and "train.resume" in msg and "checkpoint_every" in msg and "\n" not in msg
 

@@ -125,7 +125,7 @@ def test_stage_generations_drop_and_readmit_a_replica(tmp_path):
                           use_libuv=True)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = dict(os.environ, ROOT=ROOT, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, ROOT=ROOT, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), str(tmp_path / f"r{r}.pkl")], env=env,
                               stderr=subprocess.PIPE, text=True) for r in range(3)]
     try:

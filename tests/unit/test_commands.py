@@ -289,7 +289,7 @@ def test_join_fills_the_slots_of_a_running_job(tmp_path):
     With the wrong token the workers are refused and join reports it."""
     from conftest import ROOT
     from kintsugi.recovery import protocol as P
-    from kintsugi.trainer.cli.main import compose_job
+    from kintsugi.trainer.cli.compose import compose_job
     from kintsugi.trainer.data.corpus import prepare_corpus
     from kintsugi.trainer.launch.local import child_env
 

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from kintsugi.trainer.cli.main import CONF_DIR, compose_job, validate_overrides
+from kintsugi import CONF_DIR
+from kintsugi.trainer.cli.compose import compose_job, validate_overrides
 from kintsugi.trainer.config.job import FaultsConfig, JobConfig, lr_at, TrainConfig
 
 

@@ -328,7 +328,7 @@ def test_save_and_load_our_format_into_a_middle_stage(tmp_path):
 def test_lisa_finetune_preset_composes():
     from hydra import compose, initialize_config_dir
 
-    from kintsugi.trainer.cli.main import CONF_DIR
+    from kintsugi import CONF_DIR
     from kintsugi.trainer.config.store import register, to_job_config
 
     register()

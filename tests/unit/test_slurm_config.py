@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT
-from kintsugi.trainer.cli.main import compose_job
+from kintsugi.trainer.cli.compose import compose_job
 from kintsugi.trainer.config.job import ConfigError
 from kintsugi.trainer.launch import slurm
 

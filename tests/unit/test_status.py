@@ -139,7 +139,7 @@ def test_bad_run_dir_is_one_line_and_exit_2(tmp_path, capsys, make):
 
 def test_watch_refreshes_until_interrupted(tmp_path):
     run = _write_run(tmp_path / "run", hb=10)
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # A shell that started pytest in the background passes SIGINT on as ignored, and Python then
     # installs no KeyboardInterrupt handler: give the child the default disposition, as a terminal does.
     p = subprocess.Popen([sys.executable, "-m", "trainer", "status", run, "--watch", "0.2", "--json"],
@@ -182,7 +182,7 @@ def test_version_is_the_package_version(capsys):
 
 
 def test_train_help_is_hydras_under_our_name():
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-m", "trainer", "train", "--help"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

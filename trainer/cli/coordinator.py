@@ -60,6 +60,22 @@ def resume_state(run_dir: str, job: dict):
     return points, missing, layout, None
 
 
+def prepare_job(overrides: list) -> tuple:
+    """The job and corpus entry for a coordinator started from Hydra overrides: the same config the
+    CLI composes, the corpus prepared (cached) on this host, the vocabulary size filled in, as
+    `trainer.cli.entry.train` does before launching. Raises ConfigError with a one-line message."""
+    from kintsugi.trainer.cli.entry import prepare_corpus_and_model
+    from kintsugi.trainer.cli.compose import compose_job, validate_overrides
+    from kintsugi.trainer.config.job import ConfigError
+
+    err = validate_overrides(list(overrides))
+    if err:
+        raise ConfigError(err)
+    job, _ = compose_job(list(overrides))
+    corpus_d = prepare_corpus_and_model(job)
+    return job.to_dict(), corpus_d
+
+
 def _new_token_shown_once(run_dir: str, host: str, port: int) -> str:
     """A run always has a token. None was given: make one and show it once, with how to join, on the
     terminal only (a log file is no place for it); it is also written to RUN_DIR/.token (mode 0600)
@@ -182,7 +198,6 @@ def main(argv=None) -> int:
         # Standalone: this process is the only one that knows the whole job, so it prepares the
         # corpus (the token cache) and serves it; nodes and `kintsugi join` workers need nothing else.
         from kintsugi.trainer.config.job import ConfigError
-        from kintsugi.trainer.launch.torchrun import prepare_job
         try:
             job, corpus = prepare_job(args.overrides)
         except ConfigError as e:

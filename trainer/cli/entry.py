@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from kintsugi.trainer.cli.main import CONF_DIR
+from kintsugi import CONF_DIR
 from kintsugi.trainer.config.job import JobConfig
 from kintsugi.trainer.config.store import register, to_job_config
 

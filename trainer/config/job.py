@@ -14,17 +14,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from kintsugi.trainer.config.environment import check_optimizer, cuda_available
+from kintsugi.trainer.config.errors import ConfigError
 from kintsugi.trainer.data.corpus import DataConfig
 from kintsugi.trainer.model.llama import ModelConfig
-
-
-class ConfigError(ValueError):
-    """A user configuration mistake; its message is a single line naming the key and the fix."""
-
-
-def cuda_available() -> bool:
-    import torch
-    return bool(torch.cuda.is_available())
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -86,7 +79,6 @@ class TrainConfig:
                                      "is False); use train.device=auto or train.device=cpu")
             _check(False, "train.device=cuda: CUDA stages are not implemented yet (issue 14); use train.device=cpu")
         if self.optimizer != "adamw":
-            from kintsugi.trainer.runtime.optim import check_optimizer
             check_optimizer(self.optimizer)  # deepspeed installed, ninja + a C++ compiler present
         if self.resume:
             import os

@@ -33,7 +33,6 @@ import sys
 import time
 import uuid
 from datetime import timedelta
-from typing import List, Tuple
 
 from kintsugi.recovery import protocol as P
 
@@ -196,21 +195,6 @@ def release_exit_barrier() -> bool:
     except Exception as e:  # noqa: BLE001 - the agent then simply waits out its exit barrier
         log.warning("could not release torchrun's exit barrier (%s); the agent may wait up to 300 s", e)
         return False
-
-
-def prepare_job(overrides: List[str]) -> Tuple[dict, dict]:
-    """The job and corpus entry for a coordinator started from Hydra overrides: the same config the
-    CLI composes, the corpus prepared (cached) on this host, the vocabulary size filled in, as
-    `trainer.cli.entry.train` does before launching. Raises ConfigError with a one-line message."""
-    from kintsugi.trainer.cli.main import compose_job, validate_overrides
-    from kintsugi.trainer.cli.entry import prepare_corpus_and_model
-
-    err = validate_overrides(list(overrides))
-    if err:
-        raise ConfigError(err)
-    job, _ = compose_job(list(overrides))
-    corpus_d = prepare_corpus_and_model(job)
-    return job.to_dict(), corpus_d
 
 
 def _connect(host: str, port: int, timeout_s: float):

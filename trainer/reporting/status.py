@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -268,50 +267,3 @@ def render(st: dict) -> str:
                      f"loss {_fmt(s.get('final_val_loss'), '.4f')}, {_fmt(s.get('tokens_per_s'), '.0f')} tokens/s")
     return "\n".join(lines)
 
-
-def status_command(argv: List[str]) -> int:
-    from kintsugi.trainer.cli.commands import CommandError, _Parser
-
-    ap = _Parser(prog="kintsugi status", description="Slots, generations, rebuilds and losses of a run, read "
-                 "from its run directory (during the run or after).")
-    ap.add_argument("run_dir", help="a run directory: outputs/<name>/<time>")
-    ap.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
-                    help="refresh every SECONDS (default 2) until interrupted")
-    ap.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
-    args = ap.parse_args(argv)
-    if args.watch is not None and args.watch <= 0:
-        raise CommandError(f"--watch {args.watch} must be a positive number of seconds")
-    clock = HeartbeatClock()
-    try:
-        while True:
-            try:
-                st = collect(args.run_dir, clock=clock)
-            except StatusError as e:
-                raise CommandError(str(e)) from None
-            if args.json:
-                print(json.dumps(st, sort_keys=True), flush=True)
-            else:
-                if args.watch is not None and sys.stdout.isatty():
-                    print("\033[H\033[2J", end="")  # clear the screen between frames
-                print(render(st), flush=True)
-            if args.watch is None:
-                return 0
-            time.sleep(args.watch)
-    except KeyboardInterrupt:
-        return 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    from kintsugi.trainer.cli.commands import CommandError
-    try:
-        return status_command(list(sys.argv[1:] if argv is None else argv))
-    except CommandError as e:
-        print(f"kintsugi status: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # `kintsugi status RUN | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is quiet
-        return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,45 +27,14 @@ process, so that workers do not each wait minutes for the compiler under their s
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
 import time
 from typing import Any, Iterable, List
 
 import torch
 
-from kintsugi.trainer.config.job import ConfigError
+from kintsugi.trainer.config.environment import _FALLBACK, ConfigError, _accelerator, check_optimizer
 
-DEEPSPEED_OPTIMIZERS = ("deepspeed_adam", "deepspeed_cpu_adam")
 EPS = 1e-8  # torch.optim.AdamW's default, which the adamw path uses
-_FALLBACK = "use train.optimizer=adamw"
-
-
-def _deepspeed_needed(name: str) -> None:
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"train.optimizer={name} needs DeepSpeed, which is not installed; "
-                          f"pip install -e '.[deepspeed]' (or pip install deepspeed) or {_FALLBACK}")
-
-
-def _accelerator() -> str:
-    from deepspeed.accelerator import get_accelerator
-    return get_accelerator().device_name()
-
-
-def check_optimizer(name: str) -> None:
-    """Fail fast, without compiling anything: raises ConfigError when `name` cannot work here."""
-    if name == "adamw":
-        return
-    if name not in DEEPSPEED_OPTIMIZERS:
-        raise ConfigError(f"train.optimizer={name!r} is not valid; choose one of adamw, {', '.join(DEEPSPEED_OPTIMIZERS)}")
-    _deepspeed_needed(name)
-    if name == "deepspeed_cpu_adam" and not (shutil.which("ninja") or importlib.util.find_spec("ninja")):
-        raise ConfigError(f"train.optimizer={name} needs ninja to compile DeepSpeed's cpu_adam op; "
-                          f"pip install ninja or {_FALLBACK}")
-    if name == "deepspeed_cpu_adam" and not shutil.which(os.environ.get("CXX", "c++")):
-        raise ConfigError(f"train.optimizer={name} needs a C++ compiler ({os.environ.get('CXX', 'c++')}) to "
-                          f"compile DeepSpeed's cpu_adam op; install g++ or {_FALLBACK}")
 
 
 def _builder(name: str):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
@@ -20,8 +20,6 @@ from kintsugi.parallel.stage_link import StageGroupPlan
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.plan import CellPlan, DonateRequest, PlanError, SuspendPlan, mail_kind
 
-if TYPE_CHECKING:
-    from kintsugi.trainer.runtime.worker import Worker
 
 log = logging.getLogger("kintsugi.worker")
 
@@ -36,7 +34,8 @@ def peak_memory_bytes() -> int:
 
 
 class Watcher(threading.Thread):
-    def __init__(self, worker: "Worker"):
+    def __init__(self, worker):
+        """`worker`: the trainer.runtime.worker.Worker this thread watches for."""
         super().__init__(daemon=True, name="kintsugi-watcher")
         self.w = worker
         self.control: P.Control = worker.bg  # its own connection: the training thread never delays a beat

@@ -39,10 +39,10 @@ from kintsugi.parallel.transport import ByteCounter, PeerFailure, Transport, set
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.checkpoint import AsyncCheckpointer, CheckpointCorrupt
 from kintsugi.recovery.commit import Commit
-from kintsugi.recovery.plan import CellPlan, SuspendPlan
-from kintsugi.recovery.runfiles import EX_SUSPENDED
+from kintsugi.recovery.plan import CellPlan
 from kintsugi.trainer.config.job import JobConfig, fault_events, held_at_boundary
 from kintsugi.trainer.data.corpus import ShardedBatches, load_tokens
+from kintsugi.trainer.runtime import ending, joining
 from kintsugi.trainer.runtime import hooks as H
 from kintsugi.trainer.runtime.rebuild import Donor, XferFailed, execute_plan, hand_off
 from kintsugi.trainer.runtime.stage import StageState
@@ -78,8 +78,8 @@ class Worker:
         self.machine_noticed = False
         self.watcher = Watcher(self)
         self.donor = Donor(self, self.watcher.stop)
-        self.bg.on_new_boot.append(self._rejoin)
-        self._join()
+        self.bg.on_new_boot.append(lambda: joining.rejoin(self))
+        joining.join(self.control, self.wid, self.machine)
         # Beat from now on: loading the corpus and warming up can take seconds on a busy machine.
         self.watcher.start()
         for name in self.job.recovery.notice_signals:
@@ -115,48 +115,6 @@ class Worker:
         """A fresh store client (group formation blocks on it)."""
         return P.connect(self.control.host, self.control.port, timeout_s=60)
 
-    def _join(self) -> None:
-        """The join record proves the token by its seal; the token itself never leaves here."""
-        self.control.append("join", {"wid": self.wid, "pid": os.getpid(), "host": socket.gethostname(),
-                                     "machine": self.machine})
-        ack = self._await_ack(self.control, 120.0)
-        if ack != "ok":
-            raise SystemExit(f"kintsugi: the coordinator refused this worker ({ack}); set KINTSUGI_TOKEN to the "
-                             "run's token")
-
-    def _await_ack(self, c: P.Control, timeout_s: float) -> str:
-        """The coordinator's verified answer. An answer that does not verify is a refusal (a
-        coordinator that could not verify our token cannot seal for us either) once no verified one
-        came for a few seconds: someone else may have written it."""
-        deadline, unverified_since = time.monotonic() + timeout_s, None
-        while time.monotonic() < deadline:
-            if c.check(f"ack/{self.wid}"):
-                ack = c.get_json_or(f"ack/{self.wid}")
-                if ack is not None:
-                    return ack
-                unverified_since = unverified_since or time.monotonic()
-                if time.monotonic() - unverified_since > 5.0:
-                    return "refused: its answer does not verify with this token"
-            time.sleep(0.05)
-        return "no answer"
-
-    def _rejoin(self) -> None:
-        """The coordinator came back (a new incarnation): re-register, then replay the commits it may
-        not have recorded (it keeps the first record of each step)."""
-        c, st = self.bg, self.state
-        c.append("rejoin", {"wid": self.wid, "pid": os.getpid(), "host": socket.gethostname(),
-                            "machine": self.machine, "slot": list(self.slot) if self.slot else None,
-                            "cell": self.watcher.working_cell, "cell_gen": self.watcher.working_gen,
-                            "step_done": st.step_done if st is not None else None})
-        if self._await_ack(c, 30.0) not in ("ok", "no answer"):
-            log.warning("the restarted coordinator does not count this worker as a member; stopping")
-            self.watcher.shutdown.set()
-            self.watcher.stop.set()
-            self.watcher.cell_abort.set()
-            return
-        if self.slot is not None:
-            self.commit.replay_after_restart(c, self.slot[0])
-
     def _on_machine_notice(self, notice) -> None:
         # The whole machine is going away (unlike a SIGTERM to this one process): say so when
         # leaving, so the coordinator stops handing this machine's spares any slot.
@@ -186,9 +144,9 @@ class Worker:
             if what == "shutdown":
                 return 0
             if what == "lost":
-                return self._give_up()
+                return ending.give_up(self)
             if what == "suspend":
-                return self._suspend(plan)
+                return ending.suspend(self, plan)
             if what == "leave":
                 return 0
             seen[plan.cell] = plan.gen
@@ -337,7 +295,7 @@ class Worker:
         self.watcher.phase = "training"
         loop = self._step_loop(plan, grid, transport, slot, committed + 1)
         if loop.run():
-            self._end_of_run()
+            ending.end_of_run(self)
             return True
         while not self.watcher.cell_abort.is_set():  # left: the coordinator plans the handoff
             self.idle()
@@ -472,89 +430,6 @@ class Worker:
             return {}
         from kintsugi.compression.codecs import get_codec
         return {"p2p": get_codec(c.activations, c.block_size), "p2p_grad": get_codec(c.gradients, c.block_size)}
-
-    # --- the end, leaving -------------------------------------------------------------------------------
-    def _end_of_run(self) -> None:
-        """Every step is committed. The final evaluation also runs when a generation change landed
-        after the last commit; the last stage marks it done once it is published. Replica 0 writes
-        its stage's final weights (`kintsugi export` assembles the model), every worker its final
-        byte counts and its end marker; then it waits for the coordinator's shutdown."""
-        if self.slot[0] == 0:
-            try:
-                done_already = self.control.get_json_or("final_eval_done") is not None
-            except Exception:  # noqa: BLE001 - the coordinator is away: evaluate anyway
-                done_already = False
-            if not done_already:
-                self.evaluate(self.job.train.max_steps, True)
-            self._save_final()
-        try:  # the final byte counts (the heartbeat's may predate the final evaluation), then "done"
-            self.control.put_json(f"bytes/{self.wid}", self.counter.as_dict())
-            self.control.put_json(f"end/{self.wid}", True)
-        except Exception:  # noqa: BLE001 - the coordinator is away: it reads the heartbeat's counts
-            pass
-        self._wait_for_shutdown()
-
-    def _save_final(self) -> None:
-        from safetensors.torch import save_file
-        out = os.path.join(self.run_dir, "final")
-        os.makedirs(out, exist_ok=True)
-        stage = self.slot[1]
-        sd = {k: v.detach().contiguous() for k, v in self.state.model.state_dict().items()}
-        tmp = os.path.join(out, f"stage{stage}.safetensors.tmp")
-        try:
-            save_file(sd, tmp)
-            os.replace(tmp, os.path.join(out, f"stage{stage}.safetensors"))
-        except Exception as e:  # noqa: BLE001 - disk full (safetensors raises its own error type)
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            msg = f"final/stage{stage}.safetensors: {str(e).splitlines()[0][:200]}"
-            log.error("cannot write the final weights (%s)", msg)
-            try:  # the coordinator's exit code and summary say so
-                self.control.put_json(f"final_error/{stage}", msg)
-            except Exception:  # noqa: BLE001
-                pass
-
-    def _suspend(self, plan: SuspendPlan) -> int:
-        """The job is being preempted and no spare is left to hand off to: write this slot's last
-        committed state as a checkpoint (`train.resume` continues from it exactly) and exit."""
-        if self.slot is None or plan.holders.get(tuple(self.slot)) != self.wid:
-            return 0  # a spare, or a slot someone else holds
-        step = self._save_committed()
-        self.control.append_later("suspended", {"wid": self.wid, "slot": list(self.slot), "step": step})
-        self._wait_for_shutdown()
-        return 0
-
-    def _save_committed(self) -> int:
-        # A step whose commit we never saw: the checkpoint is of the step before (a resume
-        # retries it on the same batch).
-        self.commit.pending = None
-        step = self.state.step_done
-        if step >= 0:
-            path = self.checkpointer.save_now(self.state, self.slot, step)
-            log.warning("slot %s saved at step %d to %s", self.slot, step, path)
-        return step
-
-    def _give_up(self) -> int:
-        """The coordinator never came back: keep what this slot committed, exit resumable."""
-        if self.state is not None and self.slot is not None and self.state.step_done >= 0:
-            step = self._save_committed()
-            print(f"kintsugi worker {self.wid}: the coordinator is gone; slot {list(self.slot)} saved at step "
-                  f"{step} in {self.run_dir}/checkpoints; restart it with `kintsugi coordinator --resume "
-                  f"--run-dir {self.run_dir} --port {self.control.port}` or resume the job with train.resume",
-                  file=sys.stderr)
-            return EX_SUSPENDED
-        print(f"kintsugi worker {self.wid}: the coordinator is gone and this worker held no state", file=sys.stderr)
-        return 1
-
-    def _wait_for_shutdown(self) -> None:
-        while not self.watcher.shutdown.is_set() and not self.watcher.store_lost.is_set():
-            self.idle()
-            if self.diloco is not None and self.watcher.suspend_plan is None:
-                self.diloco.serve_idle()
-            time.sleep(0.02)
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Kintsugi worker: joins a coordinator and trains one stage")

@@ -1,0 +1,57 @@
+"""A worker's membership, its side: joining with the token, the coordinator's answer, and
+re-registering with a restarted coordinator (then replaying the commits it may have missed).
+
+The join record proves the token by its seal; the token itself never leaves the worker. An answer
+that does not verify is a refusal (a coordinator that could not verify our token cannot seal for us
+either) once no verified one came for a few seconds: someone else may have written it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from kintsugi.recovery import protocol as P
+
+log = logging.getLogger("kintsugi.worker")
+
+
+def await_ack(c: P.Control, wid: str, timeout_s: float) -> str:
+    deadline, unverified_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        if c.check(f"ack/{wid}"):
+            ack = c.get_json_or(f"ack/{wid}")
+            if ack is not None:
+                return ack
+            unverified_since = unverified_since or time.monotonic()
+            if time.monotonic() - unverified_since > 5.0:
+                return "refused: its answer does not verify with this token"
+        time.sleep(0.05)
+    return "no answer"
+
+
+def join(c: P.Control, wid: str, machine: str) -> None:
+    c.append("join", {"wid": wid, "pid": os.getpid(), "host": socket.gethostname(), "machine": machine})
+    ack = await_ack(c, wid, 120.0)
+    if ack != "ok":
+        raise SystemExit(f"kintsugi: the coordinator refused this worker ({ack}); set KINTSUGI_TOKEN to the "
+                         "run's token")
+
+
+def rejoin(w) -> None:
+    """The coordinator came back (a new incarnation): re-register, then replay the commits it may
+    not have recorded (it keeps the first record of each step). `w`: the worker."""
+    c, st = w.bg, w.state
+    c.append("rejoin", {"wid": w.wid, "pid": os.getpid(), "host": socket.gethostname(),
+                        "machine": w.machine, "slot": list(w.slot) if w.slot else None,
+                        "cell": w.watcher.working_cell, "cell_gen": w.watcher.working_gen,
+                        "step_done": st.step_done if st is not None else None})
+    if await_ack(c, w.wid, 30.0) not in ("ok", "no answer"):
+        log.warning("the restarted coordinator does not count this worker as a member; stopping")
+        w.watcher.shutdown.set()
+        w.watcher.stop.set()
+        w.watcher.cell_abort.set()
+        return
+    if w.slot is not None:
+        w.commit.replay_after_restart(c, w.slot[0])
