@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
+from kintsugi.recovery.runfiles import METRICS, SUMMARY, read_metrics  # noqa: F401 - benchmarks import it from here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Pinned so a change of the repository defaults (e.g. the default `faults` preset) cannot change
@@ -53,26 +54,6 @@ def schedule_override(events: Sequence[dict]) -> str:
     items = ", ".join(f"{{step: {e['step']}, replica: {e.get('replica', 0)}, stage: {e['stage']}, "
                       f"kind: {e.get('kind', 'kill')}}}" for e in events)
     return f"faults.schedule=[{items}]"
-
-
-def read_metrics(run_dir: str):
-    """(commits, evals, events) in file order, i.e. in the order the coordinator received them."""
-    commits, evals, events = [], [], []
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by an interrupted run
-                    continue
-                if "event" in rec:
-                    events.append(rec["event"])
-                elif "val_loss" in rec:
-                    evals.append(rec)
-                else:
-                    commits.append(rec)
-    return commits, evals, events
 
 
 def session_cpu_s(sid: int, seen: Dict[int, float]) -> float:
@@ -120,7 +101,7 @@ def run_job(name: str, run_dir: str, overrides: Sequence[str], stall_s: float = 
         # Own session: on a stall the whole job (launcher, coordinator, workers) is ended as a group.
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=err_f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        metrics = os.path.join(run_dir, "metrics.jsonl")
+        metrics = os.path.join(run_dir, METRICS)
         last_lines, last_progress = 0, time.time()
         cpu_seen: Dict[int, float] = {}
         samples = []
@@ -148,7 +129,7 @@ def run_job(name: str, run_dir: str, overrides: Sequence[str], stall_s: float = 
     if error is None and rc != 0 and not stopped_early:
         error = f"exit code {rc}: " + _last_error_line(tail)
     summary = None
-    spath = os.path.join(run_dir, "summary.json")
+    spath = os.path.join(run_dir, SUMMARY)
     if os.path.exists(spath):
         with open(spath) as f:
             summary = json.load(f)

@@ -171,7 +171,8 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
 
 def check_records(commits: List[dict], replicas: int, completed: bool) -> List[str]:
     """Exactly once, on the right batches (observed: stage 0 reports the ids it consumed)."""
-    from kintsugi.trainer.data.corpus import DataConfig, ShardedBatches, load_tokens, prepare_corpus
+    from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
+    from kintsugi.trainer.data.batches import ShardedBatches, load_tokens
     broken = []
     dup = [c for c in commits if c.get("duplicate")]
     if dup:

@@ -294,7 +294,7 @@ def scheduled_failures(overrides: List[str], after: int) -> List[dict]:
     """The launcher's own seeded schedule for these overrides (what every strategy sees), from `after`."""
     from kintsugi.benchmarks._runs import BASE_OVERRIDES
     from kintsugi.trainer.cli.compose import compose_job
-    from kintsugi.trainer.config.job import fault_events
+    from kintsugi.trainer.config.faults import fault_events
     job, _ = compose_job([*BASE_OVERRIDES, *overrides])
     return [e for e in fault_events(job) if e["step"] >= after]
 

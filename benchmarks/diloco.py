@@ -65,7 +65,7 @@ def _evaluate(model, batches) -> float:
 def _train(rank, args, name, diloco, corpus, group):
     from kintsugi.parallel.diloco import StreamingDiLoCo, allreduce_gradients
     from kintsugi.parallel.transport import ByteCounter
-    from kintsugi.trainer.data.corpus import ShardedBatches, load_tokens, val_batches
+    from kintsugi.trainer.data.batches import ShardedBatches, load_tokens, val_batches
     from kintsugi.trainer.model.llama import cross_entropy_loss
     from kintsugi.trainer.runtime.stage import StageState
 

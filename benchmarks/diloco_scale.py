@@ -70,7 +70,8 @@ def held_out_files(num_files: int = TEST_FILES) -> list:
 def write_test_tokens(out_path: str) -> dict:
     """Byte-tokenize the test files as the trainer does (prepare_corpus, source=files) and write all
     their documents, whichever side of that corpus's own hash split they fall on, to one file."""
-    from kintsugi.trainer.data.corpus import DataConfig, load_tokens, prepare_corpus
+    from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
+    from kintsugi.trainer.data.batches import load_tokens
     files = held_out_files()
     info = prepare_corpus(DataConfig(source="files", paths=files, seq_len=SEQ_LEN, val_fraction=0.5))
     tokens = np.concatenate([np.asarray(load_tokens(p, info.dtype)) for p in (info.train_path, info.val_path)])

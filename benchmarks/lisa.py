@@ -44,7 +44,8 @@ def run_variant(name: str, steps: int, interval: int, batch_size: int, seq_len: 
     import torch
 
     from kintsugi.trainer.config.job import JobConfig, LisaConfig, ParallelConfig, TrainConfig
-    from kintsugi.trainer.data.corpus import DataConfig, ShardedBatches, load_tokens, prepare_corpus, val_batches
+    from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
+    from kintsugi.trainer.data.batches import ShardedBatches, load_tokens, val_batches
     from kintsugi.trainer.runtime.lisa import LisaController
     from kintsugi.trainer.model.llama import ModelConfig, cross_entropy_loss, num_params
     from kintsugi.trainer.runtime.stage import StageState

@@ -31,6 +31,7 @@ from collections import Counter
 from typing import List
 
 from kintsugi.benchmarks._runs import REPORT_DIR, RunResult, rnd, run_job_retrying
+from kintsugi.recovery.runfiles import MACHINES as MACHINES_FILE
 
 MONTHLY_RATE = 0.125          # interruptions per machine per month (AWS advisor band 10-15%)
 NO_NOTICE_FRACTION = 0.3      # share of preemptions that act as SIGKILL (assumption, see above)
@@ -69,7 +70,7 @@ def overrides(max_steps: int, schedule: List[dict]) -> List[str]:
 
 
 def goodput(res: RunResult) -> dict:
-    path = os.path.join(res.run_dir, "machines.json")
+    path = os.path.join(res.run_dir, MACHINES_FILE)
     machines = json.load(open(path)) if os.path.exists(path) else {}
     machine_s = sum(m["alive_s"] for m in machines.values())
     tokens = (res.summary or {}).get("tokens") or sum(c.get("tokens", 0) for c in res.commits)

@@ -44,7 +44,7 @@ from .plan import slot_key
 from .generations import Generations
 from .reactions import Reactions
 from .records import write_strict_atomic
-from .runfiles import ALIVE, CONTROL_STATE, EX_CANNOT_RECOVER, EX_RECORD, EX_SUSPENDED, FINAL_STATE
+from .runfiles import ALIVE, CONTROL_STATE, EX_CANNOT_RECOVER, EX_RECORD, EX_SUSPENDED, FINAL_STATE, METRICS
 
 log = logging.getLogger(__name__)
 STATE_FILE = CONTROL_STATE
@@ -230,7 +230,7 @@ class Coordinator:
                      if rx.suspend_lost else "")
                   + f"; continue with train.resume={os.path.abspath(self.run_dir)}", file=sys.stderr)
             return EX_SUSPENDED
-        lost = [f"{name}: {err}" for name, err in (("metrics.jsonl", self.ledger.write_error),
+        lost = [f"{name}: {err}" for name, err in ((METRICS, self.ledger.write_error),
                                                     (STATE_FILE, self.persist_error)) if err]
         lost += self.final_errors
         if lost:

@@ -84,6 +84,26 @@ def connect(host: str, port: int, timeout_s: float = 60.0, is_master: bool = Fal
     return store
 
 
+def wait_for_store(host: str, port: int, timeout_s: float, process=None, poll_s: float = 0.1):
+    """A client of the coordinator's store once it serves the job (its first record). `process`
+    (the coordinator's Popen, when this process started it): raise as soon as it exited. Raises
+    RuntimeError naming the address after `timeout_s` (monotonic)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the coordinator exited with code {process.returncode} before it served; see "
+                               "its log above")
+        try:
+            store = connect(host, port, timeout_s=min(10.0, timeout_s))
+            if store.check(["job"]):
+                return store
+        except RuntimeError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no coordinator answered at {host}:{port} within {timeout_s:.0f}s; see its log")
+        time.sleep(poll_s)
+
+
 def parse_addr(addr: str):
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit():

@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Iterator, List
+from typing import Iterator, List, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +50,15 @@ def read_jsonl(path: str) -> Iterator[dict]:
                 yield rec
 
 
-@dataclass
-class Metrics:
-    """metrics.jsonl split by kind: commit rows, evaluation rows, and the events."""
-    commits: List[dict] = field(default_factory=list)
-    evals: List[dict] = field(default_factory=list)
-    events: List[dict] = field(default_factory=list)
-
-    def __iter__(self):  # commits, evals, events = read_metrics(run_dir)
-        return iter((self.commits, self.evals, self.events))
+class Metrics(NamedTuple):
+    """metrics.jsonl split by kind, each in file order (the order the coordinator received them)."""
+    commits: List[dict]
+    evals: List[dict]
+    events: List[dict]
 
 
 def read_metrics(run_dir: str) -> Metrics:
-    m = Metrics()
+    m = Metrics([], [], [])
     for rec in read_jsonl(os.path.join(run_dir, METRICS)):
         if "event" in rec:
             m.events.append(rec["event"])

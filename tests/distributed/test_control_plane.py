@@ -15,7 +15,8 @@ import time
 import pytest
 
 from conftest import ROOT, observed_batch_ids, run_trainer
-from kintsugi.trainer.data.corpus import DataConfig, ShardedBatches, load_tokens, prepare_corpus
+from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
+from kintsugi.trainer.data.batches import ShardedBatches, load_tokens
 
 pytestmark = pytest.mark.distributed
 

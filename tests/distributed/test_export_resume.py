@@ -20,7 +20,8 @@ import torch
 from conftest import run_trainer
 from kintsugi.trainer.cli.main import main as cli_main
 from kintsugi.trainer.config.job import JobConfig, ParallelConfig
-from kintsugi.trainer.data.corpus import DataConfig, load_tokens, prepare_corpus, val_batches
+from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
+from kintsugi.trainer.data.batches import load_tokens, val_batches
 from kintsugi.trainer.model.llama import Llama, ModelConfig, cross_entropy_loss, load_hf_pretrained
 
 transformers = pytest.importorskip("transformers")

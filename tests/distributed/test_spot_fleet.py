@@ -5,7 +5,8 @@ import json
 import pytest
 
 from conftest import commits, run_trainer
-from kintsugi.trainer.config.job import ConfigError, FaultsConfig
+from kintsugi.trainer.config.errors import ConfigError
+from kintsugi.trainer.config.faults import FaultsConfig
 
 pytestmark = pytest.mark.distributed
 

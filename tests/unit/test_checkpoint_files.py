@@ -341,7 +341,8 @@ def test_a_write_that_fails_mid_way_is_reported_and_leaves_nothing_complete(tmp_
 
 
 def test_keep_checkpoints_must_not_be_negative():
-    from kintsugi.trainer.config.job import ConfigError, RecoveryConfig
+    from kintsugi.trainer.config.errors import ConfigError
+    from kintsugi.trainer.config.job import RecoveryConfig
     assert RecoveryConfig().keep_checkpoints == 0 and RecoveryConfig(keep_checkpoints=3).keep_checkpoints == 3
     with pytest.raises(ConfigError) as e:
         RecoveryConfig(keep_checkpoints=-1)

@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT
 from kintsugi import CONF_DIR
 from kintsugi.trainer.cli.compose import compose_job, validate_overrides
-from kintsugi.trainer.config.job import FaultsConfig, JobConfig, lr_at, TrainConfig
+from kintsugi.trainer.config.faults import FaultsConfig
+from kintsugi.trainer.config.job import JobConfig, lr_at, TrainConfig
 
 
 def _options(group):

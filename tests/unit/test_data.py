@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kintsugi.trainer.data.corpus import (CorpusInfo, DataConfig, ShardedBatches, load_tokens, prepare_corpus,
-                          val_batches, validate_data_config)
+from kintsugi.trainer.data.corpus import CorpusInfo, DataConfig, prepare_corpus, validate_data_config
+from kintsugi.trainer.data.batches import ShardedBatches, load_tokens, val_batches
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kintsugi.trainer.config.job import ConfigError, TrainConfig
+from kintsugi.trainer.config.errors import ConfigError
+from kintsugi.trainer.config.job import TrainConfig
 from kintsugi.trainer.runtime.optim import build_deepspeed_adam, check_optimizer, prebuild_optimizer
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None

@@ -190,7 +190,8 @@ def test_rebalance_layout_moves_layers_off_a_slow_stage_until_no_move_helps():
 
 
 def test_rebalance_config_errors_are_one_line():
-    from kintsugi.trainer.config.job import ConfigError, JobConfig, LauncherConfig, LisaConfig, ParallelConfig
+    from kintsugi.trainer.config.errors import ConfigError
+    from kintsugi.trainer.config.job import JobConfig, LauncherConfig, LisaConfig, ParallelConfig
     with pytest.raises(ConfigError, match="parallel.rebalance=true does not yet work with lisa.enabled"):
         JobConfig(parallel=ParallelConfig(rebalance=True), lisa=LisaConfig(enabled=True))
     with pytest.raises(ConfigError, match="label:factor"):

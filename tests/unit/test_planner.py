@@ -133,7 +133,7 @@ def test_everyone_leaving_suspends_only_without_a_free_spare():
 
 
 def test_spares_are_chosen_so_one_machine_loss_destroys_least():
-    s = _settings(S=2)
+    _settings(S=2)
     spares = [WorkerInfo("a", 1, "h", "m0"), WorkerInfo("b", 2, "h", "m0"), WorkerInfo("c", 3, "h", "m1")]
     got = choose_holders([(0, 0), (0, 1)], spares, 2)
     # Two adjacent stages of one replica on one machine is avoided when another machine has room.

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 from kintsugi.trainer.cli.compose import compose_job
-from kintsugi.trainer.config.job import ConfigError
+from kintsugi.trainer.config.errors import ConfigError
 from kintsugi.trainer.launch import slurm
 
 SCRIPTS = os.path.join(ROOT, "scripts", "slurm")

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from kintsugi.recovery.runfiles import JOB, SUMMARY
 
 if TYPE_CHECKING:
     import torch
@@ -87,7 +88,7 @@ def load_job(run_dir: str):
 
     if not os.path.isdir(run_dir):
         raise CommandError(f"{run_dir}: no such run directory; pass a run's outputs/<name>/<time> directory")
-    path = os.path.join(run_dir, "job.json")
+    path = os.path.join(run_dir, JOB)
     if not os.path.isfile(path):
         raise CommandError(f"{run_dir}: no job.json, so not a Kintsugi run directory; pass outputs/<name>/<time>")
     with open(path) as f:
@@ -160,7 +161,7 @@ def export_run(run_dir: str, out_dir: str, force: bool = False) -> dict:
             if is_file and (name.startswith("tokenizer") or name in _TOKENIZER_FILES):
                 shutil.copy2(os.path.join(tok_dir, name), os.path.join(out_dir, name))
                 copied.append(name)
-    summary = _read_json(os.path.join(run_dir, "summary.json")) or {}
+    summary = _read_json(os.path.join(run_dir, SUMMARY)) or {}
     steps = summary.get("steps", job.train.max_steps)
     _write_readme(out_dir, run_dir, job, steps, summary.get("final_val_loss"), tok_note, copied)
     return {"num_params": sum(v.numel() for v in sd.values()), "n_layers": job.model.n_layers,

@@ -20,7 +20,7 @@ import time
 
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.coordinator import Coordinator
-from kintsugi.recovery.runfiles import CONTROL_STATE as STATE_FILE, FINAL_STATE, TOKEN
+from kintsugi.recovery.runfiles import FINAL_STATE, JOB, TOKEN, CONTROL_STATE as STATE_FILE
 
 log = logging.getLogger("kintsugi.coordinator")
 
@@ -66,7 +66,7 @@ def prepare_job(overrides: list) -> tuple:
     `trainer.cli.entry.train` does before launching. Raises ConfigError with a one-line message."""
     from kintsugi.trainer.cli.entry import prepare_corpus_and_model
     from kintsugi.trainer.cli.compose import compose_job, validate_overrides
-    from kintsugi.trainer.config.job import ConfigError
+    from kintsugi.trainer.config.errors import ConfigError
 
     err = validate_overrides(list(overrides))
     if err:
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     corpus = None
     job_path = args.job
     if args.resume and not job_path:
-        job_path = os.path.join(args.run_dir, "job.json")  # a standalone coordinator wrote it there
+        job_path = os.path.join(args.run_dir, JOB)  # a standalone coordinator wrote it there
         if args.overrides:
             ap.error("--resume takes the job from the run directory; drop the overrides")
     if args.resume and not os.path.exists(os.path.join(args.run_dir, STATE_FILE)):
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     else:
         # Standalone: this process is the only one that knows the whole job, so it prepares the
         # corpus (the token cache) and serves it; nodes and `kintsugi join` workers need nothing else.
-        from kintsugi.trainer.config.job import ConfigError
+        from kintsugi.trainer.config.errors import ConfigError
         try:
             job, corpus = prepare_job(args.overrides)
         except ConfigError as e:
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     job = dict(job, recovery=dict(job["recovery"], token=""))
     if not job_path:
         os.makedirs(args.run_dir, exist_ok=True)
-        with open(os.path.join(args.run_dir, "job.json"), "w") as f:
+        with open(os.path.join(args.run_dir, JOB), "w") as f:
             json.dump(job, f, indent=1)
     resume_from = resume_missing = layout = None
     if job["train"].get("resume") and not args.resume:

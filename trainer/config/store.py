@@ -4,7 +4,8 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kintsugi.trainer.config.job import ConfigError, JobConfig
+from kintsugi.trainer.config.errors import ConfigError
+from kintsugi.trainer.config.job import JobConfig
 
 _registered = False
 

@@ -28,7 +28,9 @@ from typing import Dict, List, Optional, Tuple
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.auth import new_token
 
-from kintsugi.trainer.config.job import JobConfig, fault_events, held_at_boundary
+from kintsugi.trainer.config.faults import fault_events, held_at_boundary
+from kintsugi.trainer.config.job import JobConfig
+from kintsugi.recovery.runfiles import ALIVE, CONTROL_STATE, JOB, MACHINES
 
 log = logging.getLogger("kintsugi.launch")
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
@@ -46,7 +48,7 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 class LocalLauncher:
     def __init__(self, job: JobConfig, run_dir: str, corpus: dict, progress: bool = True):
-        from kintsugi.trainer.config.job import ConfigError
+        from kintsugi.trainer.config.errors import ConfigError
         if job.faults.machine_schedule and job.launcher.machines < 1:
             raise ConfigError("faults.schedule names a machine but launcher.machines=0; set launcher.machines=K "
                               "(workers are labelled m0..m{K-1}) or use replica+stage events")
@@ -95,7 +97,7 @@ class LocalLauncher:
 
     def run(self) -> int:
         os.makedirs(self.run_dir, exist_ok=True)
-        job_path = os.path.join(self.run_dir, "job.json")
+        job_path = os.path.join(self.run_dir, JOB)
         with open(job_path, "w") as f:
             json.dump(self.job.public_dict(), f, indent=1)
         self.port = P.free_port()
@@ -129,19 +131,8 @@ class LocalLauncher:
         return subprocess.Popen(cmd + (["--resume"] if resume else []), env=self.env)
 
     def _connect_fresh(self):
-        deadline = time.monotonic() + self.job.launcher.start_timeout_s
-        while True:
-            if self.coordinator.poll() is not None:
-                raise RuntimeError("the coordinator did not come up; see its log above")
-            try:
-                store = P.connect("127.0.0.1", self.port, timeout_s=10)
-                if store.check(["job"]):
-                    return store
-            except RuntimeError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the coordinator did not come up; see its log above")
-            time.sleep(0.05)
+        return P.wait_for_store("127.0.0.1", self.port, self.job.launcher.start_timeout_s, process=self.coordinator,
+                                poll_s=0.05)
 
     def _forward_notice(self, signum, _frame) -> None:
         log.warning("received %s: asking every worker to leave gracefully", signal.Signals(signum).name)
@@ -159,7 +150,7 @@ class LocalLauncher:
         the same port from the state it persisted."""
         rc = self.coordinator.poll()
         if rc is None:
-            alive = os.path.join(self.run_dir, ".coordinator_alive")
+            alive = os.path.join(self.run_dir, ALIVE)
             try:
                 age = time.time() - os.path.getmtime(alive)
             except OSError:
@@ -173,7 +164,7 @@ class LocalLauncher:
             else:
                 return None
         if rc >= 0 or self.restarts >= MAX_COORDINATOR_RESTARTS or \
-                not os.path.exists(os.path.join(self.run_dir, "control_state.json")):
+                not os.path.exists(os.path.join(self.run_dir, CONTROL_STATE)):
             return rc
         self.restarts += 1
         log.warning("the coordinator died (%s); restarting it on port %d (restart %d of %d)",
@@ -422,7 +413,7 @@ class LocalLauncher:
             alive = (v["t1"] if v["t1"] is not None else now) - v["t0"]
             out[m] = {"start": v["start"], "end": v["start"] + alive, "cause": v["cause"], "alive_s": alive,
                       "workers": [w for w, mm in self.machine_of.items() if mm == m]}
-        with open(os.path.join(self.run_dir, "machines.json"), "w") as f:
+        with open(os.path.join(self.run_dir, MACHINES), "w") as f:
             json.dump(out, f, indent=1)
 
     def cleanup(self) -> None:

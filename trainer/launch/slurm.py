@@ -34,8 +34,10 @@ from typing import Dict, List, Optional
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.auth import new_token
 
-from kintsugi.trainer.config.job import ConfigError, JobConfig
+from kintsugi.trainer.config.errors import ConfigError
+from kintsugi.trainer.config.job import JobConfig
 from kintsugi.trainer.launch.local import child_env
+from kintsugi.recovery.runfiles import FINAL_STATE, JOB
 
 log = logging.getLogger("kintsugi.slurm")
 EX_TEMPFAIL = 75  # the coordinator's exit code when the run suspended into a checkpoint
@@ -145,7 +147,7 @@ class SlurmRun:
         job = self.job
         os.makedirs(self.run_dir, exist_ok=True)
         _maybe_resume(job, self.run_dir)
-        job_path = os.path.join(self.run_dir, "job.json")
+        job_path = os.path.join(self.run_dir, JOB)
         with open(job_path, "w") as f:
             json.dump(job.public_dict(), f, indent=1)  # the token travels in the environment only
         env = child_env({P.TOKEN_ENV: P.resolve_token(job.recovery.token) or new_token()})
@@ -198,27 +200,13 @@ class SlurmRun:
 
     def _finished(self) -> bool:
         try:
-            with open(os.path.join(self.run_dir, "coordinator_state.json")) as f:
+            with open(os.path.join(self.run_dir, FINAL_STATE)) as f:
                 return json.load(f).get("final_val_loss") is not None
         except (OSError, ValueError):
             return False
 
     def _connect(self, port: int):
-        deadline = time.time() + self.job.launcher.start_timeout_s
-        while True:
-            if self.coordinator.poll() is not None:
-                raise RuntimeError(f"the coordinator exited with code {self.coordinator.returncode} before it "
-                                   "served; see its log above")
-            try:
-                store = P.connect("127.0.0.1", port, timeout_s=10)
-                if store.check(["job"]):
-                    return store
-            except RuntimeError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"the coordinator did not come up on port {port} within "
-                                   f"{self.job.launcher.start_timeout_s:.0f}s")
-            time.sleep(0.1)
+        return P.wait_for_store("127.0.0.1", port, self.job.launcher.start_timeout_s, process=self.coordinator)
 
     def _wait(self) -> int:
         """The coordinator's exit code. If every worker is gone but the coordinator is not, give it a

@@ -36,8 +36,10 @@ from datetime import timedelta
 
 from kintsugi.recovery import protocol as P
 
-from kintsugi.trainer.config.job import ConfigError, JobConfig
+from kintsugi.trainer.config.errors import ConfigError
+from kintsugi.trainer.config.job import JobConfig
 from kintsugi.trainer.launch.local import child_env
+from kintsugi.recovery.runfiles import JOB
 
 log = logging.getLogger("kintsugi.torchrun")
 
@@ -68,7 +70,7 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
                               "launcher=torchrun` or use launcher=local") from None
         if rank == 0:
             os.makedirs(run_dir, exist_ok=True)
-            job_path = os.path.join(run_dir, "job.json")
+            job_path = os.path.join(run_dir, JOB)
             with open(job_path, "w") as f:
                 json.dump(job.public_dict(), f, indent=1)
             cmd = [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host", host,
@@ -198,14 +200,4 @@ def release_exit_barrier() -> bool:
 
 
 def _connect(host: str, port: int, timeout_s: float):
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            store = P.connect(host, port, timeout_s=timeout_s)
-            if store.check(["job"]):
-                return store
-        except RuntimeError:
-            pass
-        if time.time() > deadline:
-            raise RuntimeError(f"no coordinator answered at {host}:{port} within {timeout_s:.0f}s")
-        time.sleep(0.2)
+    return P.wait_for_store(host, port, timeout_s, poll_s=0.2)

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
-from kintsugi.trainer.reporting.summary import read_metrics
+from kintsugi.recovery.runfiles import METRICS, SUMMARY, read_metrics
 
 # summary.json's bytes keys in table order, with short column titles. "p2p" (the sum of the first
 # two) is left out so that no byte is counted twice.
@@ -57,8 +57,8 @@ def load_run(path: str) -> Run:
     path = os.path.normpath(path)
     if not os.path.isdir(path):
         raise ValueError(f"{path}: no such run directory; pass outputs/<name>/<time> directories")
-    summary_path = os.path.join(path, "summary.json")
-    if not os.path.isfile(summary_path) and not os.path.isfile(os.path.join(path, "metrics.jsonl")):
+    summary_path = os.path.join(path, SUMMARY)
+    if not os.path.isfile(summary_path) and not os.path.isfile(os.path.join(path, METRICS)):
         raise ValueError(f"{path}: neither summary.json nor metrics.jsonl, so not a Kintsugi run directory")
     summary = {}
     if os.path.isfile(summary_path):

@@ -24,10 +24,8 @@ import json
 import os
 import time
 from typing import Callable, Dict, List, Optional, Tuple
+from kintsugi.recovery.runfiles import ALIVE, CONTROL_STATE, FINAL_STATE, JOB, METRICS, SUMMARY
 
-CONTROL_FILE = "control_state.json"
-FINAL_FILE = "coordinator_state.json"
-ALIVE_FILE = ".coordinator_alive"
 ALIVE_WITHIN_S = 10.0  # the coordinator touches its liveness file every second
 TAIL_BYTES = 256 * 1024  # enough metrics.jsonl for the last losses of any reasonable run
 NUM_LAST = 5
@@ -103,12 +101,12 @@ class HeartbeatClock:
 
 def run_state(run_dir: str) -> Tuple[str, str]:
     """(state, detail): starting / running / unresponsive / finished / stopped / suspended."""
-    control_t = _mtime(os.path.join(run_dir, CONTROL_FILE))
-    final_t = _mtime(os.path.join(run_dir, FINAL_FILE))
+    control_t = _mtime(os.path.join(run_dir, CONTROL_STATE))
+    final_t = _mtime(os.path.join(run_dir, FINAL_STATE))
     # A resumed run keeps the previous coordinator's final file; it is the end of *this* run only if
     # it was written after the last control-state write (both come from the same final persist).
     if final_t is not None and (control_t is None or final_t >= control_t - 1.0):
-        final = _read_json(os.path.join(run_dir, FINAL_FILE)) or {}
+        final = _read_json(os.path.join(run_dir, FINAL_STATE)) or {}
         if final.get("suspended"):
             return "suspended", f"checkpointed; continue with train.resume={os.path.abspath(run_dir)}"
         if final.get("error"):
@@ -116,7 +114,7 @@ def run_state(run_dir: str) -> Tuple[str, str]:
         return "finished", ""
     if control_t is None:
         return "starting", "no coordinator state yet"
-    alive_t = _mtime(os.path.join(run_dir, ALIVE_FILE))
+    alive_t = _mtime(os.path.join(run_dir, ALIVE))
     age = time.time() - (alive_t if alive_t is not None else control_t)
     if age <= ALIVE_WITHIN_S:
         return "running", ""
@@ -126,8 +124,8 @@ def run_state(run_dir: str) -> Tuple[str, str]:
 def _check_run_dir(run_dir: str) -> None:
     if not os.path.isdir(run_dir):
         raise StatusError(f"{run_dir}: no such run directory; pass a run's outputs/<name>/<time> directory")
-    if not any(os.path.isfile(os.path.join(run_dir, n)) for n in ("job.json", CONTROL_FILE, FINAL_FILE)):
-        raise StatusError(f"{run_dir}: no job.json or {CONTROL_FILE}, so not a Kintsugi run directory; "
+    if not any(os.path.isfile(os.path.join(run_dir, n)) for n in (JOB, CONTROL_STATE, FINAL_STATE)):
+        raise StatusError(f"{run_dir}: no job.json or {CONTROL_STATE}, so not a Kintsugi run directory; "
                           "pass outputs/<name>/<time>")
 
 
@@ -137,11 +135,11 @@ def collect(run_dir: str, clock: Optional[HeartbeatClock] = None,
     is the coordinator's own view; without it `clock` estimates them across calls."""
     _check_run_dir(run_dir)
     now = time.time()
-    job = _read_json(os.path.join(run_dir, "job.json")) or {}
-    control_path = os.path.join(run_dir, CONTROL_FILE)
+    job = _read_json(os.path.join(run_dir, JOB)) or {}
+    control_path = os.path.join(run_dir, CONTROL_STATE)
     control = _read_json(control_path) or {}
-    final = _read_json(os.path.join(run_dir, FINAL_FILE)) or {}
-    summary = _read_json(os.path.join(run_dir, "summary.json"))
+    final = _read_json(os.path.join(run_dir, FINAL_STATE)) or {}
+    summary = _read_json(os.path.join(run_dir, SUMMARY))
     written_at = _mtime(control_path)
     parallel = job.get("parallel", {})
     R, S = int(parallel.get("replicas", 1)), int(parallel.get("stages", 0))
@@ -182,7 +180,7 @@ def collect(run_dir: str, clock: Optional[HeartbeatClock] = None,
                       "waiting": bool(c.get("waiting")), "lost": sorted(c.get("lost") or {}),
                       "rebuilding": sorted(c.get("rebuilding") or {}), "layout": plan.get("layout")})
 
-    records = tail_records(os.path.join(run_dir, "metrics.jsonl"))
+    records = tail_records(os.path.join(run_dir, METRICS))
     commits = [r for r in records if "loss" in r and "step" in r and "replica" in r and "event" not in r]
     vals = [r for r in records if "val_loss" in r]
     rebuilds = control.get("rebuilds") or final.get("rebuilds") or []

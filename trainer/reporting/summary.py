@@ -14,31 +14,9 @@ from typing import Dict, List, Optional
 from kintsugi.recovery.records import dumps_strict
 
 from kintsugi.trainer.config.job import JobConfig
+from kintsugi.recovery.runfiles import FINAL_STATE, SUMMARY, read_metrics
 
 log = logging.getLogger("kintsugi.outputs")
-
-
-def read_metrics(run_dir: str):
-    commits, evals, events = [], [], []
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return commits, evals, events
-    if not os.path.isfile(path):  # a device or FIFO in its place: reading it may never end
-        log.warning("%s is not a regular file; the summary is made without it", path)
-        return commits, evals, events
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash or a full disk
-            if "event" in rec:
-                events.append(rec["event"])
-            elif "val_loss" in rec:
-                evals.append(rec)
-            else:
-                commits.append(rec)
-    return commits, evals, events
 
 
 def param_count(job: JobConfig) -> int:
@@ -50,7 +28,7 @@ def param_count(job: JobConfig) -> int:
 
 
 def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]:
-    state_path = os.path.join(run_dir, "coordinator_state.json")
+    state_path = os.path.join(run_dir, FINAL_STATE)
     if not os.path.exists(state_path):
         return None
     try:
@@ -101,7 +79,7 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         "config": job.public_dict(),
     }
     try:
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        with open(os.path.join(run_dir, SUMMARY), "w") as f:
             f.write(dumps_strict(summary, indent=1))  # a NaN loss becomes null: the file stays valid JSON
     except OSError as e:  # disk full: the caller still reports the run (and its exit code shows it)
         log.error("cannot write summary.json (%s)", e)

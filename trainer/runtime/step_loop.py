@@ -26,7 +26,7 @@ from kintsugi.recovery import protocol as P
 from kintsugi.recovery.commit import Commit, finite_total
 from kintsugi.recovery.plan import CellPlan, Slot
 from kintsugi.trainer.config.job import JobConfig
-from kintsugi.trainer.data.corpus import ShardedBatches, val_batches
+from kintsugi.trainer.data.batches import ShardedBatches, val_batches
 from kintsugi.trainer.model.llama import cross_entropy_loss
 from kintsugi.trainer.runtime.hooks import Leave, StepHook
 

@@ -40,8 +40,9 @@ from kintsugi.recovery import protocol as P
 from kintsugi.recovery.checkpoint import AsyncCheckpointer, CheckpointCorrupt
 from kintsugi.recovery.commit import Commit
 from kintsugi.recovery.plan import CellPlan
-from kintsugi.trainer.config.job import JobConfig, fault_events, held_at_boundary
-from kintsugi.trainer.data.corpus import ShardedBatches, load_tokens
+from kintsugi.trainer.config.faults import fault_events, held_at_boundary
+from kintsugi.trainer.config.job import JobConfig
+from kintsugi.trainer.data.batches import ShardedBatches, load_tokens
 from kintsugi.trainer.runtime import ending, joining
 from kintsugi.trainer.runtime import hooks as H
 from kintsugi.trainer.runtime.rebuild import Donor, XferFailed, execute_plan, hand_off
