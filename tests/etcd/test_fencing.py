@@ -1,0 +1,62 @@
+"""Fencing: a leader whose lease is gone on the server can change nothing, even while its own
+clock still says it leads (a partition, a pause, a slow renewal thread)."""
+import pytest
+
+from kintsugi.recovery.etcd_client import EtcdClient
+from kintsugi.recovery.etcd_election import Election, find_leader
+from kintsugi.recovery.etcd_state import EtcdStateStore
+from kintsugi.recovery.state_store import Fenced
+
+
+def test_deposed_leader_cannot_write(etcd_cluster):
+    prefix = "/test/fence/"
+    # A long TTL keeps A's local deadline far away: only the server's compare can stop it.
+    a = Election(EtcdClient(etcd_cluster.endpoints), prefix, ttl_s=30, candidate="a")
+    b = Election(EtcdClient(etcd_cluster.endpoints), prefix, ttl_s=30, candidate="b")
+    store_a = EtcdStateStore(a.client, prefix, a)
+    store_b = EtcdStateStore(b.client, prefix, b)
+    assert a.campaign(timeout_s=10) and a.epoch == 1
+    a.publish("10.0.0.1:29400")
+    store_a.save({"plan": "from a", "gen": 1})
+
+    # The server drops A's lease (as at expiry) while A's renewal thread sleeps: A still believes.
+    admin = EtcdClient(etcd_cluster.endpoints)
+    admin.revoke(a._lease)
+    assert b.campaign(timeout_s=10) and b.epoch == 2
+    store_b.save({"plan": "from b", "gen": 2})
+    assert a.is_leader, "the test needs A to believe it leads"
+
+    with pytest.raises(Fenced, match="epoch 2 .b. leads now"):
+        store_a.save({"plan": "stale, from a", "gen": 2})
+    assert not a.is_leader and a.lost.is_set()
+    with pytest.raises(Fenced):
+        a.publish("10.0.0.1:29400")
+
+    # What etcd holds is B's, untouched, and its history has no write of A after B's first.
+    fresh = EtcdStateStore(admin, prefix)
+    assert fresh.load() == {"plan": "from b", "gen": 2} and fresh.last_epoch == 2
+    assert [doc["epoch"] for _, doc in fresh.history()] == [2, 1]
+    leader = find_leader(admin, prefix)
+    assert (leader.epoch, leader.candidate, leader.address) == (2, "b", None)
+    a.close()
+    b.close()
+
+
+def test_resign_hands_over_at_once_and_epochs_never_repeat(etcd_cluster):
+    """A leader that resigns (or dies) before writing anything still used up its epoch: the next
+    leader's epoch is higher, so an incarnation derived from it is never reused."""
+    import time
+    prefix = "/test/resign/"
+    elections = [Election(EtcdClient(etcd_cluster.endpoints), prefix, ttl_s=10, candidate=f"c{i}") for i in range(3)]
+    epochs = []
+    for e in elections:
+        started = time.monotonic()
+        assert e.campaign(timeout_s=5), "the previous leader resigned: the key must be free at once"
+        assert time.monotonic() - started < 2.0
+        epochs.append(e.epoch)
+        e.resign()
+        assert not e.is_leader
+    assert epochs == [1, 2, 3]
+    assert find_leader(EtcdClient(etcd_cluster.endpoints), prefix) is None
+    for e in elections:
+        e.close()
