@@ -130,12 +130,23 @@ class Credentials:
         return cls(user=user or None, password=password, ca_file=ca, cert_file=cert, key_file=key)
 
 
+_NO_CLIENT_CERT = ("TLS: it refused this client's certificate (none given, or not signed by its CA: "
+                   "set KINTSUGI_ETCD_CERT and KINTSUGI_ETCD_KEY)")
+
+
 def _reason(exc: Exception) -> str:
     """A short reason for one endpoint's failure, for the one-line error."""
     text = f"{getattr(exc, 'detail_text', '') or ''} {exc}"
     for needle, short in (("no leader", "no quorum"), ("etcdserver: request timed out", "no quorum"),
                           ("Connection refused", "connection refused"), ("timed out", "timed out"),
                           ("Name or service not known", "unknown host"), ("No route to host", "no route to host"),
+                          ("BAD_CERTIFICATE", _NO_CLIENT_CERT), ("CERTIFICATE_REQUIRED", _NO_CLIENT_CERT),
+                          # TLS 1.3: the server's alert may lose the race with its closing the socket
+                          ("EOF occurred in violation of protocol", _NO_CLIENT_CERT),
+                          ("CERTIFICATE_VERIFY_FAILED", "TLS: its certificate does not verify (set KINTSUGI_ETCD_CA "
+                                                        "to the cluster's CA)"),
+                          ("WRONG_VERSION_NUMBER", "TLS: it speaks plain http, not https"),
+                          ("RemoteDisconnected", "closed the connection: does it want https://?"),
                           ("SSL", "TLS handshake failed")):
         if needle in text:
             return short
@@ -179,14 +190,22 @@ class EtcdClient:
         c = self._clients.get(endpoint)
         if c is None:
             import etcd3gw
+            import requests
             scheme, _, rest = endpoint.partition("://")
             host, _, port = rest.rpartition(":")
             cred = self.credentials
+            session = requests.Session()
+            # The environment must not redirect the control plane: REQUESTS_CA_BUNDLE would replace
+            # the configured CA (requests lets it win over the session's), a proxy variable would
+            # send etcd traffic through a proxy.
+            session.trust_env = False
+            session.verify = cred.ca_file or True
+            if cred.cert_file:
+                session.cert = (cred.cert_file, cred.key_file)
             # Debian's etcd is 3.4: the gateway lives at /v3/; naming it saves a /version round trip
             # per endpoint (an older cluster can be pointed at with ETCD3GW_API_PATH).
-            c = etcd3gw.client(host=host.strip("[]"), port=int(port), protocol=scheme, ca_cert=cred.ca_file,
-                               cert_cert=cred.cert_file, cert_key=cred.key_file, timeout=self.timeout_s,
-                               api_path=os.environ.get("ETCD3GW_API_PATH", "/v3/"))
+            c = etcd3gw.client(host=host.strip("[]"), port=int(port), protocol=scheme, timeout=self.timeout_s,
+                               api_path=os.environ.get("ETCD3GW_API_PATH", "/v3/"), session=session)
             self._clients[endpoint] = c
         return c
 
@@ -196,7 +215,7 @@ class EtcdClient:
         EtcdUnavailable (one line) when none does, EtcdError when etcd refused the request."""
         from etcd3gw import exceptions as E
         with self._lock:
-            failures: List[str] = []
+            failures: List[Tuple[str, str]] = []
             n = len(self.endpoints)
             for i in range(n):
                 idx = (self._current + i) % n
@@ -205,16 +224,20 @@ class EtcdClient:
                     result = self._post_authenticated(endpoint, path, body)
                 except (E.ConnectionFailedError, E.ConnectionTimeoutError, E.InternalServerError) as e:
                     # Down, unreachable, partitioned away or without quorum: the next member may answer.
-                    failures.append(f"{endpoint} ({_reason(e)})")
+                    failures.append((endpoint, _reason(e)))
                     continue
                 except _NotEtcd as e:
-                    failures.append(f"{endpoint} (answers, but is not etcd's gateway: {e})")
+                    failures.append((endpoint, f"answers, but is not etcd's gateway: {e}"))
                     continue
                 if idx != self._current:
                     log.warning("etcd: %s did not answer; using %s", self.endpoints[self._current], endpoint)
                     self._current = idx
                 return result
-            raise EtcdUnavailable("no etcd endpoint answered: " + ", ".join(failures) +
+            by_reason: Dict[str, List[str]] = {}
+            for endpoint, why in failures:
+                by_reason.setdefault(why, []).append(endpoint)
+            raise EtcdUnavailable("no etcd endpoint answered: " +
+                                  "; ".join(f"{', '.join(eps)} ({why})" for why, eps in by_reason.items()) +
                                   "; start or heal the cluster, or fix recovery.etcd.endpoints")
 
     def _post_authenticated(self, endpoint: str, path: str, body: dict) -> dict:

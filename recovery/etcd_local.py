@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 def etcd_binary() -> Optional[str]:
@@ -48,7 +48,10 @@ class LocalEtcd:
     """`members` etcd processes forming one cluster on 127.0.0.1 (and on `extra_host` too, e.g. the
     host end of a veth pair, for clients in another network namespace)."""
 
-    def __init__(self, members: int = 3, base_dir: Optional[str] = None, extra_host: Optional[str] = None):
+    def __init__(self, members: int = 3, base_dir: Optional[str] = None, extra_host: Optional[str] = None,
+                 tls: Optional[Tuple[str, str, str]] = None):
+        """`tls`: (CA, server certificate, server key) files; clients then speak https and must
+        present a certificate that CA signed (etcd's --client-cert-auth)."""
         binary = etcd_binary()
         if binary is None:
             raise FileNotFoundError("etcd is not installed: apt-get install etcd-server (Debian/Ubuntu)")
@@ -58,20 +61,26 @@ class LocalEtcd:
         ports = free_ports(2 * members)
         self.client_ports, self.peer_ports = ports[:members], ports[members:]
         self.procs: List[Optional[subprocess.Popen]] = [None] * members
-        self.endpoints = [f"http://127.0.0.1:{p}" for p in self.client_ports]
+        self.tls = tls
+        scheme = "https" if tls else "http"
+        self.endpoints = [f"{scheme}://127.0.0.1:{p}" for p in self.client_ports]
         self.token = f"kintsugi-{os.getpid()}-{int(time.time() * 1000)}"
 
     def _cmd(self, i: int) -> List[str]:
         cluster = ",".join(f"m{j}=http://127.0.0.1:{p}" for j, p in enumerate(self.peer_ports))
-        listen = f"http://127.0.0.1:{self.client_ports[i]}"
+        listen = self.endpoints[i]
         if self.extra_host:
-            listen += f",http://{self.extra_host}:{self.client_ports[i]}"
+            listen += "," + self.endpoints[i].replace("127.0.0.1", self.extra_host)
+        tls = []
+        if self.tls:
+            ca, cert, key = self.tls
+            tls = ["--trusted-ca-file", ca, "--cert-file", cert, "--key-file", key, "--client-cert-auth"]
         return [self.binary, "--name", f"m{i}", "--data-dir", os.path.join(self.dir, f"m{i}"),
                 "--listen-client-urls", listen, "--advertise-client-urls", self.endpoints[i],
                 "--listen-peer-urls", f"http://127.0.0.1:{self.peer_ports[i]}",
                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_ports[i]}",
                 "--initial-cluster", cluster, "--initial-cluster-token", self.token,
-                "--initial-cluster-state", "new", "--logger", "zap", "--log-level", "error"]
+                "--initial-cluster-state", "new", "--logger", "zap", "--log-level", "error"] + tls
 
     def start(self, timeout_s: float = 20.0) -> "LocalEtcd":
         for i in range(self.n):
@@ -90,8 +99,14 @@ class LocalEtcd:
 
     def healthy(self, i: int) -> bool:
         """Member i answers and the cluster has a leader (etcd's /health needs a quorum)."""
+        context = None
+        if self.tls:
+            import ssl
+            ca, cert, key = self.tls   # the server's own pair is signed by the same CA: good enough here
+            context = ssl.create_default_context(cafile=ca)
+            context.load_cert_chain(cert, key)
         try:
-            with urllib.request.urlopen(self.endpoints[i] + "/health", timeout=1.0) as r:
+            with urllib.request.urlopen(self.endpoints[i] + "/health", timeout=1.0, context=context) as r:
                 return b'"true"' in r.read()
         except OSError:
             return False
@@ -155,6 +170,26 @@ class LocalEtcd:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def make_test_certificates(directory: str, client_name: str = "kintsugi") -> dict:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (CN
+    `client_name`), with the openssl command-line tool: paths by role. For tests and trying TLS."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60, cwd=directory)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=kintsugi-test-ca",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    for name, cn, ext in (("server", "127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
+                          ("client", client_name, "extendedKeyUsage=clientAuth")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        with open(os.path.join(directory, f"{name}.ext"), "w") as f:
+            f.write(ext + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    return {k: os.path.join(directory, v) for k, v in (("ca", "ca.pem"), ("server_cert", "server.pem"),
+                                                       ("server_key", "server.key"), ("client_cert", "client.pem"),
+                                                       ("client_key", "client.key"))}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
