@@ -17,6 +17,20 @@ def etcd_available():
 
 @pytest.fixture
 def etcd_cluster(etcd_available):
+    """A cluster of its own, for a test that kills members or changes the cluster (auth)."""
+    cluster = LocalEtcd(3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def shared_etcd():
+    """One cluster for the tests of a module that leave its members alone (each on its own prefix)."""
+    why = etcd_missing()
+    if why:
+        pytest.skip(why)
     cluster = LocalEtcd(3).start()
     try:
         yield cluster

@@ -38,17 +38,17 @@ def _assert_never_interleaved(writes):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "stop"])
-def test_standby_leads_within_ttl_plus_1s(etcd_cluster, campaigners, sig):
+def test_standby_leads_within_ttl_plus_1s(shared_etcd, campaigners, sig):
     prefix = f"/test/elect-{sig.name}/"
-    cands = [campaigners.start(etcd_cluster.endpoints, prefix, f"c{i}", ttl=TTL,
+    cands = [campaigners.start(shared_etcd.endpoints, prefix, f"c{i}", ttl=TTL,
                                args=["--rejoin", "--save-every", "0.05", "--address", f"10.0.0.{i}:29400"])
              for i in range(3)]
     old = _first_leader(cands)
-    time.sleep(1.0)   # the others keep campaigning meanwhile
+    time.sleep(0.5)   # the others keep campaigning meanwhile
     assert len([c for c in cands if c.of("leader")]) == 1, [c.events for c in cands]
     old = old[0]
     first = old.of("leader")[0]
-    client = EtcdClient(etcd_cluster.endpoints)
+    client = EtcdClient(shared_etcd.endpoints)
     seen = find_leader(client, prefix)
     assert (seen.epoch, seen.candidate, seen.address) == (first["epoch"], old.name, f"10.0.0.{old.name[1]}:29400")
 
@@ -133,6 +133,7 @@ def namespace():
         ns.close()
 
 
+@pytest.mark.slow
 def test_partitioned_leader_stops_acting_before_successor_wins(etcd_available, namespace, campaigners):
     """The leader runs in a network namespace and loses its link to every etcd member for longer
     than the TTL. It must give up leading (its `lost` time) before the standby wins (its `leader`

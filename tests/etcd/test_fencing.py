@@ -8,11 +8,11 @@ from kintsugi.recovery.etcd_state import EtcdStateStore
 from kintsugi.recovery.state_store import Fenced
 
 
-def test_deposed_leader_cannot_write(etcd_cluster):
+def test_deposed_leader_cannot_write(shared_etcd):
     prefix = "/test/fence/"
     # A long TTL keeps A's local deadline far away: only the server's compare can stop it.
-    a = Election(EtcdClient(etcd_cluster.endpoints), prefix, ttl_s=30, candidate="a")
-    b = Election(EtcdClient(etcd_cluster.endpoints), prefix, ttl_s=30, candidate="b")
+    a = Election(EtcdClient(shared_etcd.endpoints), prefix, ttl_s=30, candidate="a")
+    b = Election(EtcdClient(shared_etcd.endpoints), prefix, ttl_s=30, candidate="b")
     store_a = EtcdStateStore(a.client, prefix, a)
     store_b = EtcdStateStore(b.client, prefix, b)
     assert a.campaign(timeout_s=10) and a.epoch == 1
@@ -20,7 +20,7 @@ def test_deposed_leader_cannot_write(etcd_cluster):
     store_a.save({"plan": "from a", "gen": 1})
 
     # The server drops A's lease (as at expiry) while A's renewal thread sleeps: A still believes.
-    admin = EtcdClient(etcd_cluster.endpoints)
+    admin = EtcdClient(shared_etcd.endpoints)
     admin.revoke(a._lease)
     assert b.campaign(timeout_s=10) and b.epoch == 2
     store_b.save({"plan": "from b", "gen": 2})
@@ -42,12 +42,12 @@ def test_deposed_leader_cannot_write(etcd_cluster):
     b.close()
 
 
-def test_resign_hands_over_at_once_and_epochs_never_repeat(etcd_cluster):
+def test_resign_hands_over_at_once_and_epochs_never_repeat(shared_etcd):
     """A leader that resigns (or dies) before writing anything still used up its epoch: the next
     leader's epoch is higher, so an incarnation derived from it is never reused."""
     import time
     prefix = "/test/resign/"
-    elections = [Election(EtcdClient(etcd_cluster.endpoints), prefix, ttl_s=10, candidate=f"c{i}") for i in range(3)]
+    elections = [Election(EtcdClient(shared_etcd.endpoints), prefix, ttl_s=10, candidate=f"c{i}") for i in range(3)]
     epochs = []
     for e in elections:
         started = time.monotonic()
@@ -57,6 +57,6 @@ def test_resign_hands_over_at_once_and_epochs_never_repeat(etcd_cluster):
         e.resign()
         assert not e.is_leader
     assert epochs == [1, 2, 3]
-    assert find_leader(EtcdClient(etcd_cluster.endpoints), prefix) is None
+    assert find_leader(EtcdClient(shared_etcd.endpoints), prefix) is None
     for e in elections:
         e.close()
