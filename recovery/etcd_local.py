@@ -83,9 +83,13 @@ class LocalEtcd:
                 "--initial-cluster-state", "new", "--logger", "zap", "--log-level", "error"] + tls
 
     def start(self, timeout_s: float = 20.0) -> "LocalEtcd":
-        for i in range(self.n):
-            self._spawn(i)
-        self.wait_healthy(timeout_s)
+        try:
+            for i in range(self.n):
+                self._spawn(i)
+            self.wait_healthy(timeout_s)
+        except BaseException:
+            self.close()   # no member and no data directory outlives a failed start
+            raise
         return self
 
     def _spawn(self, i: int) -> None:
@@ -202,6 +206,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (FileNotFoundError, RuntimeError, TimeoutError) as e:
         print(f"etcd_local: {e}", file=sys.stderr)
         return 2
+    def stop(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)   # the members run in sessions of their own: stop them too
     print("recovery.control=etcd recovery.etcd.endpoints=[" + ",".join(cluster.endpoints) + "]", flush=True)
     print(f"# {cluster.n} members, data in {cluster.dir}; Ctrl-C stops them and removes it", file=sys.stderr)
     try:
