@@ -67,6 +67,7 @@ class Election:
         self.poll_s = poll_s
         self.epoch: Optional[int] = None
         self.revision: Optional[int] = None
+        self.lost_at: Optional[float] = None   # monotonic time the last leadership ended
         self._lease: Optional[int] = None
         self._valid_until = 0.0            # monotonic; the lease is surely alive on the server before it
         self._leading = False
@@ -147,6 +148,7 @@ class Election:
             self._leading = False
             self._cond.notify_all()
         if was:
+            self.lost_at = time.monotonic()
             self._lost.set()
             log.warning("coordinator %s no longer leads (epoch %s): %s", self.candidate, self.epoch, why)
             if self.on_lost is not None:

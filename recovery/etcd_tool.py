@@ -63,9 +63,7 @@ def _campaign(args) -> int:
     settings = _settings(args)
     client = EtcdClient.from_settings(settings)
     client.check(settings.prefix)
-    lost_at: List[float] = []
-    election = Election(client, settings.prefix, ttl_s=settings.lease_ttl_s, candidate=args.name,
-                        on_lost=lambda: lost_at.append(time.monotonic()))
+    election = Election(client, settings.prefix, ttl_s=settings.lease_ttl_s, candidate=args.name)
     store = EtcdStateStore(client, settings.prefix, election)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -93,9 +91,11 @@ def _campaign(args) -> int:
             except EtcdError as e:       # an outage: the lease decides whether we still lead
                 _emit("write_failed", epoch=election.epoch, error=str(e))
             stop.wait(args.save_every)
-        # `lost_at` holds when the renewal thread gave the lease up (at its deadline, not when this
-        # loop noticed); a resignation or a refused write ends it here.
-        _emit("lost", epoch=election.epoch, at=lost_at[-1] if lost_at else time.monotonic(), saves=n)
+        # When the leadership ended: the renewal thread gives the lease up at its deadline, which
+        # this loop may notice first (is_leader turns False by itself); a refusal or resignation
+        # ends it here.
+        election.lost.wait(settings.lease_ttl_s)
+        _emit("lost", epoch=election.epoch, at=election.lost_at, saves=n)
         if not args.rejoin:
             break
     election.close()
