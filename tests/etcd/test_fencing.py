@@ -60,3 +60,36 @@ def test_resign_hands_over_at_once_and_epochs_never_repeat(shared_etcd):
     assert find_leader(EtcdClient(shared_etcd.endpoints), prefix) is None
     for e in elections:
         e.close()
+
+
+def test_racing_candidates_exactly_one_wins(shared_etcd):
+    """Eight candidates read "nobody leads" at the same moment and all try to win: one does, each
+    round, and the epochs count rounds (one per win, none skipped or repeated)."""
+    import threading
+    prefix = "/test/race/"
+    elections = [Election(EtcdClient(shared_etcd.endpoints), prefix, ttl_s=10, candidate=f"c{i}") for i in range(8)]
+    for e in elections:      # leases first, so that the race is in the winning transaction alone
+        e._grant()
+    winners_by_round = []
+    for round_ in range(5):
+        barrier = threading.Barrier(len(elections))
+        won = [False] * len(elections)
+
+        def run(i):
+            barrier.wait()
+            won[i] = elections[i]._try_win()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(elections))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        winners = [elections[i] for i, w in enumerate(won) if w]
+        assert len(winners) == 1, f"round {round_}: {[w.candidate for w in winners]} all won"
+        winners_by_round.append(winners[0].epoch)
+        assert find_leader(EtcdClient(shared_etcd.endpoints), prefix).candidate == winners[0].candidate
+        winners[0].resign()
+        winners[0]._grant()
+    assert winners_by_round == [1, 2, 3, 4, 5]
+    for e in elections:
+        e.close()
