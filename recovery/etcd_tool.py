@@ -72,8 +72,11 @@ def _campaign(args) -> int:
         if not election.campaign(stop=stop):
             break
         _emit("leader", epoch=election.epoch, candidate=election.candidate, revision=election.revision)
-        if args.address:
-            election.publish(args.address)
+        try:
+            if args.address:
+                election.publish(args.address)
+        except Fenced as e:            # deposed between winning and publishing: lead no further
+            _emit("fenced", epoch=election.epoch, error=str(e))
         held_until = None if args.hold is None else time.monotonic() + args.hold
         n = 0
         while not stop.is_set() and election.is_leader:
@@ -91,6 +94,8 @@ def _campaign(args) -> int:
             except EtcdError as e:       # an outage: the lease decides whether we still lead
                 _emit("write_failed", epoch=election.epoch, error=str(e))
             stop.wait(args.save_every)
+        if stop.is_set():
+            break                  # close() below resigns: a standby takes over at once
         # When the leadership ended: the renewal thread gives the lease up at its deadline, which
         # this loop may notice first (is_leader turns False by itself); a refusal or resignation
         # ends it here.

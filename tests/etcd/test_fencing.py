@@ -93,3 +93,36 @@ def test_racing_candidates_exactly_one_wins(shared_etcd):
     assert winners_by_round == [1, 2, 3, 4, 5]
     for e in elections:
         e.close()
+
+
+def test_workers_find_the_next_leader(shared_etcd):
+    """What a worker whose coordinator went away does: wait for a leader newer than the one it knew
+    that has published its store address."""
+    import threading
+    import time
+    from kintsugi.recovery.etcd_election import wait_for_leader
+    prefix = "/test/find/"
+    reader = EtcdClient(shared_etcd.endpoints)
+    assert wait_for_leader(reader, prefix, timeout_s=0.5, poll_s=0.05) is None     # nobody leads yet
+    a = Election(EtcdClient(shared_etcd.endpoints), prefix, ttl_s=10, candidate="a")
+    assert a.campaign(timeout_s=10)
+    assert wait_for_leader(reader, prefix, timeout_s=0.5, poll_s=0.05) is None     # no address yet
+    a.publish("10.0.0.1:29400")
+    found = wait_for_leader(reader, prefix, timeout_s=5, poll_s=0.05)
+    assert (found.epoch, found.address) == (1, "10.0.0.1:29400")
+    # The worker knew epoch 1; it waits while a leads, and gets b once b has taken over and published.
+    assert wait_for_leader(reader, prefix, newer_than=1, timeout_s=0.5, poll_s=0.05) is None
+    b = Election(EtcdClient(shared_etcd.endpoints), prefix, ttl_s=10, candidate="b")
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(
+        info=wait_for_leader(reader.clone(), prefix, newer_than=1, timeout_s=20, poll_s=0.05)))
+    waiter.start()
+    a.resign()
+    assert b.campaign(timeout_s=10)
+    time.sleep(0.3)
+    assert waiter.is_alive(), "b has not published its address yet"
+    b.publish("10.0.0.2:29400")
+    waiter.join(10)
+    assert (result["info"].epoch, result["info"].candidate, result["info"].address) == (2, "b", "10.0.0.2:29400")
+    a.close()
+    b.close()
