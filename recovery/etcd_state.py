@@ -1,0 +1,82 @@
+"""The coordinator's state in etcd: one JSON document, written only by the current leader.
+
+`EtcdStateStore` implements `recovery.state_store.StateStore` over one key, `<prefix>state`. Each
+`save` is a transaction whose compare is the leader's fence (`Election.fence()`: the leader key is
+still the one this process created), so a deposed leader - paused, partitioned, or simply slower
+than its lease - cannot overwrite what its successor wrote; the refused write raises `Fenced` and
+ends the leadership. The document records who wrote it:
+
+    {"epoch": 3, "seq": 41, "candidate": "host:pid:tag", "state": {...the coordinator's state...}}
+
+`seq` counts this leader's writes; with etcd's revision history (every version of the key, until
+compaction) a test or an operator can check that writes never interleave between two leaders: the
+epochs along the history never go down.
+
+Size: etcd refuses requests over `--max-request-bytes` (1.5 MiB by default); the state is written
+whole, so a document near that size is refused here with the key's size and the fix, before etcd
+answers with a less helpful error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Iterator, Optional, Tuple
+
+from .etcd_client import EtcdClient, b64
+from .etcd_election import Election
+from .records import dumps_strict
+from .state_store import Fenced
+
+log = logging.getLogger(__name__)
+
+MAX_STATE_BYTES = 1_400_000   # under etcd's default 1.5 MiB request limit, with room for the envelope
+
+
+class EtcdStateStore:
+    """The leader's state document. `load()` is a linearizable read (any member, quorum-backed);
+    `save()` needs `election.is_leader`."""
+
+    def __init__(self, client: EtcdClient, prefix: str, election: Optional[Election] = None):
+        self.client, self.election = client, election
+        self.key = prefix + "state"
+        self.seq = 0
+        self.last_epoch: Optional[int] = None   # the epoch of the document `load()` returned
+
+    def load(self) -> Optional[dict]:
+        kv = self.client.get(self.key)
+        if kv is None:
+            return None
+        doc = json.loads(kv["value"])
+        self.last_epoch = doc["epoch"]
+        return doc["state"]
+
+    def save(self, state: dict) -> None:
+        if self.election is None:
+            raise Fenced("this state store reads only: it was opened without an election")
+        election = self.election
+        fence = election.fence()   # raises Fenced when the lease deadline already passed
+        self.seq += 1
+        body = dumps_strict({"epoch": election.epoch, "seq": self.seq, "candidate": election.candidate,
+                             "state": state}, separators=(",", ":"))
+        if len(body) > MAX_STATE_BYTES:
+            raise ValueError(f"the coordinator state is {len(body)} bytes, more than etcd takes in one request "
+                             f"({MAX_STATE_BYTES}); raise etcd's --max-request-bytes or use recovery.control=local")
+        result = self.client.txn(fence, [{"request_put": {"key": b64(self.key), "value": b64(body)}}],
+                                 election.leader_probe())
+        if not result["succeeded"]:
+            raise election.refused(result)
+
+    def history(self) -> Iterator[Tuple[int, dict]]:
+        """Every version of the document still in etcd's history, newest first: (mod revision,
+        envelope). Walks back through the MVCC store: the version before the one written at
+        revision m is what a read at revision m - 1 returns."""
+        revision: Optional[int] = None
+        while True:
+            kvs, _ = self.client.range(self.key, revision=revision)
+            if not kvs:
+                return
+            kv = kvs[0]
+            yield kv["mod_revision"], json.loads(kv["value"])
+            if kv["mod_revision"] <= 1:
+                return
+            revision = kv["mod_revision"] - 1
