@@ -8,21 +8,17 @@ slot-keyed maps and the records below, have one codec in `_CODECS`). What only l
 process lives (clocks on the monotonic time, logs being read) is marked `persist: False`.
 
 `Settings` is the part of the job the coordinator acts on, read once from the job's JSON: nothing
-below reads the job dict by string keys. `FileStateStore` is the local mode's persistence
-(control_state.json, atomic); an etcd store implements the same `load` / `save`.
+below reads the job dict by string keys. Where the state rests is recovery.state_store (a file in the
+local mode, one key in etcd).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .plan import CellPlan, Slot, parse_slot_key, slot_key
-from .records import write_strict_atomic
-from .runfiles import CONTROL_STATE
 
 # --- the job, as the coordinator reads it ------------------------------------------------------------
 
@@ -246,25 +242,3 @@ _CODECS: Dict[str, Tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "stage_gen": _by_int(), "stage_members": _by_int(dict), "committed": _by_int(), "totals": _by_int(),
     "ckpt_counts": _by_int(),
 }
-
-
-# --- persistence --------------------------------------------------------------------------------------
-class StateStore(Protocol):
-    def load(self) -> Optional[dict]: ...
-    def save(self, state: dict) -> None: ...
-
-
-class FileStateStore:
-    """control_state.json in the run directory: written whole (beside it, then renamed, fsynced)."""
-
-    def __init__(self, run_dir: str):
-        self.path = os.path.join(run_dir, CONTROL_STATE)
-
-    def load(self) -> Optional[dict]:
-        if not os.path.exists(self.path):
-            return None
-        with open(self.path) as f:
-            return json.load(f)
-
-    def save(self, state: dict) -> None:
-        write_strict_atomic(self.path, state, fsync=True)

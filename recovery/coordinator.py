@@ -37,12 +37,13 @@ from kintsugi.parallel.topology import per_stage_layers
 from . import protocol as P
 from .auth import Auth
 from .board import Board
-from .control_state import CoordinatorState, FileStateStore, Settings, StateStore
+from .control_state import CoordinatorState, Settings
 from .ledger import Ledger
 from .membership import Membership
 from .plan import slot_key
 from .generations import Generations
 from .reactions import Reactions
+from .state_store import FileStateStore, StateStore
 from .records import write_strict_atomic
 from .runfiles import ALIVE, CONTROL_STATE, EX_CANNOT_RECOVER, EX_RECORD, EX_SUSPENDED, FINAL_STATE, METRICS
 
@@ -67,7 +68,7 @@ class Coordinator:
         self.resume_from, self.resume_missing = resume_from, resume_missing or {}
         self.store = P.connect(host, port, is_master=True, timeout_s=s.init_timeout_s)
         os.makedirs(run_dir, exist_ok=True)
-        self.state_store = state_store or FileStateStore(run_dir)
+        self.state_store = state_store or FileStateStore(os.path.join(run_dir, CONTROL_STATE))
         saved = self.state_store.load() if restore else None
         self.st = st = (CoordinatorState.from_json(saved) if saved is not None
                         else CoordinatorState.fresh(s, port, layout or self.config_layout))
