@@ -35,7 +35,7 @@ import torch
 
 from kintsugi.parallel.transport import Transport, wait_abortable
 
-from . import protocol as P
+from . import control as C
 
 log = logging.getLogger(__name__)
 COMMIT_TAG = 1 << 21
@@ -63,7 +63,7 @@ class Commit:
 
     RING = 4096
 
-    def __init__(self, control: P.Control):
+    def __init__(self, control: C.Control):
         self.control = control
         self.pending: Optional[Tuple[int, float]] = None  # (step, local sq-norm): backward done, commit not seen
         self._ring: Deque[dict] = collections.deque(maxlen=self.RING)
@@ -109,7 +109,7 @@ class Commit:
                 self.remember(rec)  # the other replicas' records, for a restarted coordinator
             try:
                 self.control.append("commit", rec)
-            except P.CoordinatorAway:
+            except C.CoordinatorAway:
                 # Delivered when the coordinator is back; a stage's ring may have replayed it by
                 # then, so it may arrive twice: marked, the coordinator keeps the first.
                 self.control.outbox.append(("commit", dict(rec, replay=True)))
@@ -119,7 +119,7 @@ class Commit:
             self._ring.append(rec)
 
     # --- a coordinator that missed records ----------------------------------------------------------------
-    def replay_after_restart(self, control: P.Control, replica: int) -> None:
+    def replay_after_restart(self, control: C.Control, replica: int) -> None:
         """The coordinator came back as a new incarnation: send the records its `recorded/<r>` (every
         step up to there is in metrics.jsonl) does not cover."""
         known = (control.get_json_or(f"recorded/{replica}") or {}).get("step", -1)
@@ -144,7 +144,7 @@ class Commit:
             # Finished from the store's entry (the root died before any broadcast): its record is there.
             try:
                 entry = self.control.get_json_or(f"committed/{replica}")
-            except P.CoordinatorAway:
+            except C.CoordinatorAway:
                 entry = None
             if isinstance(entry, dict) and entry.get("step") == committed and isinstance(entry.get("record"), dict):
                 missing.append(entry["record"])

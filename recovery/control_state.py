@@ -138,6 +138,7 @@ class Cell:
     kicks: int = 0
     needs_plan: bool = False                                    # a re-plan that had to wait (a rollback)
     since: float = _runtime(factory=time.monotonic)             # last commit or publication
+    committed_at: Optional[float] = _runtime()                  # last commit (monotonic): every stage was alive
     waiting_since: Optional[float] = _runtime()                 # lost slots wait for spares since
     diverging: bool = _runtime(False)
 

@@ -24,18 +24,19 @@ replay what it missed, and the run goes on. All timeouts use the monotonic clock
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
 import sys
 import time
 import uuid
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from kintsugi.parallel.topology import per_stage_layers
 
 from . import protocol as P
-from .auth import Auth
+from .auth import Auth, seal_run_id, writer_id
 from .board import Board
 from .control_state import CoordinatorState, Settings
 from .ledger import Ledger
@@ -80,7 +81,8 @@ class Coordinator:
         st.incarnation += 1
         self.boot = f"{uuid.uuid4().hex[:8]}-{st.incarnation}"
         st.run_id = st.run_id or uuid.uuid4().hex
-        self.auth = Auth(token, st.run_id, self.boot)
+        self.auth = Auth(token, st.run_id, self.boot, writer=writer_id("coordinator"))
+        self.token = token
         self.board = Board(self.store, self.auth)
         self.error: Optional[str] = None
         self.exit_code = EX_CANNOT_RECOVER  # with an error: 3 = cannot recover, 143 = terminated
@@ -107,8 +109,11 @@ class Coordinator:
             if bar is not None:
                 bar.update(sum(len(v) for v in self.ledger.recorded.values()))
         self.tracker = tracker
-        self.store.set("run_id", st.run_id)
-        self.store.set("boot", self.auth.seal("boot", {"boot": self.boot}, with_boot=False))
+        self._identity = {"run_id": seal_run_id(token, st.run_id).encode()}
+        self.store.set("run_id", self._identity["run_id"])
+        self.hello = P.LogReader(self.store, "hello", hole_timeout_s=1.0)
+        self._answered: "collections.deque[Tuple[float, str]]" = collections.deque()
+        self._identity_checked = 0.0
         self._fill_store()
         self.readers = {name: P.LogReader(self.store, name, auth=self.auth, on_forged=(
             self.membership.on_forged_join if name == "join" else None)) for name in LOGS}
@@ -181,6 +186,39 @@ class Coordinator:
         except RuntimeError:
             return True
 
+    # --- identity -------------------------------------------------------------------------------------
+    HELLO_PER_LOOP = 64
+    HELLO_KEEP_S = 60.0
+
+    def _answer_hello(self) -> None:
+        """The identity challenge: each fresh nonce in the `hello` log gets this incarnation's boot id
+        and number, sealed over the nonce (recovery.control.Control.identify). Answers are deleted
+        after a minute; at most HELLO_PER_LOOP per loop, so a flood of nonces cannot stall it."""
+        now = time.monotonic()
+        for rec in self.hello.poll(max_items=self.HELLO_PER_LOOP):
+            nonce = rec.get("nonce") if isinstance(rec, dict) else None
+            if not (isinstance(nonce, str) and 8 <= len(nonce) <= 64 and nonce.isalnum()):
+                continue
+            key = f"hello/{nonce}"
+            self.store.set(key, self.auth.seal(key, {"boot": self.boot, "incarnation": self.st.incarnation},
+                                               with_boot=False))
+            self._answered.append((now, key))
+        while self._answered and now - self._answered[0][0] > self.HELLO_KEEP_S:
+            self.store.delete_key(self._answered.popleft()[1])
+
+    def _guard_identity(self) -> None:
+        """The run id is the coordinator's: put it back (and count the tampering) when someone
+        without the token overwrote or deleted it. Checked about once a second."""
+        now = time.monotonic()
+        if now - self._identity_checked < 1.0:
+            return
+        self._identity_checked = now
+        for key, value in self._identity.items():
+            current = self.store.get(key) if self.store.check([key]) else None
+            if current is None or bytes(current) != value:
+                self.store.set(key, value)
+                self.auth.drop("overwritten", f"{key} was changed by someone without the token; restored")
+
     def _drain_logs(self) -> None:
         for name in LOGS:
             for rec in self.readers[name].poll():
@@ -197,6 +235,8 @@ class Coordinator:
                 if st.corpus is None and self.store.check(["corpus"]):  # a launcher put it: keep it
                     st.corpus = self.board.get("corpus")
                     self._dirty = True
+                self._answer_hello()
+                self._guard_identity()
                 self._drain_logs()
                 self.ledger.release_held()
                 if st.started and rx.suspend_gen is None:
@@ -301,6 +341,7 @@ class Coordinator:
                  "final_errors": self.final_errors or None,
                  "checkpoint_errors": led.checkpoint_errors or None,
                  "refused_joins": self.membership.refused_joins, "forged_records_dropped": self.auth.dropped_count,
+                 "tampering": self.auth.dropped_by_kind,
                  "nonfinite_steps": led.nonfinite_steps, "divergences": rx.divergences,
                  "memory": {"peak_bytes": {str(s): v for s, v in sorted(self.membership.peak_bytes.items())}}}
         if self.tracker is not None:

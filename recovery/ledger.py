@@ -114,6 +114,7 @@ class Ledger:
         self.recorded[r].add(k)
         cell = st.cell_of(r)
         cell.since, cell.kicks = time.monotonic(), 0
+        cell.committed_at = cell.since
         if k > st.committed[r]:
             st.committed[r] = k
             if c.get("grad_sq") is not None:

@@ -8,6 +8,7 @@ re-plans the cell once a spare can take it.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -35,6 +36,7 @@ class Membership:
         self._last_refusal = 0.0
         self._refused_ids: Set[str] = set()
         self._last_hb_check = 0.0
+        self._intervals: Dict[str, "collections.deque[float]"] = {}  # recent beat intervals per worker
 
     # --- arriving --------------------------------------------------------------------------------------
     def on_join(self, req: dict) -> None:
@@ -115,7 +117,28 @@ class Membership:
         for c in cells_waiting_on(st, wid):
             c.needs_plan = True
 
+    def silence_bound(self, w: WorkerInfo) -> float:
+        """How long `w` may stay silent before its silence alone counts: recovery.heartbeat_timeout_s,
+        or longer when its recent beats came far apart (a loaded machine starves the heartbeat
+        thread; a hung process stops it altogether): three times the longest recent interval."""
+        recent = self._intervals.get(w.wid)
+        return max(self.settings.heartbeat_timeout_s, 3.0 * max(recent) if recent else 0.0)
+
+    def last_sign_of_life(self, w: WorkerInfo) -> float:
+        """Its last beat, or its cell's last commit if later: a commit needs every stage of the
+        cell, so the worker was alive and its links worked then (slow, not dead)."""
+        if w.state != "active" or w.slot is None:
+            return w.hb_changed
+        cell = self.st.cell_of(w.slot[0])
+        if cell.committed_at is None or cell.plan is None or w.wid not in cell.plan.slots.values():
+            return w.hb_changed
+        return max(w.hb_changed, cell.committed_at)
+
     def check_heartbeats(self) -> None:
+        """Certain deaths (a broken link reported by a neighbour, the launcher seeing the process
+        exit) act at once, elsewhere. Silence acts here: a beat counts only when its counter went
+        up (a replayed old beat does not), and a worker is evicted once neither a beat nor a commit
+        of its cell came for `silence_bound`."""
         now = time.monotonic()
         if now - self._last_hb_check < 0.05:
             return
@@ -136,12 +159,14 @@ class Membership:
                 n = w.hb
             except (ValueError, AttributeError, TypeError):
                 continue
-            if n != w.hb:
+            if n > w.hb:
+                if w.hb >= 0:
+                    self._intervals.setdefault(w.wid, collections.deque(maxlen=32)).append(now - w.hb_changed)
                 w.hb, w.hb_changed, w.status = n, now, status
                 stage, peak = status.get("stage"), status.get("peak_bytes")
                 if isinstance(stage, int) and isinstance(peak, int):  # memory.peak_bytes per stage
                     self.peak_bytes[stage] = max(self.peak_bytes.get(stage, 0), peak)
-            elif now - w.hb_changed > self.settings.heartbeat_timeout_s:
+            elif now - self.last_sign_of_life(w) > self.silence_bound(w):
                 self.declare_dead(w.wid, f"no heartbeat for {now - w.hb_changed:.1f}s")
 
     def on_suspect(self, rep: dict) -> None:

@@ -3,9 +3,11 @@
 Every exchange between the coordinator and the workers goes through these keys, so the protocol
 can be read in one place:
 
-  run_id                    the run's id (plain): with the token it keys every seal (recovery.auth)
+  run_id                    the run's id, sealed with a key from the token alone: with the token it
+                            keys every other seal (recovery.auth)
+  hello/<i>, hello/<nonce>  the identity challenge: a client writes a fresh nonce, the coordinator
+                            answers with its incarnation (boot id, number) sealed over that nonce
   job, corpus, run_dir      the job config (JSON), its token cache, the run directory
-  boot                      this coordinator incarnation's id: a new one means it was restarted
   version                   bumped after every publication below: watchers poll only this key
   started                   the first placement is published
   join/<i>                  log of join requests (worker id, pid, host; the seal proves the token,
@@ -37,28 +39,28 @@ can be read in one place:
   suspended/<i>             slots saved by a suspend
   shutdown                  the coordinator ends the run
 
-Every value but `run_id`, `version` and the logs' `n` counters is a sealed record (recovery.auth):
-an HMAC keyed from the token over the key (or log name and index) and the incarnation. Readers drop
-what does not verify. Counters only say "look again"; nothing trusts them for content. Logs are
+Every value but `version`, the logs' `n` counters and the hello log is a sealed record
+(recovery.auth): an HMAC keyed from the token over the key (or log name and index), the
+incarnation, its writer and that writer's sequence number. Readers drop what does not verify and
+what is older than what they accepted (a replay). Counters only say "look again"; nothing trusts
+them for content, and one wound back is detected and counted (`LogReader`). Logs are
 deleted as they are read, and groups delete their formation keys when they close
 (parallel.groups), so the store does not grow with the run's length.
 """
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
 import socket
 import sys
-import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch.distributed as dist
 
-from .auth import Auth, Forged
+from .auth import Auth, Forged, Stale
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "KINTSUGI_TOKEN"
@@ -160,20 +162,37 @@ def counter(store, key: str) -> int:
 
 def append(store, log_name: str, obj: Any, auth: Optional[Auth] = None) -> int:
     """Append to a multi-writer log kept as `<log>/n` (a counter) + `<log>/<i>` entries; a sealed
-    entry is sealed with its index, so it is worthless anywhere else."""
-    i = int(store.add(f"{log_name}/n", 1))
-    store.set(f"{log_name}/{i}", auth.seal(f"{log_name}#{i}", obj) if auth is not None else json.dumps(obj))
-    return i
+    entry is sealed with its index, so it is worthless anywhere else. The entry is written only into
+    an empty slot (compare-and-set), and never below an index this writer already used: a counter
+    wound back by someone makes the writer jump past its own entries rather than write where the
+    reader has already been, and never overwrite an entry nobody has read yet."""
+    mine = auth.max_index if auth is not None else {}
+    while True:
+        i = int(store.add(f"{log_name}/n", 1))
+        floor = max(0, mine.get(log_name, 0))
+        if i <= floor:  # wound back below what this writer already used: jump past it, take a slot again
+            store.add(f"{log_name}/n", floor - i + 1)
+            if auth is not None:
+                auth.drop("rewound", f"log {log_name}: its counter was wound back to {i - 1} below this writer's "
+                                     f"index {floor}")
+            continue
+        value = auth.seal(f"{log_name}#{i}", obj) if auth is not None else json.dumps(obj)
+        if bytes(store.compare_set(f"{log_name}/{i}", "", value)) == value.encode():
+            mine[log_name] = i
+            return i
 
 
 class LogReader:
     """Reads a log written by `append` in order, dropping entries that do not verify (and, with
     `on_forged`, showing them to the caller unverified: the coordinator answers a join with a wrong
-    token). Entries are deleted once read, so the store does not grow with the run.
+    token) or that replay an entry already read (each writer numbers its records; `Auth.open` with
+    fresh="log"). Entries are deleted once read, so the store does not grow with the run.
 
     Holes: a writer that reserved an index and died before writing leaves one; it is skipped after
     `hole_timeout_s`. A counter bumped far ahead (by someone without the token) would leave millions:
-    after the timeout the reader jumps to the lowest entry that exists near the counter."""
+    after the timeout the reader jumps to the lowest entry that exists near the counter. A counter
+    wound back is tampering too: it is logged and counted, and the reader goes back to the lowest
+    unread entry, so nothing written after it is lost (writers never overwrite an unread entry)."""
 
     MAX_SCAN = 1024
 
@@ -182,6 +201,8 @@ class LogReader:
         self.store, self.log, self.hole_timeout_s = store, log_name, hole_timeout_s
         self.auth, self.on_forged, self.delete = auth, on_forged, delete
         self.next = start
+        self.rewinds = 0
+        self._last_n = start - 1
         self._hole_since: Optional[float] = None
 
     def _read(self, i: int):
@@ -192,17 +213,22 @@ class LogReader:
         if self.auth is None:
             return json.loads(raw.decode())
         try:
-            return self.auth.open(f"{self.log}#{i}", raw)
+            return self.auth.open(f"{self.log}#{i}", raw, fresh="log")
         except Forged as e:
             self.auth.dropped(e)
-            if self.on_forged is not None:
+            if self.on_forged is not None and not isinstance(e, Stale):
                 self.on_forged(raw)
             return None
 
-    def poll(self):
+    def poll(self, max_items: int = 1 << 30):
         out = []
         n = int(self.store.add(f"{self.log}/n", 0))
-        while self.next <= n:
+        # Read entries are deleted: one back at the last index read, or a counter lower than the
+        # last one seen, means the counter was wound back and someone wrote where we have been.
+        if n < self._last_n or (self.next > 1 and self.store.check([f"{self.log}/{self.next - 1}"])):
+            self._wound_back(n)
+        self._last_n = n
+        while self.next <= n and len(out) < max_items:
             key = f"{self.log}/{self.next}"
             if self.store.check([key]):
                 try:
@@ -223,6 +249,20 @@ class LogReader:
             self.next = self._after_hole(n)
         return out
 
+    def _wound_back(self, n: int) -> None:
+        """Someone moved the counter from above our position back to `n`. Writers continue from
+        n + 1 (and skip slots still holding unread entries): read on from the lowest entry that
+        exists at or below our position."""
+        self.rewinds += 1
+        why = f"log {self.log}: its counter went back from {self._last_n} to {n}"
+        log.warning("%s (tampering: someone without the token wrote it); reading on from the lowest unread entry",
+                    why)
+        if self.auth is not None:
+            self.auth.drop("rewound", why)
+        top = max(min(self.next, n + 1), 1)
+        lo = max(1, top - self.MAX_SCAN)
+        self.next = next((i for i in range(lo, top) if self.store.check([f"{self.log}/{i}"])), top)
+
     def _after_hole(self, n: int) -> int:
         """The index to read next after a hole timed out: the next one that exists, found without
         scanning more than MAX_SCAN keys whatever the counter says."""
@@ -239,193 +279,6 @@ class LogReader:
                 break
         log.warning("log %s: skipped %d missing entries (its counter jumped ahead)", self.log, lowest - self.next)
         return lowest
-
-
-class CoordinatorAway(RuntimeError):
-    """The coordinator's store does not answer (it died, hangs, or is restarting)."""
-
-
-class _OpThread:
-    """Runs one store client's operations on a daemon thread, so a caller can give up on one: a
-    TCPStore request to a coordinator that hangs (SIGSTOP, a deadlock) never returns by itself.
-    A thread left blocked that way is abandoned with its connection; a new pair replaces both."""
-
-    def __init__(self):
-        import queue as _queue
-        self.q: "_queue.SimpleQueue" = _queue.SimpleQueue()
-        threading.Thread(target=self._loop, daemon=True, name="kintsugi-store-op").start()
-
-    def _loop(self) -> None:
-        while True:
-            fn, box, done = self.q.get()
-            try:
-                box.append((True, fn()))
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                box.append((False, e))
-            done.set()
-
-    def run(self, fn, timeout_s: float):
-        box: list = []
-        done = threading.Event()
-        self.q.put((fn, box, done))
-        if not done.wait(timeout_s):
-            raise TimeoutError
-        ok, value = box[0]
-        if ok:
-            return value
-        raise value
-
-
-class Control:
-    """A worker's (or launcher's) connection to the coordinator that outlives the coordinator.
-
-    Every store operation goes through `call`: while the coordinator is away it raises
-    CoordinatorAway at once instead of blocking, `append_later` queues a log record to be written
-    when it is back, and `reconnect()` (called by a background thread) builds a new client once the
-    port answers. A coordinator that came back is a new incarnation (`boot` changed): the callbacks
-    in `on_new_boot` run (re-register, replay what it may have missed) before the queued records
-    are written."""
-
-    # Each store operation waits at most this long: a hung coordinator (stopped, deadlocked) then
-    # costs the training thread seconds, not the minutes of a rendezvous timeout.
-    OP_TIMEOUT_S = 10.0
-
-    def __init__(self, host: str, port: int, timeout_s: float = 60.0, store=None, token: Optional[str] = None):
-        self.host, self.port, self.timeout_s = host, port, timeout_s
-        self._lock = threading.RLock()
-        self.store = store if store is not None else connect(host, port, min(timeout_s, self.OP_TIMEOUT_S))
-        self.token = token
-        self.auth: Optional[Auth] = None
-        self._ops = _OpThread()
-        self.boot = self._read_boot()
-        self.away_since: Optional[float] = None
-        self.outbox: Deque[Tuple[str, Any]] = collections.deque(maxlen=100_000)
-        self.on_new_boot: List[Callable[[], None]] = []
-
-    def _read_boot(self, store=None) -> Optional[str]:
-        """The coordinator's incarnation, verified: with a token, the keys every seal uses."""
-        store = store if store is not None else self.store
-        try:
-            if not store.check(["boot"]):
-                return None
-            if self.token is None:
-                return json.loads(store.get("boot").decode()).get("b")
-            run_id = store.get("run_id").decode()
-            auth = Auth(self.token, run_id)
-            boot = auth.open("boot", store.get("boot"), with_boot=False)["boot"]
-            auth.boot = boot
-            self.auth = auth
-            return boot
-        except Forged as e:
-            raise Forged(f"the coordinator's identity does not verify with this token ({e}); set KINTSUGI_TOKEN "
-                         "to the run's token") from None
-        except Exception:  # noqa: BLE001 - not there yet
-            return None
-
-    @property
-    def away(self) -> bool:
-        return self.away_since is not None
-
-    def call(self, fn: Callable, *args):
-        """Run `fn(store, *args)`; CoordinatorAway if the store does not answer within
-        OP_TIMEOUT_S (a hung coordinator) or the connection fails (a dead one)."""
-        if self.away_since is not None:
-            raise CoordinatorAway("the coordinator is away")
-        with self._lock:
-            store, ops = self.store, self._ops
-            try:
-                return ops.run(lambda: fn(store, *args), self.OP_TIMEOUT_S)
-            except TimeoutError:
-                self._ops = _OpThread()  # the blocked thread and its connection are left behind
-                self._lost(f"no answer within {self.OP_TIMEOUT_S:.0f}s")
-                raise CoordinatorAway("the coordinator does not answer") from None
-            except (RuntimeError, ConnectionError, OSError) as e:  # DistNetworkError is a RuntimeError
-                self._lost(str(e).splitlines()[0][:100])
-                raise CoordinatorAway(str(e)) from e
-
-    def _lost(self, why: str) -> None:
-        if self.away_since is None:
-            self.away_since = time.monotonic()
-            log.warning("lost the coordinator at %s:%d (%s); training goes on, reconnecting", self.host, self.port,
-                        why)
-
-    # --- conveniences ---------------------------------------------------------------------------
-    def get_json(self, key: str) -> Any:
-        return self.call(get_json, key, self.auth)
-
-    def get_json_or(self, key: str, default: Any = None) -> Any:
-        return self.call(get_json_or, key, default, self.auth)
-
-    def put_json(self, key: str, obj: Any) -> None:
-        self.call(put_json, key, obj, self.auth)
-
-    def append(self, log_name: str, obj: Any) -> int:
-        return self.call(append, log_name, obj, self.auth)
-
-    def reader(self, log_name: str, **kw) -> "LogReader":
-        return LogReader(self.store, log_name, auth=self.auth, **kw)
-
-    def append_later(self, log_name: str, obj: Any) -> None:
-        """Append now, or when the coordinator is back (records keep their order)."""
-        if self.away_since is None and not self.outbox:
-            try:
-                self.append(log_name, obj)
-                return
-            except CoordinatorAway:
-                pass
-        self.outbox.append((log_name, obj))
-
-    def check(self, key: str) -> bool:
-        return self.call(lambda s: s.check([key]))
-
-    # --- reconnection -----------------------------------------------------------------------------
-    def reconnect(self) -> bool:
-        """One attempt (cheap when nothing listens). True once connected and caught up."""
-        if self.away_since is None:
-            return True
-        if not port_open(self.host, self.port):
-            return False
-        probe = _OpThread()  # a hung coordinator accepts connections but never answers
-        try:
-            store = probe.run(lambda: connect(self.host, self.port, timeout_s=min(self.timeout_s, 5.0)), 10.0)
-            if not probe.run(lambda: store.check(["job"]), 5.0):
-                return False  # a restarted coordinator still filling its store
-            boot = probe.run(lambda: self._read_boot(store), 5.0)
-        except Exception:  # noqa: BLE001 - not back yet
-            return False
-        with self._lock:
-            self.store, self._ops = store, probe
-            new_boot = boot != self.boot
-            self.boot = boot
-            self.away_since = None
-        log.warning("coordinator reachable again%s", " (restarted)" if new_boot else "")
-        if new_boot:
-            for cb in self.on_new_boot:
-                cb()
-        self.flush()
-        return self.away_since is None
-
-    def flush(self) -> None:
-        while self.outbox and self.away_since is None:
-            name, obj = self.outbox[0]
-            try:
-                self.append(name, obj)
-            except CoordinatorAway:
-                return
-            self.outbox.popleft()
-
-
-def open_control(host: str, port: int, token: str, timeout_s: float = 120, store=None) -> Control:
-    """A connection whose seals verify with `token`, once the coordinator published its identity;
-    Forged if that identity does not verify with this token."""
-    control = Control(host, port, timeout_s, store=store, token=token)
-    deadline = time.monotonic() + timeout_s
-    while control.auth is None:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the coordinator at {host}:{port} never published its identity")
-        time.sleep(0.05)
-        control.boot = control._read_boot()
-    return control
 
 
 def die_with_parent() -> None:

@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
+from kintsugi.recovery import control as C
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.auth import new_token
 
@@ -61,7 +62,7 @@ class LocalLauncher:
         self.reclaim: List[Tuple[float, str]] = []  # (when, machine): SIGKILL what a `term` left running
         self.prepaid = 0                           # rebuilt slots a replacement machine already covers
         self.coordinator: Optional[subprocess.Popen] = None
-        self.control: Optional[P.Control] = None
+        self.control: Optional[C.Control] = None
         self.restarts = 0               # coordinator restarts after it was killed
         self.exited: set = set()        # workers whose exit was reported
         self.rebuilt_seen = 0
@@ -105,7 +106,7 @@ class LocalLauncher:
         # The coordinator reads the token from the same environment variable the workers present.
         self.coordinator = self._start_coordinator(resume=False)
         try:
-            self.control = P.open_control("127.0.0.1", self.port, self.token, store=self._connect_fresh())
+            self.control = C.open_control("127.0.0.1", self.port, self.token, store=self._connect_fresh(), role="launcher")
             self.control.put_json("corpus", self.corpus)
             self.control.on_new_boot.append(self._on_coordinator_restart)
             # A preemption warning to the launcher (Slurm's `--signal=B:USR1@90`, a SIGTERM from a
@@ -187,7 +188,7 @@ class LocalLauncher:
                 self._report_exits()
                 self._inject_due()
                 self._replace_spares()
-            except P.CoordinatorAway:
+            except C.CoordinatorAway:
                 time.sleep(0.05)
                 continue
             time.sleep(0.001 if self._armed() else 0.02)

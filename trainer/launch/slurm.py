@@ -31,6 +31,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from kintsugi.recovery import control as C
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.auth import new_token
 
@@ -165,7 +166,7 @@ class SlurmRun:
                  "--job", job_path] + ([] if job.logger.progress else ["--no-progress"]),
                 env=env, start_new_session=True)
             self.store = store = self._connect(port)
-            self.control = P.open_control("127.0.0.1", port, env[P.TOKEN_ENV], store=store)
+            self.control = C.open_control("127.0.0.1", port, env[P.TOKEN_ENV], store=store, role="launcher")
             self.control.put_json("corpus", self.corpus)
             cmd = srun_command(job, f"{host}:{port}")
             log.info("coordinator on %s:%d; starting %d workers: %s", host, port, tasks_needed(job), shlex.join(cmd))

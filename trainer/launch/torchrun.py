@@ -34,6 +34,7 @@ import time
 import uuid
 from datetime import timedelta
 
+from kintsugi.recovery import control as C
 from kintsugi.recovery import protocol as P
 
 from kintsugi.trainer.config.errors import ConfigError
@@ -84,7 +85,7 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
     if rank == 0 and not external:
         coordinator = subprocess.Popen(cmd, env=child_env({P.TOKEN_ENV: token}))
     store = _connect(host, port, job.launcher.start_timeout_s)
-    control = P.open_control(host, port, token, store=store)
+    control = C.open_control(host, port, token, store=store)
     if not external:
         if rank == 0:
             control.put_json("corpus", corpus)
@@ -94,7 +95,7 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
     logging.getLogger("kintsugi.worker").setLevel(os.environ.get("KINTSUGI_LOG", "WARNING"))
     os.environ.setdefault("KINTSUGI_MACHINE", socket.gethostname())
     wid = worker_id()
-    worker = Worker(control, wid, token, bg=P.open_control(host, port, token, store=_connect(host, port, 60)))
+    worker = Worker(control, wid, token, bg=C.open_control(host, port, token, store=_connect(host, port, 60)))
     rc = worker.run()
     if coordinator is not None:
         try:
@@ -141,7 +142,7 @@ def _local_token(rank: int, timeout_s: float = 60.0) -> str:
         return f.read().strip()
 
 
-def _shared_corpus(control: P.Control, corpus: dict) -> None:
+def _shared_corpus(control: C.Control, corpus: dict) -> None:
     """A coordinator started from overrides serves its corpus entry (put right after `job`); one
     started with --job takes the first node's. Either way the token files must exist on this node:
     if they do not, they are prepared here from the job's own data settings (same cache key)."""

@@ -27,7 +27,7 @@ import torch
 from kintsugi.parallel.diloco import allreduce_gradients
 from kintsugi.parallel.topology import Grid
 from kintsugi.parallel.transport import ByteCounter, Transport
-from kintsugi.recovery import protocol as P
+from kintsugi.recovery import control as C
 from kintsugi.recovery.checkpoint import checkpoint_path, is_complete
 from kintsugi.recovery.commit import Commit
 from kintsugi.recovery.plan import Slot
@@ -168,7 +168,7 @@ class FaultHook(StepHook):
 
     HOLD_LIMIT_S = 10.0  # below recovery.progress_timeout_s: a launcher that never fires is not a hang
 
-    def __init__(self, control: P.Control, wid: str, slot: Slot, events: List[dict], state, commit: Commit,
+    def __init__(self, control: C.Control, wid: str, slot: Slot, events: List[dict], state, commit: Commit,
                  poison: threading.Event, abort: threading.Event, leaving: threading.Event, idle: Callable[[], None],
                  slowdown: float = 1.0):
         """`poison`: set by this hook for a held event, or by the worker's mail (an event tied to a
@@ -200,7 +200,7 @@ class FaultHook(StepHook):
             if self.control.get_json_or(fired_key) is not None:
                 return  # fired on this slot's previous holder: this is the retried step
             self.control.put_json(f"hold/{self.wid}", hold)
-        except P.CoordinatorAway:
+        except C.CoordinatorAway:
             return
         deadline = time.monotonic() + self.HOLD_LIMIT_S
         fired: Optional[dict] = None
@@ -213,7 +213,7 @@ class FaultHook(StepHook):
                 if fired is None and time.monotonic() - said > 0.5:  # a restarted coordinator's store is new
                     self.control.put_json(f"hold/{self.wid}", hold)
                     said = time.monotonic()
-            except P.CoordinatorAway:
+            except C.CoordinatorAway:
                 pass
         if fired is None:
             log.warning("slot %s: fault event %s at step %d never fired; training on", self.slot, e["id"], e["step"])

@@ -12,12 +12,12 @@ import os
 import socket
 import time
 
-from kintsugi.recovery import protocol as P
+from kintsugi.recovery import control as C
 
 log = logging.getLogger("kintsugi.worker")
 
 
-def await_ack(c: P.Control, wid: str, timeout_s: float) -> str:
+def await_ack(c: C.Control, wid: str, timeout_s: float) -> str:
     deadline, unverified_since = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         if c.check(f"ack/{wid}"):
@@ -31,7 +31,7 @@ def await_ack(c: P.Control, wid: str, timeout_s: float) -> str:
     return "no answer"
 
 
-def join(c: P.Control, wid: str, machine: str) -> None:
+def join(c: C.Control, wid: str, machine: str) -> None:
     c.append("join", {"wid": wid, "pid": os.getpid(), "host": socket.gethostname(), "machine": machine})
     ack = await_ack(c, wid, 120.0)
     if ack != "ok":

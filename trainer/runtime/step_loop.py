@@ -22,7 +22,7 @@ import torch
 from kintsugi.parallel.schedules import StageExecutor, actions_for, routes_for
 from kintsugi.parallel.topology import Grid
 from kintsugi.parallel.transport import Transport
-from kintsugi.recovery import protocol as P
+from kintsugi.recovery import control as C
 from kintsugi.recovery.commit import Commit, finite_total
 from kintsugi.recovery.plan import CellPlan, Slot
 from kintsugi.trainer.config.job import JobConfig
@@ -52,7 +52,7 @@ class Evaluator:
     pipeline; Streaming DiLoCo evaluates the global (outer) parameters, as the paper does. The last
     stage records it (and, for the final one, marks it done so it is not run twice)."""
 
-    def __init__(self, job: JobConfig, executor: StageExecutor, val_tokens, diloco, control: P.Control):
+    def __init__(self, job: JobConfig, executor: StageExecutor, val_tokens, diloco, control: C.Control):
         self.job, self.executor, self.val_tokens, self.diloco, self.control = job, executor, val_tokens, diloco, control
 
     def __call__(self, step: int, final: bool) -> None:

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from kintsugi.parallel.stage_link import StageGroupPlan
+from kintsugi.recovery import control as C
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.plan import CellPlan, DonateRequest, PlanError, SuspendPlan, mail_kind
 
@@ -38,7 +39,7 @@ class Watcher(threading.Thread):
         """`worker`: the trainer.runtime.worker.Worker this thread watches for."""
         super().__init__(daemon=True, name="kintsugi-watcher")
         self.w = worker
-        self.control: P.Control = worker.bg  # its own connection: the training thread never delays a beat
+        self.control: C.Control = worker.bg  # its own connection: the training thread never delays a beat
         self.interval = worker.job.recovery.heartbeat_interval_s
         self.coordinator_wait_s = worker.job.recovery.coordinator_wait_s
         self.cell_abort = threading.Event()   # the cell's generation moved on (or the run stops)
@@ -95,7 +96,7 @@ class Watcher(threading.Thread):
                 if v != self._version:
                     self._version = v
                     self._refresh()
-            except P.CoordinatorAway:
+            except C.CoordinatorAway:
                 continue
             except Exception as e:  # noqa: BLE001 - a malformed record must not kill the heartbeat
                 log.warning("watcher: %s", str(e).splitlines()[0][:200])

@@ -36,6 +36,7 @@ from kintsugi.parallel.schedules import routes_for
 from kintsugi.parallel.stage_link import StageGroupPlan, StageLink
 from kintsugi.parallel.topology import Grid, per_stage_layers
 from kintsugi.parallel.transport import ByteCounter, PeerFailure, Transport, set_idle_hook
+from kintsugi.recovery import control as C
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.checkpoint import AsyncCheckpointer, CheckpointCorrupt
 from kintsugi.recovery.commit import Commit
@@ -54,7 +55,7 @@ log = logging.getLogger("kintsugi.worker")
 
 
 class Worker:
-    def __init__(self, control: P.Control, wid: str, token: Optional[str], bg: Optional[P.Control] = None):
+    def __init__(self, control: C.Control, wid: str, token: Optional[str], bg: Optional[C.Control] = None):
         self.control, self.wid, self.token = control, wid, token
         # Its own connection for the watcher: the training thread's reads must never delay a beat.
         self.bg = bg or control
@@ -208,7 +209,7 @@ class Worker:
                     if plan is not None and plan.gen > seen.get(role_cell, -1):
                         self.cell = role_cell
                         return "cell", plan
-            except P.CoordinatorAway:
+            except C.CoordinatorAway:
                 pass
             time.sleep(0.01)
 
@@ -364,7 +365,7 @@ class Worker:
         if self.slot is not None:
             try:
                 store_commit = self.control.get_json_or(f"committed/{self.slot[0]}")
-            except P.CoordinatorAway:
+            except C.CoordinatorAway:
                 pass
         if self.state is None:  # a leaver without a stage cannot happen; a fresh worker has none yet
             return floor
@@ -457,8 +458,8 @@ def run_worker(host: str, port: int, wid: str, token: Optional[str], timeout_s: 
               "or writes it to <run dir>/.token)", file=sys.stderr)
         return 2
     try:
-        control = P.open_control(host, port, token, timeout_s)
-        bg = P.open_control(host, port, token, timeout_s)
+        control = C.open_control(host, port, token, timeout_s)
+        bg = C.open_control(host, port, token, timeout_s)
     except P.Forged as e:
         print(f"kintsugi worker: {e}", file=sys.stderr)
         return 2
