@@ -35,8 +35,9 @@ class Membership:
         self.refused_joins = 0
         self._last_refusal = 0.0
         self._refused_ids: Set[str] = set()
-        self._last_hb_check = 0.0
+        self._last_hb_check: Optional[float] = None
         self._intervals: Dict[str, "collections.deque[float]"] = {}  # recent beat intervals per worker
+        self._blind_until = 0.0  # after a stall of the coordinator's own loop: silence not yet counted
 
     # --- arriving --------------------------------------------------------------------------------------
     def on_join(self, req: dict) -> None:
@@ -138,11 +139,17 @@ class Membership:
         """Certain deaths (a broken link reported by a neighbour, the launcher seeing the process
         exit) act at once, elsewhere. Silence acts here: a beat counts only when its counter went
         up (a replayed old beat does not), and a worker is evicted once neither a beat nor a commit
-        of its cell came for `silence_bound`."""
+        of its cell came for `silence_bound`, confirmed: the other workers' beats arrive on time
+        (when everyone is late, the machine or this coordinator is slow, not that one worker dead;
+        up to three bounds), and this coordinator was looking (after a stall of its own loop it
+        waits as long again before it counts silence)."""
         now = time.monotonic()
-        if now - self._last_hb_check < 0.05:
+        gap = now - (self._last_hb_check if self._last_hb_check is not None else now)
+        if self._last_hb_check is not None and gap < 0.05:
             return
         self._last_hb_check = now
+        if gap > 0.5:  # this loop stalled (a flood of records, a busy machine): beats were not read
+            self._blind_until = max(self._blind_until, now + min(gap, 3 * self.settings.heartbeat_timeout_s))
         live = [w for w in self.st.workers.values() if w.state in ("active", "spare")]
         if not live:
             return
@@ -150,6 +157,7 @@ class Membership:
             values = self.board.store.multi_get([f"hb/{w.wid}" for w in live])
         except RuntimeError:
             return
+        silent = []
         for w, raw in zip(live, values):
             try:
                 status = self.board.auth.open(f"hb/{w.wid}", raw)
@@ -167,7 +175,14 @@ class Membership:
                 if isinstance(stage, int) and isinstance(peak, int):  # memory.peak_bytes per stage
                     self.peak_bytes[stage] = max(self.peak_bytes.get(stage, 0), peak)
             elif now - self.last_sign_of_life(w) > self.silence_bound(w):
-                self.declare_dead(w.wid, f"no heartbeat for {now - w.hb_changed:.1f}s")
+                silent.append(w)
+        for w in silent:
+            quiet, bound = now - self.last_sign_of_life(w), self.silence_bound(w)
+            others = [x for x in live if x is not w]
+            everyone_late = bool(others) and not any(now - self.last_sign_of_life(x) < bound / 2 for x in others)
+            if (now < self._blind_until or everyone_late) and quiet < 3 * bound:
+                continue
+            self.declare_dead(w.wid, f"no heartbeat for {now - w.hb_changed:.1f}s")
 
     def on_suspect(self, rep: dict) -> None:
         wid = rep["peer_wid"]
