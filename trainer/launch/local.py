@@ -64,6 +64,8 @@ class LocalLauncher:
         self.coordinator: Optional[subprocess.Popen] = None
         self.control: Optional[C.Control] = None
         self.restarts = 0               # coordinator restarts after it was killed
+        self._coordinator_cpu: Optional[Tuple[float, int]] = None  # (when, CPU ticks) once its file went stale
+        self._slow_logged = False
         self.exited: set = set()        # workers whose exit was reported
         self.rebuilt_seen = 0
         self._lacking_since: Optional[float] = None
@@ -156,7 +158,10 @@ class LocalLauncher:
                 age = time.time() - os.path.getmtime(alive)
             except OSError:
                 age = 0.0
-            if age > max(HUNG_S, 3 * self.job.recovery.heartbeat_timeout_s):
+            if age <= max(HUNG_S, 3 * self.job.recovery.heartbeat_timeout_s):
+                self._coordinator_cpu = None
+                return None
+            if self._coordinator_stuck():
                 log.warning("the coordinator has not moved for %.0fs (hung or stopped); killing it", age)
                 self.coordinator.kill()
                 self.coordinator.wait()
@@ -173,6 +178,32 @@ class LocalLauncher:
                     self.restarts, MAX_COORDINATOR_RESTARTS)
         self.coordinator = self._start_coordinator(resume=True)
         return None
+
+    def _coordinator_stuck(self) -> bool:
+        """Slow is not dead: a coordinator whose liveness file is old is replaced only if it is
+        stopped (SIGSTOP) or used no CPU since the last look (deadlocked); one that runs, only
+        slowly on a loaded machine, is left alone."""
+        try:
+            with open(f"/proc/{self.coordinator.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return True  # no /proc: judge by the liveness file alone, as before
+        state, cpu = fields[0], int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+        if state == "T":
+            return True
+        now = time.monotonic()
+        if self._coordinator_cpu is None:  # the file just went stale: watch its CPU for a few seconds
+            self._coordinator_cpu = (now, cpu)
+            return False
+        since, ref = self._coordinator_cpu
+        if now - since < 5.0:
+            return False
+        if cpu == ref:
+            return True
+        if not self._slow_logged:
+            self._slow_logged = True
+            log.warning("the coordinator is slow (its liveness file is old, but it runs); not replacing it")
+        return False
 
     def _supervise(self) -> int:
         while True:
