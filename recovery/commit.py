@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Callable, Deque, Dict, Optional, Protocol, Sequence, Tuple
 
 import torch
@@ -66,7 +67,8 @@ class Commit:
     def __init__(self, control: C.Control):
         self.control = control
         self.pending: Optional[Tuple[int, float]] = None  # (step, local sq-norm): backward done, commit not seen
-        self._ring: Deque[dict] = collections.deque(maxlen=self.RING)
+        self._ring: Deque[Tuple[float, dict]] = collections.deque(maxlen=self.RING)  # (when, record)
+        self._resent: Dict[Tuple[int, int], float] = {}  # (replica, step) -> when it was last resent
         self._lock = threading.Lock()
         self.crash_in_commit = threading.Event()  # injected fault: die between publishing and recording
 
@@ -116,15 +118,40 @@ class Commit:
 
     def remember(self, rec: dict) -> None:
         with self._lock:
-            self._ring.append(rec)
+            self._ring.append((time.monotonic(), rec))
+
+    def _records(self):
+        with self._lock:
+            return [r for _, r in self._ring]
+
+    def resend_unrecorded(self, control, replica: int, min_age_s: float, every_s: float = 10.0) -> int:
+        """The writer's side of a log that must not lose a record: whatever this stage applied that
+        the coordinator's `recorded/<r>` (every step up to there is in metrics.jsonl) does not yet
+        cover, committed at least `min_age_s` ago (the normal path had its chance), is sent again,
+        marked `replay` (the coordinator keeps the first copy). Each step at most every `every_s`.
+        A commit log whose counter was wound back or whose entries were deleted loses nothing."""
+        known = (control.get_json_or(f"recorded/{replica}") or {}).get("step", -1)
+        now = time.monotonic()
+        with self._lock:
+            due = [r for t, r in self._ring if r.get("replica") == replica and r["step"] > known
+                   and now - t >= min_age_s and now - self._resent.get((replica, r["step"]), -1e9) >= every_s]
+            for r in due:
+                self._resent[(replica, r["step"])] = now
+            if len(self._resent) > 4 * self.RING:
+                self._resent = {k: v for k, v in self._resent.items() if k[1] > known}
+        for r in due:
+            control.append("commit", dict(r, replay=True))
+        if due:
+            log.warning("replica %d: steps %s not recorded by the coordinator after %.0fs; sent again", replica,
+                        [r["step"] for r in due][:10], min_age_s)
+        return len(due)
 
     # --- a coordinator that missed records ----------------------------------------------------------------
     def replay_after_restart(self, control: C.Control, replica: int) -> None:
         """The coordinator came back as a new incarnation: send the records its `recorded/<r>` (every
         step up to there is in metrics.jsonl) does not cover."""
         known = (control.get_json_or(f"recorded/{replica}") or {}).get("step", -1)
-        with self._lock:
-            replay = [r for r in self._ring if r["step"] > known]
+        replay = [r for r in self._records() if r["step"] > known]
         for r in replay:
             control.append("commit", dict(r, replay=True))
         if replay:
@@ -138,8 +165,7 @@ class Commit:
         coordinator keeps the first copy, and prefers the root's if one comes)."""
         if known is None or committed <= known:
             return
-        with self._lock:
-            missing = [r for r in self._ring if r.get("replica") == replica and known < r["step"] <= committed]
+        missing = [r for r in self._records() if r.get("replica") == replica and known < r["step"] <= committed]
         if committed not in {r["step"] for r in missing}:
             # Finished from the store's entry (the root died before any broadcast): its record is there.
             try:

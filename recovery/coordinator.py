@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = CONTROL_STATE
 TERM_GRACE_S = 5.0  # after a SIGTERM, how long to wait for the workers' leave notices
 END_GRACE_S = 3.0  # after the last step and the final evaluation, wait at most this for end markers
+HOLE_GRACE_S = 15.0  # ... and this long for commit records that went missing (workers resend them)
 LOGS = ("join", "rejoin", "suspect", "leave", "intent", "commit", "eval", "event", "ckpt", "suspended", "ready",
         "fault", "died")
 
@@ -89,6 +90,7 @@ class Coordinator:
         self.terminating: Optional[float] = None
         self.persist_error: Optional[str] = None
         self.final_errors: List[str] = []
+        self.missing_steps: Dict[int, List[int]] = {}  # committed, never recorded (the record has a hole)
         self._dirty = True
         self._finished_at: Optional[float] = None
         self._alive_at = 0.0
@@ -173,12 +175,22 @@ class Coordinator:
 
     def finished(self) -> bool:
         """Every step committed and the final evaluation in; then a moment (END_GRACE_S at most)
-        for every slot holder's end marker, which follows its final byte counts."""
+        for every slot holder's end marker, which follows its final byte counts. A step committed
+        but missing from metrics.jsonl (its record lost on the way) is waited for: the workers
+        send again what `recorded/<r>` does not cover. After HOLE_GRACE_S the run ends anyway and
+        says which steps are missing (exit code 74: the record is not whole)."""
         st = self.st
         if not (all(k >= self.settings.max_steps - 1 for k in st.committed.values()) and st.final_val is not None):
             return False
         now = time.monotonic()
         self._finished_at = self._finished_at or now
+        complete = all(self.ledger.recorded_prefix(r) >= self.settings.max_steps - 1 for r in st.committed)
+        if not complete:
+            if now - self._finished_at <= HOLE_GRACE_S:
+                return False
+            self.missing_steps = self.ledger.missing_steps(self.settings.max_steps)
+            log.error("the record of steps %s never arrived; metrics.jsonl misses them", self.missing_steps)
+            return True
         if now - self._finished_at > END_GRACE_S:
             return True
         try:
@@ -274,6 +286,7 @@ class Coordinator:
         lost = [f"{name}: {err}" for name, err in ((METRICS, self.ledger.write_error),
                                                     (STATE_FILE, self.persist_error)) if err]
         lost += self.final_errors
+        lost += [f"metrics.jsonl: replica {r} misses steps {v[:20]}" for r, v in self.missing_steps.items()]
         if lost:
             print(f"kintsugi: training finished, but its record is incomplete ({'; '.join(lost)}); "
                   "free space in the run directory -- the final weights and summary.json say what was kept",
@@ -342,6 +355,7 @@ class Coordinator:
                  "checkpoint_errors": led.checkpoint_errors or None,
                  "refused_joins": self.membership.refused_joins, "forged_records_dropped": self.auth.dropped_count,
                  "tampering": self.auth.dropped_by_kind,
+                 "missing_steps": {str(r): v for r, v in self.missing_steps.items()} or None,
                  "nonfinite_steps": led.nonfinite_steps, "divergences": rx.divergences,
                  "memory": {"peak_bytes": {str(s): v for s, v in sorted(self.membership.peak_bytes.items())}}}
         if self.tracker is not None:

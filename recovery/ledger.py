@@ -32,6 +32,8 @@ class Ledger:
         self.st, self.settings, self.board, self.run_dir = st, settings, board, run_dir
         self.changed, self.tracker, self.bar = changed, tracker, bar
         self.recorded: Dict[int, Set[int]] = {r: set() for r in range(settings.replicas)}
+        self._prefix_hint: Dict[int, int] = {}
+        self._published_prefix: Dict[int, int] = {}
         self.held: Dict[Tuple[int, int], Tuple[dict, float]] = {}  # relayed replays, see on_commit
         self.stage_times: List[List[float]] = []   # per commit, each stage's compute seconds
         self.nonfinite_steps = 0
@@ -61,10 +63,19 @@ class Ledger:
 
     def recorded_prefix(self, r: int) -> int:
         """Every step of replica r up to this one is in metrics.jsonl (replays start after it)."""
-        prefix = -1
+        prefix = self._prefix_hint.get(r, -1)
+        if prefix >= 0 and prefix not in self.recorded[r]:  # a rollback forgot steps
+            prefix = -1
         while prefix + 1 in self.recorded[r]:
             prefix += 1
+        self._prefix_hint[r] = prefix
         return prefix
+
+    def missing_steps(self, max_steps: int):
+        """Per replica, the steps below its highest recorded one (or below `max_steps` once the run
+        is over) that metrics.jsonl does not hold: a record that never arrived."""
+        return {r: [k for k in range(max_steps) if k not in done] for r, done in self.recorded.items()
+                if len(done) < max_steps}
 
     # --- writing ---------------------------------------------------------------------------------------
     def write(self, line: str) -> None:
@@ -112,6 +123,10 @@ class Ledger:
             log.error("step %d of replica %d was committed twice", k, r)
             return
         self.recorded[r].add(k)
+        prefix = self.recorded_prefix(r)
+        if prefix != self._published_prefix.get(r):  # workers resend what this does not cover
+            self._published_prefix[r] = prefix
+            self.board.put(f"recorded/{r}", {"step": prefix})
         cell = st.cell_of(r)
         cell.since, cell.kicks = time.monotonic(), 0
         cell.committed_at = cell.since
@@ -141,6 +156,8 @@ class Ledger:
         discarded = sorted(x for x in self.recorded[r] if x > k)
         self.recorded[r] = {x for x in self.recorded[r] if x <= k}
         self.held = {key: v for key, v in self.held.items() if key[0] != r or key[1] <= k}
+        self._published_prefix[r] = self.recorded_prefix(r)
+        self.board.put(f"recorded/{r}", {"step": self._published_prefix[r]})
         return discarded
 
     # --- evaluations, checkpoints, events ---------------------------------------------------------------

@@ -68,7 +68,10 @@ def train(job: JobConfig, run_dir: str) -> int:
             log.info("done: final val loss %s, %d steps, %.0f tokens/s, %d failures, %d rebuilds -> %s",
                      summary["final_val_loss"], summary["steps"], summary["tokens_per_s"], summary["failures"],
                      len(summary["rebuilds"]), run_dir)
-            if rc == 0 and summary.get("write_error"):
+            if rc == 0 and (summary.get("write_error") or summary.get("missing_steps")):
+                if summary.get("missing_steps"):
+                    log.error("metrics.jsonl misses committed steps %s; the record is not whole",
+                              summary["missing_steps"])
                 rc = EX_RECORD  # trained, but the record on disk is not whole: never a silent 0
     return rc
 

@@ -39,19 +39,33 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         return None
     commits, evals, events = read_metrics(run_dir)
     by_channel: Dict[str, int] = state.get("bytes", {})
-    steps = max((c["step"] for c in commits), default=-1) + 1
+    # Each (replica, step) once: a duplicate is marked as such, a step trained again after a
+    # rollback or a resume counts once (its last record). Steps and tokens are what metrics.jsonl
+    # holds; a step the coordinator saw committed but never recorded is named, never counted.
+    last = {(int(c["replica"]), int(c["step"])): c for c in commits
+            if "replica" in c and "step" in c and not c.get("duplicate")}
+    per_replica: Dict[int, List[int]] = {r: [] for r in range(job.parallel.replicas)}
+    for r, k in last:
+        per_replica.setdefault(r, []).append(k)
+    steps = min((len(v) for v in per_replica.values()), default=0)
+    top = max((k for _, k in last), default=-1)
+    missing = {str(r): sorted(set(range(top + 1)) - set(v)) for r, v in per_replica.items()}
+    missing = {r: v for r, v in missing.items() if v}
+    for r, v in (state.get("missing_steps") or {}).items():
+        missing[r] = sorted(set(missing.get(r, [])) | set(v))
     if state.get("write_error"):  # metrics.jsonl has a gap: the coordinator's own count stands
         steps = max([steps] + [int(k) + 1 for k in (state.get("committed") or {}).values()])
     # What per-step data-parallel all-reduce of fp32 gradients would have sent (ring: 2(R-1)/R x size
     # per replica per step), for comparison with the outer syncs.
     R = job.parallel.replicas
     dp_equiv = int(2 * (R - 1) / R * param_count(job) * 4 * steps * R) if R > 1 else 0
-    tokens = sum(c.get("tokens", 0) for c in commits)
+    tokens = sum(c.get("tokens", 0) for c in last.values())
     if state.get("write_error"):  # metrics.jsonl has a gap: the coordinator counted every commit
         tokens = max(tokens, int(state.get("tokens") or 0))
     summary = {
         "final_val_loss": state.get("final_val_loss"),
         "steps": steps,
+        "missing_steps": missing or None,
         "tokens": tokens,
         "wall_s": wall_s,
         "tokens_per_s": tokens / max(state.get("wall_s", wall_s), 1e-9),

@@ -55,6 +55,7 @@ class Watcher(threading.Thread):
         self._mail: Optional[P.LogReader] = None
         self._intent_sent = False
         self._last_beat = 0.0
+        self._last_resend = 0.0
         self.rebuilt_slots = 0  # how many slots the run has rebuilt so far (torchrun's exit barrier)
 
     def begin(self, cell: int, gen: int) -> None:
@@ -92,6 +93,9 @@ class Watcher(threading.Thread):
                     self._beat()
                     self._poll_mail()
                     self._last_beat = now
+                if now - self._last_resend >= 1.0:
+                    self._last_resend = now
+                    self._resend()
                 v = int(self.control.call(lambda s: s.add("version", 0)))
                 if v != self._version:
                     self._version = v
@@ -113,6 +117,13 @@ class Watcher(threading.Thread):
         if w.leaving.is_set() and not self._intent_sent:
             self.control.append("intent", {"wid": w.wid})
             self._intent_sent = True
+
+    def _resend(self) -> None:
+        """Commits this stage applied that the coordinator has not recorded are sent again: by the
+        replica's root after 2 s, by its other stages after 5 s (their root may be gone)."""
+        slot = self.w.slot
+        if slot is not None and self.w.state is not None:
+            self.w.commit.resend_unrecorded(self.control, slot[0], min_age_s=2.0 if slot[1] == 0 else 5.0)
 
     def _refresh(self) -> None:
         c, w = self.control, self.w
