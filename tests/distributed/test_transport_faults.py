@@ -143,10 +143,11 @@ def test_staged_round_trips_deliver_what_was_sent(peer, codec):
     t = Transport(group, abort=threading.Event(), codecs=codecs, stager=stager)
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(64, 16, generator=gen) for _ in range(n)]
-    for i, x in enumerate(xs):
+    got = []
+    for i, x in enumerate(xs):  # as a stage does: what it received stays alive while it sends more
         t.post_recv((64, 16), 1, 1000 + i)  # posted before the peer can answer
         t.send(x, 1, i)
-    got = [t.recv((64, 16), 1, 1000 + i) for i in range(n)]
+        got.append(t.recv((64, 16), 1, 1000 + i))
     t.flush()
     for x, y in zip(xs, got):
         if codec is None:
