@@ -70,13 +70,13 @@ _THREAD_WAITERS = threading.local()
 def wait_abortable(work, abort, peer: int = -1) -> None:
     """Wait for a torch.distributed work handle; raise Aborted if `abort` (anything with
     `is_set()`) fires first, PeerFailure if the work raises. Each calling thread has one long-lived
-    waiter thread."""
+    waiter thread, which ends (within 30 s) after its caller's thread ended."""
     if abort is None:
         wait_inline([(work, peer)])
         return
     slot = getattr(_THREAD_WAITERS, "slot", None)
     if slot is None:
-        slot = _THREAD_WAITERS.slot = WaiterSlot("kintsugi-wait")
+        slot = _THREAD_WAITERS.slot = WaiterSlot("kintsugi-wait", owner=threading.current_thread())
     slot.get().wait([(work, peer)], abort)
 
 

@@ -39,6 +39,7 @@ __all__ = ["PeerFailure", "Waiter", "WaiterSlot", "poll_works", "call_with_deadl
 log = logging.getLogger(__name__)
 POLL_S = 0.05          # how often a blocked caller looks at its abort event and runs the idle hook
 EXIT_ABORT_HUNG = 70   # exit status of a process whose communicator abort did not return (EX_SOFTWARE)
+OWNER_POLL_S = 30.0    # how often an idle per-thread waiter checks that its owner thread still runs
 
 
 class PeerFailure(RuntimeError):
@@ -73,7 +74,9 @@ Request = Sequence[Tuple[object, int]]  # (work handle, peer rank) pairs, waited
 class Waiter:
     """One long-lived thread that waits for work handles on behalf of one owner."""
 
-    def __init__(self, name: str = "kintsugi-waiter"):
+    def __init__(self, name: str = "kintsugi-waiter", owner: Optional[threading.Thread] = None):
+        """`owner`: a thread whose end also ends this waiter (a per-thread waiter outlives no caller)."""
+        self._owner = owner
         self._requests: "queue.SimpleQueue" = queue.SimpleQueue()
         self._done = threading.Event()
         self._error: Optional[Tuple[int, BaseException]] = None
@@ -83,7 +86,12 @@ class Waiter:
 
     def _loop(self) -> None:
         while True:
-            request = self._requests.get()
+            try:
+                request = self._requests.get(timeout=None if self._owner is None else OWNER_POLL_S)
+            except queue.Empty:
+                if self._owner.is_alive():
+                    continue
+                return
             if request is None:
                 return
             for work, peer in request:
@@ -127,14 +135,14 @@ class Waiter:
 class WaiterSlot:
     """The owner's current waiter; a spent one is replaced on the next `get()`."""
 
-    def __init__(self, name: str = "kintsugi-waiter"):
-        self.name = name
+    def __init__(self, name: str = "kintsugi-waiter", owner: Optional[threading.Thread] = None):
+        self.name, self.owner = name, owner
         self._waiter: Optional[Waiter] = None
         self.started = 0  # threads started over this slot's life (tests: one per abandonment)
 
     def get(self) -> Waiter:
         if self._waiter is None or self._waiter.spent:
-            self._waiter = Waiter(self.name)
+            self._waiter = Waiter(self.name, self.owner)
             self.started += 1
         return self._waiter
 

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from conftest import ROOT
 from kintsugi.parallel.groups import Aborted, form_group
-from kintsugi.parallel.transport import Transport
+from kintsugi.parallel import waiter as waiter_mod
+from kintsugi.parallel.transport import Transport, wait_abortable
 from kintsugi.parallel.waiter import EXIT_ABORT_HUNG, PeerFailure, WaiterSlot, call_with_deadline, poll_works
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
@@ -115,3 +116,25 @@ def test_a_process_whose_abort_hangs_exits():
     assert proc.returncode == EXIT_ABORT_HUNG, proc.stderr[-2000:]
     assert time.monotonic() - t < 20
     assert "abort of a test communicator did not return within its deadline" in proc.stderr
+
+
+def test_a_per_thread_waiter_ends_with_its_thread(pair, monkeypatch):
+    monkeypatch.setattr(waiter_mod, "OWNER_POLL_S", 0.1)
+
+    def waiters():
+        return [t for t in threading.enumerate() if t.name == "kintsugi-wait"]
+    before = len(waiters())
+
+    def short_lived():  # e.g. a rebuild thread of one generation
+        work = pair[0].irecv(torch.zeros(2), 1, 11)
+        send = pair[1].isend(torch.ones(2), 0, 11)
+        wait_abortable(work, threading.Event(), peer=1)
+        send.wait()
+    t = threading.Thread(target=short_lived)
+    t.start()
+    t.join(10)
+    assert len(waiters()) == before + 1  # it got its own long-lived waiter...
+    deadline = time.monotonic() + 5
+    while len(waiters()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(waiters()) == before  # ...which ended after the thread did
