@@ -9,7 +9,8 @@ The S stage processes are spawned once and build every variant side by side (eac
 seeded weights), then time them in interleaved repetitions whose order flips every repetition
 (ours, theirs, ..., then theirs, ours, ...), with a barrier around each timed block. The CPU is shared
 with other jobs, so the headline ratio is the median of the per-repetition paired ratios, which
-cancels load drift that a ratio of medians would not.
+cancels load drift that a ratio of medians would not; `cpu_ratio` pairs the CPU seconds per step the
+same way (theirs / ours: above 1 means ours costs less work).
 
 On CUDA (`--device cuda`) each stage process binds a GPU round-robin (parallel.device.local_index, as
 the local launcher does; with more stages than GPUs they share one, each with its own NCCL_HOSTID so
@@ -408,7 +409,7 @@ def run(bench: BenchConfig) -> dict:
                 for v in variants}
     first_loss = {v: next(pr["first_loss"][v] for pr in per_rank if pr["first_loss"][v] is not None)
                   for v in variants}
-    ratios, ratio_spread = {}, {}
+    ratios, ratio_spread, cpu_ratios = {}, {}, {}
     for fw in bench.frameworks:
         if fw == REFERENCE or REFERENCE not in bench.frameworks:
             continue
@@ -420,6 +421,10 @@ def run(bench: BenchConfig) -> dict:
             key = f"{REFERENCE}_over_{fw}/{sched}"
             ratios[key] = round(statistics.median(paired), 4)
             ratio_spread[key] = [round(paired[0], 3), round(paired[-1], 3)]
+            # Their CPU seconds per step over ours, paired per repetition: what each framework's own
+            # work costs, much less sensitive than wall time to other jobs on a shared machine.
+            cpu_ratios[key] = round(statistics.median(
+                t / o for o, t in zip(cpu_reps[f"{REFERENCE}/{sched}"], cpu_reps[f"{fw}/{sched}"])), 4)
     cfg = asdict(bench)
     frameworks = {fw: {"skipped": why} for fw, why in skipped.items()}
     if "deepspeed" in bench.frameworks:
@@ -436,6 +441,7 @@ def run(bench: BenchConfig) -> dict:
         "tokens_per_s": {v: round(statistics.median(t), 1) for v, t in tps_reps.items()},
         "ratio": ratios,
         "ratio_min_max": ratio_spread,
+        "cpu_ratio": cpu_ratios,
         "cpu_s_per_step": {v: round(statistics.median(c), 4) for v, c in cpu_reps.items()},
         "tokens_per_s_reps": {v: [round(x, 1) for x in t] for v, t in tps_reps.items()},
         "first_step_loss": first_loss,
