@@ -30,6 +30,7 @@ import concurrent.futures
 import math
 import queue
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence, Union
@@ -173,6 +174,23 @@ def _carries_cuda(group) -> bool:
     return dist.get_backend(group) == "nccl"
 
 
+def _wait(work, group) -> None:
+    """Wait for a collective of our own group. NCCL's `wait()` only orders the current stream after
+    it, so a dead peer would surface at the next host synchronisation, forever: its works are polled
+    (`is_completed()`) under the group's `deadline_s` instead, and a missed deadline raises here."""
+    if not getattr(group, "pollable", False):
+        work.wait()
+        return
+    t0, deadline = time.monotonic(), getattr(group, "deadline_s", 300.0)
+    while not work.is_completed():
+        if time.monotonic() - t0 > deadline:
+            raise RuntimeError(f"collective on group {getattr(group, 'name', '?')} not complete after its "
+                               f"{deadline:.0f} s deadline")
+        time.sleep(0.0005)
+    if work.exception() is not None:
+        raise RuntimeError(f"collective on group {getattr(group, 'name', '?')} failed: {work.exception()}")
+
+
 def _via_host(out: Tensor, group):
     """(where the collective writes, copy back?) for a result tensor `out`."""
     if out.device.type == "cpu" or _carries_cuda(group):
@@ -185,7 +203,7 @@ def _all_reduce_sum(flat: Tensor, group) -> None:
     if back:
         buf.copy_(flat)
     if _is_own_group(group):
-        group.all_reduce(buf).wait()
+        _wait(group.all_reduce(buf), group)
     else:
         dist.all_reduce(buf, group=group)
     if back:
@@ -196,7 +214,7 @@ def _all_to_all(out: Tensor, inp: Tensor, group) -> None:
     buf, back = _via_host(out, group)
     inp = inp.cpu() if back else inp
     if _is_own_group(group):
-        group.all_to_all_single(buf, inp).wait()
+        _wait(group.all_to_all_single(buf, inp), group)
     else:
         dist.all_to_all_single(buf, inp, group=group)
     if back:
@@ -207,7 +225,7 @@ def _all_gather(out: Tensor, inp: Tensor, group) -> None:
     buf, back = _via_host(out, group)
     inp = inp.cpu() if back else inp
     if _is_own_group(group):
-        group.all_gather_into_tensor(buf.view(-1), inp.view(-1)).wait()
+        _wait(group.all_gather_into_tensor(buf.view(-1), inp.view(-1)), group)
     else:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(buf.view(-1), inp.view(-1), group=group)  # gloo wants flat tensors

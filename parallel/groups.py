@@ -207,9 +207,10 @@ class NcclGroup(Group):
     pollable = True
 
     def __init__(self, pg, rank: int, size: int, name: str, store=None, device=None,
-                 abort_deadline_s: float = 30.0):
+                 abort_deadline_s: float = 30.0, deadline_s: float = 300.0):
         super().__init__(pg, rank, size, name, store)
         self.device, self.abort_deadline_s = device, abort_deadline_s
+        self.deadline_s = deadline_s  # each collective's (compression.allreduce polls it)
         self.failed: Optional[BaseException] = None
         self.abort_thread: Optional[threading.Thread] = None
 

@@ -138,3 +138,22 @@ def test_a_per_thread_waiter_ends_with_its_thread(pair, monkeypatch):
     while len(waiters()) > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(waiters()) == before  # ...which ended after the thread did
+
+
+def test_collectives_on_a_pollable_group_are_polled_under_its_deadline(pair):
+    """compression.all_reduce on an NCCL group polls `is_completed()` (NCCL's wait() does not block
+    the host); gloo's collectives poll the same way, so the path runs here on real gloo works."""
+    from kintsugi.compression.api import all_reduce
+    for g in pair.values():
+        g.pollable, g.deadline_s = True, 0.5  # as an NcclGroup is
+    a, b = torch.ones(300), torch.full((300,), 3.0)
+    other = threading.Thread(target=lambda: all_reduce([b], "none", group=pair[1]))
+    other.start()
+    all_reduce([a], "none", group=pair[0])
+    other.join(10)
+    assert torch.equal(a, b) and float(a[0]) == 2.0  # the average of 1 and 3
+    alone = torch.ones(300)
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match="deadline"):
+        all_reduce([alone], "none", group=pair[0])  # rank 1 never joins
+    assert 0.5 <= time.monotonic() - t < 3.0
