@@ -230,6 +230,18 @@ class NcclGroup(Group):
         self._live()
         return super().all_reduce(tensor, async_op)
 
+    def broadcast(self, tensor: torch.Tensor, root: int, async_op: bool = True):
+        self._live()
+        return super().broadcast(tensor, root, async_op)
+
+    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
+        self._live()
+        return super().all_to_all_single(out, inp, async_op)
+
+    def all_gather_into_tensor(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = True):
+        self._live()
+        return super().all_gather_into_tensor(out, inp, async_op)
+
     def fail(self, error: BaseException) -> None:
         """A wait on this group failed or missed its deadline: abort now, refuse every later call."""
         if self.failed is None:

@@ -157,3 +157,21 @@ def test_collectives_on_a_pollable_group_are_polled_under_its_deadline(pair):
     with pytest.raises(RuntimeError, match="deadline"):
         all_reduce([alone], "none", group=pair[0])  # rank 1 never joins
     assert 0.5 <= time.monotonic() - t < 3.0
+
+
+def test_a_failed_nccl_group_is_never_reused_and_aborts_off_the_callers_thread(pair):
+    """NcclGroup's bookkeeping around a real back-end (gloo here: NCCL needs GPUs, see
+    tests/gpu/test_device_gpu.py for the real communicator): fail() returns at once, the abort runs
+    on its own thread, and every later call is refused."""
+    from kintsugi.parallel.groups import NcclGroup
+    g = NcclGroup(pair[0].pg, 0, 2, "stand-in", abort_deadline_s=5.0)
+    pair[0].closed = True  # the back-end now belongs to g
+    t = time.monotonic()
+    g.fail(RuntimeError("rank 1 missed its deadline"))
+    assert time.monotonic() - t < 0.1
+    g.abort_thread.join(5)
+    assert not g.abort_thread.is_alive()
+    for call in (lambda: g.isend(torch.zeros(1), 1, 0), lambda: g.irecv(torch.zeros(1), 1, 0),
+                 lambda: g.all_reduce(torch.zeros(1)), lambda: g.broadcast(torch.zeros(1), 0)):
+        with pytest.raises(RuntimeError, match="never reused"):
+            call()
