@@ -29,6 +29,9 @@ kernels on CUDA, the torch reference elsewhere (`kernels.dispatch`).
 Pre-posted receives (`post_recv`): a gloo receive posted before the caller needs it reads data that
 arrives early straight into its buffer. Never on NCCL: its receives match in issue order per peer,
 and one posted early could wait ahead of a send the peer needs first.
+
+A transport that raised `Aborted` or `PeerFailure` is finished, like its generation's groups: a
+receive it posted may still be pending in gloo and would swallow the next message with its tag.
 """
 from __future__ import annotations
 
