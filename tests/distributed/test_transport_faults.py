@@ -83,7 +83,6 @@ def peer():
         p.wait(10)
     for g in groups:
         g.close()
-    del master
 
 
 def _stager():

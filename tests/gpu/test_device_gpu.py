@@ -211,7 +211,6 @@ os._exit(0)
 def test_an_nccl_group_survives_a_killed_peer_by_its_deadline_and_is_never_reused(tmp_path):
     import signal
     import socket
-    import time
     from datetime import timedelta
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
