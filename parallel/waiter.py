@@ -6,9 +6,8 @@ Two kinds of work handle need two strategies:
   and a wait on a SIGSTOPped peer blocks until the group's timeout; nothing unblocks it from another
   thread. So a wait the caller may have to abandon runs off the caller's thread. A `Waiter` is one
   long-lived thread that calls `wait()` for its owner, one request at a time; the caller watches its
-  abort event meanwhile. Spawning a thread per wait instead cost ~130 us of wall and CPU time per
-  wait here (2-core box, gloo ping-pong of 16 floats: 300 us per round trip with a thread per wait,
-  170 us with a long-lived waiter, 115 us waiting inline).
+  abort event meanwhile. A thread per wait instead pays a thread start (and its scheduling on a
+  loaded machine) on every wait: BENCHMARKS.md, "Pipeline throughput", for what removing it saved.
 - NCCL works (and gloo collectives) can be polled: `poll_works` checks them on the caller's thread,
   each under its own deadline, with no thread at all. A killed NCCL peer never makes a receive raise,
   so the deadline is what turns a dead peer into a `PeerFailure`.
