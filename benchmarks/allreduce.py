@@ -2,6 +2,7 @@
 
     python -m benchmarks.allreduce            # full run (CPU: sizes capped, a few minutes)
     python -m benchmarks.allreduce --quick    # < 60 s
+    python -m benchmarks.allreduce --codecs-only   # codec throughput only (GPU check: vs HBM peak)
 
 Prints ONE JSON line. Per codec: bits per element and bytes on the wire relative to fp32 (scales
 and chunk padding included, from a real all-reduce); relative L2 error of the all-reduced mean of
@@ -41,7 +42,15 @@ CONFIGS = [
 ]
 WORLD = 4
 LINKS_GBITPS = (1.0, 10.0)  # for the modelled time on a real network link
-PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM, vendor figures
+# HBM, vendor figures; the longest name contained in torch's device name wins (H100 PCIe vs SXM).
+PEAK_GBPS = {"H100": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H200": 4800.0, "A100": 2039.0,
+             "A100-SXM4-80GB": 2039.0, "A100-PCIE-40GB": 1555.0}
+
+
+def peak_gbps(device_name: str):
+    """The HBM peak of the named GPU, or None when it is not in PEAK_GBPS."""
+    names = [k for k in PEAK_GBPS if k in device_name]
+    return PEAK_GBPS[max(names, key=len)] if names else None
 
 
 def _codec(name: str, bs: int):
@@ -72,8 +81,7 @@ def codec_throughput(numel: int, device: str, iters: int) -> dict:
     copy_s = _timeit(lambda: dst.copy_(x), iters, sync)  # no fresh pages: the memory's own speed
     out = {"numel": numel, "clone_GBps": 8 * numel / clone_s / 1e9,
            "copy_into_GBps": 8 * numel / copy_s / 1e9, "codecs": {}}
-    peak = next((v for k, v in PEAK_GBPS.items()
-                 if device == "cuda" and k in torch.cuda.get_device_name()), None)
+    peak = peak_gbps(torch.cuda.get_device_name()) if device == "cuda" else None
     acc = torch.zeros(numel, device=device)
     for label, name, bs in CONFIGS:
         if name == "none":
@@ -222,12 +230,28 @@ def run(quick: bool) -> dict:
     return result
 
 
+def codecs_only() -> dict:
+    """Codec throughput alone: the CPU at 1M elements and, with CUDA, the GPU at 64M (256 MB fp32)
+    against torch.clone and the HBM peak."""
+    t0 = time.time()
+    torch.set_num_threads(1)
+    result = {"benchmark": "allreduce", "codecs_only": True, "torch": torch.__version__,
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "cpu_codec_throughput": codec_throughput(1 << 20, "cpu", 2)}
+    if torch.cuda.is_available():
+        result["gpu_codec_throughput"] = codec_throughput(1 << 26, "cuda", 10)
+    result["wall_s"] = time.time() - t0
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, < 60 s")
+    parser.add_argument("--codecs-only", action="store_true",
+                        help="only encode/decode throughput (CPU, and the GPU vs its HBM peak); no all-reduce")
     parser.add_argument("--out", help="also write the JSON line to this file")
     args = parser.parse_args(argv)
-    line = json.dumps(run(args.quick))
+    line = json.dumps(codecs_only() if args.codecs_only else run(args.quick))
     print(line)
     if args.out:
         with open(args.out, "w") as f:

@@ -9,7 +9,15 @@ The S stage processes are spawned once and build every variant side by side (eac
 seeded weights), then time them in interleaved repetitions whose order flips every repetition
 (ours, theirs, ..., then theirs, ours, ...), with a barrier around each timed block. The CPU is shared
 with other jobs, so the headline ratio is the median of the per-repetition paired ratios, which
-cancels load drift that a ratio of medians would not.
+cancels load drift that a ratio of medians would not; `cpu_ratio` pairs the CPU seconds per step the
+same way (theirs / ours: above 1 means ours costs less work).
+
+On CUDA (`--device cuda`) each stage process binds a GPU round-robin (parallel.device.local_index, as
+the local launcher does; with more stages than GPUs they share one, each with its own NCCL_HOSTID so
+NCCL accepts two ranks on one card). The default group is "cpu:gloo,cuda:nccl": torch.distributed.
+pipelining sends CUDA tensors over NCCL; ours either stages them through pinned host buffers over
+gloo (`--backend gloo`, what the trainer runs with parallel.backend=gloo) or sends them over NCCL
+(`--backend nccl`). Each timed block ends with a CUDA synchronisation before its closing barrier.
 
 A framework is a runner class in `RUNNERS`: built per (stage, schedule) inside an initialised gloo
 group whose rank equals the stage, it owns its stage module and optimizer and exposes
@@ -20,7 +28,8 @@ compared with ours) under "1f1b" only. A framework whose package is not installe
 left out and reported as `"deepspeed": {"skipped": "..."}` instead of failing the run.
 
     python -m benchmarks.pipeline_throughput [--stages 2] [--microbatches 4] [--steps N] [--quick]
-        [--frameworks ours,torch,deepspeed] [--schedules gpipe,1f1b]
+        [--frameworks ours,torch,deepspeed] [--schedules gpipe,1f1b] [--device cpu|cuda]
+        [--backend gloo|nccl]
 
 prints one JSON line on stdout.
 """
@@ -77,6 +86,8 @@ class BenchConfig:
     # The trainer always hands Transport its heartbeat's abort event, which makes every wait run in
     # a helper thread; "none" measures the plain blocking waits instead.
     ours_abort: str = "event"
+    device: str = "cpu"        # cpu | cuda
+    backend: str = "gloo"      # ours on CUDA: gloo (staged through host memory) | nccl
     timeout_s: float = 120.0
     model: ModelConfig = field(default_factory=_tiny_llama)
 
@@ -101,10 +112,24 @@ class BenchConfig:
             raise ValueError(f"microbatches={self.microbatches}: Schedule1F1B needs at least stages={self.stages}; raise microbatches")
         if self.ours_abort not in ("event", "none"):
             raise ValueError(f"ours_abort={self.ours_abort!r}: use 'event' (as the trainer runs) or 'none'")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: use cpu or cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device=cuda: no CUDA device is visible here; use --device cpu")
+        if self.backend not in ("gloo", "nccl") or (self.backend == "nccl" and self.device != "cuda"):
+            raise ValueError(f"backend={self.backend!r}: use gloo, or nccl with --device cuda")
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
+
+
+def stage_device(bench: BenchConfig, stage: int) -> torch.device:
+    """The stage process's device: the CPU, or a GPU picked round-robin as the local launcher does."""
+    if bench.device == "cpu":
+        return torch.device("cpu")
+    from kintsugi.parallel.device import cuda_count, local_index
+    return torch.device("cuda", local_index("local", os.environ, stage, cuda_count()))
 
 
 def build_stage(bench: BenchConfig, stage: int) -> Llama:
@@ -112,7 +137,7 @@ def build_stage(bench: BenchConfig, stage: int) -> Llama:
     hidden in; hidden or logits out), which is what PipelineStage needs."""
     layer_ids = per_stage_layers(bench.model.n_layers, bench.stages)[stage]
     return Llama(bench.model, layer_ids, has_embedding=stage == 0, has_head=stage == bench.stages - 1,
-                 seed=bench.seed)
+                 seed=bench.seed).to(stage_device(bench, stage))
 
 
 def _optimizer(model: torch.nn.Module, bench: BenchConfig) -> torch.optim.Optimizer:
@@ -138,7 +163,16 @@ class OursRunner:
         self.routes = routes_for(bench.stages, bench.microbatches, alternate=False)
         self.actions = actions_for(schedule, stage, bench.stages, self.routes)
         abort = threading.Event() if bench.ours_abort == "event" else None
-        transport = Transport(None, abort=abort)
+        if bench.device == "cpu":
+            transport = Transport(None, abort=abort)
+        else:
+            device, data_group = stage_device(bench, stage), None
+            if bench.backend == "nccl":
+                from kintsugi.parallel.groups import NcclGroup
+                # The default group's CUDA back-end is NCCL: wrapped so that the transport polls its works.
+                data_group = NcclGroup(dist.distributed_c10d._get_default_group(), stage, bench.stages,
+                                       "default-nccl", device=device)
+            transport = Transport(None, abort=abort, device=device, data_group=data_group)
         self.executor = StageExecutor(self.model, stage, bench.stages, transport, lambda s: s,
                                       bench.model.dim, cross_entropy_loss)
 
@@ -158,7 +192,7 @@ class TorchPipeliningRunner:
         self.model = build_stage(bench, stage)
         self.optimizer = _optimizer(self.model, bench)
         self.is_first, self.is_last = stage == 0, stage == bench.stages - 1
-        pipe_stage = PipelineStage(self.model, stage, bench.stages, torch.device("cpu"))
+        pipe_stage = PipelineStage(self.model, stage, bench.stages, stage_device(bench, stage))
         cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
         # scale_grads (default) divides by the microbatch count, as ours does with loss / num_mb.
         self.schedule = cls(pipe_stage, bench.microbatches, loss_fn=cross_entropy_loss)
@@ -273,6 +307,8 @@ def _unavailable(bench: BenchConfig) -> Dict[str, str]:
         pkg = OPTIONAL_PACKAGES.get(fw)
         if pkg and importlib.util.find_spec(pkg) is None:
             out[fw] = f"{pkg} is not installed (pip install -e '.[{pkg}]')"
+        elif fw == "deepspeed" and bench.device != "cpu":
+            out[fw] = "the DeepSpeed runner is timed on CPU only"
         elif not any(_runs_schedule(fw, s) for s in bench.schedules):
             out[fw] = (f"runs schedules {list(getattr(RUNNERS[fw], 'SCHEDULES', SCHEDULES))} only, "
                        f"none of {list(bench.schedules)}")
@@ -292,6 +328,11 @@ def _build_and_warm(bench: BenchConfig, rank: int, batches) -> Tuple[Dict[str, S
     return runners, first_loss
 
 
+def _sync(bench: BenchConfig) -> None:
+    if bench.device == "cuda":
+        torch.cuda.synchronize()  # a block is done when its kernels are, not when they were launched
+
+
 def _time_blocks(bench: BenchConfig, rank: int, runners: Dict[str, StageRunner], batches) -> Dict[str, Dict[str, List[float]]]:
     """Wall and CPU seconds of each variant's block of `steps` steps, per repetition; the order flips
     every repetition so neither framework always runs first after the other."""
@@ -302,6 +343,7 @@ def _time_blocks(bench: BenchConfig, rank: int, runners: Dict[str, StageRunner],
             t0, c0 = time.perf_counter(), time.process_time()
             for i in range(bench.steps):
                 runners[name].step(*batches[i % len(batches)])
+            _sync(bench)
             c1 = time.process_time()  # all threads of this process, gloo's and the wait helpers' included
             dist.barrier()  # the step is done only when the slowest stage is
             times["elapsed"][name].append(time.perf_counter() - t0)
@@ -317,11 +359,20 @@ def _worker(rank: int, bench: BenchConfig, init_file: str, out_dir: str) -> None
     sys.stdout = sys.stderr
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format=f"[rank{rank}] %(name)s: %(message)s", stream=sys.stderr)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=bench.stages,
+    backend = "gloo"
+    if bench.device == "cuda":
+        from kintsugi.parallel.device import bind, cuda_count
+        device = stage_device(bench, rank)
+        bind("cuda", device.index)
+        if bench.stages > cuda_count():  # stages share a GPU: NCCL accepts that only across host ids
+            os.environ["NCCL_HOSTID"] = f"kintsugi-pipebench-{rank}"
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=bench.stages,
                             timeout=timedelta(seconds=bench.timeout_s))
     try:
         t_start = time.perf_counter()
-        batches = _batches(bench, 4)
+        dev = stage_device(bench, rank)
+        batches = [(i.to(dev), t.to(dev)) for i, t in _batches(bench, 4)]
         runners, first_loss = _build_and_warm(bench, rank, batches)
         if rank == 0:
             log.info("built and warmed up %d variants in %.1f s", len(runners), time.perf_counter() - t_start)
@@ -337,7 +388,7 @@ def run(bench: BenchConfig) -> dict:
     """Spawn the stages, time every variant, and summarise as one JSON-able dict."""
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned stages
     if "deepspeed" in bench.frameworks:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # its runner is timed on CPU only
     skipped = _unavailable(bench)
     if skipped:
         bench = replace(bench, frameworks=tuple(f for f in bench.frameworks if f not in skipped))
@@ -358,7 +409,7 @@ def run(bench: BenchConfig) -> dict:
                 for v in variants}
     first_loss = {v: next(pr["first_loss"][v] for pr in per_rank if pr["first_loss"][v] is not None)
                   for v in variants}
-    ratios, ratio_spread = {}, {}
+    ratios, ratio_spread, cpu_ratios = {}, {}, {}
     for fw in bench.frameworks:
         if fw == REFERENCE or REFERENCE not in bench.frameworks:
             continue
@@ -370,6 +421,10 @@ def run(bench: BenchConfig) -> dict:
             key = f"{REFERENCE}_over_{fw}/{sched}"
             ratios[key] = round(statistics.median(paired), 4)
             ratio_spread[key] = [round(paired[0], 3), round(paired[-1], 3)]
+            # Their CPU seconds per step over ours, paired per repetition: what each framework's own
+            # work costs, much less sensitive than wall time to other jobs on a shared machine.
+            cpu_ratios[key] = round(statistics.median(
+                t / o for o, t in zip(cpu_reps[f"{REFERENCE}/{sched}"], cpu_reps[f"{fw}/{sched}"])), 4)
     cfg = asdict(bench)
     frameworks = {fw: {"skipped": why} for fw, why in skipped.items()}
     if "deepspeed" in bench.frameworks:
@@ -386,14 +441,16 @@ def run(bench: BenchConfig) -> dict:
         "tokens_per_s": {v: round(statistics.median(t), 1) for v, t in tps_reps.items()},
         "ratio": ratios,
         "ratio_min_max": ratio_spread,
+        "cpu_ratio": cpu_ratios,
         "cpu_s_per_step": {v: round(statistics.median(c), 4) for v, c in cpu_reps.items()},
         "tokens_per_s_reps": {v: [round(x, 1) for x in t] for v, t in tps_reps.items()},
         "first_step_loss": first_loss,
         "config": {k: cfg[k] for k in ("stages", "microbatches", "steps", "warmup", "repetitions",
-                                       "batch_size", "seq_len", "ours_abort")}
+                                       "batch_size", "seq_len", "ours_abort", "device", "backend")}
         | {"model": cfg["model"], "threads_per_process": 1},
         **frameworks,
         "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if bench.device == "cuda" else None,
     }
 
 
@@ -408,18 +465,26 @@ def parse_args(argv: Optional[List[str]] = None) -> BenchConfig:
                    help=f"comma-separated, from {sorted(RUNNERS)}")
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     p.add_argument("--ours-abort", choices=("event", "none"), default="event")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                   help="ours on CUDA: gloo (host-staged) or nccl")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 stages, 2 steps, 1 warmup, 1 repetition")
     a = p.parse_args(argv)
     if a.quick:
         a.stages, a.steps, a.warmup, a.repetitions = 2, 2, 1, 1
     return BenchConfig(stages=a.stages, microbatches=a.microbatches, steps=a.steps, warmup=a.warmup,
                        repetitions=a.repetitions, frameworks=tuple(a.frameworks.split(",")),
-                       schedules=tuple(a.schedules.split(",")), ours_abort=a.ours_abort)
+                       schedules=tuple(a.schedules.split(",")), ours_abort=a.ours_abort, device=a.device,
+                       backend=a.backend)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    bench = parse_args(argv)
+    try:
+        bench = parse_args(argv)
+    except ValueError as e:  # bad input: one line, no traceback
+        print(f"pipeline_throughput: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     t0 = time.time()
     result = run(bench)
     result["wall_s"] = round(time.time() - t0, 1)

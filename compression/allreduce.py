@@ -13,6 +13,10 @@ Algorithms (all send raw uint8 payloads; integer codes are never summed as integ
 Every rank ends with bit-identical results (sums run in rank order on identical payloads), which
 Streaming DiLoCo needs to keep replicas in sync.
 
+Devices: the codec work runs where the tensors are (the Triton kernels on CUDA). A group that
+cannot carry CUDA tensors (gloo: anything but NCCL) gets the payloads through host memory, one
+copy each way per collective (payloads are the compressed bytes, so the copies are small).
+
 Asynchrony: the work runs on one daemon thread per process group, in submission order, so every
 rank issues its collectives in the same order while the caller computes. While quantized
 all-reduces are in flight on a group, issue no other collective on that group from another thread
@@ -26,6 +30,7 @@ import concurrent.futures
 import math
 import queue
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence, Union
@@ -162,26 +167,70 @@ def _rank(group) -> int:
     return group.rank() if _is_own_group(group) else dist.get_rank(group)
 
 
-def _all_reduce_sum(flat: Tensor, group) -> None:
+def _carries_cuda(group) -> bool:
+    """NCCL moves CUDA tensors itself; every other back-end gets host copies."""
     if _is_own_group(group):
-        group.all_reduce(flat).wait()
+        return getattr(group, "backend", "gloo") == "nccl"
+    return dist.get_backend(group) == "nccl"
+
+
+def _wait(work, group) -> None:
+    """Wait for a collective of our own group. NCCL's `wait()` only orders the current stream after
+    it, so a dead peer would surface at the next host synchronisation, forever: its works are polled
+    (`is_completed()`) under the group's `deadline_s` instead, and a missed deadline raises here."""
+    if not getattr(group, "pollable", False):
+        work.wait()
+        return
+    t0, deadline = time.monotonic(), getattr(group, "deadline_s", 300.0)
+    while not work.is_completed():
+        if time.monotonic() - t0 > deadline:
+            raise RuntimeError(f"collective on group {getattr(group, 'name', '?')} not complete after its "
+                               f"{deadline:.0f} s deadline")
+        time.sleep(0.0005)
+    if work.exception() is not None:
+        raise RuntimeError(f"collective on group {getattr(group, 'name', '?')} failed: {work.exception()}")
+
+
+def _via_host(out: Tensor, group):
+    """(where the collective writes, copy back?) for a result tensor `out`."""
+    if out.device.type == "cpu" or _carries_cuda(group):
+        return out, False
+    return torch.empty(out.shape, dtype=out.dtype), True
+
+
+def _all_reduce_sum(flat: Tensor, group) -> None:
+    buf, back = _via_host(flat, group)
+    if back:
+        buf.copy_(flat)
+    if _is_own_group(group):
+        _wait(group.all_reduce(buf), group)
     else:
-        dist.all_reduce(flat, group=group)
+        dist.all_reduce(buf, group=group)
+    if back:
+        flat.copy_(buf)
 
 
 def _all_to_all(out: Tensor, inp: Tensor, group) -> None:
+    buf, back = _via_host(out, group)
+    inp = inp.cpu() if back else inp
     if _is_own_group(group):
-        group.all_to_all_single(out, inp).wait()
+        _wait(group.all_to_all_single(buf, inp), group)
     else:
-        dist.all_to_all_single(out, inp, group=group)
+        dist.all_to_all_single(buf, inp, group=group)
+    if back:
+        out.copy_(buf)
 
 
 def _all_gather(out: Tensor, inp: Tensor, group) -> None:
+    buf, back = _via_host(out, group)
+    inp = inp.cpu() if back else inp
     if _is_own_group(group):
-        group.all_gather_into_tensor(out.view(-1), inp.view(-1)).wait()
-        return
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out.view(-1), inp.view(-1), group=group)  # gloo wants flat tensors
+        _wait(group.all_gather_into_tensor(buf.view(-1), inp.view(-1)), group)
+    else:
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(buf.view(-1), inp.view(-1), group=group)  # gloo wants flat tensors
+    if back:
+        out.copy_(buf)
 
 
 def _reduce_flat(plan: AllReducePlan, codec: Codec, flat: Tensor, group, world: int, avg: bool,

@@ -6,6 +6,9 @@ produce the same bytes and values. Triton is imported lazily, so CPU-only users 
 
 Override with the environment variable ``KINTSUGI_KERNELS`` or `set_backend`: "auto" (default),
 "reference", or "triton" (forces the kernels, e.g. on CPU tensors under ``TRITON_INTERPRET=1``).
+A job selects its path once, at start, with `configure(name, device_type)`, which checks that the
+choice can run in this process (one line naming the fix otherwise); `active_backend()` says which
+module CPU and CUDA tensors get.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from kintsugi.kernels import reference
 from kintsugi.kernels.spec import ALIASES, SPECS, CodecSpec, check_block_size, row_nbytes
 
 __all__ = ["CodecSpec", "SPECS", "ALIASES", "encode", "decode", "set_backend", "backend_for",
-           "row_nbytes", "check_block_size", "triton_available"]
+           "row_nbytes", "check_block_size", "triton_available", "configure", "active_backend",
+           "BACKENDS"]
 
 logger = logging.getLogger(__name__)
-_BACKENDS = ("auto", "reference", "triton")
+_BACKENDS = BACKENDS = ("auto", "reference", "triton")
 _backend = os.environ.get("KINTSUGI_KERNELS", "auto")
 
 
@@ -49,6 +53,40 @@ def _triton_module():
 
 def triton_available() -> bool:
     return _triton_module() is not None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
+
+
+def configure(name: str, device_type: str = "cpu") -> str:
+    """Select the kernel path a job asked for (`compression.kernels`) for a stage whose tensors live
+    on `device_type`, after checking it can run here: "triton" needs triton importable and, for CPU
+    tensors, Triton's interpreter (TRITON_INTERPRET=1 in the environment the process started with:
+    triton reads it when the kernels are defined). Returns the backend set."""
+    if name not in _BACKENDS:
+        raise ValueError(f"compression.kernels={name!r} is unknown; use one of {', '.join(_BACKENDS)}")
+    if name == "triton":
+        if device_type != "cuda" and not _interpreted():
+            raise ValueError("compression.kernels=triton on CPU tensors runs Triton's interpreter: start the "
+                             "job with TRITON_INTERPRET=1 in its environment, or use compression.kernels=auto")
+        if not triton_available():
+            raise ValueError("compression.kernels=triton: triton cannot be imported in this environment; "
+                             "install it (pip install triton) or use compression.kernels=auto")
+    set_backend(name)
+    return name
+
+
+def active_backend() -> dict:
+    """Which implementation CPU and CUDA tensors get now: {"cpu": ..., "cuda": ...}, each
+    "reference" or "triton" (what a job reports about its kernels)."""
+    def name_of(is_cuda: bool) -> str:
+        if _backend == "reference":
+            return "reference"
+        if (_backend == "triton" or is_cuda) and triton_available():
+            return "triton"
+        return "reference"
+    return {"cpu": name_of(False), "cuda": name_of(True)}
 
 
 def backend_for(x: Tensor, spec: CodecSpec):

@@ -112,6 +112,13 @@ def split_fragments(names: Iterable[str], P: int, assignment: str = "strided") -
     return out
 
 
+def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every tensor is finite, with one host synchronisation for the lot (on CUDA each
+    bool() of a device tensor waits for the GPU: one per parameter would stall every sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 # --- the outer optimizer ----------------------------------------------------------------------------
 class _Fragment:
     """One fragment's local parameters, fp32 global copies (whose .grad holds the pseudo-gradient
@@ -268,7 +275,7 @@ class StreamingDiLoCo:
     def _start(self, frag: _Fragment, t: int) -> None:
         for g, p in zip(frag.glob, frag.local):
             g.grad.copy_(g).sub_(p.detach().to(g.device, torch.float32))  # delta = global - local
-        if not all(bool(torch.isfinite(g.grad).all()) for g in frag.glob):
+        if not _all_finite(g.grad for g in frag.glob):
             # This replica's weights went non-finite: it contributes no change rather than poison
             # every replica's global copy (the trainer rolls it back to that copy).
             for g in frag.glob:
@@ -371,7 +378,7 @@ class StreamingDiLoCo:
             wait_abortable(handle, self.abort)   # raises Aborted / PeerFailure; entry stays for abandon()
         del self._inflight[frag.index]
         frag.syncs += 1
-        if not all(bool(torch.isfinite(g.grad).all()) for g in frag.glob):
+        if not _all_finite(g.grad for g in frag.glob):
             # Every replica received these same bytes, so every replica skips this outer step.
             log.warning("fragment %d: outer sync %d averaged to non-finite values; outer step skipped", frag.index,
                         frag.syncs - 1)

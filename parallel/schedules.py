@@ -234,24 +234,47 @@ class StageExecutor:
     def _tag(mb: int, hop: int, backward: bool) -> int:
         return (mb * 64 + hop) * 2 + int(backward)
 
+    def _receive_of(self, routes: Sequence[Route], action: Action):
+        """(src rank, tag, channel) of the message `action` receives, or None."""
+        kind, mb, h = action
+        route = routes[mb]
+        if kind == "F":
+            return (self.rank_of_stage(route[h - 1].stage), self._tag(mb, h, False), "p2p") if h > 0 else None
+        if HEAD in route[h].parts:
+            return None
+        return self.rank_of_stage(route[h + 1].stage), self._tag(mb, h + 1, True), "p2p_grad"
+
     def run(self, inputs: torch.Tensor, targets: torch.Tensor,
             routes: Sequence[Route], actions: Sequence[Action], train: bool = True) -> Optional[float]:
         """Execute `actions`. Returns the summed per-microbatch mean loss on the stage that runs a
-        head hop (divided by the microbatch count, i.e. the batch mean), else None."""
+        head hop (divided by the microbatch count, i.e. the batch mean), else None.
+
+        Tensors stay on the inputs' device; the loss is read back once, at the end (the step's only
+        host synchronisation). Before each action the next action's receive is posted (where the
+        transport supports it), so a message that arrives early lands in its buffer at once."""
         num_mb = len(routes)
         mb_size = inputs.shape[0] // num_mb  # every stage gets the batch; only shapes matter off the ends
+        act_shape = (mb_size, inputs.shape[1], self.hidden_dim)  # what crosses every edge, both ways
+        receives = [self._receive_of(routes, a) for a in actions]
+        ahead = [j for j, r in enumerate(receives) if r is not None]
+        post = getattr(self.transport, "post_recv", None)  # recording transports in tests have none
+        next_ahead = 0
         saved: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
-        loss_total = torch.zeros((), dtype=torch.float64)
-        has_loss = False
-        for kind, mb, h in actions:
+        loss_total: Optional[torch.Tensor] = None
+        for i, (kind, mb, h) in enumerate(actions):
+            while next_ahead < len(ahead) and ahead[next_ahead] <= i:
+                next_ahead += 1
+            if post is not None and next_ahead < len(ahead):
+                src, tag, channel = receives[ahead[next_ahead]]
+                post(act_shape, src, tag, channel)
             route = routes[mb]
             hop = route[h]
             if kind == "F":
                 if h == 0:
                     x = inputs[mb * mb_size:(mb + 1) * mb_size]
                 else:
-                    x = self.transport.recv((mb_size, inputs.shape[1], self.hidden_dim),
-                                            self.rank_of_stage(route[h - 1].stage), self._tag(mb, h, False))
+                    src, tag, channel = receives[i]
+                    x = self.transport.recv(act_shape, src, tag, channel)
                     x.requires_grad_(train)
                 with torch.set_grad_enabled(train):
                     with self._autocast():
@@ -259,8 +282,8 @@ class StageExecutor:
                     if HEAD in hop.parts:
                         tgt = targets[mb * mb_size:(mb + 1) * mb_size]
                         out = self.loss_fn(out.float(), tgt) / num_mb  # the loss in fp32
-                        loss_total += out.detach().to(torch.float64)
-                        has_loss = True
+                        mb_loss = out.detach().to(torch.float64)
+                        loss_total = mb_loss if loss_total is None else loss_total + mb_loss
                     else:
                         out = out.float()  # a no-op in fp32
                         self.transport.send(out, self.rank_of_stage(route[h + 1].stage), self._tag(mb, h + 1, False))
@@ -271,8 +294,8 @@ class StageExecutor:
                 if HEAD in hop.parts:
                     grad = None
                 else:
-                    grad = self.transport.recv(out.shape, self.rank_of_stage(route[h + 1].stage),
-                                               self._tag(mb, h + 1, True), channel="p2p_grad")
+                    src, tag, channel = receives[i]
+                    grad = self.transport.recv(act_shape, src, tag, channel)
                 if out.requires_grad:
                     torch.autograd.backward(out, grad)
                 if h > 0:
@@ -280,4 +303,4 @@ class StageExecutor:
                     self.transport.send(g, self.rank_of_stage(route[h - 1].stage), self._tag(mb, h, True),
                                         channel="p2p_grad")
         self.transport.flush()
-        return float(loss_total) if has_loss else None
+        return float(loss_total) if loss_total is not None else None
