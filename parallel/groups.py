@@ -41,12 +41,10 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
+from .errors import Aborted
+
 log = logging.getLogger(__name__)
 CLOSE_TAG = (1 << 30) - 7  # a tag no other message uses: the dummy receive that closes a pair
-
-
-class Aborted(RuntimeError):
-    """The operation was abandoned because the generation changed (or the run is ending)."""
 
 
 class FormationError(RuntimeError):

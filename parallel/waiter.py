@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from .groups import Aborted
+from .errors import Aborted
 
 __all__ = ["PeerFailure", "Waiter", "WaiterSlot", "poll_works", "call_with_deadline", "set_idle_hook",
            "run_idle", "EXIT_ABORT_HUNG"]
