@@ -196,6 +196,7 @@ class CoordinatorState:
     corpus: Optional[dict] = None
     bytes: Dict[str, int] = field(default_factory=dict)         # per channel, as last seen
     store_restarts: int = 0       # restarts with an empty store after a flood (recovery.coordinator)
+    tampering: Dict[str, int] = field(default_factory=dict)     # records dropped or repaired, by kind, all incarnations
 
     @classmethod
     def fresh(cls, settings: Settings, port: int, layout: List[int]) -> "CoordinatorState":

@@ -102,6 +102,7 @@ class Coordinator:
         self.final_errors: List[str] = []
         self.missing_steps: Dict[int, List[int]] = {}  # committed, never recorded (the record has a hole)
         self._restart_store = False
+        self._tampering_before, self._tampering_saved = dict(st.tampering), dict(st.tampering)
         self._memory_checked, self._flood_logged = 0.0, False
         self._rss_start = resident_bytes()
         self._dirty = True
@@ -347,9 +348,19 @@ class Coordinator:
             return EX_RECORD
         return 0
 
+    def tampering(self) -> Dict[str, int]:
+        """Forged, stale, rewound, overwritten, flood: what every incarnation of this run dropped or
+        repaired (the counts survive a restart with the persisted state)."""
+        out = dict(self._tampering_before)
+        for kind, n in self.auth.dropped_by_kind.items():
+            out[kind] = out.get(kind, 0) + n
+        return out
+
     def _persist(self) -> None:
-        if not self._dirty:
+        self.st.tampering = self.tampering()
+        if not self._dirty and self.st.tampering == self._tampering_saved:
             return
+        self._tampering_saved = dict(self.st.tampering)
         self._dirty = False
         self.ledger.refresh_bytes()
         try:
@@ -406,8 +417,8 @@ class Coordinator:
                  "write_error": led.write_error, "persist_error": self.persist_error,
                  "final_errors": self.final_errors or None,
                  "checkpoint_errors": led.checkpoint_errors or None,
-                 "refused_joins": self.membership.refused_joins, "forged_records_dropped": self.auth.dropped_count,
-                 "tampering": self.auth.dropped_by_kind,
+                 "refused_joins": self.membership.refused_joins,
+                 "forged_records_dropped": sum(self.tampering().values()), "tampering": self.tampering(),
                  "missing_steps": {str(r): v for r, v in self.missing_steps.items()} or None,
                  "nonfinite_steps": led.nonfinite_steps, "divergences": rx.divergences,
                  "memory": {"peak_bytes": {str(s): v for s, v in sorted(self.membership.peak_bytes.items())}}}
