@@ -19,7 +19,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from conftest import start_trainer
+from testkit import start_trainer
 
 pytestmark = pytest.mark.distributed
 
