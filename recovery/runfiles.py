@@ -23,6 +23,7 @@ FINAL_STATE = "coordinator_state.json"
 SUMMARY = "summary.json"
 JOB = "job.json"
 MACHINES = "machines.json"
+FAULTS = "faults.json"      # the local launcher: the fault events scheduled, injected, never fired
 TOKEN = ".token"
 ALIVE = ".coordinator_alive"
 

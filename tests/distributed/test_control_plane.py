@@ -122,6 +122,25 @@ def test_no_spare_suspends_after_spare_wait_then_resume_rebuilds_the_lost_slot(t
     assert all(after[k] == before[k] for k in range(step + 1)), "steps before the suspend are unchanged"
 
 
+def test_a_replica_that_finished_still_saves_when_the_job_suspends(tmp_path):
+    # Streaming DiLoCo, 2 x 2, no spare: replica 1 loses stage 0 at step 3 and waits for a worker;
+    # replica 0 trains on alone, finishes its steps and waits for the end. The job then suspends:
+    # the finished replica's slots save too (they sat in the end-of-run wait, which once ignored the
+    # suspend, so the run stopped with "suspend incomplete" instead of exit 75).
+    run = tmp_path / "run"
+    proc, summary, records = run_trainer(
+        run, *BASE, "train.max_steps=10", "train.eval_every=0", "faults.spares=0", "faults.respawn=false",
+        "parallel.replicas=2", "parallel.stages=2", "model.n_layers=4", "diloco.enabled=true", "diloco.sync_every=4",
+        "recovery.spare_wait_s=10", f"faults.schedule=[{_kill(3, 0, replica=1)}]", check=False)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    saved = json.loads((run / "coordinator_state.json").read_text())
+    assert saved["suspend_lost"] == [[1, 0]], saved.get("error")
+    assert sorted(saved["suspended"]) == ["0,0", "0,1", "1,1"], saved.get("error")
+    done = sorted(r["step"] for r in records if r.get("replica") == 0 and "loss" in r and "val_loss" not in r)
+    assert done == list(range(10)), "replica 0 finished before the suspend (the case this test is about)"
+    assert saved["suspended"]["0,0"] == saved["suspended"]["0,1"] == 9
+
+
 def _plain_run(tmp_path, *extra):
     _, summary, records = run_trainer(tmp_path / "plain", *BASE, *extra)
     return summary, records

@@ -31,7 +31,7 @@ from kintsugi.recovery.auth import new_token
 
 from kintsugi.trainer.config.faults import fault_events, held_at_boundary
 from kintsugi.trainer.config.job import JobConfig
-from kintsugi.recovery.runfiles import ALIVE, CONTROL_STATE, JOB, MACHINES
+from kintsugi.recovery.runfiles import ALIVE, CONTROL_STATE, FAULTS, JOB, MACHINES
 
 log = logging.getLogger("kintsugi.launch")
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
@@ -338,11 +338,14 @@ class LocalLauncher:
                 self.injected.append(dict(e, wid="coordinator", t=time.time()))
                 continue
             if e.get("target") == "stopped":  # kind cont: every worker stopped earlier wakes up
+                woken = []
                 for x in self.injected:
                     p = self.procs.get(x["wid"])
                     if x["kind"] == "stop" and p is not None and p.poll() is None:
                         log.warning("resuming %s (SIGCONT) at step %d", x["wid"], e["step"])
                         os.kill(p.pid, signal.SIGCONT)
+                        woken.append(x["wid"])
+                self.injected.append(dict(e, wid=",".join(woken), t=time.time()))
                 continue
             if e.get("target") == "spare":
                 held = set(self._slots().values())
@@ -448,11 +451,23 @@ class LocalLauncher:
         with open(os.path.join(self.run_dir, MACHINES), "w") as f:
             json.dump(out, f, indent=1)
 
+    def write_faults(self) -> None:
+        """faults.json: every fault event this launcher was to inject, what it injected (with the
+        worker it hit and when) and what never fired (its target never existed, or the run ended
+        first), so a test or a benchmark checks the run against what really happened to it."""
+        scheduled = fault_events(self.job) + [dict(e) for e in self.job.faults.coordinator_schedule] + \
+            [dict(e) for e in self.job.faults.machine_schedule]
+        with open(os.path.join(self.run_dir, FAULTS), "w") as f:
+            json.dump({"scheduled": scheduled, "injected": self.injected,
+                       "not_fired": [{k: v for k, v in e.items() if k not in ("armed", "due_at", "near")}
+                                     for e in self.events + self.machine_events]}, f, indent=1)
+
     def cleanup(self) -> None:
-        try:
-            self.write_machines()
-        except OSError as err:
-            log.warning("could not write machines.json: %s", err)
+        for write in (self.write_machines, self.write_faults):
+            try:
+                write()
+            except OSError as err:
+                log.warning("could not write %s: %s", write.__name__, err)
         for e in self.injected:  # a SIGSTOPped worker would never exit by itself
             p = self.procs.get(e["wid"])
             if e["kind"] == "stop" and p is not None and p.poll() is None:
