@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from kintsugi import CONF_DIR
+from kintsugi.trainer.config.errors import ConfigError
 from kintsugi.trainer.config.job import JobConfig
 from kintsugi.trainer.config.store import register, to_job_config
 
@@ -101,6 +102,10 @@ def hydra_entry(cfg: DictConfig) -> None:
         redact_token(os.path.join(run_dir, HydraConfig.get().output_subdir or ".hydra"), job.recovery.token)
     if job.train.resume:  # a requeued job continues in the run dir it is resuming
         run_dir = os.path.abspath(os.path.expanduser(job.train.resume))
-    rc = train(job, run_dir)
+    try:
+        rc = train(job, run_dir)
+    except ConfigError as e:  # found once the corpus, the model files or the run dir were read
+        print(f"kintsugi: config error: {e}", file=sys.stderr)
+        sys.exit(2)
     if rc:
         sys.exit(rc)
