@@ -77,29 +77,10 @@ def train(job: JobConfig, run_dir: str) -> int:
 register()
 
 
-def redact_token(hydra_dir: str, token: str) -> int:
-    """A token given as an override (recovery.token=...) is written by Hydra into .hydra/ (the
-    config and the overrides it records): replace it there. Returns the files changed."""
-    changed = 0
-    if not token or not os.path.isdir(hydra_dir):
-        return 0
-    for name in os.listdir(hydra_dir):
-        path = os.path.join(hydra_dir, name)
-        with open(path, errors="replace") as f:
-            text = f.read()
-        if token in text:
-            with open(path, "w") as f:
-                f.write(text.replace(token, "<redacted>"))
-            changed += 1
-    return changed
-
-
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> None:
     job = to_job_config(cfg)
     run_dir = HydraConfig.get().runtime.output_dir
-    if job.recovery.token:
-        redact_token(os.path.join(run_dir, HydraConfig.get().output_subdir or ".hydra"), job.recovery.token)
     if job.train.resume:  # a requeued job continues in the run dir it is resuming
         run_dir = os.path.abspath(os.path.expanduser(job.train.resume))
     try:
