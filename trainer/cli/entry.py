@@ -20,7 +20,18 @@ log = logging.getLogger("kintsugi")
 
 def prepare_corpus_and_model(job: JobConfig) -> dict:
     """Prepare (or reuse) the token cache, take the architecture from model.init_from and the vocab
-    size from the tokenizer when unset (job.model is updated); returns the store's `corpus` entry."""
+    size from the tokenizer when unset (job.model is updated); returns the store's `corpus` entry.
+    A corpus that cannot be read or a model.init_from that is not a usable checkpoint raises
+    ConfigError (one line naming the file and the fix), before any worker starts."""
+    try:
+        return _prepare_corpus_and_model(job)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the data and model readers' errors: one line naming the file and the fix
+        raise ConfigError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+
+
+def _prepare_corpus_and_model(job: JobConfig) -> dict:
     from kintsugi.trainer.data.corpus import prepare_corpus, validate_data_config
 
     validate_data_config(job.data)
@@ -29,8 +40,9 @@ def prepare_corpus_and_model(job: JobConfig) -> dict:
              corpus.num_train_tokens, corpus.num_val_tokens, corpus.num_files, corpus.skipped_files,
              corpus.vocab_size)
     if job.model.init_from:
-        from kintsugi.trainer.model.pretrained import checkpoint_model_config
+        from kintsugi.trainer.model.pretrained import check_init_from, checkpoint_model_config
         job.model = checkpoint_model_config(job.model.init_from, job.model)
+        check_init_from(job.model.init_from, job.model)
     if job.model.vocab_size <= 0:
         job.model.vocab_size = corpus.vocab_size
     return {"train_path": corpus.train_path, "val_path": corpus.val_path, "dtype": str(corpus.dtype),
