@@ -18,8 +18,8 @@ import torch
 
 from kintsugi.parallel.diloco import StreamingDiLoCo
 from kintsugi.recovery.checkpoint import (MANIFEST, TENSORS, TREE, AsyncCheckpointer, CheckpointCorrupt, checkpoint_path,
-                                find_resume_points, is_complete, prune, read_snapshot, restore, resume_points,
-                                snapshot, verify, write_snapshot)
+                                is_complete, prune, read_snapshot, restore, snapshot, verify, write_snapshot)
+from kintsugi.recovery.resume_points import find_resume_points, resume_points
 from kintsugi.trainer.config.job import DilocoConfig, JobConfig, LisaConfig, ParallelConfig, TrainConfig
 from kintsugi.trainer.runtime.lisa import LisaController
 from kintsugi.trainer.model.llama import ModelConfig, cross_entropy_loss
@@ -296,7 +296,8 @@ import errno, json, os, resource, signal, sys
 import torch
 sys.path.insert(0, {repo!r})
 from tests.unit.test_checkpoint_files import _stage, _train
-from kintsugi.recovery.checkpoint import AsyncCheckpointer, checkpoint_path, find_resume_points, is_complete, read_snapshot
+from kintsugi.recovery.checkpoint import AsyncCheckpointer, checkpoint_path, is_complete, read_snapshot
+from kintsugi.recovery.resume_points import find_resume_points
 
 run = sys.argv[1]
 st, diloco = _stage()

@@ -57,6 +57,9 @@ def train(job: JobConfig, run_dir: str) -> int:
 
     t0 = time.time()
     corpus_d = prepare_corpus_and_model(job)
+    if job.train.resume:  # the checkpoints must fit this job's slots, before any process starts
+        from kintsugi.trainer.cli.resuming import check_resume
+        check_resume(job, run_dir, tidy=os.environ.get("RANK", "0") == "0")
     if job.train.optimizer != "adamw":  # compile DeepSpeed's op once here, not inside every worker
         from kintsugi.trainer.runtime.optim import prebuild_optimizer
         log.info("train.optimizer=%s: DeepSpeed op ready in %.1f s", job.train.optimizer,
@@ -81,8 +84,11 @@ def train(job: JobConfig, run_dir: str) -> int:
             log.info("done: final val loss %s, %d steps, %.0f tokens/s, %d failures, %d rebuilds -> %s",
                      summary["final_val_loss"], summary["steps"], summary["tokens_per_s"], summary["failures"],
                      len(summary["rebuilds"]), run_dir)
-            if rc == 0 and summary.get("write_error"):
+            if rc == 0 and (summary.get("write_error") or summary.get("missing_steps")):
                 rc = EX_RECORD  # trained, but the record on disk is not whole: never a silent 0
+                if summary.get("missing_steps"):
+                    log.error("metrics.jsonl lacks committed steps %s; summary.json lists them as missing_steps",
+                              summary["missing_steps"])
     return rc
 
 

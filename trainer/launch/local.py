@@ -105,7 +105,13 @@ class LocalLauncher:
         # The coordinator reads the token from the same environment variable the workers present.
         self.coordinator = self._start_coordinator(resume=False)
         try:
-            self.control = P.open_control("127.0.0.1", self.port, self.token, store=self._connect_fresh())
+            try:
+                store = self._connect_fresh()
+            except RuntimeError:
+                if self.coordinator.poll() is None:
+                    raise
+                return self.coordinator.returncode  # it said why on stderr (a resume it cannot do)
+            self.control = P.open_control("127.0.0.1", self.port, self.token, store=store)
             self.control.put_json("corpus", self.corpus)
             self.control.on_new_boot.append(self._on_coordinator_restart)
             # A preemption warning to the launcher (Slurm's `--signal=B:USR1@90`, a SIGTERM from a

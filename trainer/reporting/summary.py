@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 from kintsugi.recovery.records import dumps_strict
 
 from kintsugi.trainer.config.job import JobConfig
-from kintsugi.recovery.runfiles import FINAL_STATE, SUMMARY, read_metrics
+from kintsugi.recovery.runfiles import FINAL_STATE, SUMMARY, missing_steps, read_metrics, standing_commits
 
 log = logging.getLogger("kintsugi.outputs")
 
@@ -38,15 +38,19 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         log.error("cannot read %s (%s); no summary.json", state_path, e)
         return None
     commits, evals, events = read_metrics(run_dir)
+    # Rows a rollback or a resume undid (their steps were trained again) are kept in metrics.jsonl
+    # as the record of lost work, but counted once: the standing rows say what the run trained.
+    standing, undone = standing_commits(run_dir)
     by_channel: Dict[str, int] = state.get("bytes", {})
-    steps = max((c["step"] for c in commits), default=-1) + 1
+    steps = max((c["step"] for c in standing), default=-1) + 1
     if state.get("write_error"):  # metrics.jsonl has a gap: the coordinator's own count stands
         steps = max([steps] + [int(k) + 1 for k in (state.get("committed") or {}).values()])
     # What per-step data-parallel all-reduce of fp32 gradients would have sent (ring: 2(R-1)/R x size
     # per replica per step), for comparison with the outer syncs.
     R = job.parallel.replicas
     dp_equiv = int(2 * (R - 1) / R * param_count(job) * 4 * steps * R) if R > 1 else 0
-    tokens = sum(c.get("tokens", 0) for c in commits)
+    tokens = sum(c.get("tokens", 0) for c in standing)
+    missing = {str(r): ks for r, ks in missing_steps(standing).items()}
     if state.get("write_error"):  # metrics.jsonl has a gap: the coordinator counted every commit
         tokens = max(tokens, int(state.get("tokens") or 0))
     summary = {
@@ -67,6 +71,10 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
                                         if c.get("layout_version", 0) == state.get("layout_version", 0)], job,
                                         state.get("layout")),
         "generations": state.get("generations"),
+        "discarded_steps": len(undone),
+        # Committed steps metrics.jsonl does not hold (a record lost with a coordinator): the exit
+        # code is then 74, never 0.
+        "missing_steps": missing or None,
         "nonfinite_steps": state.get("nonfinite_steps", 0),
         "divergences": state.get("divergences", 0),
         "forged_records_dropped": state.get("forged_records_dropped", 0),
