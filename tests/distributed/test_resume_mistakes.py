@@ -102,3 +102,24 @@ def test_a_resume_tidies_partial_checkpoints_and_marks_the_steps_it_trains_again
     assert sorted(k for k, i in rows if i > event_at) == [4, 5, 6]        # trained again after step 3
     assert summary["steps"] == 7 and summary["discarded_steps"] == 1 and summary["missing_steps"] is None
     assert summary["tokens"] == 7 * per_step, "a step trained twice was counted twice"
+
+
+def test_steps_missing_from_the_record_are_reported_not_claimed(tmp_path, first_run):
+    # The rows of steps 1 and 2 never reached metrics.jsonl (lost with a coordinator that died
+    # before writing them, its workers gone too). The checkpoint of step 3 proves they were trained,
+    # so resuming is right, but the record must say they are missing and the run must not exit 0.
+    src, _ = first_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    kept = [l for l in lines if json.loads(l).get("step") not in (1, 2) or "val_loss" in json.loads(l)]
+    assert len(kept) == len(lines) - 2
+    metrics.write_text("\n".join(kept) + "\n")
+
+    proc, summary, records = run_trainer(run_dir, *ARGS, "train.max_steps=7", f"train.resume={run_dir}", check=False)
+    assert proc.returncode == 74, proc.stderr[-3000:]
+    assert summary["missing_steps"] == {"0": [1, 2]} and summary["steps"] == 7
+    resume = next(r["event"] for r in records if r.get("event", {}).get("kind") == "resume")
+    assert resume["missing"] == {"0": [1, 2]}
+    assert "lacks committed steps" in proc.stderr

@@ -175,7 +175,8 @@ def main(argv=None) -> int:
         except (OSError, ValueError):
             pass
     if args.port is None:
-        ap.error("--port is required")
+        ap.error(f"--port is required ({STATE_FILE} in {args.run_dir} does not say it)" if args.resume
+                 else "--port is required")
     if args.job and args.overrides:
         ap.error(f"pass either --job or overrides, not both (got {args.overrides[0]!r} with --job)")
     P.die_with_parent()
