@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from typing import Dict, List, Optional, Tuple
 
 from . import packages
@@ -100,10 +101,11 @@ def saved_layer_ids(path: str) -> Optional[List[int]]:
     return None
 
 
-def clean_partial_writes(run_dir: str) -> Tuple[List[str], List[str]]:
-    """At resume (no writer running): put back a partial slot directory that verifies where its slot
-    is missing (the previous copy moved aside, or a finished write, that a kill left unrenamed);
-    delete every other one. Returns (restored slot paths, deleted paths)."""
+def clean_partial_writes(run_dir: str, stale_s: float = 60.0) -> Tuple[List[str], List[str]]:
+    """At resume: put back a partial slot directory that verifies where its slot is missing (the
+    previous copy moved aside, or a finished write, that a kill left unrenamed); delete the other
+    ones untouched for `stale_s` (a younger one may be a write still going on: a job resumed while
+    the old one still runs must not lose its checkpoint). Returns (restored slot paths, deleted)."""
     restored, deleted = [], []
     for step_dir in _step_dirs(run_dir).values():
         partials = sorted(n for n in os.listdir(step_dir) if _PARTIAL.match(n))
@@ -120,8 +122,18 @@ def clean_partial_writes(run_dir: str) -> Tuple[List[str], List[str]]:
                     continue
                 except (CheckpointCorrupt, OSError):
                     pass
-            shutil.rmtree(path, ignore_errors=True)
-            deleted.append(path)
+            if _age(path) > stale_s:
+                shutil.rmtree(path, ignore_errors=True)
+                deleted.append(path)
     if deleted:
         log.info("removed %d partial checkpoint directories left by killed writes", len(deleted))
     return restored, deleted
+
+
+def _age(path: str) -> float:
+    """Seconds since anything in the directory `path` last changed."""
+    try:
+        newest = max([os.path.getmtime(path)] + [os.path.getmtime(os.path.join(path, n)) for n in os.listdir(path)])
+    except OSError:
+        return 0.0
+    return time.time() - newest

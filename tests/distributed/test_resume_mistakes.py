@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -86,13 +87,18 @@ def test_a_resume_tidies_partial_checkpoints_and_marks_the_steps_it_trains_again
     garbage = ckpt / "step_1" / "r0s1.tmp-4242-deadbeef"
     garbage.mkdir()
     (garbage / "tensors.bin").write_bytes(b"\0" * 100)
+    for p in (garbage, garbage / "tensors.bin"):  # left by a kill two minutes ago
+        os.utime(p, (time.time() - 120, time.time() - 120))
+    # A write going on right now (another job still writing this run) is left alone.
+    writing = ckpt / "step_1" / "r0s0.tmp-4343-0ddba11"
+    writing.mkdir()
     per_step = commits(first_records)[0]["tokens"]
 
     # hydra.run.dir is the run resumed, so that the helper reads its summary and metrics.
     proc, summary, records = run_trainer(run_dir, *ARGS, "train.max_steps=7", f"train.resume={run_dir}")
     assert proc.returncode == 0
     assert (ckpt / "step_3" / "r0s0" / "MANIFEST.json").is_file() and not garbage.exists()
-    assert not [p for p in ckpt.glob("step_*/*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert [p.name for p in ckpt.glob("step_*/*") if ".tmp-" in p.name or ".old-" in p.name] == [writing.name]
     resumes = [r["event"] for r in records if r.get("event", {}).get("kind") == "resume"]
     assert len(resumes) == 1 and resumes[0]["step"] == {"0": 3}, resumes
     assert resumes[0]["discarded"] == {"0": [4]} and "missing" not in resumes[0], resumes
