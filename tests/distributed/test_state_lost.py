@@ -1,5 +1,5 @@
-"""The coordinator dies and its persisted state (`control_state.json`) is found cut short when the
-launcher restarts it, as a crash on a full or failing disk leaves it. Before, the restarted
+"""The coordinator dies and its persisted state (`control_state.json`, and job.json with it) is found
+cut short when the launcher restarts it, as a crash on a full or failing disk leaves it. Before, the restarted
 coordinator died on the JSON error and the launcher exited 1 while every worker still held its
 exact state. Now (recovery.salvage) the restarted coordinator takes the re-registering workers at
 their word, records the commits they replay, and suspends the job: each slot saves its committed
@@ -52,6 +52,7 @@ def test_a_damaged_state_file_suspends_the_job_and_resume_loses_nothing(tmp_path
         state = run_dir / "control_state.json"
         text = state.read_text()
         state.write_text(text[: len(text) // 2])  # cut short mid-record
+        (run_dir / "job.json").write_text('{"model": {"di')  # the same failing disk
         os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=240)
     finally:

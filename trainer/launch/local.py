@@ -97,11 +97,9 @@ class LocalLauncher:
 
     def run(self) -> int:
         os.makedirs(self.run_dir, exist_ok=True)
-        job_path = os.path.join(self.run_dir, JOB)
-        with open(job_path, "w") as f:
-            json.dump(self.job.public_dict(), f, indent=1)
+        self.job_path = os.path.join(self.run_dir, JOB)
+        self._write_job()
         self.port = P.free_port()
-        self.job_path = job_path
         # The coordinator reads the token from the same environment variable the workers present.
         self.coordinator = self._start_coordinator(resume=False)
         try:
@@ -131,7 +129,13 @@ class LocalLauncher:
         finally:
             self.cleanup()
 
+    def _write_job(self) -> None:
+        with open(self.job_path, "w") as f:
+            json.dump(self.job.public_dict(), f, indent=1)
+
     def _start_coordinator(self, resume: bool) -> subprocess.Popen:
+        if resume:  # whatever killed the coordinator may have damaged job.json too: this copy is whole
+            self._write_job()
         cmd = [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(self.port), "--host", "127.0.0.1",
                "--run-dir", self.run_dir, "--job", self.job_path] + ([] if self.progress else ["--no-progress"])
         return subprocess.Popen(cmd + (["--resume"] if resume else []), env=self.env)
