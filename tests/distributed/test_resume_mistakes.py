@@ -13,11 +13,13 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import commits, run_trainer
+from conftest import ROOT, commits, run_trainer
 
 pytestmark = pytest.mark.distributed
 ARGS = ["experiment=quick", "parallel.stages=2", "train.eval_batches=1", "recovery.checkpoint_every=2"]
@@ -66,6 +68,16 @@ def test_a_resume_with_another_shape_is_refused_in_one_line(tmp_path, first_run)
     line = _refused(tmp_path, run_dir, "parallel.replicas=2")
     assert "parallel.replicas=1 but this job has parallel.replicas=2" in line
     assert "model.dim=128 but this job has model.dim=64" in _refused(tmp_path, run_dir, "model.dim=64")
+    # The same mistake given to a coordinator on a stable host (torchrun nodes, `kintsugi join`).
+    before = _snapshot(run_dir)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), KINTSUGI_TOKEN="t0k")
+    proc = subprocess.run([sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", "0", "--run-dir",
+                           str(run_dir), "--no-progress", "--", *ARGS, "parallel.stages=4", f"train.resume={run_dir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "config error: train.resume=" in proc.stderr and "parallel.stages=2 but this job has parallel.stages=4" \
+        in proc.stderr and "Traceback" not in proc.stderr
+    assert _snapshot(run_dir) == before
     # A run without job.json (older, or lost): its checkpoints say what wrote them.
     (run_dir / "job.json").unlink()
     line = _refused(tmp_path, run_dir, "parallel.stages=4")

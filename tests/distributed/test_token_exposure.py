@@ -18,8 +18,9 @@ SECRET = "s3cret-" + "7c1e" * 6
 
 
 def _cli(*args, env=None, timeout=180):
-    full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
-    full_env.pop("KINTSUGI_TOKEN", None) if not env or "KINTSUGI_TOKEN" not in env else None
+    full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    full_env.pop("KINTSUGI_TOKEN", None)  # only the token a test gives
+    full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "trainer", *args, "logger=quiet"], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
