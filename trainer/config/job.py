@@ -138,7 +138,8 @@ class DilocoConfig:
 @dataclass
 class RecoveryConfig:
     strategy: str = "tiered"
-    token: str = ""                 # shared secret; empty = KINTSUGI_TOKEN or a random one per run
+    # Shared secret, set in code only: the CLI refuses it (Hydra would record it); use KINTSUGI_TOKEN.
+    token: str = ""                 # empty = KINTSUGI_TOKEN or a random one per run
     coordinator: Optional[str] = None  # host:port of an external coordinator
     heartbeat_interval_s: float = 0.2
     heartbeat_timeout_s: float = 3.0
