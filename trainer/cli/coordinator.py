@@ -20,7 +20,7 @@ import time
 
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.coordinator import Coordinator
-from kintsugi.recovery.runfiles import EX_RESTART_STORE, FINAL_STATE, JOB, TOKEN, CONTROL_STATE as STATE_FILE
+from kintsugi.recovery.runfiles import EX_RECORD, EX_RESTART_STORE, FINAL_STATE, JOB, TOKEN, CONTROL_STATE as STATE_FILE
 
 log = logging.getLogger("kintsugi.coordinator")
 
@@ -29,7 +29,8 @@ def resume_state(run_dir: str, job: dict):
     """(resume_from, resume_missing, layout, error) for `train.resume`: every replica continues from
     its newest step whose stages all saved; stages a suspend could not save (lost without a spare)
     are rebuilt from the restored ones."""
-    from kintsugi.recovery.checkpoint import checkpoint_path, is_complete, resume_points
+    from kintsugi.recovery.checkpoint import checkpoint_path, is_complete
+    from kintsugi.recovery.resume_points import resume_points
     R, S = job["parallel"]["replicas"], job["parallel"]["stages"]
     points = resume_points(run_dir, R, S)
     missing = {}
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
         except (OSError, ValueError):
             pass
     if args.port is None:
-        ap.error("--port is required")
+        ap.error(f"--port is required ({STATE_FILE} in {args.run_dir} does not say it)" if args.resume
+                 else "--port is required")
     if args.job and args.overrides:
         ap.error(f"pass either --job or overrides, not both (got {args.overrides[0]!r} with --job)")
     P.die_with_parent()
@@ -222,6 +224,15 @@ def main(argv=None) -> int:
         token = _new_token_shown_once(args.run_dir, args.host, args.port)
     # Anyone who reaches the store can read `job`: the token stays out of it (and out of job.json).
     job = dict(job, recovery=dict(job["recovery"], token=""))
+    if not job_path and job["train"].get("resume"):  # before job.json is rewritten: it says what wrote them
+        from kintsugi.trainer.cli.resuming import check_resume
+        from kintsugi.trainer.config.errors import ConfigError
+        from kintsugi.trainer.config.job import JobConfig
+        try:
+            check_resume(JobConfig.from_dict(job), args.run_dir)
+        except ConfigError as e:
+            print(f"kintsugi coordinator: config error: {e}", file=sys.stderr)
+            return 2
     if not job_path:
         os.makedirs(args.run_dir, exist_ok=True)
         with open(os.path.join(args.run_dir, JOB), "w") as f:
@@ -241,6 +252,9 @@ def main(argv=None) -> int:
                               resume_from=resume_from, resume_missing=resume_missing, layout=layout,
                               corpus=corpus, restore=args.resume)
     signal.signal(signal.SIGTERM, coordinator.on_sigterm)
+    if resume_from is not None:  # the earlier run's rows after the resume point are trained again
+        from kintsugi.trainer.cli.resuming import resume_event
+        coordinator.ledger.event(resume_event(args.run_dir, resume_from))
     dashboard = _start_dashboard(job, args.run_dir, args.host, token, coordinator)
     if corpus is not None:
         log.info("job %r: %d x %d slots, waiting for workers at %s:%d (%s); run dir %s", job["name"],
@@ -266,6 +280,8 @@ def main(argv=None) -> int:
                 log.info("done: final val loss %s, %d steps, %d failures, %d rebuilds -> %s",
                          summary["final_val_loss"], summary["steps"], summary["failures"],
                          len(summary["rebuilds"]), args.run_dir)
+                if rc == 0 and summary.get("missing_steps"):
+                    rc = EX_RECORD  # metrics.jsonl lacks committed steps: never a silent 0
     return rc
 
 

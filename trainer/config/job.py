@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from kintsugi.trainer.config.environment import check_optimizer, cuda_available
-from kintsugi.trainer.config.errors import check as _check, choice as _choice
+from kintsugi.trainer.config.errors import check as _check, choice as _choice, seconds as _seconds
 from kintsugi.trainer.config.faults import FaultsConfig
 from kintsugi.trainer.data.corpus import DataConfig
 from kintsugi.trainer.model.llama import ModelConfig
@@ -138,7 +138,8 @@ class DilocoConfig:
 @dataclass
 class RecoveryConfig:
     strategy: str = "tiered"
-    token: str = ""                 # shared secret; empty = KINTSUGI_TOKEN or a random one per run
+    # Shared secret, set in code only: the CLI refuses it (Hydra would record it); use KINTSUGI_TOKEN.
+    token: str = ""                 # empty = KINTSUGI_TOKEN or a random one per run
     coordinator: Optional[str] = None  # host:port of an external coordinator
     heartbeat_interval_s: float = 0.2
     heartbeat_timeout_s: float = 3.0
@@ -165,19 +166,20 @@ class RecoveryConfig:
 
     def __post_init__(self):
         _choice("recovery.strategy", self.strategy, self.STRATEGIES)
-        _check(self.heartbeat_interval_s > 0, "recovery.heartbeat_interval_s must be > 0")
+        for key in ("heartbeat_interval_s", "heartbeat_timeout_s", "init_timeout_s", "progress_timeout_s",
+                    "spare_wait_s", "coordinator_wait_s", "notice_interval_s"):
+            _seconds(f"recovery.{key}", getattr(self, key))
         _check(self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s,
                f"recovery.heartbeat_timeout_s={self.heartbeat_timeout_s} must exceed twice "
                f"recovery.heartbeat_interval_s={self.heartbeat_interval_s}")
         _check(self.lr_bump > 0, f"recovery.lr_bump={self.lr_bump} must be > 0")
         _check(self.embedding_copy_every >= 1, "recovery.embedding_copy_every must be >= 1")
+        _check(self.checkpoint_every >= 0, f"recovery.checkpoint_every={self.checkpoint_every} must be >= 0 "
+                                           "(0 = no periodic checkpoints)")
         _check(self.keep_checkpoints >= 0, f"recovery.keep_checkpoints={self.keep_checkpoints} must be >= 0 "
                                            "(0 keeps every checkpoint)")
         _choice("recovery.notice", self.notice, ("none", "aws", "gcp", "azure"))
-        _check(self.notice_interval_s > 0, "recovery.notice_interval_s must be > 0")
         _choice("recovery.generations", self.generations, ("per_group", "global"))
-        for key in ("init_timeout_s", "progress_timeout_s", "spare_wait_s", "coordinator_wait_s"):
-            _check(getattr(self, key) > 0, f"recovery.{key}={getattr(self, key)} must be > 0 seconds")
         _check(self.progress_timeout_s > 2 * self.heartbeat_timeout_s,
                f"recovery.progress_timeout_s={self.progress_timeout_s} must exceed twice "
                f"recovery.heartbeat_timeout_s={self.heartbeat_timeout_s} (a hung worker is caught by its heartbeat)")
@@ -227,6 +229,7 @@ class LauncherConfig:
 
     def __post_init__(self):
         _choice("launcher.name", self.name, ("local", "torchrun", "slurm", "deepspeed"))
+        _seconds("launcher.start_timeout_s", self.start_timeout_s)
         _check(self.machines >= 0, f"launcher.machines={self.machines} must be >= 0 (0 = no machine labels)")
         for m, f in self.slowdowns().items():
             _check(f >= 1.0, f"launcher.slow_machines: {m}:{f} must be >= 1 (a slowdown factor)")

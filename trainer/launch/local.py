@@ -100,15 +100,19 @@ class LocalLauncher:
 
     def run(self) -> int:
         os.makedirs(self.run_dir, exist_ok=True)
-        job_path = os.path.join(self.run_dir, JOB)
-        with open(job_path, "w") as f:
-            json.dump(self.job.public_dict(), f, indent=1)
+        self.job_path = os.path.join(self.run_dir, JOB)
+        self._write_job()
         self.port = P.free_port()
-        self.job_path = job_path
         # The coordinator reads the token from the same environment variable the workers present.
         self.coordinator = self._start_coordinator(resume=False)
         try:
-            self.control = C.open_control("127.0.0.1", self.port, self.token, store=self._connect_fresh(), role="launcher")
+            try:
+                store = self._connect_fresh()
+            except RuntimeError:
+                if self.coordinator.poll() is None:
+                    raise
+                return self.coordinator.returncode  # it said why on stderr (a resume it cannot do)
+            self.control = C.open_control("127.0.0.1", self.port, self.token, store=store, role="launcher")
             self.control.put_json("corpus", self.corpus)
             self.control.on_new_boot.append(self._on_coordinator_restart)
             # A preemption warning to the launcher (Slurm's `--signal=B:USR1@90`, a SIGTERM from a
@@ -128,7 +132,13 @@ class LocalLauncher:
         finally:
             self.cleanup()
 
+    def _write_job(self) -> None:
+        with open(self.job_path, "w") as f:
+            json.dump(self.job.public_dict(), f, indent=1)
+
     def _start_coordinator(self, resume: bool) -> subprocess.Popen:
+        if resume:  # whatever killed the coordinator may have damaged job.json too: this copy is whole
+            self._write_job()
         cmd = [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(self.port), "--host", "127.0.0.1",
                "--run-dir", self.run_dir, "--job", self.job_path] + ([] if self.progress else ["--no-progress"])
         return subprocess.Popen(cmd + (["--resume"] if resume else []), env=self.env)
