@@ -122,6 +122,8 @@ class Coordinator:
         self.ledger = Ledger(st, s, self.board, run_dir, self.changed, tracker=tracker, bar=bar)
         self.reactions = Reactions(self)
         self.generations = Generations(self)
+        if resume_from is not None and not restore:
+            self.ledger.resumed(resume_from)
         if restore:
             self.ledger.restore()
             if bar is not None:

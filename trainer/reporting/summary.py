@@ -43,13 +43,13 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
     standing, undone = standing_commits(run_dir)
     by_channel: Dict[str, int] = state.get("bytes", {})
     # Each (replica, step) once: a duplicate is marked as such, a step trained again after a
-    # rollback or a resume counts once (its standing row). Steps and tokens are what metrics.jsonl
-    # holds; a step the coordinator saw committed but never recorded is named, never counted.
+    # rollback or a resume counts once (its standing row). Steps are how far every replica trained,
+    # tokens what metrics.jsonl holds; a committed step it lacks is named (missing_steps), never counted.
     last = {(int(c["replica"]), int(c["step"])): c for c in standing}
     per_replica: Dict[int, List[int]] = {r: [] for r in range(job.parallel.replicas)}
     for r, k in last:
         per_replica.setdefault(r, []).append(k)
-    steps = min((len(v) for v in per_replica.values()), default=0)
+    steps = min((max(v) + 1 if v else 0 for v in per_replica.values()), default=0)  # trained; holes: missing
     if state.get("write_error"):  # metrics.jsonl has a gap: the coordinator's own count stands
         steps = max([steps] + [int(k) + 1 for k in (state.get("committed") or {}).values()])
     # What per-step data-parallel all-reduce of fp32 gradients would have sent (ring: 2(R-1)/R x size
