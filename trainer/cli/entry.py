@@ -42,7 +42,10 @@ def train(job: JobConfig, run_dir: str) -> int:
 
     from kintsugi.trainer.reporting.summary import write_outputs
 
+    from kintsugi.trainer.config.environment import check_devices
+
     t0 = time.time()
+    check_devices(job)  # the CLI checked already; direct callers of train() get the same line
     corpus_d = prepare_corpus_and_model(job)
     if job.train.optimizer != "adamw":  # compile DeepSpeed's op once here, not inside every worker
         from kintsugi.trainer.runtime.optim import prebuild_optimizer
