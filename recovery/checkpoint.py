@@ -246,10 +246,11 @@ def read_snapshot(path: str) -> dict:
 
 # --- what a slot saves -----------------------------------------------------------------------------
 def copy_state(obj):
-    """A copy of a state dict that later training cannot change: tensors cloned, containers rebuilt,
-    other values deep-copied. (A stage's `state_dict()` hands out its live tensors.)"""
+    """A copy of a state dict that later training cannot change, in host memory: tensors copied to
+    the CPU (a GPU stage's snapshot neither doubles its GPU memory nor ties the file to a device),
+    containers rebuilt, other values deep-copied. (A stage's `state_dict()` hands out its live tensors.)"""
     if torch.is_tensor(obj):
-        return obj.detach().clone()
+        return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return {k: copy_state(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -72,6 +72,8 @@ def validate_overrides(overrides: List[str]) -> Optional[str]:
             return TOKEN_REFUSED
         from kintsugi.trainer.data.corpus import validate_data_config
         validate_data_config(job.data)
+        from kintsugi.trainer.config.environment import check_devices
+        check_devices(job)  # train.device, parallel.backend=nccl, compression.kernels on this machine
         if job.launcher.name == "slurm" and not multirun:  # a sweep submits from outside any allocation
             from kintsugi.trainer.launch.slurm import check_allocation
             check_allocation(job)

@@ -55,7 +55,10 @@ def train(job: JobConfig, run_dir: str) -> int:
 
     from kintsugi.trainer.reporting.summary import write_outputs
 
+    from kintsugi.trainer.config.environment import check_devices
+
     t0 = time.time()
+    check_devices(job)  # the CLI checked already; direct callers of train() get the same line
     corpus_d = prepare_corpus_and_model(job)
     if job.train.resume:  # the checkpoints must fit this job's slots, before any process starts
         from kintsugi.trainer.cli.resuming import check_resume

@@ -28,9 +28,11 @@ from typing import Dict, List, Optional, Tuple
 from kintsugi.recovery import control as C
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.auth import new_token
+from kintsugi.parallel.device import lowest_free_index  # device binding
 
 from kintsugi.trainer.config.faults import fault_events, held_at_boundary
 from kintsugi.trainer.config.job import JobConfig
+from kintsugi.trainer.config.environment import worker_env  # device binding
 from kintsugi.recovery.runfiles import ALIVE, CONTROL_STATE, FAULTS, JOB, MACHINES
 
 log = logging.getLogger("kintsugi.launch")
@@ -75,7 +77,9 @@ class LocalLauncher:
         self.fired: Dict[int, dict] = {}  # held events signalled: id -> {kind, wid}
         # A run always has a token: the one given, or a fresh one that only this launcher's children see.
         self.token = P.resolve_token(job.recovery.token) or new_token()
-        self.env = child_env({P.TOKEN_ENV: self.token})
+        # device binding: Triton's interpreter for compression.kernels=triton on CPU stages
+        self.env = child_env({P.TOKEN_ENV: self.token, **worker_env(job)})
+        self.gpu_index: Dict[str, int] = {}  # device binding: wid -> KINTSUGI_WORKER_INDEX
 
     def start_worker(self, machine: Optional[str] = None) -> str:
         wid = f"w{self.n_workers}"
@@ -92,6 +96,9 @@ class LocalLauncher:
             slow = self.job.launcher.slowdowns().get(machine)
             if slow:
                 env["KINTSUGI_SLOWDOWN"] = str(slow)
+        # device binding: the lowest index no live worker holds (GPU = index % visible GPUs)
+        self.gpu_index[wid] = lowest_free_index(i for w, i in self.gpu_index.items() if self.procs[w].poll() is None)
+        env = dict(env, KINTSUGI_WORKER_INDEX=str(self.gpu_index[wid]))
         self.n_workers += 1
         self.procs[wid] = subprocess.Popen(
             [sys.executable, "-m", "kintsugi.trainer.runtime.worker", "--coordinator", f"127.0.0.1:{self.port}", "--wid", wid],

@@ -93,7 +93,7 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         "persist_error": state.get("persist_error"),
         "final_errors": state.get("final_errors"),
         "error": state.get("error"),
-        "config": job.public_dict(),
+        "config": dict(job.public_dict(), **_where_it_ran(events)),
     }
     try:
         with open(os.path.join(run_dir, SUMMARY), "w") as f:
@@ -108,6 +108,19 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
     if not state.get("wandb_live"):  # the coordinator did not track the run live: log it now
         log_wandb(job, run_dir, commits, evals, summary)
     return summary
+
+
+def _where_it_ran(events: List[dict]) -> dict:
+    """`device` ("cuda:0 NVIDIA H100 80GB HBM3", "cpu") and `kernels` ({"cpu": ..., "cuda": ...}) the
+    slots ran with, from the workers' `device` events: the value when every slot agrees, else the
+    distinct values (a GPU stage rebuilt on a CPU spare); None when no worker said."""
+    def agreed(values):
+        distinct = {json.dumps(v, sort_keys=True): v for v in values}
+        if not distinct:
+            return None
+        return next(iter(distinct.values())) if len(distinct) == 1 else [distinct[k] for k in sorted(distinct)]
+    placed = [e for e in events if isinstance(e, dict) and e.get("kind") == "device"]
+    return {"device": agreed(e.get("device") for e in placed), "kernels": agreed(e.get("kernels") for e in placed)}
 
 
 def _slowest_stage(commits: List[dict], job: JobConfig, layout: Optional[List[int]] = None) -> Optional[dict]:

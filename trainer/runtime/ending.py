@@ -46,7 +46,7 @@ def save_final_weights(w) -> None:
     out = os.path.join(w.run_dir, "final")
     os.makedirs(out, exist_ok=True)
     stage = w.slot[1]
-    sd = {k: v.detach().contiguous() for k, v in w.state.model.state_dict().items()}
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in w.state.model.state_dict().items()}  # CPU files
     tmp = os.path.join(out, f"stage{stage}.safetensors.tmp")
     try:
         save_file(sd, tmp)
