@@ -10,7 +10,8 @@ replica of 4 stages, and 2 x 2 under Streaming DiLoCo.
 Invariants (each case), read from what the run recorded (metrics.jsonl, coordinator_state.json, and
 the launcher's faults.json: every event scheduled, injected, never fired):
 - the run completes (exit 0), or stops because a loss is unrecoverable (exit 3 with the coordinator's
-  error naming it: every copy lost at once), never for another reason: never a hang (bounded wall
+  error naming it: every copy lost at once), or suspends because the spares ran out (exit 75, every
+  held slot saved, no error), never for another reason: never a hang (bounded wall
   time), never exit 0 after a failure it did not mend;
 - every scheduled fault fired (a completed run; an event due after a coordinator fault may be
   overtaken, since the workers train on while it is away and the launcher sees steps through it:
@@ -47,7 +48,7 @@ import time
 from typing import Dict, List, Optional
 
 from kintsugi.benchmarks._runs import REPORT_DIR, ROOT, read_metrics
-from kintsugi.recovery.runfiles import FAULTS, FINAL_STATE
+from kintsugi.recovery.runfiles import EX_SUSPENDED, FAULTS, FINAL_STATE
 
 GRIDS = {
     "r1": ["parallel.replicas=1", "parallel.stages=4"],
@@ -156,6 +157,10 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
         if not any(why in str(state.get("error")) for why in UNRECOVERABLE):
             broken.append(f"stopped (exit 3) for a reason that is not an unrecoverable loss: {state.get('error')!r}"
                           f" / {last[0][:200]}")
+    elif rc == EX_SUSPENDED:
+        # The schedule used up the spares: the job suspends, every held slot saved (a resume continues).
+        if state.get("error") or not state.get("suspended"):
+            broken.append(f"suspended (exit 75) without every slot saved: {state.get('error')!r}")
     elif rc != 0:
         broken.append(f"exit code {rc}: {last[0][:200]}")
     if leftover:
