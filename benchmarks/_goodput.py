@@ -18,12 +18,18 @@ slow patches included; with a median those show up as a loss that no failure cau
 Accounting, per replica r (S slots, each one `share` machine: machines per worker at the start),
 over the window of length T:
 
-    S x T = n_r x pace_r x S                    useful (distinct committed steps)
+    S x T = n_r x pace_r x S - unsynced         useful (distinct committed steps)
           + S x sum of r's outages               outage: failure -> training again (rebuild event),
                                                  split into detection, waiting for a replacement
                                                  machine (failure -> its start) and restart+regroup+transfer
-          + S x (failure - last commit before)   discard: the step in flight when it failed
-            + repeated steps x pace x S            and steps committed again after a rollback
+          + S x (failure - last commit before)   discard: the step in flight when it failed,
+            + repeated steps x pace x S            steps committed again after a rollback,
+            + (k mod H) x pace                     and the rebuilt stage's progress since its last
+                                                   outer sync when a tier other than handoff rebuilt
+                                                   it (peer copies the last synced state; k = the
+                                                   step it resumes at): those steps stay committed,
+                                                   but that stage's work on them is gone, so it
+                                                   moves from useful to discard
           + sum of outer-sync waits (stage-s)     waits: at syncs, and before r's first step and
             + S x (head_r + tail_r)                after its last commit (the final meeting point)
           + the rest                             pace: steps slower than the pace (warm-up after a
@@ -51,6 +57,8 @@ from kintsugi.recovery.runfiles import CONTROL_STATE, JOB, MACHINES, read_metric
 
 CAUSES = ("outage", "discard", "waits", "idle", "pace")
 OUTAGE_PARTS = ("detect", "replacement", "restart_regroup_transfer")
+EXACT_TIERS = ("handoff",)              # the leaving worker's own state: nothing since the last sync is lost
+DISCARD_PARTS = ("in_flight", "repeated", "unsynced")
 WAIT_PARTS = ("sync", "start", "end")   # at outer syncs; before a replica's first step; after its last commit
 
 
@@ -122,6 +130,7 @@ class Goodput:
     useful_machine_s: float
     lost_machine_s: Dict[str, float]   # CAUSES
     outage_parts_machine_s: Dict[str, float]
+    discard_parts_machine_s: Dict[str, float]
     wait_parts_machine_s: Dict[str, float]
     unpaid_machine_s: float
     startup_teardown_machine_s: float
@@ -187,8 +196,9 @@ def account(rec: RunRecord) -> Goodput:
     start = {r: by_r[r][0].t - pace[r] for r in range(R)}
     t0, t1 = min(start.values()), max(cs[-1].t for cs in by_r.values())
     T = t1 - t0
-    useful = outage = discard = 0.0
+    useful = outage = 0.0
     parts = dict.fromkeys(OUTAGE_PARTS, 0.0)
+    discard_parts = dict.fromkeys(DISCARD_PARTS, 0.0)
     wait_parts = dict.fromkeys(WAIT_PARTS, 0.0)
     steps = {}
     for r in range(R):
@@ -197,7 +207,7 @@ def account(rec: RunRecord) -> Goodput:
         steps[r] = len(distinct)
         repeated = len(cs) - len(distinct)
         useful += steps[r] * pace[r] * S
-        discard += repeated * pace[r] * S
+        discard_parts["repeated"] += repeated * pace[r] * S
         wait_parts["sync"] += sum(sum(c.outer_wait_s) for c in cs)
         wait_parts["start"] += S * (start[r] - t0)
         wait_parts["end"] += S * (t1 - cs[-1].t)
@@ -206,7 +216,9 @@ def account(rec: RunRecord) -> Goodput:
             outage += S * d
             before = [c.t for c in cs if c.t <= o.failed]
             if before:
-                discard += S * max(0.0, o.failed - before[-1])
+                discard_parts["in_flight"] += S * max(0.0, o.failed - before[-1])
+            if rec.sync_every and o.tier not in EXACT_TIERS:
+                discard_parts["unsynced"] += (o.step % rec.sync_every) * pace[r]
             detect = min(o.detect_s, d)
             later = [m.start for m in rec.machines if o.failed < m.start < o.resumed]
             replacement = max(0.0, min(later) - o.failed - detect) if later else 0.0
@@ -214,7 +226,8 @@ def account(rec: RunRecord) -> Goodput:
             parts["detect"] += S * detect
             parts["replacement"] += S * replacement
             parts["restart_regroup_transfer"] += S * (d - detect - replacement)
-    waits = sum(wait_parts.values())
+    useful -= discard_parts["unsynced"]
+    waits, discard = sum(wait_parts.values()), sum(discard_parts.values())
     slot_time = R * S * T
     pace_rest = slot_time - (useful + outage + discard + waits)
     paid, idle, unpaid = machine_counts(rec.machines, t0, t1, R * S * share)
@@ -229,6 +242,7 @@ def account(rec: RunRecord) -> Goodput:
     lifetime = sum(m.end - m.start for m in rec.machines)
     return Goodput(goodput=useful_m / paid, goodput_lifetime=useful_m / lifetime, paid_machine_s=paid,
                    useful_machine_s=useful_m, lost_machine_s=lost, outage_parts_machine_s=parts,
+                   discard_parts_machine_s={k: v * share for k, v in discard_parts.items()},
                    wait_parts_machine_s={k: v * share for k, v in wait_parts.items()},
                    unpaid_machine_s=unpaid, startup_teardown_machine_s=lifetime - paid, window_s=(t0, t1),
                    pace_s=pace, pace_median_s=pace_med, steps=steps, share=share)

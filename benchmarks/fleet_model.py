@@ -204,8 +204,10 @@ def sim_global(times: Sequence[float], c: Costs, horizon: float) -> Dict[str, fl
     return _lost(outage=outage, discard=discard)
 
 
-def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool) -> Dict[str, float]:
-    """Per-replica units: `isolated` (rebuild in place) or `drop_replica` (torchft-style heal)."""
+def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool,
+                 durations: Optional[Sequence[float]] = None) -> Dict[str, float]:
+    """Per-replica units: `isolated` (rebuild in place) or `drop_replica` (torchft-style heal).
+    `durations`: each failure's own outage (a measured trace) instead of `c.d_replica`."""
     s, r_count, sync = c.stages, c.replicas, c.sync_s
     down_start = [None] * r_count
     down_until = [0.0] * r_count
@@ -213,9 +215,9 @@ def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool) 
     kept = [0.0] * r_count                # survivors' unsynced progress at the failure (isolated)
     acc = {"outage": 0.0, "discard": 0.0, "regroup": 0.0}
 
-    def rejoin(t: float) -> float:
+    def rejoin(t: float, i: int) -> float:
         if not drop_replica:
-            return t + c.d_replica
+            return t + (c.d_replica if durations is None else durations[i])
         return math.ceil((t + c.ft_ready_s) / sync) * sync + c.ft_heal_s
 
     def close(r: int) -> None:
@@ -234,10 +236,10 @@ def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool) 
             unsynced_at_resume[r] = kept[r]
         down_start[r] = None
 
-    for t, m in zip(times, machines):
+    for i, (t, m) in enumerate(zip(times, machines)):
         r = int(m) // s
         if t < down_until[r]:
-            down_until[r] = rejoin(t)
+            down_until[r] = rejoin(t, i)
             continue
         close(r)
         e = down_until[r]
@@ -251,7 +253,7 @@ def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool) 
             acc["discard"] += unsynced + (s - 1) * phase
             kept[r] = unsynced - phase
             acc["regroup"] += c.workers * c.regroup_s
-        down_start[r], down_until[r] = t, rejoin(t)
+        down_start[r], down_until[r] = t, rejoin(t, i)
     for r in range(r_count):
         close(r)
     return _lost(**acc)
