@@ -64,6 +64,7 @@ proceeding without it, links shared by concurrent rebuilds, and rdv() beyond 32 
 extrapolation of a loopback fit.
 
     python -m benchmarks.fleet_model [--quick] [--plot docs/fleet_model.png]
+    python -m benchmarks.fleet_model --trace RUN_DIR     # one measured run: predicted vs recorded
 
 Prints one JSON line; the Markdown table goes to stderr and outputs/benchmarks/fleet_model.md (--md).
 """
@@ -205,9 +206,12 @@ def sim_global(times: Sequence[float], c: Costs, horizon: float) -> Dict[str, fl
 
 
 def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool,
-                 durations: Optional[Sequence[float]] = None) -> Dict[str, float]:
+                 durations: Optional[Sequence[float]] = None,
+                 exact: Optional[Sequence[bool]] = None) -> Dict[str, float]:
     """Per-replica units: `isolated` (rebuild in place) or `drop_replica` (torchft-style heal).
-    `durations`: each failure's own outage (a measured trace) instead of `c.d_replica`."""
+    A measured trace (benchmarks/fleet_trace.py) gives each failure's own outage (`durations`, instead
+    of `c.d_replica`) and whether its rebuild was exact (`exact`: a handoff of the leaving worker's own
+    state; the replica loses the step in flight, S x phase, and nothing since the last sync)."""
     s, r_count, sync = c.stages, c.replicas, c.sync_s
     down_start = [None] * r_count
     down_until = [0.0] * r_count
@@ -249,6 +253,10 @@ def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool,
         if drop_replica:
             acc["discard"] += s * unsynced
             acc["regroup"] += 2 * c.workers * c.regroup_s
+        elif exact is not None and exact[i]:
+            acc["discard"] += s * phase
+            kept[r] = unsynced - phase
+            acc["regroup"] += c.workers * c.regroup_s
         else:
             acc["discard"] += unsynced + (s - 1) * phase
             kept[r] = unsynced - phase
@@ -436,8 +444,20 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default=os.path.join(REPORT_DIR, "fleet_model.md"), help="where the table goes")
     ap.add_argument("--rendezvous", default=rendezvous.OUT_PATH, help="benchmarks.rendezvous output to read")
     ap.add_argument("--plot", default=None, help="write the 10 Gbit/s figure here (e.g. docs/fleet_model.png)")
+    ap.add_argument("--trace", default=None, metavar="RUN_DIR",
+                    help="predict one measured run from its own failure trace, next to what it recorded "
+                         "(benchmarks/fleet_trace.py), instead of the fleet-scale sweep")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    if args.trace:
+        from kintsugi.benchmarks import fleet_trace  # it imports this module: not at the top
+        rdv_data, source = load_rendezvous(args.rendezvous)
+        with open(os.path.join(args.trace, "job.json")) as f:
+            replicas = int(json.load(f)["parallel"]["replicas"])
+        rdv_r = rendezvous.predict(rdv_data[f"fit_{args.rdv_basis}"], replicas, args.rdv_form)
+        print(json.dumps({"benchmark": "fleet_model", "mode": "trace", "rdv_source": source,
+                          **fleet_trace.compare(args.trace, rdv_r)}))
+        return 0
     hours, seeds = (2.0, 2) if args.quick else (args.hours, args.seeds)
     workers, rates, gbits = (64, 256, 1024, 4096), (0.05, 0.10, 0.16, 0.33), (1.0, 10.0)
 

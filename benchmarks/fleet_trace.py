@@ -9,13 +9,16 @@ applies its `isolated` policy (`fleet_model._replica_sim`) to exactly that trace
 regroup term comes from the model's usual rendezvous input.
 
 Two predictions are printed:
-- `model`: the fleet model as it stands (a fixed horizon; the other replicas go on without the one
-  that is down).
-- `model_fixed_steps`: the same, plus what a job with a fixed number of steps per replica pays and the
-  model did not count: every replica must finish its steps, so the replicas that lost less time wait
-  for the one that lost most, at a matched Streaming DiLoCo sync or at the end. Per replica r with lost
-  time L_r (its outages, unioned, and the steps in flight at its failures), the others wait
-  S x (max L - L_r). Measured, this is `waits`.
+- `model`: the fleet model as it stands (`isolated`, missed syncs discard the survivors' progress, a
+  rebuilt stage restarts from its last synced copy whatever the tier, the other replicas go on
+  without the one that is down and never wait for it).
+- `model_fixed`: the three corrections these comparisons called for (BENCHMARKS.md, "Fleet model
+  against measured runs"): a handoff is exact (the replica loses the step in flight and nothing since
+  the last sync); a replica that missed syncs keeps its progress (`missed_sync="catch_up"`: the
+  records show it running the missed syncs alone); and matched syncs make the others wait: Streaming
+  DiLoCo's k-th sync of a replica meets the k-th of its peers, so the replicas that went on during an
+  outage of D wait for the lagging one at a later sync or at the end, S x D each, less the time they
+  were down themselves in that outage.
 
 Measured-only terms (the model has none): `idle` (machines paid beyond the slots: a replacement that
 boots while a notice holder hands off), `unpaid` (a lost machine not yet replaced: the model bills W
@@ -28,10 +31,10 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Tuple
 
 from kintsugi.benchmarks import fleet_model as FM
-from kintsugi.benchmarks._goodput import Goodput, RunRecord, account
+from kintsugi.benchmarks._goodput import EXACT_TIERS, Goodput, RunRecord, account
 
 CAUSES = ("outage", "discard", "waits")
 
@@ -42,6 +45,7 @@ class Failure:
     replica: int
     stage: int
     outage_s: float
+    exact: bool = False  # rebuilt by an exact tier (handoff)
 
 
 @dataclass
@@ -62,50 +66,54 @@ class RunTrace:
 
 def trace_of(rec: RunRecord, g: Goodput, overlap_steps: int = 0) -> RunTrace:
     t0, t1 = g.window_s
-    fails = sorted((Failure(o.failed - t0, o.replica, o.stage, o.resumed - o.failed) for o in rec.outages
+    fails = sorted((Failure(o.failed - t0, o.replica, o.stage, o.resumed - o.failed, o.tier in EXACT_TIERS)
+                    for o in rec.outages
                     if t0 <= o.failed < t1), key=lambda f: f.t)
     pace = sum(g.pace_s.values()) / len(g.pace_s)
     return RunTrace(rec.replicas, rec.stages, pace, rec.sync_every or 10 ** 9, overlap_steps, t1 - t0, fails)
 
 
-def _lost_per_replica(tr: RunTrace) -> List[float]:
-    """Each replica's lost time: its outages (a failure inside one restarts it) and the step in flight."""
-    lost = [0.0] * tr.replicas
-    down_until = [0.0] * tr.replicas
-    down_start: List[Optional[float]] = [None] * tr.replicas
-    resumed = [0.0] * tr.replicas
+def outages(tr: RunTrace) -> List[List[Tuple[float, float]]]:
+    """Per replica, its down intervals clipped to the horizon (a failure inside one restarts it)."""
+    down: List[List[Tuple[float, float]]] = [[] for _ in range(tr.replicas)]
     for f in tr.failures:
-        r = f.replica
-        if f.t < down_until[r]:
-            down_until[r] = f.t + f.outage_s
-            continue
-        if down_start[r] is not None:
-            lost[r] += min(down_until[r], tr.horizon_s) - down_start[r]
-            resumed[r] = down_until[r]
-        lost[r] += (f.t - resumed[r]) % tr.step_s
-        down_start[r], down_until[r] = f.t, f.t + f.outage_s
-    for r in range(tr.replicas):
-        if down_start[r] is not None:
-            lost[r] += min(down_until[r], tr.horizon_s) - down_start[r]
-    return lost
+        spans = down[f.replica]
+        if spans and f.t < spans[-1][1]:
+            spans[-1] = (spans[-1][0], f.t + f.outage_s)
+        else:
+            spans.append((f.t, f.t + f.outage_s))
+    return [[(a, min(b, tr.horizon_s)) for a, b in spans] for spans in down]
 
 
-def predict(tr: RunTrace, rdv_r_s: float, missed_sync: str = "discard") -> Dict[str, Dict[str, float]]:
-    """Lost worker-seconds by cause and goodput: {"model": ..., "model_fixed_steps": ...}."""
-    c = FM.Costs(workers=tr.workers, stages=tr.stages, step_s=tr.step_s, sync_s=tr.sync_every * tr.step_s,
-                 transfer_s=0.0, d_global=0.0, d_replica=0.0,
-                 regroup_s=max(0.0, rdv_r_s - tr.overlap_steps * tr.step_s), missed_sync=missed_sync,
-                 ft_ready_s=0.0, ft_heal_s=0.0, ckpt_restart_s=0.0, ckpt_save_s=0.0, ckpt_interval_s=math.inf)
+def matched_sync_waits(tr: RunTrace) -> float:
+    """Worker-seconds the other replicas wait for each outage (S x D each, less their own downtime in it)."""
+    down = outages(tr)
+    total = 0.0
+    for r, spans in enumerate(down):
+        for a, b in spans:
+            for q in range(tr.replicas):
+                if q != r:
+                    own = sum(max(0.0, min(b, y) - max(a, x)) for x, y in down[q])
+                    total += tr.stages * max(0.0, (b - a) - own)
+    return total
+
+
+def predict(tr: RunTrace, rdv_r_s: float) -> Dict[str, Dict[str, float]]:
+    """Lost worker-seconds by cause and goodput: {"model": ..., "model_fixed": ...}."""
     times = [f.t for f in tr.failures]
     slots = [f.replica * tr.stages + f.stage for f in tr.failures]
-    lost = FM._replica_sim(times, slots, c, tr.horizon_s, drop_replica=False,
-                           durations=[f.outage_s for f in tr.failures])
     total = tr.workers * tr.horizon_s
-    plain = {"outage": lost["outage"], "discard": lost["discard"], "waits": lost["regroup"]}
-    per_r = _lost_per_replica(tr)
-    fixed = dict(plain, waits=plain["waits"] + tr.stages * sum(max(per_r) - x for x in per_r))
     out = {}
-    for name, b in (("model", plain), ("model_fixed_steps", fixed)):
+    for name, missed, exact, waits in (("model", "discard", None, 0.0),
+                                       ("model_fixed", "catch_up", [f.exact for f in tr.failures],
+                                        matched_sync_waits(tr))):
+        c = FM.Costs(workers=tr.workers, stages=tr.stages, step_s=tr.step_s, sync_s=tr.sync_every * tr.step_s,
+                     transfer_s=0.0, d_global=0.0, d_replica=0.0,
+                     regroup_s=max(0.0, rdv_r_s - tr.overlap_steps * tr.step_s), missed_sync=missed,
+                     ft_ready_s=0.0, ft_heal_s=0.0, ckpt_restart_s=0.0, ckpt_save_s=0.0, ckpt_interval_s=math.inf)
+        lost = FM._replica_sim(times, slots, c, tr.horizon_s, drop_replica=False,
+                               durations=[f.outage_s for f in tr.failures], exact=exact)
+        b = {"outage": lost["outage"], "discard": lost["discard"], "waits": lost["regroup"] + waits}
         out[name] = {**b, "goodput": max(0.0, 1.0 - sum(b.values()) / total),
                      **{f"{k}_fraction": v / total for k, v in b.items()}}
     return out

@@ -46,14 +46,14 @@ MACHINES = 4
 MIN_GAP_STEPS = 8             # a replacement is up and trained a little before the next event
 
 
-def trace(max_steps: int, events: float, seed: int) -> tuple:
+def trace(max_steps: int, events: float, seed: int, machines: int = MACHINES) -> tuple:
     """Seeded [{step, machine, kind}] and the hours one step stands for."""
     hourly = -math.log(1 - MONTHLY_RATE) / (30 * 24)          # hazard per machine-hour
     first, last = 5, max_steps - 8
-    step_hours = events / (MACHINES * (last - first) * hourly)  # compress time to get `events`
+    step_hours = events / (machines * (last - first) * hourly)  # compress time to get `events`
     p = 1 - math.exp(-hourly * step_hours)                     # per machine, per step
     rng = random.Random(seed)
-    live, next_id, out, gap_until = [f"m{i}" for i in range(MACHINES)], MACHINES, [], first
+    live, next_id, out, gap_until = [f"m{i}" for i in range(machines)], machines, [], first
     for step in range(first, last):
         for m in list(live):
             if step < gap_until or rng.random() >= p:
@@ -66,11 +66,13 @@ def trace(max_steps: int, events: float, seed: int) -> tuple:
     return out, step_hours
 
 
-def overrides(max_steps: int, schedule: List[dict]) -> List[str]:
+def overrides(max_steps: int, schedule: List[dict], replicas: int = 2, stages: int = 2,
+              machines: int = MACHINES) -> List[str]:
     items = ", ".join(f"{{step: {e['step']}, machine: {e['machine']}, kind: {e['kind']}}}" for e in schedule)
-    return ["parallel.replicas=2", "parallel.stages=2", "model.n_layers=4", f"train.max_steps={max_steps}",
+    return [f"parallel.replicas={replicas}", f"parallel.stages={stages}", "model.n_layers=4",
+            f"train.max_steps={max_steps}",
             "train.eval_every=0", "train.eval_batches=2", "train.warmup_steps=5", "data.max_files=300",
-            "diloco.enabled=true", "diloco.sync_every=10", "diloco.overlap=0", f"launcher.machines={MACHINES}",
+            "diloco.enabled=true", "diloco.sync_every=10", "diloco.overlap=0", f"launcher.machines={machines}",
             "faults.spares=0", f"faults.rejoin_delay_s={REJOIN_DELAY_S}", "faults.notice_s=60",
             f"faults.schedule=[{items}]"]
 
