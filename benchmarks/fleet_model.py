@@ -4,7 +4,8 @@ policies, from a seeded discrete-event model driven by times measured on this ma
 Fleet. W machines = W workers (one GPU each) = R replicas x S stages; spares are not billed. Replicas
 train with (Streaming) DiLoCo and meet every H steps. Goodput = useful worker-seconds / (W x wall).
 Every lost worker-second is put in one bucket: `outage` (workers stopped), `discard` (work done but
-thrown away), `checkpoint` (blocking saves) or `regroup` (everyone waiting on a cross-replica group).
+thrown away), `checkpoint` (blocking saves), `regroup` (everyone waiting on a cross-replica group)
+or `wait` (replicas waiting for a lagging one at a matched sync; `laggard="wait"` only).
 
 Inputs and where they come from (printed in the JSON line under "inputs"):
 - measured here, `benchmarks/rendezvous.py` (outputs/benchmarks/rendezvous.json, or its --quick run
@@ -46,6 +47,12 @@ global generations every H steps of the fleet's up-time, since everyone stops to
   (`missed_sync="discard"`, the default and the conservative reading). `"catch_up"` instead applies
   the missed outer update to the replica's local state and keeps its progress: nothing more is lost;
   it is reported next to the default as "isolated_catch_up".
+  `laggard="wait"` (reported as "isolated_matched_syncs"): what Kintsugi's Streaming DiLoCo does as
+  measured (BENCHMARKS.md, "Fleet model against measured runs"): the k-th sync of a replica meets
+  the k-th of its peers, so the replicas that went on during an outage wait for the lagging one at a
+  later sync (or at the end of a fixed-steps job). Whenever at least one replica is down, every
+  replica that is up eventually waits as long: + S x the integral of (R - replicas down) over the
+  time some replica is down (bucket `wait`); with catch-up on missed syncs.
 - checkpoint (torchrun elastic): every failure restarts all W from the last checkpoint.
   D = detect + process_start + rdv(W) + load. Training runs in cycles of interval + save (all W
   blocked while saving). Lost: W x D + W x (training since the last completed save) + W x saves.
@@ -91,7 +98,8 @@ REPORT_DIR = os.path.join(ROOT, "outputs", "benchmarks")
 POLICIES = ("global", "isolated", "checkpoint", "drop_replica")
 LABELS = {"global": "global generations", "isolated": "per-replica isolation",
           "checkpoint": "checkpoint-restart (torchrun elastic)", "drop_replica": "drop replica (torchft)",
-          "isolated_catch_up": "per-replica isolation, catch-up on a missed sync"}
+          "isolated_catch_up": "per-replica isolation, catch-up on a missed sync",
+          "isolated_matched_syncs": "per-replica isolation, matched syncs (Kintsugi as measured)"}
 # BENCHMARKS.md, "Recovery" (benchmarks/recovery.py, SIGKILL, n = 3): median detect_s and recover_s.
 BENCH_DETECT_S = 0.042
 BENCH_RECOVER_S = 0.72
@@ -114,10 +122,13 @@ class Inputs:
     ckpt_interval_s: Optional[float] = None  # None: Young/Daly optimum for the cell
     storage_gbit: Optional[float] = None    # None: the link bandwidth
     missed_sync: str = "discard"            # or "catch_up" (isolated only; see the module docstring)
+    laggard: str = "proceed"                # or "wait": matched syncs (isolated only; see the docstring)
 
     def __post_init__(self):
         if self.missed_sync not in ("discard", "catch_up"):
             raise ValueError(f"missed_sync={self.missed_sync!r}: use 'discard' or 'catch_up'")
+        if self.laggard not in ("proceed", "wait"):
+            raise ValueError(f"laggard={self.laggard!r}: use 'proceed' or 'wait'")
 
     def rdv_s(self, n: int) -> float:
         return rendezvous.predict(self.rdv, n, self.rdv_form)
@@ -140,6 +151,7 @@ class Costs:
     ckpt_restart_s: float
     ckpt_save_s: float
     ckpt_interval_s: float
+    laggard: str = "proceed"
 
     @property
     def replicas(self) -> int:
@@ -167,7 +179,7 @@ def costs(inp: Inputs, workers: int, gbit: float, rate_per_h: float) -> Costs:
                  d_global=inp.detect_s + inp.rdv_s(workers) + rebuild,
                  d_replica=inp.detect_s + inp.rdv_s(s) + rebuild,
                  regroup_s=max(0.0, inp.rdv_s(workers // s) - inp.overlap_steps * inp.step_s),
-                 missed_sync=inp.missed_sync,
+                 missed_sync=inp.missed_sync, laggard=inp.laggard,
                  ft_ready_s=inp.detect_s + inp.process_start_s + inp.rdv_s(s), ft_heal_s=rebuild,
                  ckpt_restart_s=inp.detect_s + inp.process_start_s + inp.rdv_s(workers) + storage,
                  ckpt_save_s=storage, ckpt_interval_s=interval)
@@ -205,6 +217,19 @@ def sim_global(times: Sequence[float], c: Costs, horizon: float) -> Dict[str, fl
     return _lost(outage=outage, discard=discard)
 
 
+def laggard_waits(spans: Sequence[tuple], replicas: int, stages: int) -> float:
+    """Worker-seconds the replicas that are up wait for those that are down, under matched syncs:
+    S x the integral of (R - replicas down) over the time at least one is down. `spans`: every
+    replica's (start, end) down intervals, disjoint within a replica."""
+    edges = sorted((t, d) for a, b in spans if b > a for t, d in ((a, 1), (b, -1)))
+    total, down, last = 0.0, 0, None
+    for t, d in edges:
+        if down > 0:
+            total += stages * (replicas - down) * (t - last)
+        down, last = down + d, t
+    return total
+
+
 def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool,
                  durations: Optional[Sequence[float]] = None,
                  exact: Optional[Sequence[bool]] = None) -> Dict[str, float]:
@@ -218,6 +243,7 @@ def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool,
     unsynced_at_resume = [0.0] * r_count  # unsynced progress the replica carries into its resume
     kept = [0.0] * r_count                # survivors' unsynced progress at the failure (isolated)
     acc = {"outage": 0.0, "discard": 0.0, "regroup": 0.0}
+    spans = []                            # (start, end) of every outage, clipped to the horizon
 
     def rejoin(t: float, i: int) -> float:
         if not drop_replica:
@@ -229,6 +255,7 @@ def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool,
         if start is None:
             return
         acc["outage"] += s * (min(end, horizon) - start)
+        spans.append((start, min(end, horizon)))
         missed = math.floor(end / sync) * sync > start  # a sync fell inside the outage
         if drop_replica:
             unsynced_at_resume[r] = 0.0                 # healed to the global state
@@ -264,6 +291,8 @@ def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool,
         down_start[r], down_until[r] = t, rejoin(t, i)
     for r in range(r_count):
         close(r)
+    if c.laggard == "wait" and not drop_replica:
+        acc["wait"] = laggard_waits(spans, r_count, s)
     return _lost(**acc)
 
 
@@ -331,7 +360,7 @@ def sweep(inp: Inputs, workers: Sequence[int], rates: Sequence[float], gbits: Se
                     runs = [simulate(policy, t, m, c, horizon_s) for t, m in traces]
                     g = [run["goodput"] for run in runs]
                     buckets = {k: statistics.mean(run.get(k, 0.0) for run in runs) / (w * horizon_s)
-                               for k in ("outage", "discard", "checkpoint", "regroup")}
+                               for k in ("outage", "discard", "checkpoint", "regroup", "wait")}
                     cells.append({"workers": w, "replicas": w // inp.stages, "rate_per_h": rate, "gbit": gbit,
                                   "policy": policy, "goodput_mean": statistics.mean(g),
                                   "goodput_min": min(g), "goodput_max": max(g),
@@ -347,7 +376,7 @@ def cost_table(inp: Inputs, workers, gbits, rates) -> List[dict]:
         for gbit in gbits:
             c = costs(inp, w, gbit, rates[0])
             rows.append({"workers": w, "gbit": gbit, **{k: round(v, 4) for k, v in asdict(c).items()
-                                                          if k not in ("workers", "stages", "ckpt_interval_s", "missed_sync")},
+                                                          if k not in ("workers", "stages", "ckpt_interval_s", "missed_sync", "laggard")},
                          "rdv_W_s": round(inp.rdv_s(w), 4), "rdv_S_s": round(inp.rdv_s(inp.stages), 4),
                          "rdv_R_s": round(inp.rdv_s(w // inp.stages), 4)})
     return rows
@@ -470,6 +499,9 @@ def main(argv=None) -> int:
     catch_up = Inputs(**{**asdict(inp), "missed_sync": "catch_up"})
     cells += [dict(c, policy="isolated_catch_up")
               for c in sweep(catch_up, workers, rates, gbits, hours * 3600, list(range(seeds)), ("isolated",))]
+    matched = Inputs(**{**asdict(inp), "missed_sync": "catch_up", "laggard": "wait"})
+    cells += [dict(c, policy="isolated_matched_syncs")
+              for c in sweep(matched, workers, rates, gbits, hours * 3600, list(range(seeds)), ("isolated",))]
     sensitivity = rdv_sensitivity(inp, workers, hours * 3600, list(range(seeds)))
     table = markdown(cells, workers, rates, gbits)
     os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)

@@ -15,10 +15,10 @@ Two predictions are printed:
 - `model_fixed`: the three corrections these comparisons called for (BENCHMARKS.md, "Fleet model
   against measured runs"): a handoff is exact (the replica loses the step in flight and nothing since
   the last sync); a replica that missed syncs keeps its progress (`missed_sync="catch_up"`: the
-  records show it running the missed syncs alone); and matched syncs make the others wait: Streaming
-  DiLoCo's k-th sync of a replica meets the k-th of its peers, so the replicas that went on during an
-  outage of D wait for the lagging one at a later sync or at the end, S x D each, less the time they
-  were down themselves in that outage.
+  records show it running the missed syncs alone); and matched syncs make the others wait
+  (`laggard="wait"`): Streaming DiLoCo's k-th sync of a replica meets the k-th of its peers, so the
+  replicas that went on during an outage wait for the lagging one at a later sync or at the end:
+  S x the integral of (R - replicas down) over the time some replica is down.
 
 Measured-only terms (the model has none): `idle` (machines paid beyond the slots: a replacement that
 boots while a notice holder hands off), `unpaid` (a lost machine not yet replaced: the model bills W
@@ -86,16 +86,8 @@ def outages(tr: RunTrace) -> List[List[Tuple[float, float]]]:
 
 
 def matched_sync_waits(tr: RunTrace) -> float:
-    """Worker-seconds the other replicas wait for each outage (S x D each, less their own downtime in it)."""
-    down = outages(tr)
-    total = 0.0
-    for r, spans in enumerate(down):
-        for a, b in spans:
-            for q in range(tr.replicas):
-                if q != r:
-                    own = sum(max(0.0, min(b, y) - max(a, x)) for x, y in down[q])
-                    total += tr.stages * max(0.0, (b - a) - own)
-    return total
+    """Worker-seconds the replicas that are up wait for those that are down (fleet_model.laggard_waits)."""
+    return FM.laggard_waits([span for spans in outages(tr) for span in spans], tr.replicas, tr.stages)
 
 
 def predict(tr: RunTrace, rdv_r_s: float) -> Dict[str, Dict[str, float]]:
@@ -104,16 +96,16 @@ def predict(tr: RunTrace, rdv_r_s: float) -> Dict[str, Dict[str, float]]:
     slots = [f.replica * tr.stages + f.stage for f in tr.failures]
     total = tr.workers * tr.horizon_s
     out = {}
-    for name, missed, exact, waits in (("model", "discard", None, 0.0),
-                                       ("model_fixed", "catch_up", [f.exact for f in tr.failures],
-                                        matched_sync_waits(tr))):
+    for name, missed, exact, laggard in (("model", "discard", None, "proceed"),
+                                         ("model_fixed", "catch_up", [f.exact for f in tr.failures], "wait")):
         c = FM.Costs(workers=tr.workers, stages=tr.stages, step_s=tr.step_s, sync_s=tr.sync_every * tr.step_s,
                      transfer_s=0.0, d_global=0.0, d_replica=0.0,
                      regroup_s=max(0.0, rdv_r_s - tr.overlap_steps * tr.step_s), missed_sync=missed,
-                     ft_ready_s=0.0, ft_heal_s=0.0, ckpt_restart_s=0.0, ckpt_save_s=0.0, ckpt_interval_s=math.inf)
+                     ft_ready_s=0.0, ft_heal_s=0.0, ckpt_restart_s=0.0, ckpt_save_s=0.0, ckpt_interval_s=math.inf,
+                     laggard=laggard)
         lost = FM._replica_sim(times, slots, c, tr.horizon_s, drop_replica=False,
                                durations=[f.outage_s for f in tr.failures], exact=exact)
-        b = {"outage": lost["outage"], "discard": lost["discard"], "waits": lost["regroup"] + waits}
+        b = {"outage": lost["outage"], "discard": lost["discard"], "waits": lost["regroup"] + lost.get("wait", 0.0)}
         out[name] = {**b, "goodput": max(0.0, 1.0 - sum(b.values()) / total),
                      **{f"{k}_fraction": v / total for k, v in b.items()}}
     return out

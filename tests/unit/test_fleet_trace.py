@@ -42,3 +42,11 @@ def test_matched_sync_waits_leave_out_the_waiters_own_downtime():
 
 def test_an_exact_handoff_loses_only_the_step_in_flight():
     assert predict(trace(exact0=True), rdv_r_s=0.1)["model_fixed"]["discard"] == pytest.approx(8.0)
+
+
+def test_laggard_waits_count_each_up_replica_once_when_outages_overlap():
+    # R = 3, S = 2; replica 0 down 0 -> 4, replica 1 down 2 -> 6.
+    # 0 -> 2: one down, 2 up: 2 x 2 x 2 = 8; 2 -> 4: two down, 1 up: 2 x 1 x 2 = 4; 4 -> 6: 8.  = 20
+    from kintsugi.benchmarks.fleet_model import laggard_waits
+    assert laggard_waits([(0.0, 4.0), (2.0, 6.0)], replicas=3, stages=2) == pytest.approx(20.0)
+    assert laggard_waits([], replicas=3, stages=2) == 0.0
