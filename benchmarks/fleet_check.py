@@ -15,8 +15,9 @@ Traces (the largest this 2-core machine holds: 8 workers):
   4x2-kills  4 x 2, 8 machines, 40 steps: kill m1 @10, kill m6 @24
   2x4-mixed  2 x 4, 8 machines, 40 steps: kill m2 @10, term m5 @24
   2x2-whole  2 x 2, 2 machines of 2 workers each, 40 steps: kill m0 @12 (a whole machine: two slots)
+  2x2-coord  2 x 2, 4 machines, 40 steps: the coordinator SIGKILLed @12 (the launcher restarts it), kill m1 @25
 
-    python -m benchmarks.fleet_check [--only NAME ...]
+    python -m benchmarks.fleet_check [--only NAME ...] [--reuse]
 
 Prints one JSON line; the table goes to stderr and outputs/benchmarks/fleet_check.md; runs are kept
 under outputs/benchmarks/fleet_check/.
@@ -34,7 +35,7 @@ from typing import List
 from kintsugi.benchmarks import fleet_model as FM
 from kintsugi.benchmarks import fleet_trace as FT
 from kintsugi.benchmarks import rendezvous
-from kintsugi.benchmarks._runs import REPORT_DIR, rnd, run_job_retrying
+from kintsugi.benchmarks._runs import REPORT_DIR, SUMMARY, RunResult, rnd, run_job_retrying
 from kintsugi.benchmarks.spot_fleet import overrides
 
 
@@ -46,6 +47,7 @@ class Trace:
     machines: int
     steps: int
     schedule: tuple
+    extra: tuple = ()   # further overrides
 
     def events(self) -> List[dict]:
         return [{"step": s, "machine": m, "kind": k} for s, m, k in self.schedule]
@@ -57,6 +59,7 @@ TRACES = (
     Trace("4x2-kills", 4, 2, 8, 40, ((10, "m1", "kill"), (24, "m6", "kill"))),
     Trace("2x4-mixed", 2, 4, 8, 40, ((10, "m2", "kill"), (24, "m5", "term"))),
     Trace("2x2-whole", 2, 2, 2, 40, ((12, "m0", "kill"),)),
+    Trace("2x2-coord", 2, 2, 4, 40, ((25, "m1", "kill"),), ("faults.coordinator_schedule=[{step: 12, kind: kill}]",)),
 )
 CAUSES = ("outage", "discard", "waits")
 
@@ -77,6 +80,14 @@ def markdown(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _summary(run_dir: str):
+    path = os.path.join(run_dir, SUMMARY)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def rounded(d: dict) -> dict:
     return {k: rnd(v) if isinstance(v, float) else v for k, v in d.items()}
 
@@ -86,17 +97,23 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="trace names to run (default: all)")
     ap.add_argument("--out", default=os.path.join(REPORT_DIR, "fleet_check"))
     ap.add_argument("--md", default=os.path.join(REPORT_DIR, "fleet_check.md"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="read the runs already under --out instead of running them again (model changes)")
     args = ap.parse_args(argv)
     traces = [t for t in TRACES if args.only is None or t.name in args.only]
     rdv_data, rdv_source = FM.load_rendezvous()
     fit = rdv_data["fit_wall"]
-    shutil.rmtree(args.out, ignore_errors=True)
     rows = []
     for t in traces:
-        res = run_job_retrying(t.name, os.path.join(args.out, t.name),
-                               overrides(t.steps, t.events(), t.replicas, t.stages, t.machines), stall_s=90.0)
+        run_dir = os.path.join(args.out, t.name)
+        if args.reuse:
+            res = RunResult(t.name, run_dir, 0, 0.0, summary=_summary(run_dir))
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            res = run_job_retrying(t.name, run_dir, [*overrides(t.steps, t.events(), t.replicas, t.stages, t.machines),
+                                                     *t.extra], stall_s=90.0)
         row = {"name": t.name, "grid": f"{t.replicas}x{t.stages}", "machines": t.machines, "steps": t.steps,
-               "schedule": t.events(), "wall_s": rnd(res.wall_s, 1)}
+               "schedule": t.events(), "wall_s": None if args.reuse else rnd(res.wall_s, 1)}
         rebuilds = (res.summary or {}).get("rebuilds") or []
         row["failures"] = len(rebuilds)
         row["tiers"] = ", ".join(sorted({r["tier"] for r in rebuilds}))
