@@ -153,6 +153,23 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
+def paces_by_generation(rec: RunRecord) -> Dict[int, Dict[int, float]]:
+    """Replica -> generation -> mean healthy gap: on shared cores a replica that comes back after an
+    outage runs faster while the others wait for it (they give it their CPU)."""
+    out: Dict[int, Dict[int, float]] = {}
+    for r in range(rec.replicas):
+        seen: Dict[int, Commit] = {}
+        for c in sorted((c for c in rec.commits if c.replica == r), key=lambda c: c.t):
+            seen.setdefault(c.step, c)
+        gaps: Dict[int, List[float]] = {}
+        for k, c in seen.items():
+            prev = seen.get(k - 1)
+            if prev is not None and prev.gen == c.gen and c.t > prev.t:
+                gaps.setdefault(c.gen, []).append(c.t - prev.t - max(c.outer_wait_s, default=0.0))
+        out[r] = {gen: statistics.fmean(x) for gen, x in sorted(gaps.items())}
+    return out
+
+
 def paces(rec: RunRecord) -> Tuple[Dict[int, float], Dict[int, float]]:
     """Per replica: mean and median healthy gap (consecutive steps in one generation, minus the
     longest stage's outer-sync wait in that gap)."""

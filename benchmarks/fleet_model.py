@@ -196,14 +196,17 @@ def _lost(**buckets) -> Dict[str, float]:
     return {k: float(v) for k, v in buckets.items()}
 
 
-def sim_global(times: Sequence[float], c: Costs, horizon: float) -> Dict[str, float]:
+def sim_global(times: Sequence[float], c: Costs, horizon: float,
+               durations: Optional[Sequence[float]] = None) -> Dict[str, float]:
+    """`durations`: each failure's own outage instead of `c.d_global` (benchmarks/fleet_correlated.py)."""
     w = c.workers
     outage = discard = 0.0
     up_before = 0.0                    # fleet up-time before the last resume (the sync clock)
     down_start, down_until = None, 0.0
-    for t in times:
+    for i, t in enumerate(times):
+        d = c.d_global if durations is None else durations[i]
         if t < down_until:             # a failure during the rebuild restarts it
-            down_until = t + c.d_global
+            down_until = max(down_until, t + d)
             continue
         if down_start is not None:
             outage += w * (down_until - down_start)
@@ -211,7 +214,7 @@ def sim_global(times: Sequence[float], c: Costs, horizon: float) -> Dict[str, fl
         phase = up % c.step_s
         discard += (w - 1) * phase + (up_before + up) % c.sync_s
         up_before += up
-        down_start, down_until = t, t + c.d_global
+        down_start, down_until = t, t + d
     if down_start is not None:
         outage += w * (min(down_until, horizon) - down_start)
     return _lost(outage=outage, discard=discard)
@@ -270,7 +273,7 @@ def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool,
     for i, (t, m) in enumerate(zip(times, machines)):
         r = int(m) // s
         if t < down_until[r]:
-            down_until[r] = rejoin(t, i)
+            down_until[r] = max(down_until[r], rejoin(t, i))
             continue
         close(r)
         e = down_until[r]

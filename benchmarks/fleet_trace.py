@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Tuple
 
 from kintsugi.benchmarks import fleet_model as FM
-from kintsugi.benchmarks._goodput import EXACT_TIERS, Goodput, RunRecord, account
+from kintsugi.benchmarks._goodput import EXACT_TIERS, Goodput, RunRecord, account, paces_by_generation
 
 CAUSES = ("outage", "discard", "waits")
 
@@ -111,16 +111,21 @@ def predict(tr: RunTrace, rdv_r_s: float) -> Dict[str, Dict[str, float]]:
     return out
 
 
-def measured(g: Goodput) -> Dict[str, float]:
+def measured(g: Goodput, stages: int) -> Dict[str, float]:
     """The run's own accounting in the model's buckets, in worker-seconds (`outage_billed_w`: with the
     unpaid time added back, as the model bills it)."""
     lost = g.lost_machine_s
     b = {k: lost[k] / g.share for k in CAUSES}
     b["outage_billed_w"] = b["outage"] + g.unpaid_machine_s / g.share
+    # A wait no failure caused: the replicas starting apart (their paces also differ on shared cores,
+    # and a replica that is down frees CPU for the others: not separable, see BENCHMARKS.md).
+    b["waits_start"] = g.wait_parts_machine_s["start"] / g.share
     paid = g.paid_machine_s
     return {**b, "goodput": g.goodput, **{f"{k}_fraction": lost[k] / paid for k in CAUSES},
             "idle_fraction": lost["idle"] / paid, "pace_fraction": lost["pace"] / paid,
-            "unpaid_fraction": g.unpaid_machine_s / paid}
+            "unpaid_fraction": g.unpaid_machine_s / paid,
+            "waits_start_fraction": g.wait_parts_machine_s["start"] / paid,
+            "pace_s": dict(g.pace_s)}
 
 
 def compare(run_dir: str, rdv_r_s: float) -> dict:
@@ -130,7 +135,8 @@ def compare(run_dir: str, rdv_r_s: float) -> dict:
     rec = RunRecord.from_run_dir(run_dir)
     g = account(rec)
     tr = trace_of(rec, g, overlap)
-    pred, meas = predict(tr, rdv_r_s), measured(g)
+    pred, meas = predict(tr, rdv_r_s), measured(g, rec.stages)
     err = {name: {k: p[f"{k}_fraction"] - meas[f"{k}_fraction"] for k in CAUSES} | {"goodput": p["goodput"] - meas["goodput"]}
            for name, p in pred.items()}
+    meas["pace_by_generation_s"] = paces_by_generation(rec)
     return {"run_dir": run_dir, "trace": asdict(tr), "measured": meas, **pred, "error": err}
