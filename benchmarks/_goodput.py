@@ -11,8 +11,9 @@ and shutdown) is a per-job constant that does not grow with the run or with fail
 as `startup_teardown` and `goodput_lifetime`, and left out of `goodput`.
 
 Pace. A replica's pace is the mean gap between its consecutive commits in one generation, less the
-time its stages sat blocked on an outer sync in that gap (those waits are their own bucket). The
-mean, not the median: the mean is what a failure-free step costs this run, syncs' own compute and
+time its stages sat blocked on an outer sync in that gap (those waits are their own bucket), over the
+gaps within 1/4 to 4 times their median (commit times are the coordinator's: while it restarts, the
+commits reach it late and in a batch). The mean, not the median: the mean is what a failure-free step costs this run, syncs' own compute and
 slow patches included; with a median those show up as a loss that no failure caused.
 
 Accounting, per replica r (S slots, each one `share` machine: machines per worker at the start),
@@ -22,7 +23,8 @@ over the window of length T:
           + S x sum of r's outages               outage: failure -> training again (rebuild event),
                                                  split into detection, waiting for a replacement
                                                  machine (failure -> its start) and restart+regroup+transfer
-          + S x (failure - last commit before)   discard: the step in flight when it failed,
+          + S x (failure - last commit before)   discard: the step in flight when it failed (at
+                                                   most one pace),
             + repeated steps x pace x S            steps committed again after a rollback,
             + (k mod H) x pace                     and the rebuilt stage's progress since its last
                                                    outer sync when a tier other than handoff rebuilt
@@ -32,6 +34,9 @@ over the window of length T:
                                                    moves from useful to discard
           + sum of outer-sync waits (stage-s)     waits: at syncs, and before r's first step and
             + S x (head_r + tail_r)                after its last commit (the final meeting point)
+          + S x sum of (gap - pace) over gaps     stall: the replica stopped with no failure of its
+            outside 1/4 to 4 medians               own (the coordinator away: a long gap, then the
+                                                   late commits in a batch; net over both)
           + the rest                             pace: steps slower than the pace (warm-up after a
                                                  resume, noise); can be < 0
 
@@ -40,7 +45,7 @@ slot_machines holds no slot: `idle` (spares, a replacement that boots while the 
 hands off, a notice holder after handoff). Time below it (a killed machine not yet replaced) is not
 paid: `unpaid`, taken off the outage (first from waiting for a replacement). So
 
-    paid = useful + outage + discard + waits + idle + pace,    goodput = useful / paid.
+    paid = useful + outage + discard + waits + idle + stall + pace,    goodput = useful / paid.
 
     python -m benchmarks._goodput RUN_DIR    # one JSON line
 """
@@ -55,7 +60,7 @@ from typing import Dict, List, Optional, Tuple
 
 from kintsugi.recovery.runfiles import CONTROL_STATE, JOB, MACHINES, read_metrics
 
-CAUSES = ("outage", "discard", "waits", "idle", "pace")
+CAUSES = ("outage", "discard", "waits", "idle", "stall", "pace")
 OUTAGE_PARTS = ("detect", "replacement", "restart_regroup_transfer")
 EXACT_TIERS = ("handoff",)              # the leaving worker's own state: nothing since the last sync is lost
 DISCARD_PARTS = ("in_flight", "repeated", "unsynced")
@@ -137,6 +142,7 @@ class Goodput:
     window_s: Tuple[float, float]
     pace_s: Dict[int, float]           # replica -> mean healthy step
     pace_median_s: Dict[int, float]
+    stall_s: Dict[int, float]          # replica -> seconds stopped with no failure of its own
     steps: Dict[int, int]              # replica -> distinct committed steps
     share: float                       # machines per worker
 
@@ -170,10 +176,11 @@ def paces_by_generation(rec: RunRecord) -> Dict[int, Dict[int, float]]:
     return out
 
 
-def paces(rec: RunRecord) -> Tuple[Dict[int, float], Dict[int, float]]:
+def paces(rec: RunRecord) -> Tuple[Dict[int, float], Dict[int, float], Dict[int, float]]:
     """Per replica: mean and median healthy gap (consecutive steps in one generation, minus the
-    longest stage's outer-sync wait in that gap)."""
-    mean, med = {}, {}
+    longest stage's outer-sync wait in that gap), and the stall: the excess over the mean of the gaps
+    outside 1/4 to 4 medians (the coordinator away, a hung peer: no failure of the replica's own)."""
+    mean, med, stall = {}, {}, {}
     for r in range(rec.replicas):
         seen: Dict[int, Commit] = {}
         for c in sorted((c for c in rec.commits if c.replica == r), key=lambda c: c.t):
@@ -185,8 +192,14 @@ def paces(rec: RunRecord) -> Tuple[Dict[int, float], Dict[int, float]]:
                 gaps.append(c.t - prev.t - max(c.outer_wait_s, default=0.0))
         if not gaps:
             raise ValueError(f"replica {r} has no two consecutive commits in one generation: no pace to price steps at")
-        mean[r], med[r] = statistics.fmean(gaps), statistics.median(gaps)
-    return mean, med
+        med[r] = statistics.median(gaps)
+        # Commit times are the coordinator's: while it is away (restarting) the commits arrive in a
+        # batch, a long gap and then near-zero ones that say nothing about the steps.
+        kept = [g for g in gaps if 0.25 * med[r] <= g <= 4.0 * med[r]]
+        mean[r] = statistics.fmean(kept)
+        # A long gap and the batch after it, net: the time those steps took beyond the pace.
+        stall[r] = sum(g - mean[r] for g in gaps if not 0.25 * med[r] <= g <= 4.0 * med[r])
+    return mean, med, stall
 
 
 def machine_counts(machines: List[Machine], t0: float, t1: float, slot_machines: float) -> Tuple[float, float, float]:
@@ -208,7 +221,7 @@ def account(rec: RunRecord) -> Goodput:
         raise ValueError("the run has no machines.json lifetimes: run it with launcher.machines=K")
     first = [m for m in rec.machines if m.start <= min(x.start for x in rec.machines) + 1.0]
     share = len(first) / sum(m.workers for m in first)
-    pace, pace_med = paces(rec)
+    pace, pace_med, stalls = paces(rec)
     by_r = {r: sorted((c for c in rec.commits if c.replica == r), key=lambda c: c.t) for r in range(R)}
     start = {r: by_r[r][0].t - pace[r] for r in range(R)}
     t0, t1 = min(start.values()), max(cs[-1].t for cs in by_r.values())
@@ -232,8 +245,8 @@ def account(rec: RunRecord) -> Goodput:
             d = _overlap(o.failed, o.resumed, t0, t1)
             outage += S * d
             before = [c.t for c in cs if c.t <= o.failed]
-            if before:
-                discard_parts["in_flight"] += S * max(0.0, o.failed - before[-1])
+            if before:  # at most one step: a later last commit may not have reached the coordinator yet
+                discard_parts["in_flight"] += S * min(pace[r], max(0.0, o.failed - before[-1]))
             if rec.sync_every and o.tier not in EXACT_TIERS:
                 discard_parts["unsynced"] += (o.step % rec.sync_every) * pace[r]
             detect = min(o.detect_s, d)
@@ -246,7 +259,8 @@ def account(rec: RunRecord) -> Goodput:
     useful -= discard_parts["unsynced"]
     waits, discard = sum(wait_parts.values()), sum(discard_parts.values())
     slot_time = R * S * T
-    pace_rest = slot_time - (useful + outage + discard + waits)
+    stall = S * sum(stalls.values())
+    pace_rest = slot_time - (useful + outage + discard + waits + stall)
     paid, idle, unpaid = machine_counts(rec.machines, t0, t1, R * S * share)
     # Unpaid machine time lies in outages (a lost machine not yet replaced): off the replacement wait first.
     cut = min(unpaid, parts["replacement"] * share)
@@ -254,7 +268,7 @@ def account(rec: RunRecord) -> Goodput:
     parts["restart_regroup_transfer"] = parts["restart_regroup_transfer"] * share - (unpaid - cut)
     parts["detect"] *= share
     lost = {"outage": outage * share - unpaid, "discard": discard * share, "waits": waits * share,
-            "idle": idle, "pace": pace_rest * share}
+            "idle": idle, "stall": stall * share, "pace": pace_rest * share}
     useful_m = useful * share
     lifetime = sum(m.end - m.start for m in rec.machines)
     return Goodput(goodput=useful_m / paid, goodput_lifetime=useful_m / lifetime, paid_machine_s=paid,
@@ -262,7 +276,7 @@ def account(rec: RunRecord) -> Goodput:
                    discard_parts_machine_s={k: v * share for k, v in discard_parts.items()},
                    wait_parts_machine_s={k: v * share for k, v in wait_parts.items()},
                    unpaid_machine_s=unpaid, startup_teardown_machine_s=lifetime - paid, window_s=(t0, t1),
-                   pace_s=pace, pace_median_s=pace_med, steps=steps, share=share)
+                   pace_s=pace, pace_median_s=pace_med, stall_s=stalls, steps=steps, share=share)
 
 
 def goodput_of(run_dir: str) -> Goodput:

@@ -15,16 +15,17 @@ of events shared by every policy (paired):
 - zone: `independent`, plus one zone lost at a uniformly random time: a quarter of the machines (W/4
   slots, spread over the replicas the same way) at once.
 - coordinator: `independent`, plus the coordinator's machine failing at the machine rate (8 GPUs'
-  worth). Kintsugi's workers keep training while the coordinator is away and replay their commits to
-  its successor, so the loss only delays a rebuild that starts while it is down: such an outage ends
-  `failover_s` after the coordinator's loss at the earliest. `failover_s` is measured here: the etcd
-  lease failover of `benchmarks/control_failover.py` (BENCHMARKS.md: 3.04 s mean, TTL 3 s) or, with
-  `--failover-s`, another figure (e.g. the local launcher's restart seen by `fleet_check`'s 2x2-coord
-  trace). torchrun elastic keeps its rendezvous store on one node: the model restarts the job
-  (a failure of every worker) when that node is lost. torchft's lighthouse is treated like Kintsugi's
-  coordinator (training goes on; quorum changes wait for it).
+  worth). Two costs, both measured here: every replica stalls `stall_s` (`benchmarks/fleet_check.py`,
+  trace 2x2-coord: the coordinator SIGKILLed, restarted by the launcher 0.3 s later, and the replicas
+  stopped 4.6 s and 7.1 s; their mean, read from outputs/benchmarks/fleet_check.json, or
+  `--stall-s`), and a rebuild that starts while it is down ends `failover_s` after the loss at the
+  earliest (the etcd lease failover of `benchmarks/control_failover.py`, BENCHMARKS.md: 3.04 s mean,
+  TTL 3 s; `--failover-s`). torchrun elastic keeps its rendezvous store on one node: the model
+  restarts the job (a failure of every worker) when that node is lost. torchft's lighthouse is
+  treated like Kintsugi's coordinator (the same stall and delay).
 
-    python -m benchmarks.fleet_correlated [--quick] [--rate 0.10] [--failover-s 3.04]
+    python -m benchmarks.fleet_check          # once: the coordinator stall (outputs/benchmarks/fleet_check.json)
+    python -m benchmarks.fleet_correlated [--quick] [--rate 0.10] [--failover-s 3.04] [--stall-s S]
 
 Prints one JSON line; the Markdown table goes to stderr and outputs/benchmarks/fleet_correlated.md.
 """
@@ -87,8 +88,17 @@ def delayed(times: Sequence[float], base: float, coord: Sequence[float], failove
     return out
 
 
+def measured_stall(path: str = os.path.join(FM.REPORT_DIR, "fleet_check.json")) -> Tuple[float, str]:
+    """Mean replica stall after a coordinator loss, from the last full `benchmarks.fleet_check` run."""
+    with open(path) as f:
+        stalls = json.loads(f.readline())["coordinator_stall_s"]
+    if not stalls:
+        raise ValueError(f"{path} has no 2x2-coord stall; run `python -m benchmarks.fleet_check` again")
+    return statistics.mean(stalls.values()), os.path.relpath(path, FM.ROOT)
+
+
 def run_policy(policy: str, inp: FM.Inputs, workers: int, gbit: float, rate: float, horizon: float,
-               times, slots, coord, failover: float) -> Dict[str, float]:
+               times, slots, coord, failover: float, stall: float) -> Dict[str, float]:
     if policy == "isolated_matched_syncs":
         inp = FM.Inputs(**{**asdict(inp), "missed_sync": "catch_up", "laggard": "wait"})
     c = FM.costs(inp, workers, gbit, rate)
@@ -101,6 +111,8 @@ def run_policy(policy: str, inp: FM.Inputs, workers: int, gbit: float, rate: flo
         lost = FM.sim_checkpoint(sorted([*times, *coord]), c, horizon)
     else:
         lost = FM.sim_drop_replica(times, slots, c, horizon)
+    if policy != "checkpoint" and coord:
+        lost["coordinator"] = workers * stall * len(coord)
     lost["goodput"] = max(0.0, 1.0 - sum(lost.values()) / (workers * horizon))
     return lost
 
@@ -124,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hours", type=float, default=24.0)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--failover-s", type=float, default=FAILOVER_S)
+    ap.add_argument("--stall-s", type=float, default=None,
+                    help="replica stall per coordinator loss (default: outputs/benchmarks/fleet_check.json)")
     ap.add_argument("--md", default=os.path.join(FM.REPORT_DIR, "fleet_correlated.md"))
     args = ap.parse_args(argv)
     hours, seeds = (2.0, 2) if args.quick else (args.hours, args.seeds)
@@ -131,19 +145,20 @@ def main(argv=None) -> int:
     workers = (64, 256, 1024, 4096)
     rdv_data, source = FM.load_rendezvous()
     inp = FM.Inputs(rdv=rdv_data["fit_wall"], process_start_s=rdv_data["process_start_s"])
+    stall, stall_source = (args.stall_s, "--stall-s") if args.stall_s is not None else measured_stall()
     cells = []
     for w in workers:
         for sc in SCENARIOS:
             traces = [events(sc, w, inp.stages, args.rate, horizon, 1000003 * seed + w) for seed in range(seeds)]
             for p in POLICIES:
-                runs = [run_policy(p, inp, w, args.gbit, args.rate, horizon, *tr, args.failover_s) for tr in traces]
+                runs = [run_policy(p, inp, w, args.gbit, args.rate, horizon, *tr, args.failover_s, stall) for tr in traces]
                 g = [r["goodput"] for r in runs]
                 cells.append({"workers": w, "scenario": sc, "policy": p, "goodput_mean": statistics.mean(g),
                               "goodput_min": min(g), "goodput_max": max(g),
                               "events_mean": statistics.mean(len(tr[0]) for tr in traces),
                               "coordinator_losses_mean": statistics.mean(len(tr[2]) for tr in traces),
                               "lost_fraction": {k: round(statistics.mean(r.get(k, 0.0) for r in runs) / (w * horizon), 5)
-                                                for k in ("outage", "discard", "checkpoint", "regroup", "wait")}})
+                                                for k in ("outage", "discard", "checkpoint", "regroup", "wait", "coordinator")}})
     md = table(cells, workers)
     os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
     with open(args.md, "w") as f:
@@ -151,6 +166,7 @@ def main(argv=None) -> int:
     print(md, file=sys.stderr)
     print(json.dumps({"benchmark": "fleet_correlated", "quick": args.quick, "hours": hours, "seeds": seeds,
                       "rate_per_h": args.rate, "gbit": args.gbit, "failover_s": args.failover_s,
+                      "coordinator_stall_s": stall, "stall_source": stall_source,
                       "gpus_per_machine": GPUS_PER_MACHINE, "zones": ZONES, "rdv_source": source, "cells": cells}))
     return 0
 

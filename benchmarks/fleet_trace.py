@@ -121,8 +121,12 @@ def measured(g: Goodput, stages: int) -> Dict[str, float]:
     # and a replica that is down frees CPU for the others: not separable, see BENCHMARKS.md).
     b["waits_start"] = g.wait_parts_machine_s["start"] / g.share
     paid = g.paid_machine_s
+    t0, t1 = g.window_s
+    # Billed as the model bills: W workers through the window, no idle machine, no unpaid gap.
+    b["goodput_billed_as_model"] = g.useful_machine_s / (stages * len(g.steps) * g.share * (t1 - t0))
     return {**b, "goodput": g.goodput, **{f"{k}_fraction": lost[k] / paid for k in CAUSES},
-            "idle_fraction": lost["idle"] / paid, "pace_fraction": lost["pace"] / paid,
+            "idle_fraction": lost["idle"] / paid, "stall_fraction": lost["stall"] / paid,
+            "pace_fraction": lost["pace"] / paid,
             "unpaid_fraction": g.unpaid_machine_s / paid,
             "waits_start_fraction": g.wait_parts_machine_s["start"] / paid,
             "pace_s": dict(g.pace_s)}
@@ -136,7 +140,8 @@ def compare(run_dir: str, rdv_r_s: float) -> dict:
     g = account(rec)
     tr = trace_of(rec, g, overlap)
     pred, meas = predict(tr, rdv_r_s), measured(g, rec.stages)
-    err = {name: {k: p[f"{k}_fraction"] - meas[f"{k}_fraction"] for k in CAUSES} | {"goodput": p["goodput"] - meas["goodput"]}
+    err = {name: {k: p[f"{k}_fraction"] - meas[f"{k}_fraction"] for k in CAUSES}
+           | {"goodput": p["goodput"] - meas["goodput"], "goodput_billed": p["goodput"] - meas["goodput_billed_as_model"]}
            for name, p in pred.items()}
     meas["pace_by_generation_s"] = paces_by_generation(rec)
-    return {"run_dir": run_dir, "trace": asdict(tr), "measured": meas, **pred, "error": err}
+    return {"run_dir": run_dir, "trace": asdict(tr), "measured": meas, **pred, "error": err, "stall_s": g.stall_s}

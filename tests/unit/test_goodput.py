@@ -73,7 +73,7 @@ def test_goodput_and_losses_match_the_hand_worked_run(tmp_path):
     assert g.paid_machine_s == pytest.approx(35.65)
     assert g.unpaid_machine_s == pytest.approx(1.95)
     assert g.lost_machine_s == {"outage": pytest.approx(4.05), "discard": pytest.approx(3.8),
-                                "waits": pytest.approx(6.55), "idle": pytest.approx(0.0),
+                                "waits": pytest.approx(6.55), "idle": pytest.approx(0.0), "stall": pytest.approx(0.0),
                                 "pace": pytest.approx(0.25)}
     assert g.outage_parts_machine_s == {"detect": pytest.approx(0.4), "replacement": pytest.approx(1.65),
                                         "restart_regroup_transfer": pytest.approx(2.0)}
