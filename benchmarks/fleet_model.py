@@ -63,12 +63,13 @@ global generations every H steps of the fleet's up-time, since everyone stops to
   (the quorum changes when it leaves and when it rejoins).
 A failure inside an outage restarts that outage and discards nothing more (second order).
 
-Left out: correlated failures (a rack, a zone, a spot price jump), failures of the coordinator or
-store, stragglers, convergence effects (an absent replica or a rebuilt stage changes the loss, not
-just the time), fragments (Streaming DiLoCo's P staggered syncs miss P times as often, each costing
-1/P: the same to first order), the alternative of waiting for a replica at a sync instead of
-proceeding without it, links shared by concurrent rebuilds, and rdv() beyond 32 ranks, which is an
-extrapolation of a loopback fit.
+Left out here: correlated failures (a whole machine, a zone, the coordinator's machine: see
+`benchmarks/fleet_correlated.py`, which runs this model on such traces), stragglers, convergence
+effects (an absent replica or a rebuilt stage changes the loss, not just the time), fragments
+(Streaming DiLoCo's P staggered syncs miss P times as often, each costing 1/P: the same to first
+order), links shared by concurrent rebuilds, and rdv() beyond 32 ranks, which is an extrapolation of
+a loopback fit. Waiting for a lagging replica at a matched sync is `laggard="wait"` (above); checked
+against measured runs by `benchmarks/fleet_check.py`.
 
     python -m benchmarks.fleet_model [--quick] [--plot docs/fleet_model.png]
     python -m benchmarks.fleet_model --trace RUN_DIR     # one measured run: predicted vs recorded
