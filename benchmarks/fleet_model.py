@@ -248,6 +248,7 @@ def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool,
     kept = [0.0] * r_count                # survivors' unsynced progress at the failure (isolated)
     acc = {"outage": 0.0, "discard": 0.0, "regroup": 0.0}
     spans = []                            # (start, end) of every outage, clipped to the horizon
+    last_regroup_t = None
 
     def rejoin(t: float, i: int) -> float:
         if not drop_replica:
@@ -281,17 +282,21 @@ def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool,
         last_sync = math.floor(t / sync) * sync
         unsynced = t - last_sync if last_sync >= e else unsynced_at_resume[r] + (t - e)
         phase = (t - e) % c.step_s
+        # Replicas lost at the same moment (a machine, a zone: benchmarks/fleet_correlated.py) share
+        # one re-formation of the cross-replica groups.
+        regroup = 0.0 if t == last_regroup_t else c.workers * c.regroup_s
+        last_regroup_t = t
         if drop_replica:
             acc["discard"] += s * unsynced
-            acc["regroup"] += 2 * c.workers * c.regroup_s
+            acc["regroup"] += 2 * regroup
         elif exact is not None and exact[i]:
             acc["discard"] += s * phase
             kept[r] = unsynced - phase
-            acc["regroup"] += c.workers * c.regroup_s
+            acc["regroup"] += regroup
         else:
             acc["discard"] += unsynced + (s - 1) * phase
             kept[r] = unsynced - phase
-            acc["regroup"] += c.workers * c.regroup_s
+            acc["regroup"] += regroup
         down_start[r], down_until[r] = t, rejoin(t, i)
     for r in range(r_count):
         close(r)

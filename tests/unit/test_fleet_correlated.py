@@ -27,3 +27,15 @@ def test_machine_events_are_the_independent_ones_eight_slots_each():
     t_m, s_m, _ = events("machine", 64, 8, 0.10, 7200.0, seed=3)
     assert len(t_m) == 8 * len(t_ind) and len(s_m) == len(t_m)
     assert sorted(set(t_m)) == sorted(set(t_ind))
+
+
+def test_replicas_lost_at_one_moment_share_one_regroup():
+    # W = 4 (R = 2, S = 2), regroup 0.5 s: two replicas lost at t = 5 re-form the cross-replica
+    # groups once, W x 0.5 = 2 worker-seconds; lost at 5 and 50, twice: 4.
+    import math
+    from kintsugi.benchmarks import fleet_model as FM
+    c = FM.Costs(workers=4, stages=2, step_s=1.0, sync_s=10.0, transfer_s=0.0, d_global=0.0, d_replica=1.0,
+                 regroup_s=0.5, missed_sync="catch_up", ft_ready_s=0.0, ft_heal_s=0.0, ckpt_restart_s=0.0,
+                 ckpt_save_s=0.0, ckpt_interval_s=math.inf)
+    assert FM.sim_isolated([5.0, 5.0], [0, 2], c, 100.0)["regroup"] == pytest.approx(2.0)
+    assert FM.sim_isolated([5.0, 50.0], [0, 2], c, 100.0)["regroup"] == pytest.approx(4.0)
