@@ -13,8 +13,9 @@ as `startup_teardown` and `goodput_lifetime`, and left out of `goodput`.
 Pace. A replica's pace is the mean gap between its consecutive commits in one generation, less the
 time its stages sat blocked on an outer sync in that gap (those waits are their own bucket), over the
 gaps within 1/4 to 4 times their median (commit times are the coordinator's: while it restarts, the
-commits reach it late and in a batch). The mean, not the median: the mean is what a failure-free step costs this run, syncs' own compute and
-slow patches included; with a median those show up as a loss that no failure caused.
+commits reach it late and in a batch). The mean, not the median: the mean is what a failure-free
+step costs this run, syncs' own compute and slow patches included; with a median those show up as a
+loss that no failure caused.
 
 Accounting, per replica r (S slots, each one `share` machine: machines per worker at the start),
 over the window of length T:
