@@ -10,7 +10,11 @@ Advisor's middle band, "10-15%" a month), of which `NO_NOTICE_FRACTION` arrive w
 time loses the machine just the same); the rest are SIGTERM (notice -> handoff). Real rates give
 ~0.0002 events per machine-hour, so time is compressed: one step stands for `step_hours` hours,
 chosen so that the run sees `--events` preemptions in expectation (the factor is reported). A
-preempted machine is replaced `REJOIN_DELAY_S` seconds later by a new one (new id).
+preempted machine is replaced by a new one (new id) `REJOIN_STEPS` steps later: the replacement
+delay stands for the cloud's provisioning time, and the trace is counted in steps, so the delay is
+too (`REJOIN_STEPS` x the pace of the uninterrupted run made just before, in seconds; a delay fixed
+in seconds made the goodput depend on how fast this shared box happened to run: 0.46 at 0.25 s per
+step against 0.51-0.53 at 0.42 s on the same `--quick` trace). `--rejoin-s` fixes it in seconds.
 
 Goodput comes from the preempted run's own records (`benchmarks/_goodput.py`): machine-seconds paid
 (the launcher's machine lifetimes, machines.json, over the training window) against the useful work,
@@ -41,7 +45,8 @@ from kintsugi.recovery.runfiles import MACHINES as MACHINES_FILE
 
 MONTHLY_RATE = 0.125          # interruptions per machine per month (AWS advisor band 10-15%)
 NO_NOTICE_FRACTION = 0.3      # share of preemptions that act as SIGKILL (assumption, see above)
-REJOIN_DELAY_S = 2.0
+REJOIN_DELAY_S = 2.0          # benchmarks/fleet_check.py's traces, and `--rejoin-s`'s old default
+REJOIN_STEPS = 6.0            # ~2 s at the 0.33 s per step of a quiet box
 MACHINES = 4
 MIN_GAP_STEPS = 8             # a replacement is up and trained a little before the next event
 
@@ -67,13 +72,13 @@ def trace(max_steps: int, events: float, seed: int, machines: int = MACHINES) ->
 
 
 def overrides(max_steps: int, schedule: List[dict], replicas: int = 2, stages: int = 2,
-              machines: int = MACHINES) -> List[str]:
+              machines: int = MACHINES, rejoin_delay_s: float = REJOIN_DELAY_S) -> List[str]:
     items = ", ".join(f"{{step: {e['step']}, machine: {e['machine']}, kind: {e['kind']}}}" for e in schedule)
     return [f"parallel.replicas={replicas}", f"parallel.stages={stages}", "model.n_layers=4",
             f"train.max_steps={max_steps}",
             "train.eval_every=0", "train.eval_batches=2", "train.warmup_steps=5", "data.max_files=300",
             "diloco.enabled=true", "diloco.sync_every=10", "diloco.overlap=0", f"launcher.machines={machines}",
-            "faults.spares=0", f"faults.rejoin_delay_s={REJOIN_DELAY_S}", "faults.notice_s=60",
+            "faults.spares=0", f"faults.rejoin_delay_s={rejoin_delay_s:.3f}", "faults.notice_s=60",
             f"faults.schedule=[{items}]"]
 
 
@@ -87,6 +92,16 @@ def machine_rate(res: RunResult) -> dict:
             "tok_per_machine_s": rnd(tokens / machine_s, 2) if machine_s else None,
             "final_val_loss": rnd((res.summary or {}).get("final_val_loss")), "wall_s": rnd(res.wall_s, 1),
             "error": res.error}
+
+
+def pace_of(res: RunResult) -> float:
+    """Mean seconds per step of a run's replicas (its own records), or the fixed delay's worth of a
+    quiet box when the run could not be read."""
+    try:
+        paces = goodput_of(res.run_dir).pace_s
+        return sum(paces.values()) / len(paces)
+    except (OSError, ValueError, KeyError):
+        return REJOIN_DELAY_S / REJOIN_STEPS
 
 
 def own_goodput(res: RunResult) -> dict:
@@ -114,17 +129,24 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=5, help="trace seed (5: one kill, one term in --quick)")
     ap.add_argument("--pairs", type=int, default=1, help="spot/uninterrupted pairs, interleaved (A B A B)")
     ap.add_argument("--out", default=os.path.join(REPORT_DIR, "spot_fleet"), help="where the runs go")
+    ap.add_argument("--rejoin-s", type=float, default=None,
+                    help=f"replacement delay in seconds (default: {REJOIN_STEPS:g} steps at the uninterrupted run's pace)")
     args = ap.parse_args(argv)
     steps = args.steps or (40 if args.quick else 100)
     events = args.events or (2.5 if args.quick else 4.0)
     schedule, step_hours = trace(steps, events, args.seed)
     shutil.rmtree(args.out, ignore_errors=True)
-    pairs = []
+    pairs, delays = [], []
     for i in range(args.pairs):
         pair = {}
-        for name, sched in (("spot", schedule), ("uninterrupted", [])):
+        for name, sched in (("uninterrupted", []), ("spot", schedule)):  # the pace first, then the delay
             tag = name if args.pairs == 1 else f"{name}-{i}"
-            pair[name] = run_job_retrying(tag, os.path.join(args.out, tag), overrides(steps, sched), stall_s=90.0)
+            delay = REJOIN_DELAY_S if not sched else (args.rejoin_s if args.rejoin_s is not None
+                                                      else REJOIN_STEPS * pace_of(pair["uninterrupted"]))
+            if sched:
+                delays.append(delay)
+            pair[name] = run_job_retrying(tag, os.path.join(args.out, tag),
+                                          overrides(steps, sched, rejoin_delay_s=delay), stall_s=90.0)
         pairs.append(pair)
     spots = [own_goodput(p["spot"]) for p in pairs]
     goodputs = [g.get("goodput") for g in spots]
@@ -138,7 +160,8 @@ def main(argv=None) -> int:
         "benchmark": "spot_fleet", "quick": args.quick, "seed": args.seed, "steps": steps, "pairs": args.pairs,
         "grid": "2x2", "machines": MACHINES, "trace": schedule,
         "trace_model": {"monthly_rate": MONTHLY_RATE, "no_notice_fraction": NO_NOTICE_FRACTION,
-                        "step_stands_for_hours": rnd(step_hours, 1), "rejoin_delay_s": REJOIN_DELAY_S},
+                        "step_stands_for_hours": rnd(step_hours, 1), "rejoin_steps": REJOIN_STEPS,
+                        "rejoin_delay_s": [rnd(d, 3) for d in delays]},
         "goodput": rnd(median(goodputs)), "goodput_runs": goodputs,
         "val_loss_gap": rnd(median(gaps)), "wall_ratio": rnd(median(ratios)),
         "rebuilds_by_tier": dict(Counter(r["tier"] for r in rebuilds)),
