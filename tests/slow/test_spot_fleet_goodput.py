@@ -1,6 +1,6 @@
-"""`python -m benchmarks.spot_fleet` (100 steps) twice with one seed: the goodput read from each run's own
-records agrees within 0.03 (the ratio of two runs' tokens per machine-second it replaced moved by
-0.4-1.2 with the load), and its losses account for every paid machine-second.
+"""`python -m benchmarks.spot_fleet` (100 steps) twice with one seed: the goodput read from each
+run's own records agrees within 0.03 (the ratio of two runs' tokens per machine-second it replaced
+moved by 0.4-1.2 with the load), and its losses account for every paid machine-second.
 
     python -m pytest -m slow tests/slow/test_spot_fleet_goodput.py     # ~7 min on 2 cores
 """
