@@ -147,12 +147,18 @@ class Goodput:
     steps: Dict[int, int]              # replica -> distinct committed steps
     share: float                       # machines per worker
 
+    def goodput_without_stalls(self) -> float:
+        """Useful over paid less the stalls: where nothing of the run failed (no coordinator loss),
+        a stall is the host pausing the job, not the run's doing."""
+        return self.useful_machine_s / (self.paid_machine_s - self.lost_machine_s["stall"])
+
     def fractions(self) -> Dict[str, float]:
         return {k: v / self.paid_machine_s for k, v in self.lost_machine_s.items()}
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["lost_fraction"] = self.fractions()
+        d["goodput_without_stalls"] = self.goodput_without_stalls()
         return d
 
 

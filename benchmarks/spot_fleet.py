@@ -10,11 +10,10 @@ Advisor's middle band, "10-15%" a month), of which `NO_NOTICE_FRACTION` arrive w
 time loses the machine just the same); the rest are SIGTERM (notice -> handoff). Real rates give
 ~0.0002 events per machine-hour, so time is compressed: one step stands for `step_hours` hours,
 chosen so that the run sees `--events` preemptions in expectation (the factor is reported). A
-preempted machine is replaced by a new one (new id) `REJOIN_STEPS` steps later: the replacement
-delay stands for the cloud's provisioning time, and the trace is counted in steps, so the delay is
-too (`REJOIN_STEPS` x the pace of the uninterrupted run made just before, in seconds; a delay fixed
-in seconds made the goodput depend on how fast this shared box happened to run: 0.46 at 0.25 s per
-step against 0.51-0.53 at 0.42 s on the same `--quick` trace). `--rejoin-s` fixes it in seconds.
+preempted machine is replaced `REJOIN_DELAY_S` seconds later by a new one (new id).
+`--rejoin-steps N` instead sets the delay to N x the pace of the uninterrupted run made just before
+(an experiment: the two runs' paces differ on a shared box, so it moved the goodput more than the
+fixed delay did; BENCHMARKS.md, "Spot fleet").
 
 Goodput comes from the preempted run's own records (`benchmarks/_goodput.py`): machine-seconds paid
 (the launcher's machine lifetimes, machines.json, over the training window) against the useful work,
@@ -45,8 +44,7 @@ from kintsugi.recovery.runfiles import MACHINES as MACHINES_FILE
 
 MONTHLY_RATE = 0.125          # interruptions per machine per month (AWS advisor band 10-15%)
 NO_NOTICE_FRACTION = 0.3      # share of preemptions that act as SIGKILL (assumption, see above)
-REJOIN_DELAY_S = 2.0          # benchmarks/fleet_check.py's traces, and `--rejoin-s`'s old default
-REJOIN_STEPS = 6.0            # ~2 s at the 0.33 s per step of a quiet box
+REJOIN_DELAY_S = 2.0
 MACHINES = 4
 MIN_GAP_STEPS = 8             # a replacement is up and trained a little before the next event
 
@@ -95,13 +93,9 @@ def machine_rate(res: RunResult) -> dict:
 
 
 def pace_of(res: RunResult) -> float:
-    """Mean seconds per step of a run's replicas (its own records), or the fixed delay's worth of a
-    quiet box when the run could not be read."""
-    try:
-        paces = goodput_of(res.run_dir).pace_s
-        return sum(paces.values()) / len(paces)
-    except (OSError, ValueError, KeyError):
-        return REJOIN_DELAY_S / REJOIN_STEPS
+    """Mean seconds per step of a run's replicas, from its own records."""
+    paces = goodput_of(res.run_dir).pace_s
+    return sum(paces.values()) / len(paces)
 
 
 def own_goodput(res: RunResult) -> dict:
@@ -110,7 +104,8 @@ def own_goodput(res: RunResult) -> dict:
         g = goodput_of(res.run_dir)
     except (OSError, ValueError, KeyError) as e:
         return {"error": f"{type(e).__name__}: {e}"}
-    return {"goodput": rnd(g.goodput), "goodput_lifetime": rnd(g.goodput_lifetime),
+    return {"goodput": rnd(g.goodput), "goodput_without_stalls": rnd(g.goodput_without_stalls()),
+            "goodput_lifetime": rnd(g.goodput_lifetime),
             "paid_machine_s": rnd(g.paid_machine_s, 2), "useful_machine_s": rnd(g.useful_machine_s, 2),
             "lost_fraction": {k: rnd(v) for k, v in g.fractions().items()},
             "lost_machine_s": {k: rnd(v, 2) for k, v in g.lost_machine_s.items()},
@@ -129,8 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=5, help="trace seed (5: one kill, one term in --quick)")
     ap.add_argument("--pairs", type=int, default=1, help="spot/uninterrupted pairs, interleaved (A B A B)")
     ap.add_argument("--out", default=os.path.join(REPORT_DIR, "spot_fleet"), help="where the runs go")
-    ap.add_argument("--rejoin-s", type=float, default=None,
-                    help=f"replacement delay in seconds (default: {REJOIN_STEPS:g} steps at the uninterrupted run's pace)")
+    ap.add_argument("--rejoin-s", type=float, default=REJOIN_DELAY_S, help="replacement delay in seconds")
+    ap.add_argument("--rejoin-steps", type=float, default=None,
+                    help="replacement delay in steps at the uninterrupted run's pace (overrides --rejoin-s)")
     args = ap.parse_args(argv)
     steps = args.steps or (40 if args.quick else 100)
     events = args.events or (2.5 if args.quick else 4.0)
@@ -141,8 +137,8 @@ def main(argv=None) -> int:
         pair = {}
         for name, sched in (("uninterrupted", []), ("spot", schedule)):  # the pace first, then the delay
             tag = name if args.pairs == 1 else f"{name}-{i}"
-            delay = REJOIN_DELAY_S if not sched else (args.rejoin_s if args.rejoin_s is not None
-                                                      else REJOIN_STEPS * pace_of(pair["uninterrupted"]))
+            delay = REJOIN_DELAY_S if not sched else (args.rejoin_s if args.rejoin_steps is None
+                                                      else args.rejoin_steps * pace_of(pair["uninterrupted"]))
             if sched:
                 delays.append(delay)
             pair[name] = run_job_retrying(tag, os.path.join(args.out, tag),
@@ -160,7 +156,7 @@ def main(argv=None) -> int:
         "benchmark": "spot_fleet", "quick": args.quick, "seed": args.seed, "steps": steps, "pairs": args.pairs,
         "grid": "2x2", "machines": MACHINES, "trace": schedule,
         "trace_model": {"monthly_rate": MONTHLY_RATE, "no_notice_fraction": NO_NOTICE_FRACTION,
-                        "step_stands_for_hours": rnd(step_hours, 1), "rejoin_steps": REJOIN_STEPS,
+                        "step_stands_for_hours": rnd(step_hours, 1), "rejoin_steps": args.rejoin_steps,
                         "rejoin_delay_s": [rnd(d, 3) for d in delays]},
         "goodput": rnd(median(goodputs)), "goodput_runs": goodputs,
         "val_loss_gap": rnd(median(gaps)), "wall_ratio": rnd(median(ratios)),
