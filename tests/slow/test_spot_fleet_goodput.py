@@ -4,9 +4,8 @@ runs' tokens per machine-second it replaced moved by 0.4-1.2 with the load), and
 for every paid machine-second.
 
 Why "played out alike": seed 5's kill of m5 at step 36 lands either after m5 took over its slot by
-handoff (4 rebuilds) or before, while the leaving worker still trains through its notice (an idle
-machine is lost: 3 rebuilds); the two cost differently (BENCHMARKS.md, "Spot fleet"). With two
-outcomes, three runs hold two alike.
+handoff (4 rebuilds) or before, while m5 holds nothing yet (an idle machine is lost: 3 rebuilds); the
+two cost differently (BENCHMARKS.md, "Spot fleet"). With two outcomes, three runs hold two alike.
 
     python -m pytest -m slow tests/slow/test_spot_fleet_goodput.py     # 6-10 min on 2 cores
 """
