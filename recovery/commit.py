@@ -120,6 +120,13 @@ class Commit:
         with self._lock:
             self._ring.append((time.monotonic(), rec))
 
+    def forget_after(self, replica: int, step: int) -> None:
+        """A rollback to `step`: the ring's later records of this replica were discarded with their
+        steps (trained again, committed again); sending them again would only make duplicates."""
+        with self._lock:
+            self._ring = collections.deque(((t, r) for t, r in self._ring
+                                            if r.get("replica") != replica or r["step"] <= step), maxlen=self.RING)
+
     def _records(self):
         with self._lock:
             return [r for _, r in self._ring]

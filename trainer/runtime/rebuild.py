@@ -30,6 +30,7 @@ from kintsugi.recovery.rebuild import pack, recv_package, send_package
 
 if TYPE_CHECKING:
     from kintsugi.trainer.config.job import JobConfig
+    from kintsugi.recovery.commit import Commit
     from kintsugi.trainer.runtime.stage import StageState
 
 log = logging.getLogger("kintsugi.recovery")
@@ -45,6 +46,7 @@ class SlotHost(Protocol):
     slot: Optional[Slot]
     run_dir: str
     data: object
+    commit: "Commit"
 
     def connect_store(self) -> object: ...
 
@@ -89,6 +91,8 @@ def execute_plan(host: SlotHost, plan: CellPlan, grid: Grid, transport: Transpor
     """This slot's part of the plan: restore a rollback's checkpoint, receive a rebuilt state, or
     send this stage's state to a slot being rebuilt from it."""
     gen = plan.gen
+    if plan.rollback is not None:
+        host.commit.forget_after(slot[0], plan.rollback.step_for(slot[0]))
     if plan.rollback is not None and slot not in plan.rebuild:
         # A resume may continue each replica from its own step (a suspended job's replicas commit
         # independently); an in-run rollback restores one step everywhere.
