@@ -43,6 +43,12 @@ def train(job: JobConfig, run_dir: str) -> int:
     from kintsugi.trainer.reporting.summary import write_outputs
 
     t0 = time.time()
+    if job.recovery.control == "etcd":  # the cluster must answer before anything starts
+        from kintsugi.trainer.launch.etcd_control import prepare
+        err = prepare(job, run_dir)
+        if err:
+            print(f"kintsugi: {err}", file=sys.stderr)
+            return 2
     corpus_d = prepare_corpus_and_model(job)
     if job.train.optimizer != "adamw":  # compile DeepSpeed's op once here, not inside every worker
         from kintsugi.trainer.runtime.optim import prebuild_optimizer
