@@ -196,6 +196,8 @@ class CoordinatorState:
     corpus: Optional[dict] = None
     bytes: Dict[str, int] = field(default_factory=dict)         # per channel, as last seen
     ended: Optional[str] = None   # finished | suspended | stopped: <why>; set by the final save
+    store_restarts: int = 0       # restarts with an empty store after a flood (recovery.coordinator)
+    tampering: Dict[str, int] = field(default_factory=dict)     # records dropped or repaired, by kind, all incarnations
 
     @classmethod
     def fresh(cls, settings: Settings, port: int, layout: List[int]) -> "CoordinatorState":

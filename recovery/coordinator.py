@@ -53,8 +53,8 @@ from .generations import Generations
 from .reactions import Reactions
 from .state_store import Fenced, FileStateStore, StateStore, Unavailable
 from .records import write_strict_atomic
-from .runfiles import (ALIVE, CONTROL_STATE, EX_CANNOT_RECOVER, EX_DEPOSED, EX_RECORD, EX_SUSPENDED, FINAL_STATE,
-                       METRICS)
+from .runfiles import (ALIVE, CONTROL_STATE, EX_CANNOT_RECOVER, EX_DEPOSED, EX_RECORD, EX_RESTART_STORE,
+                       EX_SUSPENDED, FINAL_STATE, METRICS)
 
 log = logging.getLogger(__name__)
 STATE_FILE = CONTROL_STATE
@@ -63,6 +63,15 @@ END_GRACE_S = 3.0  # after the last step and the final evaluation, wait at most 
 HOLE_GRACE_S = 15.0  # ... and this long for commit records that went missing (workers resend them)
 LOGS = ("join", "rejoin", "suspect", "leave", "intent", "commit", "eval", "event", "ckpt", "suspended", "ready",
         "fault", "died")
+
+
+def resident_bytes():
+    """This process's resident set size now (Linux), or None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Coordinator:
@@ -102,6 +111,10 @@ class Coordinator:
         self._save_waiting = False          # the store could not save (etcd without quorum); retrying
         self.final_errors: List[str] = []
         self.missing_steps: Dict[int, List[int]] = {}  # committed, never recorded (the record has a hole)
+        self._restart_store = False
+        self._tampering_before, self._tampering_saved = dict(st.tampering), dict(st.tampering)
+        self._memory_checked, self._flood_logged = 0.0, False
+        self._rss_start = resident_bytes()
         self._dirty = True
         self._finished_at: Optional[float] = None
         self._alive_at = 0.0
@@ -231,11 +244,43 @@ class Coordinator:
         while self._answered and now - self._answered[0][0] > self.HELLO_KEEP_S:
             self.store.delete_key(self._answered.popleft()[1])
 
+    FLOOD_MARGIN_BYTES = 256 << 20
+    MAX_STORE_RESTARTS = 5
+
+    def _guard_memory(self) -> bool:
+        """The store holds whatever any client on the port writes (TCPStore has no limits): a flood
+        of big values grows this process towards an out-of-memory kill. Its resident size is
+        watched (every 2 s); past twice its size at start, or that plus FLOOD_MARGIN_BYTES, the
+        coordinator saves its state and starts again with an empty store (the workers reconnect,
+        re-register and replay), at most MAX_STORE_RESTARTS times. True: restart now."""
+        now = time.monotonic()
+        if now - self._memory_checked < 2.0:
+            return False
+        self._memory_checked = now
+        rss = resident_bytes()
+        if rss is None or self._rss_start is None:
+            return False
+        if rss <= max(2 * self._rss_start, self._rss_start + self.FLOOD_MARGIN_BYTES):
+            return False
+        restarts = self.st.store_restarts
+        if restarts >= self.MAX_STORE_RESTARTS:
+            if not self._flood_logged:
+                self._flood_logged = True
+                log.error("the coordinator holds %d MB (%d MB at start): its store is being flooded; it restarted "
+                          "%d times already and carries on", rss >> 20, self._rss_start >> 20, restarts)
+            return False
+        self.st.store_restarts = restarts + 1
+        self.auth.drop("flood", f"the store grew this process to {rss >> 20} MB ({self._rss_start >> 20} MB at start)")
+        log.error("the coordinator holds %d MB (%d MB at start): someone is flooding its store; saving the state "
+                  "and starting again with an empty store (restart %d of %d)", rss >> 20, self._rss_start >> 20,
+                  restarts + 1, self.MAX_STORE_RESTARTS)
+        return True
+
     def _guard_identity(self) -> None:
         """The run id is the coordinator's: put it back (and count the tampering) when someone
-        without the token overwrote or deleted it. Checked about once a second."""
+        without the token overwrote or deleted it. Checked five times a second."""
         now = time.monotonic()
-        if now - self._identity_checked < 1.0:
+        if now - self._identity_checked < 0.2:
             return
         self._identity_checked = now
         for key, value in self._identity.items():
@@ -264,6 +309,9 @@ class Coordinator:
                 if st.corpus is None and self.store.check(["corpus"]):  # a launcher put it: keep it
                     st.corpus = self.board.get("corpus")
                     self._dirty = True
+                if self._guard_memory():
+                    self._restart_store = True
+                    break
                 self._answer_hello()
                 self._guard_identity()
                 self._drain_logs()
@@ -286,13 +334,17 @@ class Coordinator:
                 time.sleep(poll_s)
             clean = True
         finally:
-            if self.deposed is None:
-                self._finish_run(clean)
-            else:  # the run goes on under the successor: no shutdown, no final record from here
+            if self.deposed is not None:  # the run goes on under the successor: no shutdown, no final record
                 self.ledger.close()
+            elif self._restart_store:
+                self._dirty = True
+                self._persist(final=True)
+                self.ledger.close()
+            else:
+                self._finish_run(clean)
         if self.deposed is not None:
             return EX_DEPOSED
-        return self._exit_status()
+        return EX_RESTART_STORE if self._restart_store else self._exit_status()
 
     def _exit_status(self) -> int:
         rx = self.reactions
@@ -316,6 +368,14 @@ class Coordinator:
             return EX_RECORD
         return 0
 
+    def tampering(self) -> Dict[str, int]:
+        """Forged, stale, rewound, overwritten, flood: what every incarnation of this run dropped or
+        repaired (the counts survive a restart with the persisted state)."""
+        out = dict(self._tampering_before)
+        for kind, n in self.auth.dropped_by_kind.items():
+            out[kind] = out.get(kind, 0) + n
+        return out
+
     def _leads(self) -> bool:
         if self.deposed is None and not self.state_store.leading():
             self._depose("its etcd lease ran out")
@@ -330,6 +390,9 @@ class Coordinator:
         """Save the state if it changed and the store says it is due (`final`: now), then release
         the TCPStore writes that waited on it (write-ahead) while this process still leads."""
         store = self.state_store
+        self.st.tampering = self.tampering()
+        if self.st.tampering != self._tampering_saved:
+            self._dirty = True
         if self._dirty:
             self.ledger.refresh_bytes()
             state = self.st.to_json()
@@ -354,6 +417,7 @@ class Coordinator:
                     log.error("cannot persist the coordinator state (%s); a restart would lose recent changes", e)
             else:
                 self._save_waiting = False
+                self._tampering_saved = dict(self.st.tampering)
         if self.board.holding and self._leads():
             self.board.release()
 
@@ -412,8 +476,8 @@ class Coordinator:
                  "write_error": led.write_error, "persist_error": self.persist_error,
                  "final_errors": self.final_errors or None,
                  "checkpoint_errors": led.checkpoint_errors or None,
-                 "refused_joins": self.membership.refused_joins, "forged_records_dropped": self.auth.dropped_count,
-                 "tampering": self.auth.dropped_by_kind,
+                 "refused_joins": self.membership.refused_joins,
+                 "forged_records_dropped": sum(self.tampering().values()), "tampering": self.tampering(),
                  "missing_steps": {str(r): v for r, v in self.missing_steps.items()} or None,
                  "nonfinite_steps": led.nonfinite_steps, "divergences": rx.divergences,
                  "memory": {"peak_bytes": {str(s): v for s, v in sorted(self.membership.peak_bytes.items())}}}

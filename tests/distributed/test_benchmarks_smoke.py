@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_benchmark
+from testkit import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))

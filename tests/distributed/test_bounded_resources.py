@@ -4,7 +4,7 @@ formations (benchmarks/resources.py). The same run with groups left open shows t
 measurement is there to catch (~7 descriptors per generation, as reported against the old code)."""
 import pytest
 
-from conftest import run_benchmark
+from testkit import run_benchmark
 
 pytestmark = pytest.mark.distributed
 

@@ -8,7 +8,7 @@ and odd ones the swapped route E@0 L@1 L@0 L@3 L@2 H@3 (5 hops), so a training s
 batches of 4 microbatches) moves 2 * 4 * 3 = 24 messages forward and nothing back."""
 import pytest
 
-from conftest import run_trainer
+from testkit import run_trainer
 
 pytestmark = pytest.mark.distributed
 

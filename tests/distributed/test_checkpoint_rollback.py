@@ -5,7 +5,7 @@ the same weights, so the rolled-back run's loss curve equals an undisturbed run'
 record keeps both the discarded commits and their re-done copies, so a lost or doubled step shows."""
 import pytest
 
-from conftest import run_trainer
+from testkit import run_trainer
 
 pytestmark = pytest.mark.distributed
 ARGS = ["experiment=quick", "train.max_steps=8", "recovery.strategy=checkpoint",

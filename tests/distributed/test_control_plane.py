@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, observed_batch_ids, run_trainer
+from testkit import ROOT, observed_batch_ids, run_trainer
 from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
 from kintsugi.trainer.data.batches import ShardedBatches, load_tokens
 

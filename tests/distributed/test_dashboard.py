@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import start_trainer
+from testkit import start_trainer
 from kintsugi.recovery.protocol import free_port
 
 pytestmark = pytest.mark.distributed

@@ -22,7 +22,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from conftest import ROOT
+from testkit import ROOT
 from kintsugi.recovery.protocol import free_port
 
 pytestmark = pytest.mark.distributed

@@ -15,7 +15,7 @@ import importlib.util
 
 import pytest
 
-from conftest import ROOT
+from testkit import ROOT
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(150)]
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import commits, run_trainer
+from testkit import commits, run_trainer
 
 pytestmark = pytest.mark.distributed
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_benchmark
+from testkit import run_benchmark
 
 # slow: nine pairs of processes, 15-55 s; kept out of the default run's 20-minute budget
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(240)]

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import run_trainer
+from testkit import run_trainer
 
 pytestmark = pytest.mark.distributed
 JOB = ["experiment=quick", "train.max_steps=8", "train.eval_batches=1", "faults=none"]

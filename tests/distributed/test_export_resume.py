@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_trainer
+from testkit import run_trainer
 from kintsugi.trainer.cli.main import main as cli_main
 from kintsugi.trainer.config.job import JobConfig, ParallelConfig
 from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from testkit import ROOT
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from conftest import ROOT, commits
+from testkit import ROOT, commits
 
 pytestmark = pytest.mark.distributed
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from conftest import run_trainer
+from testkit import run_trainer
 
 pytestmark = pytest.mark.distributed
 

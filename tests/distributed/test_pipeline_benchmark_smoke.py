@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_benchmark
+from testkit import run_benchmark
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import commits, run_trainer
+from testkit import commits, run_trainer
 from kintsugi.parallel.schedules import StageExecutor, actions_for, routes_for, swapped_route, plain_route
 from kintsugi.parallel.topology import per_stage_layers
 from kintsugi.parallel.transport import Transport

@@ -3,7 +3,7 @@ gloo, CPU): the same steps reach a validation loss within 2 % of the fp32 run, a
 each stage's peak memory."""
 import pytest
 
-from conftest import run_trainer
+from testkit import run_trainer
 
 pytestmark = pytest.mark.distributed
 JOB = ["experiment=quick", "train.max_steps=30", "train.eval_batches=2", "faults=none"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_trainer
+from testkit import run_trainer
 
 pytestmark = pytest.mark.distributed
 # Plain CheckFree: its routes do not depend on where stage boundaries are (CheckFree+'s swapped

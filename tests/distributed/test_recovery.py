@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, commits, observed_batch_ids, run_trainer
+from testkit import ROOT, commits, observed_batch_ids, run_trainer
 from kintsugi.recovery.rebuild import checkfree_average, from_positional, to_positional
 from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
 from kintsugi.trainer.data.batches import ShardedBatches, load_tokens

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import run_benchmark
+from testkit import run_benchmark
 
 pytestmark = pytest.mark.distributed
 

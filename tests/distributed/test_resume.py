@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, commits, run_trainer
+from testkit import ROOT, commits, run_trainer
 
 pytestmark = pytest.mark.distributed
 ARGS = ["experiment=quick", "train.max_steps=12", "recovery.checkpoint_every=4"]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import commits, run_trainer
+from testkit import commits, run_trainer
 
 pytestmark = pytest.mark.distributed
 HOGS = 6

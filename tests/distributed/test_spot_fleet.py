@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import commits, run_trainer
+from testkit import commits, run_trainer
 from kintsugi.trainer.config.errors import ConfigError
 from kintsugi.trainer.config.faults import FaultsConfig
 

@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from testkit import ROOT
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, commits
+from testkit import ROOT, commits
 from test_recovery import _alive, _descendants
 
 TOKEN = "n0des-s3cret"

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT
+from testkit import ROOT
 from kintsugi.compression.api import get_codec
 from kintsugi.parallel.device import HostStager
 from kintsugi.parallel.groups import Aborted, form_group

@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from conftest import run_trainer, start_trainer
+from testkit import run_trainer, start_trainer
 
 pytestmark = pytest.mark.distributed
 

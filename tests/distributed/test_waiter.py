@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT
+from testkit import ROOT
 from kintsugi.parallel.groups import Aborted, form_group
 from kintsugi.parallel import waiter as waiter_mod
 from kintsugi.parallel.transport import Transport, wait_abortable

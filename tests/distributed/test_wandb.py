@@ -4,7 +4,7 @@ import glob
 
 import pytest
 
-from conftest import run_trainer
+from testkit import run_trainer
 from kintsugi.trainer.reporting.tracking import read_offline_run
 
 pytestmark = pytest.mark.distributed

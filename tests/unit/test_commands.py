@@ -287,7 +287,7 @@ def test_join_fills_the_slots_of_a_running_job(tmp_path):
     """End to end (out of the default run for time): a coordinator waiting for workers, and
     `kintsugi join --workers 2` with the job's token supplies both; the run finishes and join exits 0.
     With the wrong token the workers are refused and join reports it."""
-    from conftest import ROOT
+    from testkit import ROOT
     from kintsugi.recovery import protocol as P
     from kintsugi.trainer.cli.compose import compose_job
     from kintsugi.trainer.data.corpus import prepare_corpus

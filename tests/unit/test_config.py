@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from testkit import ROOT
 from kintsugi import CONF_DIR
 from kintsugi.trainer.cli.compose import compose_job, validate_overrides
 from kintsugi.trainer.config.faults import FaultsConfig

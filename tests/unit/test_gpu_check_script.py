@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import ROOT
+from testkit import ROOT
 
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 

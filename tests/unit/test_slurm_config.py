@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT
+from testkit import ROOT
 from kintsugi.trainer.cli.compose import compose_job
 from kintsugi.trainer.config.errors import ConfigError
 from kintsugi.trainer.launch import slurm

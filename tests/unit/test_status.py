@@ -11,7 +11,7 @@ import tomllib
 
 import pytest
 
-from conftest import ROOT
+from testkit import ROOT
 from kintsugi.trainer.cli.main import main as cli_main
 from kintsugi.trainer.reporting.status import HeartbeatClock, collect
 

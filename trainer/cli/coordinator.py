@@ -26,7 +26,7 @@ import time
 
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.coordinator import Coordinator
-from kintsugi.recovery.runfiles import FINAL_STATE, JOB, TOKEN, CONTROL_STATE as STATE_FILE
+from kintsugi.recovery.runfiles import EX_RESTART_STORE, FINAL_STATE, JOB, TOKEN, CONTROL_STATE as STATE_FILE
 
 log = logging.getLogger("kintsugi.coordinator")
 
@@ -189,6 +189,19 @@ def _port_free(host: str, port: int) -> bool:
             return False
 
 
+def _restart_with_a_fresh_store(args) -> None:
+    """The coordinator saved its state because its store was flooded: replace this process by a
+    coordinator restarted from that state on the same address (same pid: a launcher watching it
+    sees no exit; the old store's socket closes on exec). The token comes from the environment or
+    the run dir's token file, as for any restart."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(args.port), "--host", args.host,
+            "--run-dir", args.run_dir, "--resume"] + (["--job", args.job] if args.job else []) + \
+        (["--no-progress"] if args.no_progress else []) + (["--outputs"] if args.outputs else [])
+    os.execv(sys.executable, argv)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="kintsugi coordinator",
@@ -315,6 +328,10 @@ def main(argv=None) -> int:
         if rc == EX_DEPOSED:
             _reexec_as_standby(coordinator.deposed or "deposed")
         lead.resign()
+        if rc == EX_RESTART_STORE:  # saved; a standby (or this process, campaigning again) leads with a fresh store
+            _reexec_as_standby("its store was flooded")
+    elif rc == EX_RESTART_STORE:
+        _restart_with_a_fresh_store(args)
     if args.outputs or not args.job:
         from kintsugi.trainer.config.job import JobConfig
         from kintsugi.trainer.reporting.summary import write_outputs
