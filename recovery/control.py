@@ -217,11 +217,14 @@ class Control:
         if not port_open(self.host, self.port):
             return False
         probe = _OpThread()  # a hung coordinator accepts connections but never answers
+        # etcd: an attempt on a leader that a newer one replaced (its port seen open as it died) is abandoned
+        moved_on = (lambda: self.locate.newer_than(epoch) is not None) if self.locate is not None else None
         try:
-            store = probe.run(lambda: connect(self.host, self.port, timeout_s=min(self.timeout_s, 5.0)), 10.0)
-            if not probe.run(lambda: store.check(["job"]), 5.0):
+            store = probe.run(lambda: connect(self.host, self.port, timeout_s=min(self.timeout_s, 5.0)), 10.0,
+                              give_up=moved_on)
+            if not probe.run(lambda: store.check(["job"]), 5.0, give_up=moved_on):
                 return False  # a restarted coordinator still filling its store
-            ident = probe.run(lambda: self.identify(store), 10.0)
+            ident = probe.run(lambda: self.identify(store), 10.0, give_up=moved_on)
         except Exception:  # noqa: BLE001 - not back yet
             return False
         if ident is None:
