@@ -22,7 +22,7 @@ TTL_S = 3
 STEPS = 12
 
 
-def _etcd_run(cluster, run_dir, *extra, prefix=None, timeout=240):
+def _etcd_run(cluster, run_dir, *extra, prefix=None, timeout=150):
     prefix = prefix or f"/test/failover-{uuid.uuid4().hex[:8]}/"
     endpoints = ",".join(cluster.endpoints)
     proc, summary, records = run_trainer(
