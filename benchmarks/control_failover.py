@@ -25,10 +25,14 @@ its data on disk (not tmpfs: etcd fsyncs its log, as the local store fsyncs its 
   or repeated in metrics.jsonl (target 0); `steps_trained_leaderless` is the lowest step at which a
   worker re-registered with the new leader minus the kill's step (they train on while none leads).
 - Per-step overhead, `--pairs` pairs (3) of failure-free runs of the same job (`--overhead-steps`,
-  30), one with `recovery.control=local` and one with `recovery.control=etcd recovery.standbys=1`,
-  back to back, the order alternating per pair. Each run's figure is its median `step_s` (the root
+  30), one with `recovery.control=local` and one with `recovery.control=etcd` (the leader saving
+  to etcd; no standby: on a real fleet a standby polls from another machine, here it would take the
+  workers' CPU), back to back, the order alternating per pair. Each run's figure is its median `step_s` (the root
   stage's step time in metrics.jsonl) over steps 2 and later; the overhead is the median over pairs
-  of etcd / local - 1, in percent, with every run's median beside it.
+  of etcd / local - 1, in percent, with every run's median beside it. On a shared machine step
+  times swing with the other jobs; beside them, the CPU seconds of each run's whole process tree
+  (launcher, coordinator, workers; `getrusage(RUSAGE_CHILDREN)`, not the etcd members) and the
+  median over pairs of their ratio, which contention moves much less.
 
     python -m benchmarks.control_failover [--runs 5] [--ttl 3] [--saves 300] [--train-runs 5]
         [--train-steps 12] [--pairs 3] [--overhead-steps 30] [--out PATH]
@@ -41,6 +45,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -168,14 +173,18 @@ def measure_saves(endpoints: List[str], workdir: str, n: int) -> dict:
     return out
 
 
-def _trainer(run_dir: str, *overrides: str, timeout: float = 600) -> Tuple[int, str, dict, List[dict]]:
-    """`python -m trainer` for real: (exit code, stderr, summary, metrics records)."""
+def _trainer(run_dir: str, *overrides: str, timeout: float = 600) -> Tuple[int, str, dict, List[dict], float]:
+    """`python -m trainer` for real: (exit code, stderr, summary, metrics records, CPU seconds of
+    the whole process tree: launcher, coordinators, workers; not the etcd members)."""
     import kintsugi
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [ROOT, os.path.dirname(os.path.dirname(os.path.abspath(kintsugi.__file__))), os.environ.get("PYTHONPATH", "")]))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet",
                            "experiment=quick", "train.eval_batches=1", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     summary, records = {}, []
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         with open(os.path.join(run_dir, "summary.json")) as f:
@@ -183,16 +192,16 @@ def _trainer(run_dir: str, *overrides: str, timeout: float = 600) -> Tuple[int, 
     if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f]
-    return proc.returncode, proc.stderr, summary, records
+    return proc.returncode, proc.stderr, summary, records, cpu_s
 
 
 def _commits(records: List[dict]) -> List[dict]:
     return [r for r in records if "loss" in r and "val_loss" not in r and "event" not in r]
 
 
-def _etcd_overrides(endpoints: List[str], prefix: str, ttl: int) -> List[str]:
+def _etcd_overrides(endpoints: List[str], prefix: str, ttl: int, standbys: int = 1) -> List[str]:
     return ["recovery.control=etcd", f"recovery.etcd.endpoints=[{','.join(endpoints)}]",
-            f"recovery.etcd.prefix={prefix}", f"recovery.etcd.lease_ttl_s={ttl}", "recovery.standbys=1"]
+            f"recovery.etcd.prefix={prefix}", f"recovery.etcd.lease_ttl_s={ttl}", f"recovery.standbys={standbys}"]
 
 
 def _launcher_time(log: str, pattern: str) -> float:
@@ -205,7 +214,7 @@ def _launcher_time(log: str, pattern: str) -> float:
 def measure_training_failover(endpoints: List[str], workdir: str, run: int, ttl: int, steps: int) -> dict:
     run_dir = os.path.join(workdir, f"failover-{run}")
     kill_step = 5
-    rc, err, summary, records = _trainer(
+    rc, err, summary, records, _ = _trainer(
         run_dir, f"train.max_steps={steps}", *_etcd_overrides(endpoints, f"/bench/train-{os.getpid()}-{run}/", ttl),
         f"faults.schedule=[{{step: {kill_step}, target: coordinator, kind: kill}}]")
     if rc != 0:
@@ -230,22 +239,27 @@ def _median_step_s(records: List[dict]) -> float:
 
 def measure_overhead(endpoints: List[str], workdir: str, pairs: int, steps: int, ttl: int) -> dict:
     runs: dict = {"local": [], "etcd": []}
-    ratios = []
+    cpu: dict = {"local": [], "etcd": []}
+    ratios, cpu_ratios = [], []
     for k in range(pairs):
         order = ("local", "etcd") if k % 2 == 0 else ("etcd", "local")
-        med = {}
+        med, used = {}, {}
         for mode in order:
-            extra = _etcd_overrides(endpoints, f"/bench/overhead-{os.getpid()}-{k}/", ttl) if mode == "etcd" \
+            extra = _etcd_overrides(endpoints, f"/bench/overhead-{os.getpid()}-{k}/", ttl, standbys=0) if mode == "etcd" \
                 else ["recovery.control=local"]
-            rc, err, summary, records = _trainer(os.path.join(workdir, f"overhead-{k}-{mode}"),
-                                                 f"train.max_steps={steps}", *extra)
+            rc, err, summary, records, used[mode] = _trainer(os.path.join(workdir, f"overhead-{k}-{mode}"),
+                                                             f"train.max_steps={steps}", *extra)
             if rc != 0:
                 raise RuntimeError(f"overhead run {k} ({mode}) exited {rc}: {err[-2000:]}")
             med[mode] = _median_step_s(records)
             runs[mode].append(round(med[mode], 4))
+            cpu[mode].append(round(used[mode], 2))
         ratios.append(med["etcd"] / med["local"] - 1)
+        cpu_ratios.append(used["etcd"] / used["local"] - 1)
     return {"per_step_overhead_pct": round(100 * statistics.median(ratios), 2),
-            "per_pair_overhead_pct": [round(100 * x, 2) for x in ratios], "median_step_s": runs}
+            "per_pair_overhead_pct": [round(100 * x, 2) for x in ratios], "median_step_s": runs,
+            "cpu_overhead_pct": round(100 * statistics.median(cpu_ratios), 2),
+            "per_pair_cpu_overhead_pct": [round(100 * x, 2) for x in cpu_ratios], "run_cpu_s": cpu}
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

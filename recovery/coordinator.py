@@ -394,13 +394,18 @@ class Coordinator:
         if self.st.tampering != self._tampering_saved:
             self._dirty = True
         if self._dirty:
-            self.ledger.refresh_bytes()
-            state = self.st.to_json()
+            built: List[dict] = []
+
+            def state() -> dict:
+                if not built:
+                    self.ledger.refresh_bytes()
+                    built.append(self.st.to_json())
+                return built[0]
             if not (final or store.due(state, self.board.holding)):
                 return
             self._dirty = False
             try:
-                store.save(state)
+                store.save(state())
             except Fenced as e:
                 self._depose(str(e))
                 return

@@ -16,7 +16,8 @@ What is written when: the coordinator saves through `due()`. A state whose *cont
 (membership, slots, generations and their plans, pending rebuilds, counters, checkpoints) or that
 store writes wait on (write-ahead, see recovery.board) is saved at once; one whose only changes are
 watermarks (`WATERMARKS`: committed steps, totals, tokens, byte counts, heartbeat counts) is saved
-at most every `flush_s`. A successor therefore finds every control change, and watermarks at most
+at most every `flush_s` (whether the control part changed is checked every `COMPARE_S`, not at
+every turn of the coordinator's loop: serialising the state costs CPU the workers may share). A successor therefore finds every control change, and watermarks at most
 `flush_s` old, which it does not need anyway: it recounts them from metrics.jsonl (written before
 any save) and the workers replay their commit records after the `recorded/<r>` it publishes.
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 from .etcd_client import EtcdClient, EtcdError, b64
 from .etcd_election import Election
@@ -42,6 +43,7 @@ MAX_STATE_BYTES = 1_400_000   # under etcd's default 1.5 MiB request limit, with
 # Fields of the coordinator's state that move with every step (or beat): coalesced, see `due`.
 WATERMARKS = ("version", "committed", "totals", "tokens", "bytes")
 WORKER_WATERMARKS = ("hb", "status")
+COMPARE_S = 0.1   # a control change that no store write waits on is found this late at most
 
 
 def control_part(state: dict) -> str:
@@ -68,14 +70,19 @@ class EtcdStateStore:
         self.last_epoch: Optional[int] = None   # the epoch of the document `load()` returned
         self._saved_control: Optional[str] = None
         self._saved_at = float("-inf")          # monotonic time of the last successful save
+        self._compared_at = float("-inf")       # monotonic time `due` last serialised the state
 
     def leading(self) -> bool:
         return self.election is not None and self.election.is_leader
 
-    def due(self, state: dict, waiting: bool) -> bool:
-        if waiting or time.monotonic() - self._saved_at >= self.flush_s:
+    def due(self, state: Callable[[], dict], waiting: bool) -> bool:
+        now = time.monotonic()
+        if waiting or now - self._saved_at >= self.flush_s:
             return True
-        return control_part(state) != self._saved_control
+        if now - self._compared_at < COMPARE_S:  # the coordinator asks every loop (10 ms): compare less often
+            return False
+        self._compared_at = now
+        return control_part(state()) != self._saved_control
 
     def load(self) -> Optional[dict]:
         kv = self.client.get(self.key)

@@ -19,7 +19,7 @@ Beside `load` and `save`, a store tells the coordinator how to use it:
 - `write_ahead`: whether what the coordinator writes to its TCPStore (plans, acknowledgements,
   counters) must wait until the state that caused it is saved (etcd: a successor must find in the
   store every plan and membership that workers could have seen). The file store: no, as before.
-- `due(state, waiting)`: whether to save this dirty state now. The file store: always. etcd: at
+- `due(state, waiting)` (`state()` builds the state, only if needed): whether to save this dirty state now. The file store: always. etcd: at
   once when writes wait on it or the control part changed, else (watermarks only) at most every
   `recovery.etcd.flush_s`.
 - `leading()`: whether this process may still act on the run (always, for the file store).
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 from .records import write_strict_atomic
 
@@ -51,8 +51,9 @@ class StateStore(Protocol):
         """Persist `state` whole (or not at all). Raises Fenced when this process no longer leads,
         Unavailable when it cannot tell (retry later), OSError for a local failure."""
 
-    def due(self, state: dict, waiting: bool) -> bool:
-        """Whether the dirty `state` is to be saved now; `waiting`: store writes wait on it."""
+    def due(self, state: Callable[[], dict], waiting: bool) -> bool:
+        """Whether the dirty state (`state()` builds it) is to be saved now; `waiting`: store
+        writes wait on it."""
 
     def leading(self) -> bool:
         """Whether this process may still act on the run."""
@@ -76,7 +77,7 @@ class FileStateStore:
     def save(self, state: dict) -> None:
         write_strict_atomic(self.path, state, fsync=True)
 
-    def due(self, state: dict, waiting: bool) -> bool:
+    def due(self, state: Callable[[], dict], waiting: bool) -> bool:
         return True
 
     def leading(self) -> bool:
