@@ -80,3 +80,51 @@ def test_leader_killed_mid_run_a_standby_takes_over(shared_etcd, tmp_path):
     assert epochs == sorted(epochs) and set(epochs) == {1, 2}, epochs
     assert history[0][1]["epoch"] == 2 and history[0][1]["state"]["ended"] == "finished"
     assert time.monotonic() - t0 < 120
+
+
+def test_etcd_unreachable_at_start_one_line_nothing_started(etcd_available, tmp_path):
+    # Nothing listens on these ports: the run must stop before any process starts, saying so in one line.
+    from kintsugi.recovery.etcd_local import free_ports
+    dead = ",".join(f"http://127.0.0.1:{p}" for p in free_ports(2))
+    run = tmp_path / "run"
+    proc, summary, records = run_trainer(run, "experiment=quick", "recovery.control=etcd",
+                                         f"recovery.etcd.endpoints=[{dead}]", "recovery.etcd.request_timeout_s=0.5",
+                                         timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "recovery.control=etcd" in line]
+    assert len(lines) == 1 and "no etcd endpoint answered" in lines[0], proc.stderr[-2000:]
+    assert "recovery.etcd.endpoints" in lines[0]
+    assert summary is None and not records
+    assert not (run / "coordinator_state.json").exists() and not (run / "job.json").exists()
+
+
+@pytest.mark.slow
+def test_leader_killed_changes_no_loss_against_the_local_control_plane(shared_etcd, tmp_path):
+    # Two replicas: the same losses, step by step, as the same job on the file-backed control plane
+    # with no failure; the coordinator's death and the change of leader change nothing in training.
+    grid = ["parallel.replicas=2", "parallel.stages=2", "model.n_layers=4", "diloco.enabled=false"]
+    _, plain, plain_records = run_trainer(tmp_path / "plain", "experiment=quick", "train.eval_batches=1",
+                                          f"train.max_steps={STEPS}", *grid)
+    proc, summary, records, _ = _etcd_run(shared_etcd, tmp_path / "run", *grid,
+                                          "faults.schedule=[{step: 5, target: coordinator, kind: kill}]")
+    assert "coordinator reachable again (a new leader, epoch 2" in proc.stderr
+    _exactly_once(records, 2)
+    for q in (0, 1):
+        mine = {r["step"]: r["loss"] for r in _commits(records) if r["replica"] == q}
+        theirs = {r["step"]: r["loss"] for r in _commits(plain_records) if r["replica"] == q}
+        assert mine == theirs, f"replica {q}: the change of leader changed training"
+    assert summary["final_val_loss"] == plain["final_val_loss"] and summary["failures"] == 0
+
+
+@pytest.mark.slow
+def test_leader_killed_right_after_a_worker(shared_etcd, tmp_path):
+    # The leader dies 50 ms after a worker, before it could plan the rebuild: the standby learns of
+    # the loss (the launcher reports the exit again to the new leader) and plans it, once.
+    proc, summary, records, _ = _etcd_run(
+        shared_etcd, tmp_path / "run", "recovery.heartbeat_timeout_s=2.0",
+        "recovery.progress_timeout_s=20",
+        "faults.schedule=[{step: 5, replica: 0, stage: 2, kind: kill},"
+        "{step: 5, target: coordinator, kind: kill, delay_s: 0.05}]")
+    assert "coordinator reachable again (a new leader, epoch 2" in proc.stderr
+    assert summary["failures"] == 1 and [tuple(rb["slot"]) for rb in summary["rebuilds"]] == [(0, 2)]
+    _exactly_once(records, 1)
