@@ -22,8 +22,9 @@ its data on disk (not tmpfs: etcd fsyncs its log, as the local store fsyncs its 
   new leader's published address minus its line saying it SIGKILLed the leader (entry.log, one
   process's wall clock; the launcher reads etcd every 0.25 s, so this is an upper bound that also
   counts the new leader filling its store). `steps_lost` counts (replica, step) pairs missing from
-  or repeated in metrics.jsonl (target 0); `steps_trained_leaderless` is the lowest step at which a
-  worker re-registered with the new leader minus the kill's step (they train on while none leads).
+  or repeated in metrics.jsonl (target 0); `reregistered_at` lists, per run, the step each worker
+  had reached when it re-registered with the new leader (the kill is at step 5: how far the workers
+  trained while none led; stages further down the pipeline are a step or so behind the first).
 - Per-step overhead, `--pairs` pairs (3) of failure-free runs of the same job (`--overhead-steps`,
   30), one with `recovery.control=local` and one with `recovery.control=etcd` (the leader saving
   to etcd; no standby: on a real fleet a standby polls from another machine, here it would take the
@@ -229,7 +230,7 @@ def measure_training_failover(endpoints: List[str], workdir: str, run: int, ttl:
     expected = {(q, k) for q in range(replicas) for k in range(steps)}
     rereg = [int(x) for x in re.findall(r"worker w\d+ re-registered \(slot \[\d+, \d+\], step (\d+)\)", err)]
     return {"failover_s": led - killed, "steps_lost": len(expected - set(seen)) + (len(seen) - len(set(seen))),
-            "steps_trained_leaderless": (min(rereg) - kill_step) if rereg else None,
+            "reregistered_at": sorted(rereg),
             "final_val_loss": summary.get("final_val_loss")}
 
 
@@ -296,7 +297,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "training_failover_mean_s": round(statistics.mean(in_training), 3) if in_training else None,
         "training_failover_max_s": round(max(in_training), 3) if in_training else None,
         "steps_lost": [t["steps_lost"] for t in trained],
-        "steps_trained_leaderless": [t["steps_trained_leaderless"] for t in trained],
+        "kill_step": 5, "reregistered_at": [t["reregistered_at"] for t in trained],
         "final_val_loss": sorted({t["final_val_loss"] for t in trained}, key=str),
         "overhead_pairs": args.pairs, "overhead_steps": args.overhead_steps, **overhead,
         "load_avg_1m": round(os.getloadavg()[0], 2),
