@@ -239,6 +239,8 @@ def _median_step_s(records: List[dict]) -> float:
 
 
 def measure_overhead(endpoints: List[str], workdir: str, pairs: int, steps: int, ttl: int) -> dict:
+    if pairs == 0:
+        return {"per_step_overhead_pct": None, "cpu_overhead_pct": None}
     runs: dict = {"local": [], "etcd": []}
     cpu: dict = {"local": [], "etcd": []}
     ratios, cpu_ratios = [], []
