@@ -7,14 +7,21 @@ that wakes up after it was replaced), kills of waiting spares, faults fired righ
 generation is published (while it forms), and SIGKILL / SIGSTOP of the coordinator. Grids: one
 replica of 4 stages, and 2 x 2 under Streaming DiLoCo.
 
-Invariants (each case):
-- the run completes (exit 0), or stops with a clear one-line reason when a loss is unrecoverable
-  (exit 3, "cannot" in the message): never a hang (bounded wall time), never exit 0 after a failure
-  it did not mend;
+Invariants (each case), read from what the run recorded (metrics.jsonl, coordinator_state.json, and
+the launcher's faults.json: every event scheduled, injected, never fired):
+- the run completes (exit 0), or stops because a loss is unrecoverable (exit 3 with the coordinator's
+  error naming it: every copy lost at once), or suspends because the spares ran out (exit 75, every
+  held slot saved, no error), never for another reason: never a hang (bounded wall
+  time), never exit 0 after a failure it did not mend;
+- every scheduled fault fired (a completed run; an event due after a coordinator fault may be
+  overtaken, since the workers train on while it is away and the launcher sees steps through it:
+  such events are listed as `overtaken`), and at least one failure was counted per worker
+  killed or stopped;
 - every step of every replica is committed exactly once (a duplicate commit record is kept and
   marked, so it would show), on the batches of that replica's shard for that step;
-- a completed run's final validation loss is within 5 % of the failure-free run's (same config) when
-  every rebuild was exact (handoff, peer, checkpoint). When a schedule destroyed every exact copy of
+- a run in which no worker was hit (only the coordinator or spares) trains bit for bit as the
+  failure-free run; a completed run's final validation loss is within 5 % of the failure-free
+  run's (same config) when every rebuild was exact (handoff, peer, checkpoint). When a schedule destroyed every exact copy of
   a stage (e.g. both replicas' holders of stage 1), the stage is rebuilt approximately (CheckFree /
   CheckFree+ from its neighbours, logged as such; with one replica every rebuild is of this kind):
   such a case is counted as `approximate`, its loss difference is reported, and it is held only to
@@ -41,6 +48,7 @@ import time
 from typing import Dict, List, Optional
 
 from kintsugi.benchmarks._runs import REPORT_DIR, ROOT, read_metrics
+from kintsugi.recovery.runfiles import EX_SUSPENDED, FAULTS, FINAL_STATE
 
 GRIDS = {
     "r1": ["parallel.replicas=1", "parallel.stages=4"],
@@ -51,6 +59,7 @@ COMMON = ["experiment=quick", "train.eval_batches=1", "train.eval_every=0", "fau
           "logger=quiet", "recovery.heartbeat_timeout_s=2.0", "recovery.progress_timeout_s=20",
           "recovery.spare_wait_s=60", "recovery.embedding_copy_every=2"]
 STEPS = 16
+UNRECOVERABLE = ("cannot be rebuilt", "lost together")  # tiers.Unrecoverable: every copy gone at once
 LOSS_TOL = 0.05          # exact rebuilds only
 APPROX_LOSS_TOL = 0.25   # a stage rebuilt from its neighbours: a sanity bound (no divergence), reported
 EXACT_TIERS = ("handoff", "peer", "checkpoint")
@@ -140,33 +149,77 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
     broken: List[str] = []
     rc = proc.returncode
     last = [l for l in err.splitlines() if l.strip()][-1:] or [""]
+    state = _json(os.path.join(run_dir, FINAL_STATE)) or {}
     if hung:
         broken.append(f"hung: no end within {CASE_TIMEOUT_S:.0f}s")
     elif rc == 3:
-        if "cannot" not in err and "run stopped" not in err:
-            broken.append(f"stopped (exit 3) without a clear reason: {last[0][:200]}")
+        # The one legitimate stop: every copy of what a rebuild needs was lost at once.
+        if not any(why in str(state.get("error")) for why in UNRECOVERABLE):
+            broken.append(f"stopped (exit 3) for a reason that is not an unrecoverable loss: {state.get('error')!r}"
+                          f" / {last[0][:200]}")
+    elif rc == EX_SUSPENDED:
+        # The schedule used up the spares: the job suspends, every held slot saved (a resume continues).
+        if state.get("error") or not state.get("suspended"):
+            broken.append(f"suspended (exit 75) without every slot saved: {state.get('error')!r}")
     elif rc != 0:
         broken.append(f"exit code {rc}: {last[0][:200]}")
     if leftover:
         broken.append(f"{len(leftover)} process(es) outlived the job")
+    completed = rc == 0 and not hung
+    faults = _json(os.path.join(run_dir, FAULTS))
+    hit, overtaken = [], []
+    if faults is None:
+        broken.append(f"no {FAULTS}: what was injected is unknown")
+    else:
+        # The workers train on while the coordinator is stopped or dead, and the launcher sees steps
+        # through it: an event due after a coordinator fault can be overtaken by the run's end.
+        # Any other event that never fired means the schedule was not what the run went through.
+        down = min((e["step"] for e in faults["injected"] if e.get("target") == "coordinator"), default=None)
+        overtaken = [e for e in faults["not_fired"] if down is not None and e["step"] > down]
+        missed = [e for e in faults["not_fired"] if e not in overtaken]
+        if completed and missed:
+            broken.append(f"scheduled faults never fired: {missed}")
+        hit = [e for e in faults["injected"] if e.get("kind") in ("kill", "stop", "term")
+               and e.get("target") not in ("coordinator", "spare", "stopped")]
+        failed = [e for e in hit if e["kind"] != "term"]
+        if completed and state.get("failures", 0) < len(failed):
+            broken.append(f"{len(failed)} workers killed or stopped, {state.get('failures')} failures counted")
     commits, evals, events = read_metrics(run_dir)
     rebuilds = [ev for ev in events if ev.get("kind") == "rebuild"]
     approximate = any(r.get("tier") not in EXACT_TIERS for r in rebuilds)
-    broken += check_records(commits, case["replicas"], completed=(rc == 0 and not hung))
+    broken += check_records(commits, case["replicas"], completed=completed)
     final = next((e["val_loss"] for e in evals if e.get("final")), None)
-    if rc == 0 and not hung:
+    if completed:
         if final is None:
             broken.append("completed without a final validation loss")
+        elif baseline is not None and not hit and faults is not None:
+            # No worker was touched (only the coordinator or spares): training is bit for bit the same.
+            if _losses(commits) != baseline["losses"] or final != baseline["final"]:
+                broken.append("no worker was hit, yet the losses differ from the failure-free run's")
         elif baseline is not None:
             tol = APPROX_LOSS_TOL if approximate else LOSS_TOL
-            if abs(final - baseline) > tol * baseline:
+            if abs(final - baseline["final"]) > tol * baseline["final"]:
                 broken.append(f"final val loss {final:.4f} is more than {tol:.0%} from the failure-free "
-                              f"{baseline:.4f}" + (" (approximate rebuild)" if approximate else ""))
+                              f"{baseline['final']:.4f}" + (" (approximate rebuild)" if approximate else ""))
+    rel = (round((final - baseline["final"]) / baseline["final"], 4) if final is not None and baseline else None)
     return {"seed": case["seed"], "grid": case["grid"], "events": case["events"], "rc": rc, "wall_s": round(wall, 1),
             "final_val_loss": final, "rebuilds": [(r["tier"], r["slot"]) for r in rebuilds],
-            "approximate": approximate, "loss_rel_diff": (round((final - baseline) / baseline, 4)
-                                                          if final is not None and baseline else None),
-            "broken": broken, "passed": not broken}
+            "approximate": approximate, "loss_rel_diff": rel, "workers_hit": len(hit),
+            "overtaken": overtaken,
+            "broken": broken, "passed": not broken, "losses": _losses(commits)}
+
+
+def _json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _losses(commits: List[dict]) -> Dict[str, float]:
+    """The committed loss of every (replica, step), as the failure-free run is compared with."""
+    return {f"{c['replica']},{c['step']}": c.get("loss") for c in commits if not c.get("duplicate")}
 
 
 def check_records(commits: List[dict], replicas: int, completed: bool) -> List[str]:
@@ -204,12 +257,16 @@ def _ids(rec: dict):
     return ids
 
 
-def baselines(out_dir: str) -> Dict[str, float]:
+def baselines(out_dir: str) -> Dict[str, dict]:
+    """The failure-free run of each grid: its final validation loss and every committed loss. A
+    baseline that does not pass is an error, never a silently skipped comparison."""
     out = {}
     for grid in GRIDS:
         res = run_case({"seed": f"baseline-{grid}", "grid": grid, "replicas": 1 if grid == "r1" else 2, "events": []},
                        out_dir)
-        out[grid] = res["final_val_loss"]
+        if not res["passed"] or res["final_val_loss"] is None:
+            raise RuntimeError(f"the failure-free {grid} run failed: {res['broken']}")
+        out[grid] = {"final": res["final_val_loss"], "losses": res["losses"]}
     return out
 
 
@@ -237,7 +294,7 @@ def main(argv=None) -> int:
                                                     if not c["approximate"] and c["loss_rel_diff"] is not None),
                       "loss_rel_diff_approximate": sorted(c["loss_rel_diff"] for c in approx
                                                           if c["loss_rel_diff"] is not None),
-                      "baseline_val_loss": base, "broken": [{k: c[k] for k in ("seed", "grid", "events", "rc", "broken")}
+                      "baseline_val_loss": {g: b["final"] for g, b in base.items()}, "broken": [{k: c[k] for k in ("seed", "grid", "events", "rc", "broken")}
                                                            for c in failed],
                       "wall_s": round(sum(c["wall_s"] for c in cases), 1)}))
     return 0 if not failed else 1

@@ -89,6 +89,14 @@ def local_index(launcher: str, env: Mapping[str, str], worker_index: int, num_gp
     return index % num_gpus
 
 
+def lowest_free_index(taken) -> int:
+    """The worker index the local launcher gives a worker it starts: the lowest one no live worker
+    holds, so a replacement binds its predecessor's GPU (`local_index` = index % GPUs) and processes
+    stay spread evenly over the GPUs however many were replaced."""
+    taken = set(taken)
+    return next(i for i in range(len(taken) + 1) if i not in taken)
+
+
 def join_devices(num_workers: int, visible: Sequence[str]) -> List[Optional[str]]:
     """CUDA_VISIBLE_DEVICES for each worker `kintsugi join` starts: one device each, round-robin when
     there are more workers than devices; None (leave the variable alone) without CUDA."""
@@ -200,6 +208,44 @@ class HostStager:
         out.record_stream(compute)  # allocated on the side stream, used on the compute stream
         self.release(host, event)
         return out
+
+
+# --- timing a stage's own kernels ------------------------------------------------------------------
+class KernelClock:
+    """Seconds a stage's own kernels ran on its GPU during one step: CUDA events around each compute
+    section (after the stream waited for the section's input, after its last kernel), summed. Wall
+    time minus time blocked in receives does not measure this on a GPU: the host runs ahead of the
+    device, and over NCCL it never blocks in a receive at all. On CPU it measures nothing (None)."""
+
+    def __init__(self, device_type: str):
+        self.cuda = device_type == "cuda"
+        self._open = None
+        self._sections: List[Tuple[object, object]] = []
+
+    def reset(self) -> None:
+        self._open, self._sections = None, []
+
+    def start(self) -> None:
+        if self.cuda:
+            self._open = torch.cuda.Event(enable_timing=True)
+            self._open.record()
+
+    def stop(self) -> None:
+        if self.cuda and self._open is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._sections.append((self._open, end))
+            self._open = None
+
+    def seconds(self) -> Optional[float]:
+        """The sections' total since `reset`, None on CPU. Waits for the last section's kernels (the
+        step's commit waits for them anyway)."""
+        if not self.cuda:
+            return None
+        if not self._sections:
+            return 0.0
+        self._sections[-1][1].synchronize()  # one stream: every earlier event is complete too
+        return sum(a.elapsed_time(b) for a, b in self._sections) / 1000.0
 
 
 # --- NCCL --------------------------------------------------------------------------------------------

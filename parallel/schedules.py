@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .device import KernelClock
 from .transport import Transport
 
 EMBED, LAYERS, HEAD = "embed", "layers", "head"
@@ -224,6 +225,7 @@ class StageExecutor:
         # Mixed precision: the forward runs under autocast (weights stay fp32); what leaves the
         # stage is fp32, so the wire format and the receiver's buffers do not depend on it.
         self.autocast_dtype, self.device_type = autocast_dtype, device_type
+        self.clock = KernelClock(device_type)  # this stage's GPU seconds per run (None on CPU)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -261,6 +263,7 @@ class StageExecutor:
         next_ahead = 0
         saved: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
         loss_total: Optional[torch.Tensor] = None
+        self.clock.reset()
         for i, (kind, mb, h) in enumerate(actions):
             while next_ahead < len(ahead) and ahead[next_ahead] <= i:
                 next_ahead += 1
@@ -277,6 +280,7 @@ class StageExecutor:
                     x = self.transport.recv(act_shape, src, tag, channel)
                     x.requires_grad_(train)
                 with torch.set_grad_enabled(train):
+                    self.clock.start()
                     with self._autocast():
                         out = run_parts(self.model, hop.parts, x)
                     if HEAD in hop.parts:
@@ -284,8 +288,10 @@ class StageExecutor:
                         out = self.loss_fn(out.float(), tgt) / num_mb  # the loss in fp32
                         mb_loss = out.detach().to(torch.float64)
                         loss_total = mb_loss if loss_total is None else loss_total + mb_loss
+                        self.clock.stop()
                     else:
                         out = out.float()  # a no-op in fp32
+                        self.clock.stop()
                         self.transport.send(out, self.rank_of_stage(route[h + 1].stage), self._tag(mb, h + 1, False))
                 if train:
                     saved[(mb, h)] = (x, out)
@@ -297,7 +303,9 @@ class StageExecutor:
                     src, tag, channel = receives[i]
                     grad = self.transport.recv(act_shape, src, tag, channel)
                 if out.requires_grad:
+                    self.clock.start()
                     torch.autograd.backward(out, grad)
+                    self.clock.stop()
                 if h > 0:
                     g = x.grad if x.grad is not None else torch.zeros_like(x)
                     self.transport.send(g, self.rank_of_stage(route[h - 1].stage), self._tag(mb, h, True),

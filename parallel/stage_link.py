@@ -266,13 +266,14 @@ class StageLink:
             src = max(real, key=lambda i: (int(counts[i]), -i))
             count = int(counts[src])
             globs, moms = mine[p]
-            flat = torch.cat([g.detach().reshape(-1).float() for g in globs]) if group.rank() == src \
+            # In host memory on every member (gloo; a GPU member's copies come back via `.copy_`).
+            flat = torch.cat([g.detach().reshape(-1).float().cpu() for g in globs]) if group.rank() == src \
                 else torch.empty(sum(g.numel() for g in globs), dtype=torch.float32)
             wait_abortable(group.broadcast(flat, src), stale)
             has_mom = bool(hello.get("momentum")) and count > 0
             mflat = None
             if has_mom:
-                mflat = torch.cat([m.detach().reshape(-1).float() for m in moms]) if group.rank() == src \
+                mflat = torch.cat([m.detach().reshape(-1).float().cpu() for m in moms]) if group.rank() == src \
                     else torch.empty_like(flat)
                 wait_abortable(group.broadcast(mflat, src), stale)
             out[p] = (_split_like(flat, globs), _split_like(mflat, globs) if mflat is not None else None, count)

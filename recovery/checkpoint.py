@@ -28,7 +28,8 @@ failed write (disk full, ...) is reported through `on_error` and kept as `last_e
 
 Suspend (`save_now`): when the whole job is being preempted (Slurm's warning signal to every task,
 no spare left to hand off to), each worker writes its replica's last committed step synchronously
-and exits; `train.resume` then continues every replica from its newest step that verifies.
+and exits; `train.resume` then continues every replica from its newest step that verifies
+(recovery.resume_points).
 """
 from __future__ import annotations
 
@@ -198,6 +199,12 @@ def _read_tree(path: str, m: dict) -> packages.Header:
         raise CheckpointCorrupt(file, str(e)) from None
 
 
+def read_tree(path: str) -> packages.Header:
+    """The verified `tree.json` of the checkpoint at `path` (structure and plain values; no tensor
+    is read). Raises CheckpointCorrupt."""
+    return _read_tree(path, _manifest(path))
+
+
 def verify(path: str) -> None:
     """Check every file of the checkpoint at `path` against its manifest (size and sha256) and that
     its tree parses. Raises CheckpointCorrupt naming the first file that is wrong."""
@@ -239,10 +246,11 @@ def read_snapshot(path: str) -> dict:
 
 # --- what a slot saves -----------------------------------------------------------------------------
 def copy_state(obj):
-    """A copy of a state dict that later training cannot change: tensors cloned, containers rebuilt,
-    other values deep-copied. (A stage's `state_dict()` hands out its live tensors.)"""
+    """A copy of a state dict that later training cannot change, in host memory: tensors copied to
+    the CPU (a GPU stage's snapshot neither doubles its GPU memory nor ties the file to a device),
+    containers rebuilt, other values deep-copied. (A stage's `state_dict()` hands out its live tensors.)"""
     if torch.is_tensor(obj):
-        return obj.detach().clone()
+        return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return {k: copy_state(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -337,7 +345,7 @@ def restore(state, run_dir: str, slot, step: int) -> None:
 
 
 # --- which steps exist, which to resume from, which to delete ------------------------------------------
-def _steps(run_dir: str) -> Dict[int, List[str]]:
+def steps_on_disk(run_dir: str) -> Dict[int, List[str]]:
     """step -> names in its directory (slots, and temporary directories of writes in progress)."""
     root = os.path.join(run_dir, "checkpoints")
     out = {}
@@ -351,43 +359,6 @@ def _steps(run_dir: str) -> Dict[int, List[str]]:
     return out
 
 
-def find_resume_points(run_dir: str, replicas: int, stages: int) -> Tuple[Optional[Dict[int, int]], List[Tuple[str, str]]]:
-    """(per replica, the newest step whose checkpoint every stage of that replica wrote and that
-    verifies -- None unless every replica has one; the checkpoints passed over, as (path, reason)).
-    Newer steps a replica has no slot of at all are not candidates for it (replicas may differ
-    after a suspend: each commits on its own), so they are not reported."""
-    points: Dict[int, int] = {}
-    rejected: List[Tuple[str, str]] = []
-    steps = _steps(run_dir)
-    for r in range(replicas):
-        for step in sorted(steps, reverse=True):
-            names = steps[step]
-            if not any(n == f"r{r}s{s}" or n.startswith(f"r{r}s{s}.tmp-") for s in range(stages) for n in names):
-                continue
-            bad = []
-            for s in range(stages):
-                path = checkpoint_path(run_dir, step, (r, s))
-                try:
-                    verify(path)
-                except CheckpointCorrupt as e:
-                    bad.append((path, f"{e.file}: {e.reason}"))
-            if not bad:
-                points[r] = step
-                break
-            rejected += bad
-    return (points if len(points) == replicas else None), rejected
-
-
-def resume_points(run_dir: str, replicas: int, stages: int) -> Optional[Dict[int, int]]:
-    """Per replica, the newest step whose checkpoint every stage of that replica completed and that
-    verifies; None unless every replica has one. A newer checkpoint that fails verification is
-    skipped with a warning naming it (`find_resume_points` returns them for a caller to report)."""
-    points, rejected = find_resume_points(run_dir, replicas, stages)
-    for path, reason in rejected:
-        log.warning("checkpoint %s is not usable, resuming from an older step: %s", path, reason)
-    return points
-
-
 def prune(run_dir: str, keep: int, *, slots: Optional[Iterable[Tuple[int, int]]] = None,
           stale_s: float = 3600.0) -> List[str]:
     """Delete step directories older than the newest `keep` steps complete for every slot (`slots`,
@@ -396,7 +367,7 @@ def prune(run_dir: str, keep: int, *, slots: Optional[Iterable[Tuple[int, int]]]
     last `stale_s` seconds: an older one is a crashed write). Returns the deleted paths."""
     if keep < 1:
         return []
-    steps = _steps(run_dir)
+    steps = steps_on_disk(run_dir)
     want = ({f"r{r}s{s}" for r, s in slots} if slots is not None else
             {n for names in steps.values() for n in names if _SLOT_DIR.match(n)})
     if not want:
@@ -410,6 +381,12 @@ def prune(run_dir: str, keep: int, *, slots: Optional[Iterable[Tuple[int, int]]]
     for k, names in sorted(steps.items()):
         step_dir = os.path.join(run_dir, "checkpoints", f"step_{k}")
         if k >= cutoff or any(_SLOT_TMP.match(n) and _recent(os.path.join(step_dir, n), stale_s) for n in names):
+            # Kept: a slot directory a killed write left beside it (`*.tmp-*`, `*.old-*`) goes once
+            # it is stale, so kills do not pile up copies of the stage on disk.
+            for n in names:
+                if _SLOT_TMP.match(n) and not _recent(os.path.join(step_dir, n), stale_s):
+                    shutil.rmtree(os.path.join(step_dir, n), ignore_errors=True)
+                    deleted.append(os.path.join(step_dir, n))
             continue
         shutil.rmtree(step_dir, ignore_errors=True)
         deleted.append(step_dir)

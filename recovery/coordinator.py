@@ -51,6 +51,7 @@ from .membership import Membership
 from .plan import slot_key
 from .generations import Generations
 from .reactions import Reactions
+from .salvage import Salvage, load_state
 from .state_store import Fenced, FileStateStore, StateStore, Unavailable
 from .records import write_strict_atomic
 from .runfiles import (ALIVE, CONTROL_STATE, EX_CANNOT_RECOVER, EX_DEPOSED, EX_RECORD, EX_RESTART_STORE,
@@ -89,9 +90,10 @@ class Coordinator:
         self.store = P.connect(host, port, is_master=True, timeout_s=s.init_timeout_s)
         os.makedirs(run_dir, exist_ok=True)
         self.state_store = state_store or FileStateStore(os.path.join(run_dir, CONTROL_STATE))
-        saved = self.state_store.load() if restore else None
-        self.st = st = (CoordinatorState.from_json(saved) if saved is not None
-                        else CoordinatorState.fresh(s, port, layout or self.config_layout))
+        # A state that cannot be read back is not fatal: recovery.salvage suspends the job instead.
+        self.st, damaged = load_state(self.state_store, restore,
+                                      lambda: CoordinatorState.fresh(s, port, layout or self.config_layout))
+        st = self.st
         st.corpus = corpus if corpus is not None else st.corpus
         if resume_from is not None:
             for r, k in resume_from.items():
@@ -130,6 +132,8 @@ class Coordinator:
         self.ledger = Ledger(st, s, self.board, run_dir, self.changed, tracker=tracker, bar=bar)
         self.reactions = Reactions(self)
         self.generations = Generations(self)
+        if resume_from is not None and not restore:
+            self.ledger.resumed(resume_from)
         if restore:
             self.ledger.restore()
             if bar is not None:
@@ -151,6 +155,7 @@ class Coordinator:
                          "ready": self.membership.on_ready, "commit": self.ledger.on_commit,
                          "eval": self.ledger.on_eval, "ckpt": self.ledger.on_ckpt, "event": self.ledger.on_event,
                          "suspended": self.reactions.on_suspended, "fault": self.reactions.on_fault}
+        self.salvage = Salvage(self, damaged) if damaged else None
         if restore:
             log.warning("coordinator restarted (incarnation %d): %d workers known, committed %s; waiting for "
                         "them to re-register", st.incarnation, len(st.workers), st.committed)
@@ -315,6 +320,8 @@ class Coordinator:
                 self._answer_hello()
                 self._guard_identity()
                 self._drain_logs()
+                if self.salvage is not None:
+                    self.salvage.poll()
                 self.ledger.release_held()
                 if st.started and rx.suspend_gen is None:
                     self.membership.check_heartbeats()

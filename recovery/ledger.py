@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 from .board import Board
 from .control_state import CoordinatorState, Settings
 from .records import dumps_strict
-from .runfiles import METRICS, read_jsonl
+from .runfiles import METRICS, read_jsonl, standing_commits
 
 log = logging.getLogger(__name__)
 HOLD_RELAYED_S = 1.0  # how long a relayed replay waits for its root's own copy
@@ -48,18 +48,26 @@ class Ledger:
         before the state file), so the steps, tokens, last totals and final loss come from there."""
         st = self.st
         st.tokens = 0
+        standing, _ = standing_commits(self.run_dir)  # rows a rollback or a resume undid do not count
+        for rec in standing:
+            r, k = int(rec["replica"]), int(rec["step"])
+            if r in self.recorded and k not in self.recorded[r]:
+                self.recorded[r].add(k)
+                st.tokens += int(rec.get("tokens", 0))
+                if k > st.committed[r]:
+                    st.committed[r] = k
+                    if rec.get("grad_sq") is not None:
+                        st.totals[r] = [rec["grad_sq"], rec.get("loss")]
         for rec in read_jsonl(os.path.join(self.run_dir, METRICS)):
-            if "replica" in rec and "step" in rec and "val_loss" not in rec and not rec.get("duplicate"):
-                r, k = int(rec["replica"]), int(rec["step"])
-                if r in self.recorded and k not in self.recorded[r]:
-                    self.recorded[r].add(k)
-                    st.tokens += int(rec.get("tokens", 0))
-                    if k > st.committed[r]:
-                        st.committed[r] = k
-                        if rec.get("grad_sq") is not None:
-                            st.totals[r] = [rec["grad_sq"], rec.get("loss")]
-            elif rec.get("final") and "val_loss" in rec:
+            if rec.get("final") and "val_loss" in rec:
                 st.final_val = rec["val_loss"]
+
+    def resumed(self, resume_from: Dict[int, int]) -> None:
+        """train.resume: every step up to each replica's resume point is in the earlier run's record
+        (or named missing by the resume event), so no worker is asked to send it again."""
+        for r, k in resume_from.items():
+            if r in self.recorded:
+                self.recorded[r].update(range(int(k) + 1))
 
     def recorded_prefix(self, r: int) -> int:
         """Every step of replica r up to this one is in metrics.jsonl (replays start after it)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Iterator, List, NamedTuple
+from typing import Dict, Iterator, List, NamedTuple, Set, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ FINAL_STATE = "coordinator_state.json"
 SUMMARY = "summary.json"
 JOB = "job.json"
 MACHINES = "machines.json"
+FAULTS = "faults.json"      # the local launcher: the fault events scheduled, injected, never fired
 TOKEN = ".token"
 ALIVE = ".coordinator_alive"
 
@@ -69,3 +70,29 @@ def read_metrics(run_dir: str) -> Metrics:
         else:
             m.commits.append(rec)
     return m
+
+
+def standing_commits(run_dir: str) -> Tuple[List[dict], List[dict]]:
+    """(the commit rows of metrics.jsonl that stand, the rows undone), each in file order. A rollback
+    or resume event undoes the rows recorded before it of the steps it lists under `discarded`
+    (`{replica: [steps]}`): those steps were trained again from a checkpoint. A row marked
+    `duplicate` never stands."""
+    rows: List[Tuple[dict, bool]] = []  # (row, undone)
+    for rec in read_jsonl(os.path.join(run_dir, METRICS)):
+        ev = rec.get("event")
+        if isinstance(ev, dict) and isinstance(ev.get("discarded"), dict):
+            gone: Set[Tuple[int, int]] = {(int(r), int(k)) for r, ks in ev["discarded"].items() for k in ks}
+            rows = [(row, undone or (row["replica"], row["step"]) in gone) for row, undone in rows]
+        elif ev is None and "val_loss" not in rec and "replica" in rec and "step" in rec and not rec.get("duplicate"):
+            rows.append((rec, False))
+    return [row for row, undone in rows if not undone], [row for row, undone in rows if undone]
+
+
+def missing_steps(standing: List[dict]) -> Dict[int, List[int]]:
+    """Per replica, the steps before its last recorded one that have no standing row: committed
+    (a later step built on them) but absent from metrics.jsonl."""
+    by_replica: Dict[int, Set[int]] = {}
+    for row in standing:
+        by_replica.setdefault(int(row["replica"]), set()).add(int(row["step"]))
+    return {r: sorted(set(range(max(ks) + 1)) - ks) for r, ks in sorted(by_replica.items())
+            if len(ks) != max(ks) + 1}

@@ -9,11 +9,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_trainer(run_dir, *overrides, timeout=240, check=True):
+def run_trainer(run_dir, *overrides, timeout=240, check=True, env=None):
     """Run `python -m trainer` for real (coordinator + worker processes) and return
-    (completed process, summary dict or None, metrics records)."""
+    (completed process, summary dict or None, metrics records). `env`: extra environment variables."""
     cmd = [sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", *overrides]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -5,7 +5,7 @@ run's own records: it completes (or stops with a clear message), every step of e
 committed exactly once on the batches stage 0 read, the final loss is within 5 % of the
 failure-free run, no process outlives the job, and it ends in bounded time.
 
-A few seeds run by default; `python -m pytest -m slow tests/chaos` runs 40 more, and
+A few seeds run by default; `python -m pytest -m slow tests/chaos` runs the other 48, and
 `python -m benchmarks.chaos --seeds 50` reports all of them."""
 
 import pytest
@@ -14,9 +14,11 @@ from kintsugi.benchmarks import chaos
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(chaos.CASE_TIMEOUT_S + 120)]
 
-# Covered by the defaults: a SIGSTOPped coordinator then a killed one and a killed spare (4), a
-# stopped worker under DiLoCo with peer rebuilds (1), a kill fired while a rebuild forms (9).
-DEFAULT_SEEDS = [1, 4, 9]
+# Covered by the defaults: a SIGSTOPped coordinator then a killed one and a killed spare (4: no
+# worker is hit, so the losses must be bit-identical to the failure-free run's), and under DiLoCo a
+# worker stopped while a rebuild forms, kills of both stage-0 holders and a stopped coordinator
+# (9: the job suspends without a spare; a replica that had finished must still save).
+DEFAULT_SEEDS = [4, 9]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,6 @@ def test_chaos(seed, baseline, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [s for s in range(10, 50) if s not in DEFAULT_SEEDS])
+@pytest.mark.parametrize("seed", [s for s in range(50) if s not in DEFAULT_SEEDS])
 def test_chaos_more(seed, baseline, tmp_path):
     _case(seed, baseline, tmp_path)

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from testkit import ROOT, observed_batch_ids, run_trainer
+from kintsugi.recovery.runfiles import standing_commits
 from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
 from kintsugi.trainer.data.batches import ShardedBatches, load_tokens
 
@@ -113,13 +114,40 @@ def test_no_spare_suspends_after_spare_wait_then_resume_rebuilds_the_lost_slot(t
     saved = json.loads((run / "coordinator_state.json").read_text())
     assert saved["suspend_lost"] == [[0, 1]] and sorted(saved["suspended"]) == ["0,0", "0,2", "0,3"]
     before = _losses(records)
+    first_rows = len(records)
     proc, summary, records = run_trainer(run, *BASE, "train.max_steps=12", f"train.resume={run}", check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [rb["tier"] for rb in summary["rebuilds"] if rb["step"] > 0][-1] == "checkfree"
-    after = _losses(records)
-    assert sorted(after) == list(range(12)), "the resumed run committed every step once"
     step = saved["suspended"]["0,0"]
-    assert all(after[k] == before[k] for k in range(step + 1)), "steps before the suspend are unchanged"
+    # metrics.jsonl holds both runs: the resume event undoes the first run's rows after the saved
+    # step, and every step then stands exactly once (first run's up to `step`, the resumed run's after).
+    standing, undone = standing_commits(str(run))
+    assert sorted(r["step"] for r in standing) == list(range(12)), "a step is missing or stands twice"
+    assert sorted(r["step"] for r in undone) == sorted(k for k in before if k > step)
+    resumed = {r["step"] for r in _commit_records(records[first_rows:])}
+    assert resumed == set(range(step + 1, 12)), "the resumed run trained exactly the steps after the save"
+    kept = {r["step"]: r["loss"] for r in standing if r["step"] <= step}
+    assert kept == {k: before[k] for k in range(step + 1)}, "steps before the suspend are unchanged"
+    assert summary["steps"] == 12 and summary["missing_steps"] is None
+
+
+def test_a_replica_that_finished_still_saves_when_the_job_suspends(tmp_path):
+    # Streaming DiLoCo, 2 x 2, no spare: replica 1 loses stage 0 at step 3 and waits for a worker;
+    # replica 0 trains on alone, finishes its steps and waits for the end. The job then suspends:
+    # the finished replica's slots save too (they sat in the end-of-run wait, which once ignored the
+    # suspend, so the run stopped with "suspend incomplete" instead of exit 75).
+    run = tmp_path / "run"
+    proc, summary, records = run_trainer(
+        run, *BASE, "train.max_steps=10", "train.eval_every=0", "faults.spares=0", "faults.respawn=false",
+        "parallel.replicas=2", "parallel.stages=2", "model.n_layers=4", "diloco.enabled=true", "diloco.sync_every=4",
+        "recovery.spare_wait_s=10", f"faults.schedule=[{_kill(3, 0, replica=1)}]", check=False)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    saved = json.loads((run / "coordinator_state.json").read_text())
+    assert saved["suspend_lost"] == [[1, 0]], saved.get("error")
+    assert sorted(saved["suspended"]) == ["0,0", "0,1", "1,1"], saved.get("error")
+    done = sorted(r["step"] for r in records if r.get("replica") == 0 and "loss" in r and "val_loss" not in r)
+    assert done == list(range(10)), "replica 0 finished before the suspend (the case this test is about)"
+    assert saved["suspended"]["0,0"] == saved["suspended"]["0,1"] == 9
 
 
 def _plain_run(tmp_path, *extra):

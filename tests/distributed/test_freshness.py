@@ -7,9 +7,9 @@ was rebuilt), summary.json tells the truth, and the tampering is counted by kind
   with 512 MB (the coordinator restarts with an empty store).
 - B: the coordinator SIGKILLed, and everything a client could read from its first incarnation
   written back into the restarted one's store, over and over (the old identity, plans, beats).
-- C: a worker SIGSTOPped while its own genuine, earlier heartbeats are written back in rotation (it
-  must still be found within recovery.heartbeat_timeout_s + 1 s), and the run id overwritten while
-  the replacement spare joins.
+- C: a worker SIGSTOPped while its own genuine, earlier heartbeats and beats forged without its key
+  (an ever-growing counter) are written back in rotation (it must still be found within
+  recovery.heartbeat_timeout_s + 1 s), and the run id overwritten while the replacement spare joins.
 """
 import json
 import threading
@@ -157,18 +157,20 @@ def test_a_hung_worker_is_found_though_its_old_beats_are_written_back(tmp_path):
         _wait_steps(run_dir, 2, proc)
         a = Attacker(_port(run_dir))
         victim = json.loads(json.loads(a.get("slots"))["b"])["0,1"]
-        beats = []
-        while len(beats) < 20:  # its own genuine beats, sealed by its own key
+        beats, metrics = [], run_dir / "metrics.jsonl"
+        while metrics.read_text().count('"loss"') < stop_step - 1:  # its own genuine beats, sealed by its key
             v = a.get(f"hb/{victim}")
             if v is not None and (not beats or v != beats[-1]):
                 beats.append(v)
-            time.sleep(0.05)
+            time.sleep(0.02)
+        assert len(beats) >= 2, "too few beats seen to replay"
         _wait_steps(run_dir, stop_step, proc)
         done, i = time.monotonic() + 20, 0
         a.s.set("run_id", "forged")  # ... while the replacement spare joins
         while time.monotonic() < done and '"rebuild"' not in (run_dir / "metrics.jsonl").read_text():
-            try:
-                a.s.set(f"hb/{victim}", beats[i % len(beats)])
+            try:  # its own old beats, then beats forged without its key (a counter that only grows)
+                a.s.set(f"hb/{victim}", beats[i % len(beats)] if i % 2 == 0 else
+                        json.dumps({"b": json.dumps({"n": 10 ** 6 + i, "wid": victim}), "m": "0" * 64}))
             except RuntimeError:  # the run is over (the assertions below say how it went)
                 return
             i += 1
@@ -182,5 +184,6 @@ def test_a_hung_worker_is_found_though_its_old_beats_are_written_back(tmp_path):
     assert rb["slot"] == [0, 1] and rb["detect_s"] <= TIMEOUT_S + 1.0, rb
     assert summary["failures"] == 1
     assert state["tampering"].get("stale", 0) >= 1, "the replayed beats were not seen as replays"
+    assert state["tampering"].get("forged", 0) >= 1, "the forged beats were not seen as forged"
     assert "does not verify with this token" not in err, "a joiner blamed its token for a forged run id"
     _exactly_once(records)

@@ -13,9 +13,10 @@ pytestmark = pytest.mark.distributed
 def test_offline_wandb_run_has_config_tags_steps_and_rebuild_events(tmp_path):
     run_dir = tmp_path / "run"
     _, summary, _ = run_trainer(run_dir, "experiment=quick", "parallel.stages=2", "train.max_steps=8",
-                                "train.eval_batches=1", "faults.spares=1", "recovery.token=sekrit",
+                                "train.eval_batches=1", "faults.spares=1",
                                 "faults.schedule=[{step: 4, replica: 0, stage: 1, kind: kill}]",
-                                "logger.wandb.mode=offline", "logger.wandb.tags=[ci,kill]")
+                                "logger.wandb.mode=offline", "logger.wandb.tags=[ci,kill]",
+                                env={"KINTSUGI_TOKEN": "sekrit"})
     files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1, files
     config, tags, rows = read_offline_run(files[0])

@@ -18,8 +18,8 @@ import torch
 
 from kintsugi.parallel.diloco import StreamingDiLoCo
 from kintsugi.recovery.checkpoint import (MANIFEST, TENSORS, TREE, AsyncCheckpointer, CheckpointCorrupt, checkpoint_path,
-                                find_resume_points, is_complete, prune, read_snapshot, restore, resume_points,
-                                snapshot, verify, write_snapshot)
+                                is_complete, prune, read_snapshot, restore, snapshot, verify, write_snapshot)
+from kintsugi.recovery.resume_points import find_resume_points, resume_points
 from kintsugi.trainer.config.job import DilocoConfig, JobConfig, LisaConfig, ParallelConfig, TrainConfig
 from kintsugi.trainer.runtime.lisa import LisaController
 from kintsugi.trainer.model.llama import ModelConfig, cross_entropy_loss
@@ -276,6 +276,30 @@ def test_prune_keeps_the_newest_complete_steps_and_writes_in_progress(tmp_path):
     assert prune(run, keep=0) == [] and _steps_on_disk(run) == [1, 5, 6]  # 0 keeps all
 
 
+def test_prune_removes_stale_partial_writes_beside_the_steps_it_keeps(tmp_path):
+    # A kill mid-write leaves `<slot>.tmp-*` (the new copy, never renamed into place) or `.old-*`
+    # (the previous copy moved aside) inside a step that stays: an hour later they are garbage.
+    run = str(tmp_path)
+    for step in (0, 1):
+        for s in (0, 1):
+            write_snapshot(_small(step), checkpoint_path(run, step, (0, s)))
+    hours_ago = time.time() - 7200
+    old_copy = checkpoint_path(run, 1, (0, 0)) + ".old-1234abcd"
+    crashed = checkpoint_path(run, 1, (0, 1)) + ".tmp-77-ee"
+    writing = checkpoint_path(run, 0, (0, 1)) + ".tmp-78-ff"  # a rewrite going on now
+    for path in (old_copy, crashed, writing):
+        os.makedirs(path)
+        with open(os.path.join(path, TENSORS), "wb") as f:
+            f.write(b"\0" * 64)
+    for path in (old_copy, crashed):
+        for p in (path, os.path.join(path, TENSORS)):
+            os.utime(p, (hours_ago, hours_ago))
+    deleted = prune(run, keep=2)
+    assert sorted(deleted) == sorted([old_copy, crashed])
+    assert os.path.isdir(writing) and _steps_on_disk(run) == [0, 1]
+    assert all(is_complete(checkpoint_path(run, k, (0, s))) for k in (0, 1) for s in (0, 1))
+
+
 def test_async_checkpointer_prunes_after_each_write(tmp_path, trained):
     st = trained[0]
     ck = AsyncCheckpointer(None, str(tmp_path), every=4, keep=2, grid=(1, 1))
@@ -296,7 +320,8 @@ import errno, json, os, resource, signal, sys
 import torch
 sys.path.insert(0, {repo!r})
 from tests.unit.test_checkpoint_files import _stage, _train
-from kintsugi.recovery.checkpoint import AsyncCheckpointer, checkpoint_path, find_resume_points, is_complete, read_snapshot
+from kintsugi.recovery.checkpoint import AsyncCheckpointer, checkpoint_path, is_complete, read_snapshot
+from kintsugi.recovery.resume_points import find_resume_points
 
 run = sys.argv[1]
 st, diloco = _stage()

@@ -326,13 +326,17 @@ def worker_command(coordinator: str) -> List[str]:
 
 
 def start_workers(coordinator: str, n: int, devices: List[str]) -> List[subprocess.Popen]:
+    from kintsugi.parallel.device import join_devices
     from kintsugi.trainer.launch.local import child_env
 
     procs = []
-    for i in range(n):
-        # One device per worker: each sees its device as cuda:0. Without CUDA the variable is left
-        # alone. KINTSUGI_PDEATHSIG (from child_env) ends the workers if this process is killed.
-        extra = {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]} if devices else {}
+    for visible in join_devices(n, devices):
+        # One device per worker: each sees its device as cuda:0 (KINTSUGI_LAUNCHER=join binds it so).
+        # Without CUDA the variable is left alone. KINTSUGI_PDEATHSIG (from child_env) ends the
+        # workers if this process is killed.
+        extra = {"KINTSUGI_LAUNCHER": "join"}
+        if visible is not None:
+            extra["CUDA_VISIBLE_DEVICES"] = visible
         procs.append(subprocess.Popen(worker_command(coordinator), env=child_env(extra)))
     return procs
 

@@ -43,13 +43,37 @@ def _first_sweep_point(override: str) -> str:
     return f"{key}={value.split(',')[0]}"
 
 
+# The run's token is a secret: Hydra writes every override into its "Error executing job with
+# overrides" line, .hydra/overrides.yaml and (with -m) multirun.yaml and the sweep's logs, readable
+# by anyone who can read the output folder. It is refused from the command line and config files
+# alike (without echoing it), in favour of the environment, which none of those record.
+TOKEN_REFUSED = ("recovery.token must not be given on the command line or in a config file: Hydra would "
+                 "write it into its logs, .hydra/ and multirun.yaml; export KINTSUGI_TOKEN=<token> instead "
+                 "(e.g. KINTSUGI_TOKEN=$(cat ~/.kintsugi/token), a file only you can read)")
+
+
+def _sets_token(override: str) -> bool:
+    """`recovery.token=x`, `+recovery.token=x`, `recovery={token: x}` ... with a non-empty value."""
+    key, sep, value = override.partition("=")
+    key = key.lstrip("+~").strip()
+    if key == "recovery.token":
+        return bool(sep and value.strip().strip("'\""))
+    return key == "recovery" and "token" in value
+
+
 def validate_overrides(overrides: List[str]) -> Optional[str]:
     multirun = any(o in ("-m", "--multirun") for o in overrides)
+    if any(_sets_token(o) for o in overrides):
+        return TOKEN_REFUSED
     try:
         points = [(_first_sweep_point(o) if multirun else o) for o in overrides if not o.startswith("-")]
         job, _ = compose_job(points)
+        if job.recovery.token:  # from a config file (an experiment preset, a --config-dir)
+            return TOKEN_REFUSED
         from kintsugi.trainer.data.corpus import validate_data_config
         validate_data_config(job.data)
+        from kintsugi.trainer.config.environment import check_devices
+        check_devices(job)  # train.device, parallel.backend=nccl, compression.kernels on this machine
         if job.launcher.name == "slurm" and not multirun:  # a sweep submits from outside any allocation
             from kintsugi.trainer.launch.slurm import check_allocation
             check_allocation(job)

@@ -26,7 +26,7 @@ import time
 
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.coordinator import Coordinator
-from kintsugi.recovery.runfiles import EX_RESTART_STORE, FINAL_STATE, JOB, TOKEN, CONTROL_STATE as STATE_FILE
+from kintsugi.recovery.runfiles import EX_RECORD, EX_RESTART_STORE, FINAL_STATE, JOB, TOKEN, CONTROL_STATE as STATE_FILE
 
 log = logging.getLogger("kintsugi.coordinator")
 
@@ -35,7 +35,8 @@ def resume_state(run_dir: str, job: dict):
     """(resume_from, resume_missing, layout, error) for `train.resume`: every replica continues from
     its newest step whose stages all saved; stages a suspend could not save (lost without a spare)
     are rebuilt from the restored ones."""
-    from kintsugi.recovery.checkpoint import checkpoint_path, is_complete, resume_points
+    from kintsugi.recovery.checkpoint import checkpoint_path, is_complete
+    from kintsugi.recovery.resume_points import resume_points
     R, S = job["parallel"]["replicas"], job["parallel"]["stages"]
     points = resume_points(run_dir, R, S)
     missing = {}
@@ -238,7 +239,8 @@ def main(argv=None) -> int:
         except (OSError, ValueError):
             pass
     if args.port is None:
-        ap.error("--port is required")
+        ap.error(f"--port is required ({STATE_FILE} in {args.run_dir} does not say it)" if args.resume
+                 else "--port is required")
     if args.job and args.overrides:
         ap.error(f"pass either --job or overrides, not both (got {args.overrides[0]!r} with --job)")
     P.die_with_parent()
@@ -273,6 +275,15 @@ def main(argv=None) -> int:
         token = _new_token_shown_once(args.run_dir, args.host, args.port)
     # Anyone who reaches the store can read `job`: the token stays out of it (and out of job.json).
     job = dict(job, recovery=dict(job["recovery"], token=""))
+    if not job_path and job["train"].get("resume"):  # before job.json is rewritten: it says what wrote them
+        from kintsugi.trainer.cli.resuming import check_resume
+        from kintsugi.trainer.config.errors import ConfigError
+        from kintsugi.trainer.config.job import JobConfig
+        try:
+            check_resume(JobConfig.from_dict(job), args.run_dir)
+        except ConfigError as e:
+            print(f"kintsugi coordinator: config error: {e}", file=sys.stderr)
+            return 2
     if not job_path:
         os.makedirs(args.run_dir, exist_ok=True)
         with open(os.path.join(args.run_dir, JOB), "w") as f:
@@ -309,6 +320,9 @@ def main(argv=None) -> int:
                               corpus=corpus, restore=args.resume, state_store=lead.store if lead else None,
                               min_incarnation=lead.epoch if lead else 0)
     signal.signal(signal.SIGTERM, coordinator.on_sigterm)
+    if resume_from is not None:  # the earlier run's rows after the resume point are trained again
+        from kintsugi.trainer.cli.resuming import resume_event
+        coordinator.ledger.event(resume_event(args.run_dir, resume_from))
     if lead is not None:
         host = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
         lead.publish(host, args.port)
@@ -344,6 +358,8 @@ def main(argv=None) -> int:
                 log.info("done: final val loss %s, %d steps, %d failures, %d rebuilds -> %s",
                          summary["final_val_loss"], summary["steps"], summary["failures"],
                          len(summary["rebuilds"]), args.run_dir)
+                if rc == 0 and summary.get("missing_steps"):
+                    rc = EX_RECORD  # metrics.jsonl lacks committed steps: never a silent 0
     return rc
 
 

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
-from kintsugi.trainer.config.errors import check as _check, choice as _choice
+from kintsugi.trainer.config.errors import check as _check, choice as _choice, seconds as _seconds
 
 
 @dataclass
@@ -47,8 +47,7 @@ class FaultsConfig:
         for i, e in enumerate(dict(e) for e in self.schedule):
             _check(e.get("on") in (None, "rebuild"), f"faults.schedule[{i}].on={e.get('on')!r} is not valid; "
                                                      "use on: rebuild (or leave it out)")
-            _check(isinstance(e.get("delay_s", 0), (int, float)) and e.get("delay_s", 0) >= 0,
-                   f"faults.schedule[{i}].delay_s={e.get('delay_s')!r} must be a number >= 0")
+            _seconds(f"faults.schedule[{i}].delay_s", e.get("delay_s", 0), allow_zero=True)
             if e.get("target") in ("spare", "stopped"):
                 unknown = set(e) - {"step", "kind", "target"}
                 _check(not unknown, f"faults.schedule[{i}] targets {e['target']} but has {sorted(unknown)}; use step, kind")
@@ -95,10 +94,10 @@ class FaultsConfig:
         self.schedule, self.machine_schedule = slot_events, [e for _, e in machine_events]
         self.coordinator_schedule = coordinator_events
         _check(0.0 <= self.rate_per_hour < 1.0, f"faults.rate_per_hour={self.rate_per_hour} must be in [0, 1)")
-        _check(self.step_time_s > 0, "faults.step_time_s must be > 0")
+        _seconds("faults.step_time_s", self.step_time_s)
         _check(self.spares >= 0, "faults.spares must be >= 0")
-        _check(self.rejoin_delay_s >= 0, f"faults.rejoin_delay_s={self.rejoin_delay_s} must be >= 0")
-        _check(self.notice_s > 0, f"faults.notice_s={self.notice_s} must be > 0")
+        _seconds("faults.rejoin_delay_s", self.rejoin_delay_s, allow_zero=True)
+        _seconds("faults.notice_s", self.notice_s)
 
     def per_step_probability(self) -> float:
         """The paper's conversion of an hourly failure rate to a per-stage, per-step probability."""

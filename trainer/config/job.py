@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from kintsugi.trainer.config.environment import check_optimizer, cuda_available
-from kintsugi.trainer.config.errors import ConfigError, check as _check, choice as _choice
+from kintsugi.trainer.config.environment import check_device as _check_device, check_optimizer
+from kintsugi.trainer.config.errors import ConfigError, check as _check, choice as _choice, seconds as _seconds
 from kintsugi.trainer.config.faults import FaultsConfig
 from kintsugi.trainer.data.corpus import DataConfig
 from kintsugi.trainer.model.llama import ModelConfig
@@ -65,10 +65,8 @@ class TrainConfig:
         _choice("train.optimizer", self.optimizer, ("adamw", "deepspeed_adam", "deepspeed_cpu_adam"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("fp32", "bf16"))
-        if self.device == "cuda":
-            _check(cuda_available(), "train.device=cuda: no CUDA device is visible here (torch.cuda.is_available() "
-                                     "is False); use train.device=auto or train.device=cpu")
-            _check(False, "train.device=cuda: CUDA stages are not implemented yet (issue 14); use train.device=cpu")
+        if self.device == "cuda":  # `auto` stays unresolved: each worker resolves it where it runs
+            _check_device(self.device)
         if self.optimizer != "adamw":
             check_optimizer(self.optimizer)  # deepspeed installed, ninja + a C++ compiler present
         if self.resume:
@@ -84,6 +82,8 @@ class ParallelConfig:
     replicas: int = 1
     schedule: str = "gpipe"                       # gpipe | 1f1b
     layers_per_stage: Optional[List[int]] = None  # None = balanced
+    # The data plane (activations, gradients, data-parallel all-reduce): auto = gloo (CUDA tensors
+    # staged through pinned host memory; stages may share a GPU); nccl = one GPU per stage process.
     backend: str = "auto"                         # auto | gloo | nccl
     # Live rebalancing: the coordinator measures each stage's compute time and, when moving layers
     # off the slowest stage would shorten the step by rebalance_min_gain, publishes a generation
@@ -97,11 +97,8 @@ class ParallelConfig:
         _check(self.replicas >= 1, f"parallel.replicas={self.replicas} must be >= 1")
         _choice("parallel.schedule", self.schedule, ("gpipe", "1f1b"))
         _choice("parallel.backend", self.backend, ("auto", "gloo", "nccl"))
-        if self.backend == "nccl":
-            _check(cuda_available(), "parallel.backend=nccl needs CUDA stages, and no CUDA device is visible here; "
-                                     "use parallel.backend=auto (gloo)")
-            _check(False, "parallel.backend=nccl: the NCCL data plane is not implemented yet (issue 14); use "
-                          "parallel.backend=auto (gloo)")
+        # nccl needs a GPU per stage process: checked against the machine where the job starts
+        # (environment.check_devices), not here, where every worker that deserialises the job runs.
         if self.layers_per_stage is not None:
             self.layers_per_stage = list(self.layers_per_stage)
             _check(len(self.layers_per_stage) == self.stages,
@@ -170,7 +167,8 @@ class RecoveryEtcdConfig:
 @dataclass
 class RecoveryConfig:
     strategy: str = "tiered"
-    token: str = ""                 # shared secret; empty = KINTSUGI_TOKEN or a random one per run
+    # Shared secret, set in code only: the CLI refuses it (Hydra would record it); use KINTSUGI_TOKEN.
+    token: str = ""                 # empty = KINTSUGI_TOKEN or a random one per run
     coordinator: Optional[str] = None  # host:port of an external coordinator
     heartbeat_interval_s: float = 0.2
     heartbeat_timeout_s: float = 3.0
@@ -192,6 +190,9 @@ class RecoveryConfig:
     notice: str = "none"            # aws | gcp | azure | none: poll the instance-metadata service
     metadata_address: Optional[str] = None  # instance-metadata host (tests: http://127.0.0.1:PORT)
     notice_interval_s: float = 5.0
+    # Each NCCL point-to-point work's and collective's deadline (parallel.backend=nccl): a killed
+    # NCCL peer never makes a receive raise, so heartbeats or this deadline find it (gloo: ms).
+    p2p_deadline_s: float = 300.0
     control: str = "local"          # local | etcd: where the coordinator's state lives, who may lead
     standbys: int = 0               # launcher=local, control=etcd: standby coordinators beside the leader
     etcd: RecoveryEtcdConfig = field(default_factory=RecoveryEtcdConfig)
@@ -200,19 +201,21 @@ class RecoveryConfig:
 
     def __post_init__(self):
         _choice("recovery.strategy", self.strategy, self.STRATEGIES)
-        _check(self.heartbeat_interval_s > 0, "recovery.heartbeat_interval_s must be > 0")
+        for key in ("heartbeat_interval_s", "heartbeat_timeout_s", "init_timeout_s", "progress_timeout_s",
+                    "spare_wait_s", "coordinator_wait_s", "notice_interval_s"):
+            _seconds(f"recovery.{key}", getattr(self, key))
         _check(self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s,
                f"recovery.heartbeat_timeout_s={self.heartbeat_timeout_s} must exceed twice "
                f"recovery.heartbeat_interval_s={self.heartbeat_interval_s}")
         _check(self.lr_bump > 0, f"recovery.lr_bump={self.lr_bump} must be > 0")
         _check(self.embedding_copy_every >= 1, "recovery.embedding_copy_every must be >= 1")
+        _check(self.checkpoint_every >= 0, f"recovery.checkpoint_every={self.checkpoint_every} must be >= 0 "
+                                           "(0 = no periodic checkpoints)")
         _check(self.keep_checkpoints >= 0, f"recovery.keep_checkpoints={self.keep_checkpoints} must be >= 0 "
                                            "(0 keeps every checkpoint)")
         _choice("recovery.notice", self.notice, ("none", "aws", "gcp", "azure"))
-        _check(self.notice_interval_s > 0, "recovery.notice_interval_s must be > 0")
         _choice("recovery.generations", self.generations, ("per_group", "global"))
-        for key in ("init_timeout_s", "progress_timeout_s", "spare_wait_s", "coordinator_wait_s"):
-            _check(getattr(self, key) > 0, f"recovery.{key}={getattr(self, key)} must be > 0 seconds")
+        _seconds("recovery.p2p_deadline_s", self.p2p_deadline_s)
         _check(self.progress_timeout_s > 2 * self.heartbeat_timeout_s,
                f"recovery.progress_timeout_s={self.progress_timeout_s} must exceed twice "
                f"recovery.heartbeat_timeout_s={self.heartbeat_timeout_s} (a hung worker is caught by its heartbeat)")
@@ -250,10 +253,14 @@ class CompressionConfig:
     activations: str = "none"
     gradients: str = "none"
     block_size: int = 256
+    # Which quantize / dequantize kernels run the codecs: auto = Triton for CUDA tensors, the torch
+    # reference on CPU; reference; triton (on CPU stages: Triton's interpreter, TRITON_INTERPRET=1).
+    kernels: str = "auto"
 
     def __post_init__(self):
         _choice("compression.activations", self.activations, CODECS)
         _choice("compression.gradients", self.gradients, CODECS)
+        _choice("compression.kernels", self.kernels, ("auto", "reference", "triton"))
         _check(self.block_size >= 8 and self.block_size % 8 == 0,
                f"compression.block_size={self.block_size} must be a multiple of 8")
 
@@ -269,6 +276,7 @@ class LauncherConfig:
 
     def __post_init__(self):
         _choice("launcher.name", self.name, ("local", "torchrun", "slurm", "deepspeed"))
+        _seconds("launcher.start_timeout_s", self.start_timeout_s)
         _check(self.machines >= 0, f"launcher.machines={self.machines} must be >= 0 (0 = no machine labels)")
         for m, f in self.slowdowns().items():
             _check(f >= 1.0, f"launcher.slow_machines: {m}:{f} must be >= 1 (a slowdown factor)")
@@ -346,6 +354,9 @@ class JobConfig:
                              (self.recovery.checkpoint_every > 0 or self.recovery.strategy == "checkpoint",
                               "checkpoints (recovery.checkpoint_every / strategy=checkpoint)")):
                 _check(not on, f"parallel.rebalance=true does not yet work with {what}; turn one of them off")
+        if p.backend == "nccl":
+            _check(t.device != "cpu", "parallel.backend=nccl carries CUDA tensors but train.device=cpu; use "
+                                      "train.device=cuda (or auto) with it, or parallel.backend=gloo")
         if self.diloco.enabled:
             _check(self.diloco.overlap < self.diloco.sync_every,
                    f"diloco.overlap={self.diloco.overlap} must be smaller than diloco.sync_every="

@@ -12,7 +12,8 @@ An end-of-text token follows every document. The byte tokenizer keeps vocab 256 
 cached token) and uses byte 0 (NUL), which text files do not contain, as end-of-text; BPE uses
 `<|endoftext|>`, a Hugging Face tokenizer its eos token.
 
-Reading the cached tokens in batches is trainer.data.batches.
+The tokenizers (byte-level BPE training, local Hugging Face tokenizers) are trainer.data.tokenizers;
+reading the cached tokens in batches is trainer.data.batches.
 """
 
 from __future__ import annotations
@@ -29,20 +30,19 @@ import sysconfig
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+
+from kintsugi.trainer.data.tokenizers import encode_file, load_tokenizer, read_docs, train_bpe
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("stdlib", "files", "hf")
 FORMATS = ("auto", "text", "json", "jsonl", "parquet")
 BYTE_EOT = 0
-BPE_EOT = "<|endoftext|>"
-_EOT_CANDIDATES = (BPE_EOT, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 _CACHE_VERSION = 1
 _BPE_TRAIN_BYTES = 256 << 20  # BPE merges stabilise long before this; bounds training time
-_ENCODE_CHUNK = 256
 
 
 @dataclass
@@ -187,11 +187,8 @@ def _iter_documents(cfg: DataConfig, root: str, files: List[str], stats: dict) -
         rel = os.path.relpath(path, root)
         fmt = _format_of(path, cfg)
         if fmt != "text":
-            import datasets
-
             stats["num_files"] += 1
-            records = datasets.load_dataset(fmt, data_files=path, split="train", streaming=True)
-            yield from _records(records, cfg, path, f"{rel}#")
+            yield from _file_records(cfg, path, fmt, f"{rel}#")
             continue
         raw = _read_regular(path)
         if raw is None:  # replaced by a FIFO or the like since it was listed
@@ -216,12 +213,38 @@ def _read_regular(path: str) -> Optional[bytes]:
         return f.read()
 
 
+class DataError(ValueError):
+    """A corpus file the job cannot read; the message is one line naming the file and the fix."""
+
+
+def _file_records(cfg: DataConfig, path: str, fmt: str, prefix: str) -> Iterator[Tuple[str, bytes]]:
+    """The records of one json / jsonl / parquet file. A file that does not parse (a bad JSON line,
+    binary bytes, a truncated parquet) is a DataError naming it, not a reader's traceback."""
+    import datasets
+
+    # The reader logs its parse errors itself (twice, through its handler and the root's) before
+    # raising: the one line below says it all.
+    quiet, level = logging.getLogger("datasets"), logging.getLogger("datasets").level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        records = datasets.load_dataset(fmt, data_files=path, split="train", streaming=True)
+        yield from _records(records, cfg, path, prefix)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow / datasets raise many types for one cause: unparsable
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"data.paths: {path} cannot be read as {cfg.format if cfg.format != 'auto' else fmt} "
+                        f"({why}); fix or remove it, or set data.format=text to read every file as plain text") from None
+    finally:
+        quiet.setLevel(level)
+
+
 def _records(records, cfg: DataConfig, where: str, prefix: str, limit: int = 0) -> Iterator[Tuple[str, bytes]]:
     for i, rec in enumerate(records):
         if limit and i >= limit:
             return
         if cfg.text_field not in rec:
-            raise ValueError(f"data.text_field={cfg.text_field}: missing in {where}; use one of {sorted(rec)}")
+            raise DataError(f"data.text_field={cfg.text_field}: missing in {where}; use one of {sorted(rec)}")
         if rec[cfg.text_field] is not None:
             yield f"{prefix}{i}", str(rec[cfg.text_field]).encode()
 
@@ -231,7 +254,8 @@ def _unit_hash(key: str, seed: int) -> float:
     return int.from_bytes(digest, "little") / 2.0 ** 64
 
 
-def _assign_splits(docs: Iterator[Tuple[str, bytes]], cfg: DataConfig) -> Iterator[Tuple[bool, str, bytes]]:
+def _assign_splits(docs: Iterator[Tuple[str, bytes]], cfg: DataConfig,
+                   skipped: Optional[Dict[str, str]] = None) -> Iterator[Tuple[bool, str, bytes]]:
     """Yields (is_val, key, doc). A document is held out iff hash(key) < val_fraction, except that
     neither split may end empty: the train document nearest the threshold is held back until the
     end and moved to val if val would otherwise be empty (and symmetrically for train)."""
@@ -250,60 +274,13 @@ def _assign_splits(docs: Iterator[Tuple[str, bytes]], cfg: DataConfig) -> Iterat
             yield is_val, cand[1], cand[2]
     if count[False] + count[True] < 2:
         where = "the Python stdlib" if cfg.source == "stdlib" else f"data.paths={list(cfg.paths)}"
-        raise ValueError(f"{where}: found {count[False] + count[True]} non-empty document(s); need at least 2 so one can be held out; add files or raise data.max_files")
+        why = f" ({len(skipped)} skipped{_why_skipped(skipped)})" if skipped else ""
+        raise DataError(f"{where}: found {count[False] + count[True]} non-empty document(s){why}; need at least 2 "
+                        "so one can be held out; add UTF-8 text files or raise data.max_files")
     for is_val in (False, True):
         if keep[is_val] is not None:
             moved = count[not is_val] == 0  # the other split is empty
             yield (not is_val) if moved else is_val, keep[is_val][1], keep[is_val][2]
-
-
-# ---- tokenizers -----------------------------------------------------------------------------
-
-Encoder = Callable[[List[str]], List[List[int]]]
-
-
-def _train_bpe(texts: Iterator[str], vocab_size: int, out_dir: str) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    # Makes the directory loadable as data.tokenizer and by transformers' AutoTokenizer.
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": BPE_EOT}, f)
-
-
-def _load_tokenizer(directory: str) -> Tuple[Encoder, int, int]:
-    """(encode, vocab_size, eot_id) for a local Hugging Face tokenizer directory."""
-    directory = os.path.expanduser(directory)
-    eos = None
-    config_path = os.path.join(directory, "tokenizer_config.json")
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            eos = json.load(f).get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-    if os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
-        eot_id = next((tok.token_to_id(t) for t in (eos, *_EOT_CANDIDATES) if t and tok.token_to_id(t) is not None), None)
-        encode: Encoder = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-        vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    else:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        eot_id = tok.eos_token_id
-        encode = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]
-        vocab_size = len(tok)
-    if eot_id is None:
-        raise ValueError(f"data.tokenizer={directory}: has no end-of-text token; set eos_token in its tokenizer_config.json")
-    return encode, vocab_size, eot_id
 
 
 # ---- the cache ------------------------------------------------------------------------------
@@ -332,16 +309,6 @@ def _info_from_meta(directory: str) -> CorpusInfo:
     if meta["tokenizer_path"]:  # relative for a BPE trained into the cache, else absolute
         meta["tokenizer_path"] = os.path.join(directory, meta["tokenizer_path"])
     return CorpusInfo(**meta)
-
-
-def _read_docs(path: str, ends: List[int], max_bytes: int = 1 << 62) -> Iterator[str]:
-    data = np.memmap(path, dtype=np.uint8, mode="r") if ends else []
-    start = 0
-    for end in ends:
-        if start >= max_bytes:
-            return
-        yield bytes(data[start:end]).decode("utf-8")
-        start = end + 1  # skip the NUL separator
 
 
 def prepare_corpus(cfg: DataConfig) -> CorpusInfo:
@@ -422,7 +389,7 @@ def _build(cfg: DataConfig, root: str, files: List[str], key: str, out_dir: str,
     val_keys = []
     with open(raw[0], "wb") as f_train, open(raw[1], "wb") as f_val:
         out = (f_train, f_val)
-        for is_val, doc_key, doc in _assign_splits(_iter_documents(cfg, root, files, stats), cfg):
+        for is_val, doc_key, doc in _assign_splits(_iter_documents(cfg, root, files, stats), cfg, stats["skipped"]):
             out[is_val].write(doc)
             ends[is_val].append(out[is_val].tell())
             out[is_val].write(bytes([BYTE_EOT]))
@@ -437,11 +404,11 @@ def _build(cfg: DataConfig, root: str, files: List[str], key: str, out_dir: str,
         tokenizer_path = os.path.abspath(os.path.expanduser(cfg.tokenizer))
         if cfg.tokenizer == "bpe":
             tokenizer_path = "tokenizer"  # relative to the cache directory, which moves into place
-            _train_bpe(_read_docs(raw[0], ends[0], _BPE_TRAIN_BYTES), cfg.bpe_vocab_size,
+            train_bpe(read_docs(raw[0], ends[0], _BPE_TRAIN_BYTES), cfg.bpe_vocab_size,
                        os.path.join(out_dir, tokenizer_path))
-        encode, vocab_size, eot_id = _load_tokenizer(os.path.join(out_dir, tokenizer_path))
+        encode, vocab_size, eot_id = load_tokenizer(os.path.join(out_dir, tokenizer_path))
         for src, doc_ends, dst in zip(raw, ends, bins):
-            _encode_file(src, doc_ends, encode, eot_id, token_dtype(vocab_size), dst)
+            encode_file(src, doc_ends, encode, eot_id, token_dtype(vocab_size), dst)
             os.remove(src)
     dtype = token_dtype(vocab_size)
     num_tokens = [os.path.getsize(b) // dtype.itemsize for b in bins]
@@ -455,11 +422,3 @@ def _build(cfg: DataConfig, root: str, files: List[str], key: str, out_dir: str,
         json.dump(meta, f, indent=1)
     with open(os.path.join(out_dir, "val_keys.txt"), "w") as f:
         f.write("".join(k + "\n" for k in val_keys))
-
-
-def _encode_file(src: str, ends: List[int], encode: Encoder, eot_id: int, dtype: np.dtype, dst: str) -> None:
-    docs = _read_docs(src, ends)
-    with open(dst, "wb") as f:
-        while chunk := [d for _, d in zip(range(_ENCODE_CHUNK), docs)]:
-            for ids in encode(chunk):
-                f.write(np.asarray(list(ids) + [eot_id], dtype=dtype).tobytes())

@@ -33,10 +33,12 @@ from typing import Dict, List, Optional, Tuple
 from kintsugi.recovery import control as C
 from kintsugi.recovery import protocol as P
 from kintsugi.recovery.auth import new_token
+from kintsugi.parallel.device import lowest_free_index  # device binding
 
 from kintsugi.trainer.config.faults import fault_events, held_at_boundary
 from kintsugi.trainer.config.job import JobConfig
-from kintsugi.recovery.runfiles import ALIVE, CONTROL_STATE, JOB, MACHINES
+from kintsugi.trainer.config.environment import worker_env  # device binding
+from kintsugi.recovery.runfiles import ALIVE, CONTROL_STATE, FAULTS, JOB, MACHINES
 
 log = logging.getLogger("kintsugi.launch")
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
@@ -80,15 +82,17 @@ class LocalLauncher:
         self.fired: Dict[int, dict] = {}  # held events signalled: id -> {kind, wid}
         # A run always has a token: the one given, or a fresh one that only this launcher's children see.
         self.token = P.resolve_token(job.recovery.token) or new_token()
-        self.env = child_env({P.TOKEN_ENV: self.token})
+        # device binding: Triton's interpreter for compression.kernels=triton on CPU stages
+        self.env = child_env({P.TOKEN_ENV: self.token, **worker_env(job)})
+        self.gpu_index: Dict[str, int] = {}  # device binding: wid -> KINTSUGI_WORKER_INDEX
         # --- recovery.control=etcd: the coordinators and how workers find the leader ---
         self.etcd = None  # trainer.launch.etcd_control.Coordinators
         self._shutdown_seen = False
         for var in ("KINTSUGI_ETCD_ENDPOINTS", "KINTSUGI_ETCD_PREFIX"):
             self.env.pop(var, None)  # a shell's leftovers must not send a local run's workers to etcd
         if job.recovery.control == "etcd":
-            from kintsugi.trainer.launch.etcd_control import worker_env
-            self.env.update(worker_env(job))
+            from kintsugi.trainer.launch.etcd_control import worker_env as etcd_worker_env
+            self.env.update(etcd_worker_env(job))
 
     def start_worker(self, machine: Optional[str] = None) -> str:
         wid = f"w{self.n_workers}"
@@ -105,6 +109,9 @@ class LocalLauncher:
             slow = self.job.launcher.slowdowns().get(machine)
             if slow:
                 env["KINTSUGI_SLOWDOWN"] = str(slow)
+        # device binding: the lowest index no live worker holds (GPU = index % visible GPUs)
+        self.gpu_index[wid] = lowest_free_index(i for w, i in self.gpu_index.items() if self.procs[w].poll() is None)
+        env = dict(env, KINTSUGI_WORKER_INDEX=str(self.gpu_index[wid]))
         self.n_workers += 1
         self.procs[wid] = subprocess.Popen(
             [sys.executable, "-m", "kintsugi.trainer.runtime.worker", "--coordinator", f"127.0.0.1:{self.port}", "--wid", wid],
@@ -113,11 +120,9 @@ class LocalLauncher:
 
     def run(self) -> int:
         os.makedirs(self.run_dir, exist_ok=True)
-        job_path = os.path.join(self.run_dir, JOB)
-        with open(job_path, "w") as f:
-            json.dump(self.job.public_dict(), f, indent=1)
+        self.job_path = os.path.join(self.run_dir, JOB)
+        self._write_job()
         self.port = P.free_port()
-        self.job_path = job_path
         # The coordinator reads the token from the same environment variable the workers present.
         if self.job.recovery.control == "etcd":
             from kintsugi.trainer.launch.etcd_control import Coordinators, locator
@@ -132,8 +137,13 @@ class LocalLauncher:
                 self.control = C.open_control(*P.parse_addr(info.address), self.token, role="launcher",
                                               timeout_s=self.job.launcher.start_timeout_s, locate=self.etcd.locate)
             else:
-                self.control = C.open_control("127.0.0.1", self.port, self.token, store=self._connect_fresh(),
-                                              role="launcher")
+                try:
+                    store = self._connect_fresh()
+                except RuntimeError:
+                    if self.coordinator.poll() is None:
+                        raise
+                    return self.coordinator.returncode  # it said why on stderr (a resume it cannot do)
+                self.control = C.open_control("127.0.0.1", self.port, self.token, store=store, role="launcher")
             self.control.put_json("corpus", self.corpus)
             self.control.on_new_boot.append(self._on_coordinator_restart)
             # A preemption warning to the launcher (Slurm's `--signal=B:USR1@90`, a SIGTERM from a
@@ -153,7 +163,13 @@ class LocalLauncher:
         finally:
             self.cleanup()
 
+    def _write_job(self) -> None:
+        with open(self.job_path, "w") as f:
+            json.dump(self.job.public_dict(), f, indent=1)
+
     def _start_coordinator(self, resume: bool, standby: bool = False) -> subprocess.Popen:
+        if resume:  # whatever killed the coordinator may have damaged job.json too: this copy is whole
+            self._write_job()
         port = P.free_port() if standby else self.port  # etcd: a standby serves its own store once it leads
         cmd = [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host", "127.0.0.1",
                "--run-dir", self.run_dir, "--job", self.job_path] + ([] if self.progress else ["--no-progress"])
@@ -370,11 +386,14 @@ class LocalLauncher:
                 self.injected.append(dict(e, wid="coordinator", t=time.time()))
                 continue
             if e.get("target") == "stopped":  # kind cont: every worker stopped earlier wakes up
+                woken = []
                 for x in self.injected:
                     p = self.procs.get(x["wid"])
                     if x["kind"] == "stop" and p is not None and p.poll() is None:
                         log.warning("resuming %s (SIGCONT) at step %d", x["wid"], e["step"])
                         os.kill(p.pid, signal.SIGCONT)
+                        woken.append(x["wid"])
+                self.injected.append(dict(e, wid=",".join(woken), t=time.time()))
                 continue
             if e.get("target") == "spare":
                 held = set(self._slots().values())
@@ -480,11 +499,23 @@ class LocalLauncher:
         with open(os.path.join(self.run_dir, MACHINES), "w") as f:
             json.dump(out, f, indent=1)
 
+    def write_faults(self) -> None:
+        """faults.json: every fault event this launcher was to inject, what it injected (with the
+        worker it hit and when) and what never fired (its target never existed, or the run ended
+        first), so a test or a benchmark checks the run against what really happened to it."""
+        scheduled = fault_events(self.job) + [dict(e) for e in self.job.faults.coordinator_schedule] + \
+            [dict(e) for e in self.job.faults.machine_schedule]
+        with open(os.path.join(self.run_dir, FAULTS), "w") as f:
+            json.dump({"scheduled": scheduled, "injected": self.injected,
+                       "not_fired": [{k: v for k, v in e.items() if k not in ("armed", "due_at", "near")}
+                                     for e in self.events + self.machine_events]}, f, indent=1)
+
     def cleanup(self) -> None:
-        try:
-            self.write_machines()
-        except OSError as err:
-            log.warning("could not write machines.json: %s", err)
+        for write in (self.write_machines, self.write_faults):
+            try:
+                write()
+            except OSError as err:
+                log.warning("could not write %s: %s", write.__name__, err)
         for e in self.injected:  # a SIGSTOPped worker would never exit by itself
             p = self.procs.get(e["wid"])
             if e["kind"] == "stop" and p is not None and p.poll() is None:

@@ -116,30 +116,16 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
     os._exit(rc)
 
 
-def _local_token(rank: int, timeout_s: float = 60.0) -> str:
-    """One node, no token given: rank 0 makes one and the other ranks read it from a file only this
-    user can read, keyed by the torchrun job (the token never goes through the store)."""
-    import tempfile
-
+def _local_token(rank: int) -> str:
+    """One node, no token given: rank 0 makes one and the other local ranks read it from a private
+    per-run directory (trainer.launch.node_token); the token never goes through the store."""
     from kintsugi.recovery.auth import new_token
-    key = hashlib.sha1(f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}/"
-                       f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}".encode()).hexdigest()[:16]
-    folder = os.path.join(tempfile.gettempdir(), f"kintsugi-{os.getuid()}")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    path = os.path.join(folder, f"{key}.token")
+    from kintsugi.trainer.launch.node_token import read_node_token, write_node_token
     if rank == 0:
-        tmp = f"{path}.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(new_token())
-        os.replace(tmp, path)
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise ConfigError(f"no {P.TOKEN_ENV} and rank 0 did not write one to {path}; set {P.TOKEN_ENV}")
-        time.sleep(0.05)
-    with open(path) as f:
-        return f.read().strip()
+        token = new_token()
+        write_node_token(token)
+        return token
+    return read_node_token()
 
 
 def _shared_corpus(control: C.Control, corpus: dict) -> None:

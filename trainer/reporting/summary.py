@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 from kintsugi.recovery.records import dumps_strict
 
 from kintsugi.trainer.config.job import JobConfig
-from kintsugi.recovery.runfiles import FINAL_STATE, SUMMARY, read_metrics
+from kintsugi.recovery.runfiles import FINAL_STATE, SUMMARY, missing_steps, read_metrics, standing_commits
 
 log = logging.getLogger("kintsugi.outputs")
 
@@ -38,21 +38,18 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         log.error("cannot read %s (%s); no summary.json", state_path, e)
         return None
     commits, evals, events = read_metrics(run_dir)
+    # Rows a rollback or a resume undid (their steps were trained again) are kept in metrics.jsonl
+    # as the record of lost work, but counted once: the standing rows say what the run trained.
+    standing, undone = standing_commits(run_dir)
     by_channel: Dict[str, int] = state.get("bytes", {})
     # Each (replica, step) once: a duplicate is marked as such, a step trained again after a
-    # rollback or a resume counts once (its last record). Steps and tokens are what metrics.jsonl
-    # holds; a step the coordinator saw committed but never recorded is named, never counted.
-    last = {(int(c["replica"]), int(c["step"])): c for c in commits
-            if "replica" in c and "step" in c and not c.get("duplicate")}
+    # rollback or a resume counts once (its standing row). Steps are how far every replica trained,
+    # tokens what metrics.jsonl holds; a committed step it lacks is named (missing_steps), never counted.
+    last = {(int(c["replica"]), int(c["step"])): c for c in standing}
     per_replica: Dict[int, List[int]] = {r: [] for r in range(job.parallel.replicas)}
     for r, k in last:
         per_replica.setdefault(r, []).append(k)
-    steps = min((len(v) for v in per_replica.values()), default=0)
-    top = max((k for _, k in last), default=-1)
-    missing = {str(r): sorted(set(range(top + 1)) - set(v)) for r, v in per_replica.items()}
-    missing = {r: v for r, v in missing.items() if v}
-    for r, v in (state.get("missing_steps") or {}).items():
-        missing[r] = sorted(set(missing.get(r, [])) | set(v))
+    steps = min((max(v) + 1 if v else 0 for v in per_replica.values()), default=0)  # trained; holes: missing
     if state.get("write_error"):  # metrics.jsonl has a gap: the coordinator's own count stands
         steps = max([steps] + [int(k) + 1 for k in (state.get("committed") or {}).values()])
     # What per-step data-parallel all-reduce of fp32 gradients would have sent (ring: 2(R-1)/R x size
@@ -60,12 +57,14 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
     R = job.parallel.replicas
     dp_equiv = int(2 * (R - 1) / R * param_count(job) * 4 * steps * R) if R > 1 else 0
     tokens = sum(c.get("tokens", 0) for c in last.values())
+    missing = {str(r): ks for r, ks in missing_steps(standing).items()}
+    for r, v in (state.get("missing_steps") or {}).items():
+        missing[r] = sorted(set(missing.get(r, [])) | set(v))
     if state.get("write_error"):  # metrics.jsonl has a gap: the coordinator counted every commit
         tokens = max(tokens, int(state.get("tokens") or 0))
     summary = {
         "final_val_loss": state.get("final_val_loss"),
         "steps": steps,
-        "missing_steps": missing or None,
         "tokens": tokens,
         "wall_s": wall_s,
         "tokens_per_s": tokens / max(state.get("wall_s", wall_s), 1e-9),
@@ -81,6 +80,10 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
                                         if c.get("layout_version", 0) == state.get("layout_version", 0)], job,
                                         state.get("layout")),
         "generations": state.get("generations"),
+        "discarded_steps": len(undone),
+        # Committed steps metrics.jsonl does not hold (a record lost with a coordinator): the exit
+        # code is then 74, never 0.
+        "missing_steps": missing or None,
         "nonfinite_steps": state.get("nonfinite_steps", 0),
         "divergences": state.get("divergences", 0),
         "forged_records_dropped": state.get("forged_records_dropped", 0),
@@ -90,7 +93,7 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         "persist_error": state.get("persist_error"),
         "final_errors": state.get("final_errors"),
         "error": state.get("error"),
-        "config": job.public_dict(),
+        "config": dict(job.public_dict(), **_where_it_ran(events)),
     }
     try:
         with open(os.path.join(run_dir, SUMMARY), "w") as f:
@@ -105,6 +108,19 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
     if not state.get("wandb_live"):  # the coordinator did not track the run live: log it now
         log_wandb(job, run_dir, commits, evals, summary)
     return summary
+
+
+def _where_it_ran(events: List[dict]) -> dict:
+    """`device` ("cuda:0 NVIDIA H100 80GB HBM3", "cpu") and `kernels` ({"cpu": ..., "cuda": ...}) the
+    slots ran with, from the workers' `device` events: the value when every slot agrees, else the
+    distinct values (a GPU stage rebuilt on a CPU spare); None when no worker said."""
+    def agreed(values):
+        distinct = {json.dumps(v, sort_keys=True): v for v in values}
+        if not distinct:
+            return None
+        return next(iter(distinct.values())) if len(distinct) == 1 else [distinct[k] for k in sorted(distinct)]
+    placed = [e for e in events if isinstance(e, dict) and e.get("kind") == "device"]
+    return {"device": agreed(e.get("device") for e in placed), "kernels": agreed(e.get("kernels") for e in placed)}
 
 
 def _slowest_stage(commits: List[dict], job: JobConfig, layout: Optional[List[int]] = None) -> Optional[dict]:

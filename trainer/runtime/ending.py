@@ -46,7 +46,7 @@ def save_final_weights(w) -> None:
     out = os.path.join(w.run_dir, "final")
     os.makedirs(out, exist_ok=True)
     stage = w.slot[1]
-    sd = {k: v.detach().contiguous() for k, v in w.state.model.state_dict().items()}
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in w.state.model.state_dict().items()}  # CPU files
     tmp = os.path.join(out, f"stage{stage}.safetensors.tmp")
     try:
         save_file(sd, tmp)
@@ -65,12 +65,19 @@ def save_final_weights(w) -> None:
 
 
 def suspend(w, plan: SuspendPlan) -> int:
-    if w.slot is None or plan.holders.get(tuple(w.slot)) != w.wid:
+    if not save_for_suspend(w, plan):
         return 0  # a spare, or a slot someone else holds
+    wait_for_shutdown(w, saved=True)
+    return 0
+
+
+def save_for_suspend(w, plan: SuspendPlan) -> bool:
+    """The slot this worker holds in the suspend plan saves its committed state and says so."""
+    if w.slot is None or plan.holders.get(tuple(w.slot)) != w.wid:
+        return False
     step = save_committed(w)
     w.control.append_later("suspended", {"wid": w.wid, "slot": list(w.slot), "step": step})
-    wait_for_shutdown(w)
-    return 0
+    return True
 
 
 def save_committed(w) -> int:
@@ -96,8 +103,13 @@ def give_up(w) -> int:
     return 1
 
 
-def wait_for_shutdown(w) -> None:
+def wait_for_shutdown(w, saved: bool = False) -> None:
+    """Serve peers until the coordinator shuts the run down. A replica that finished its steps
+    while another still trains waits here too: if the job suspends meanwhile, its slots save."""
     while not w.watcher.shutdown.is_set() and not w.watcher.store_lost.is_set():
+        if not saved and w.watcher.suspend_plan is not None:
+            saved = True
+            save_for_suspend(w, w.watcher.suspend_plan)
         w.idle()
         if w.diloco is not None and w.watcher.suspend_plan is None:
             w.diloco.serve_idle()

@@ -95,7 +95,7 @@ class CheckpointHook(StepHook):
         if self.ckpt.due(step):
             # A checkpoint is a state to roll back to: never one whose weights are not finite (that
             # step's checkpoint then stays incomplete, and the rollback takes the one before).
-            if st.last_skipped or not all(bool(torch.isfinite(p).all()) for p in st.model.parameters()):
+            if st.last_skipped or not st.params_finite():  # one host synchronisation, not one per tensor
                 log.warning("slot %s: checkpoint of step %d skipped: the weights are not finite", self.slot, step)
                 return
             self.ckpt.save(st, self.slot, step)
@@ -154,7 +154,12 @@ class DataParallelHook(StepHook):
         self.params, self.group, self.counter, self.abort = params, group, counter, abort
 
     def after_backward(self, step, compute_s):
-        allreduce_gradients(self.params, self.group, self.counter, self.abort)
+        try:
+            allreduce_gradients(self.params, self.group, self.counter, self.abort)
+        except RuntimeError as e:  # an NCCL collective past its deadline: abort it now, never reuse it
+            if hasattr(self.group, "fail"):
+                self.group.fail(e)
+            raise
         return compute_s
 
 

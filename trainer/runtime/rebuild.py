@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Protocol
 
 import torch
 
+from kintsugi.parallel.device import load_cpu
 from kintsugi.parallel.groups import Aborted, FormationError, form_group
 from kintsugi.parallel.topology import Grid
 from kintsugi.parallel.transport import PeerFailure, Transport
@@ -69,12 +70,17 @@ def dump(name: str, make: Callable[[], dict]) -> None:
 
 def snapshot(host: SlotHost, **extra) -> dict:
     """A copy of the slot's state (`StageState.state_dict`) plus the DiLoCo global parameters by
-    name, for a test dump."""
+    name, for a test dump: CPU tensors, whatever the stage's device."""
     from kintsugi.recovery.checkpoint import copy_state
     snap = copy_state(host.state.state_dict())
-    snap["diloco_global"] = ({k: v.clone() for k, v in host.diloco.global_params().items()}
-                             if host.diloco is not None else None)
+    snap["diloco_global"] = (copy_state(host.diloco.global_params()) if host.diloco is not None else None)
     return dict(snap, **extra)
+
+
+def load_dump(path: str) -> dict:
+    """A test dump read back, every tensor on the CPU whatever device wrote it. Dumps are written
+    and read by this project's tests only (trusted files), hence the full unpickler."""
+    return load_cpu(path, weights_only=False)
 
 
 # --- the plan ----------------------------------------------------------------------------------------------

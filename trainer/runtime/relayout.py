@@ -66,12 +66,12 @@ def relayout(host, plan: CellPlan, grid: Grid, transport: Transport, slot) -> No
             opt.update(pkg["opt"])
             outer.update(pkg["outer"])
     job.parallel.layers_per_stage = list(plan.layout)
-    new = StageState(job, s)
+    new = StageState(job, s, device=st.device)
     with torch.no_grad():
         for n, p in new.model.named_parameters():
-            p.copy_(params[n])
+            p.copy_(params[n])  # received layers are CPU tensors: copied onto the stage's device
             if n in opt:
-                new.optimizer.state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt[n].items()}
+                new.adopt_optimizer_state(p, opt[n])
     new.lr_scale, new.grad_norm, new.step_done = st.lr_scale, st.grad_norm, st.step_done
     new.last_total = st.last_total
     new.neighbour_copy = dict(st.neighbour_copy)

@@ -1,7 +1,14 @@
 """One pipeline stage's training state: its slice of the model, its optimizer, its last gradient norm,
 and that state as one dict (`state_dict` / `load_state_dict`) to which LISA and Streaming DiLoCo
 register their own parts. Checkpoints, handoff and peer packages and test dumps all use it; an
-approximate rebuild takes its neighbours' `source_package` (their layers by position)."""
+approximate rebuild takes its neighbours' `source_package` (their layers by position).
+
+Devices: the weights, the optimizer state and the DiLoCo / LISA state live on the stage's device
+(`train.device`); what leaves the stage is made of CPU tensors (packages serialise CPU copies,
+`source_package` and `end_params` are CPU copies, checkpoints and dumps copy to the CPU) and what
+comes in is copied into the device tensors, so a stage moves between a GPU and a CPU worker freely.
+The neighbours' end-parameter copies (CheckFree+) stay in host memory: they are only read when a
+neighbour is rebuilt. Per step the stage waits for its device once (`local_grad_sq`)."""
 from __future__ import annotations
 
 import math
@@ -20,13 +27,17 @@ SOURCES = ("checkpoint", "handoff", "peer")
 
 
 class StageState:
-    def __init__(self, job: JobConfig, stage: int, seed_offset: int = 0):
+    def __init__(self, job: JobConfig, stage: int, seed_offset: int = 0, device=None):
         self.job, self.stage = job, stage
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         S = job.parallel.stages
         self.layer_ids = per_stage_layers(job.model.n_layers, S, job.parallel.layers_per_stage)[stage]
         self.is_first, self.is_last = stage == 0, stage == S - 1
         self.model = Llama(job.model, self.layer_ids, has_embedding=self.is_first, has_head=self.is_last,
                            seed=job.train.seed + seed_offset)
+        # Initialised on the CPU (the same values on every device), then moved before the optimizer
+        # exists, so its state is created on the device. On the CPU `.to` is a no-op.
+        self.model.to(self.device)
         self.model.activation_checkpointing = job.train.activation_checkpointing
         self.lr_scale = 1.0
         self.grad_norm = 1.0          # CheckFree weight before any gradient exists
@@ -64,11 +75,17 @@ class StageState:
             p.grad = None
 
     def local_grad_sq(self) -> float:
-        sq = 0.0
-        for p in self.model.parameters():
-            if p.grad is not None:
-                sq += float(p.grad.detach().double().pow(2).sum())
-        return sq
+        """This stage's squared gradient norm in float64, with one host synchronisation (on a GPU
+        every float() of a device tensor waits for it). Summed parameter by parameter in order:
+        a cumulative sum is sequential, as the per-parameter loop it replaces was (torch's sum()
+        reduces in another order and would move the last bits, the clip and the golden losses)."""
+        parts = [p.grad.detach().double().pow(2).sum() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.stack(parts).cumsum(0)[-1]) if parts else 0.0
+
+    def params_finite(self) -> bool:
+        """Whether every weight is finite, with one host synchronisation for the lot."""
+        flags = [torch.isfinite(p).all() for p in self.model.parameters()]
+        return bool(torch.stack(flags).all()) if flags else True
 
     def apply_step(self, step: int, total_sq: float, local_sq: float) -> float:
         """Clip by the pipeline-wide norm, record this stage's clipped norm, step. Returns the global
@@ -156,7 +173,7 @@ class StageState:
         """What a neighbour sends for an approximate rebuild (CheckFree, copy): its layers keyed by
         their position in the stage (so the j-th layers of two neighbours average into the lost
         stage's j-th), its last gradient norm (the CheckFree weight), and its end-parameter copies."""
-        sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         return {"params": to_positional(sd, self.layer_ids), "layer_count": len(self.layer_ids),
                 "grad_norm": self.grad_norm, "neighbour_copy": {k: v.clone() for k, v in self.neighbour_copy.items()},
                 "stage": self.stage}
@@ -206,4 +223,11 @@ class StageState:
 
     def end_params(self) -> Dict[str, torch.Tensor]:
         """The parameters a neighbour keeps a copy of: embedding on the first stage, norm+head on the last."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if not k.startswith("layers.")}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+                if not k.startswith("layers.")}
+
+    def adopt_optimizer_state(self, param: torch.nn.Parameter, state: dict) -> None:
+        """Give `param` the AdamW state `state` (another stage's, or received: CPU tensors), copied
+        onto `param`'s device. Scalars (AdamW's step count) stay where torch keeps them, on the CPU."""
+        self.optimizer.state[param] = {k: (v.to(param.device, copy=True) if torch.is_tensor(v) and v.dim() > 0
+                                           else v.clone() if torch.is_tensor(v) else v) for k, v in state.items()}

@@ -9,6 +9,11 @@ same batch in the next generation.
 
 Hooks keep the loop free of `if feature:` branches; `Evaluator` is the validation pass replica 0
 runs every `train.eval_every` steps and at the end.
+
+Devices: batches are read on the CPU and moved to the stage's device here (pinned, non-blocking);
+the step waits for the device once, for the gradient norm the commit needs. The compute seconds a
+stage reports (the rebalancer's input) are wall time minus time blocked in receives on the CPU, and
+on a GPU the seconds its own kernels ran (CUDA events: the host runs ahead of the device there).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from kintsugi.recovery.plan import CellPlan, Slot
 from kintsugi.trainer.config.job import JobConfig
 from kintsugi.trainer.data.batches import ShardedBatches, val_batches
 from kintsugi.trainer.model.llama import cross_entropy_loss
+from kintsugi.trainer.runtime.devices import to_device
 from kintsugi.trainer.runtime.hooks import Leave, StepHook
 
 log = logging.getLogger("kintsugi.worker")
@@ -44,7 +50,8 @@ class Diverged(RuntimeError):
 def make_executor(job: JobConfig, state, transport: Transport, pipe: Sequence[int]) -> StageExecutor:
     return StageExecutor(state.model, state.stage, job.parallel.stages, transport, lambda stage: pipe[stage],
                          job.model.dim, cross_entropy_loss,
-                         autocast_dtype=torch.bfloat16 if job.train.precision == "bf16" else None)
+                         autocast_dtype=torch.bfloat16 if job.train.precision == "bf16" else None,
+                         device_type=state.device.type)  # bf16 autocast on the stage's device
 
 
 class Evaluator:
@@ -52,8 +59,10 @@ class Evaluator:
     pipeline; Streaming DiLoCo evaluates the global (outer) parameters, as the paper does. The last
     stage records it (and, for the final one, marks it done so it is not run twice)."""
 
-    def __init__(self, job: JobConfig, executor: StageExecutor, val_tokens, diloco, control: C.Control):
+    def __init__(self, job: JobConfig, executor: StageExecutor, val_tokens, diloco, control: C.Control,
+                 device=None):
         self.job, self.executor, self.val_tokens, self.diloco, self.control = job, executor, val_tokens, diloco, control
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
 
     def __call__(self, step: int, final: bool) -> None:
         job = self.job
@@ -64,6 +73,7 @@ class Evaluator:
         total, n = 0.0, 0
         with (self.diloco.use_global_params() if self.diloco is not None else contextlib.nullcontext()):
             for inputs, targets in batches:
+                inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
                 loss = self.executor.run(inputs, targets, routes, fwd, train=False)
                 if loss is not None:
                     total, n = total + loss, n + 1
@@ -123,10 +133,12 @@ class StepLoop:
         step, (r, s), S = self.step, self.slot, job.parallel.stages
         t0 = time.time()
         inputs, targets = self.data.batch_at(step)
+        inputs, targets = to_device(inputs, st.device), to_device(targets, st.device)
         st.zero_grad()
         wait0 = self.transport.recv_wait_s
         loss = self.executor.run(inputs, targets, self.routes, self.actions)
-        compute_s = time.time() - t0 - (self.transport.recv_wait_s - wait0)
+        kernel_s = self.executor.clock.seconds()  # None on CPU
+        compute_s = kernel_s if kernel_s is not None else time.time() - t0 - (self.transport.recv_wait_s - wait0)
         for h in self.hooks:
             compute_s = h.after_backward(step, compute_s)
         local_sq = st.local_grad_sq()

@@ -44,7 +44,7 @@ from kintsugi.recovery.plan import CellPlan
 from kintsugi.trainer.config.faults import fault_events, held_at_boundary
 from kintsugi.trainer.config.job import JobConfig
 from kintsugi.trainer.data.batches import ShardedBatches, load_tokens
-from kintsugi.trainer.runtime import ending, joining
+from kintsugi.trainer.runtime import devices, ending, joining
 from kintsugi.trainer.runtime import hooks as H
 from kintsugi.trainer.runtime.rebuild import Donor, XferFailed, execute_plan, hand_off
 from kintsugi.trainer.runtime.stage import StageState
@@ -60,6 +60,7 @@ class Worker:
         # Its own connection for the watcher: the training thread's reads must never delay a beat.
         self.bg = bg or control
         self.job = JobConfig.from_dict(control.get_json("job"))
+        self.device = devices.bind(self.job)  # this worker's GPU (or the CPU) and its codec kernels
         torch.manual_seed(self.job.train.seed)
         self.counter = ByteCounter()
         self.machine = os.environ.get("KINTSUGI_MACHINE", socket.gethostname())
@@ -72,6 +73,7 @@ class Worker:
         self.commit = Commit(control)
         self.cell_group: Optional[Group] = None
         self.dp_group: Optional[Group] = None
+        self.nccl_group: Optional[Group] = None  # the cell's data plane under parallel.backend=nccl
         self._retired: List[Group] = []
         self._divergences_handled: set = set()
         self.state_valid = False  # the stage holds a real state (not weights waiting for a rebuild)
@@ -126,8 +128,8 @@ class Worker:
     def _warm_up(self) -> None:
         """Pay the first-use costs (model construction, autograd, kernels) while waiting in the pool,
         not in the middle of someone's recovery: a spare then takes a slot in milliseconds."""
-        st = StageState(self.job, self.job.parallel.stages - 1)
-        x = torch.randn(1, 8, self.job.model.dim)
+        st = StageState(self.job, self.job.parallel.stages - 1, device=self.device)
+        x = torch.randn(1, 8, self.job.model.dim, device=self.device)
         st.model.forward_layers(x).sum().backward()
         st.zero_grad()
 
@@ -251,11 +253,14 @@ class Worker:
         timeout = self.job.recovery.init_timeout_s
         self.cell_group = group = form_group(self.connect_store, f"cell{cell}/gen{gen}", plan.ranks[self.wid],
                                              plan.world_size, timeout, abort=abort)
-        self._close_retired()
+        self._close_retired()  # aborts the last generation's NCCL groups before new GPU work starts
+        transport, self.nccl_group = devices.cell_transport(self.job, self.connect_store, f"cell{cell}/gen{gen}",
+                                                            plan.ranks[self.wid], plan.world_size, group, abort,
+                                                            self.counter, self.device)
         log.info("cell %d gen %d: group ready in %.3fs (%.3fs after publication)", cell, gen, time.time() - t_gen,
                  time.time() - plan.published_at)
+        devices.log_memory(self.device, f"cell {cell} gen {gen}")
         grid = Grid(len(plan.replicas), self.job.parallel.stages, list(plan.replicas))
-        transport = Transport(group, abort, self.counter, self._codecs())
         leaving = self.wid in plan.leavers
         slot = None if leaving else plan.slot_of(self.wid)
         rebuild = plan.rebuild.get(slot) if slot is not None else None
@@ -268,8 +273,8 @@ class Worker:
         # Plain data-parallel: the stage groups live inside the cell (every replica, every step).
         self.dp_group = None
         if len(plan.replicas) > 1 and not self.job.diloco.enabled and slot is not None:
-            self.dp_group = form_group(self.connect_store, f"cell{cell}/gen{gen}/stage{slot[1]}",
-                                       plan.replicas.index(slot[0]), len(plan.replicas), timeout, abort=abort)
+            self.dp_group = devices.stage_group(self.job, self.connect_store, f"cell{cell}/gen{gen}/stage{slot[1]}",
+                                                plan.replicas.index(slot[0]), len(plan.replicas), abort, self.device)
         committed = self._agree_on_step(plan, group, abort,
                                         has_state=not new_here and self.state is not None and self.state_valid)
         if leaving:
@@ -310,7 +315,7 @@ class Worker:
         S = job.parallel.stages
         routes = routes_for(S, job.train.microbatches, alternate=self.alternate())
         executor = make_executor(job, st, transport, grid.pipeline_ranks(slot[0]))
-        self.evaluate = Evaluator(job, executor, self.val_tokens, self.diloco, self.control)
+        self.evaluate = Evaluator(job, executor, self.val_tokens, self.diloco, self.control, device=st.device)
         hooks: List[H.StepHook] = []
         if st.lisa is not None:
             hooks.append(H.LisaHook(st.lisa))
@@ -376,7 +381,8 @@ class Worker:
         if plan.layout:  # live rebalancing: the layout every new stage is built with
             self.job.parallel.layers_per_stage = list(plan.layout)
         self.slot = slot
-        self.state = StageState(self.job, slot[1])
+        self.state = StageState(self.job, slot[1], device=self.device)
+        devices.announce(self.control, self.wid, slot, self.device)  # summary.json says where slots ran
         if self.job.model.init_from:
             from kintsugi.trainer.model.pretrained import load_into_stage
             load_into_stage(self.state, self.job.model.init_from)
@@ -413,10 +419,10 @@ class Worker:
         """Retire this generation's groups. They are closed only once the next generation's group
         formed: closing drops their connections, and a neighbour still waiting on one would take
         that for this worker's death and report it (a cascade of false suspects)."""
-        for g in (self.cell_group, self.dp_group):
+        for g in (self.cell_group, self.dp_group, self.nccl_group):
             if g is not None:
                 self._retired.append(g)
-        self.cell_group = self.dp_group = None
+        self.cell_group = self.dp_group = self.nccl_group = None
 
     def _close_retired(self) -> None:
         while self._retired:
@@ -426,12 +432,6 @@ class Worker:
         layout = self.job.parallel.layers_per_stage if layout is None else list(layout)
         return per_stage_layers(self.job.model.n_layers, self.job.parallel.stages, layout)[stage]
 
-    def _codecs(self):
-        c = self.job.compression
-        if c.activations == "none" and c.gradients == "none":
-            return {}
-        from kintsugi.compression.codecs import get_codec
-        return {"p2p": get_codec(c.activations, c.block_size), "p2p_grad": get_codec(c.gradients, c.block_size)}
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Kintsugi worker: joins a coordinator and trains one stage")
@@ -463,7 +463,12 @@ def run_worker(host: str, port: int, wid: str, token: Optional[str], timeout_s: 
     except P.Forged as e:
         print(f"kintsugi worker: {e}", file=sys.stderr)
         return 2
-    return Worker(control, wid, token, bg=bg).run()
+    try:
+        worker = Worker(control, wid, token, bg=bg)
+    except devices.DeviceError as e:  # train.device / compression.kernels cannot run in this process
+        print(f"kintsugi worker: {e}", file=sys.stderr)
+        return 2
+    return worker.run()
 
 
 if __name__ == "__main__":
