@@ -21,7 +21,9 @@ its data on disk (not tmpfs: etcd fsyncs its log, as the local store fsyncs its 
   kind: kill}]` (`--train-steps` steps, 12). Failover is the launcher's log line saying it saw the
   new leader's published address minus its line saying it SIGKILLed the leader (entry.log, one
   process's wall clock; the launcher reads etcd every 0.25 s, so this is an upper bound that also
-  counts the new leader filling its store). `steps_lost` counts (replica, step) pairs missing from
+  counts the new leader filling its store), taking the first leader seen after the kill;
+  `leader_epoch_at_kill` is the epoch that led when the kill came (1 unless a leader lost its lease
+  on its own before, e.g. starved of CPU past the TTL). `steps_lost` counts (replica, step) pairs missing from
   or repeated in metrics.jsonl (target 0); `reregistered_at` lists, per run, the step each worker
   had reached when it re-registered with the new leader (the kill is at step 5: how far the workers
   trained while none led; stages further down the pipeline are a step or so behind the first).
@@ -205,11 +207,11 @@ def _etcd_overrides(endpoints: List[str], prefix: str, ttl: int, standbys: int =
             f"recovery.etcd.prefix={prefix}", f"recovery.etcd.lease_ttl_s={ttl}", f"recovery.standbys={standbys}"]
 
 
-def _launcher_time(log: str, pattern: str) -> float:
-    m = re.search(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[kintsugi\.launch\]\[\w+\] - " + pattern, log)
-    if m is None:
-        raise RuntimeError(f"no launcher line matching {pattern!r} in entry.log")
-    return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+def _launcher_lines(log: str, pattern: str) -> List[Tuple[float, "re.Match"]]:
+    """(wall time, match) of every launcher line of entry.log matching `pattern`, in order."""
+    stamp = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[kintsugi\.launch\]\[\w+\] - "
+    return [(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp(), m)
+            for m in re.finditer(stamp + pattern, log)]
 
 
 def measure_training_failover(endpoints: List[str], workdir: str, run: int, ttl: int, steps: int) -> dict:
@@ -222,14 +224,22 @@ def measure_training_failover(endpoints: List[str], workdir: str, run: int, ttl:
         raise RuntimeError(f"failover run {run} exited {rc}: {err[-2000:]}")
     with open(os.path.join(run_dir, "entry.log")) as f:
         log = f.read()
-    killed = _launcher_time(log, r"injecting kill into the coordinator \(pid \d+\) at step")
-    led = _launcher_time(log, r"coordinator pid \d+ leads \(epoch 2\)")
+    kills = _launcher_lines(log, r"injecting kill into the coordinator \(pid \d+\) at step")
+    if not kills:
+        raise RuntimeError(f"failover run {run}: the launcher never killed the coordinator")
+    killed = kills[0][0]
+    leads = _launcher_lines(log, r"coordinator pid \d+ leads \(epoch (\d+)\)")
+    after = [(t, int(m.group(2))) for t, m in leads if t >= killed]
+    if not after:
+        raise RuntimeError(f"failover run {run}: no new leader seen after the kill")
+    led, epoch = after[0]
     seen = [(r["replica"], r["step"]) for r in _commits(records)]
     with open(os.path.join(run_dir, "job.json")) as f:
         replicas = json.load(f)["parallel"]["replicas"]
     expected = {(q, k) for q in range(replicas) for k in range(steps)}
     rereg = [int(x) for x in re.findall(r"worker w\d+ re-registered \(slot \[\d+, \d+\], step (\d+)\)", err)]
-    return {"failover_s": led - killed, "steps_lost": len(expected - set(seen)) + (len(seen) - len(set(seen))),
+    return {"failover_s": led - killed, "epoch_after_kill": epoch,
+            "epochs_before_kill": max([int(m.group(2)) for t, m in leads if t < killed], default=0), "steps_lost": len(expected - set(seen)) + (len(seen) - len(set(seen))),
             "reregistered_at": sorted(rereg),
             "final_val_loss": summary.get("final_val_loss")}
 
@@ -299,6 +309,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "training_failover_mean_s": round(statistics.mean(in_training), 3) if in_training else None,
         "training_failover_max_s": round(max(in_training), 3) if in_training else None,
         "steps_lost": [t["steps_lost"] for t in trained],
+        "leader_epoch_at_kill": [t["epochs_before_kill"] for t in trained],
         "kill_step": 5, "reregistered_at": [t["reregistered_at"] for t in trained],
         "final_val_loss": sorted({t["final_val_loss"] for t in trained}, key=str),
         "overhead_pairs": args.pairs, "overhead_steps": args.overhead_steps, **overhead,
