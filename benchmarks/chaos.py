@@ -13,7 +13,7 @@ the launcher's faults.json: every event scheduled, injected, never fired):
   error naming it: every copy lost at once), or suspends because the spares ran out (exit 75, every
   held slot saved, no error), never for another reason: never a hang (bounded wall
   time), never exit 0 after a failure it did not mend;
-- every scheduled fault fired (a completed run; an event due after a coordinator fault may be
+- every scheduled fault fired (a completed run; an event due at or after a coordinator fault may be
   overtaken, since the workers train on while it is away and the launcher sees steps through it:
   such events are listed as `overtaken`), and at least one failure was counted per worker
   killed or stopped;
@@ -172,10 +172,10 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
         broken.append(f"no {FAULTS}: what was injected is unknown")
     else:
         # The workers train on while the coordinator is stopped or dead, and the launcher sees steps
-        # through it: an event due after a coordinator fault can be overtaken by the run's end.
+        # through it: an event due at or after a coordinator fault can be overtaken by the run's end.
         # Any other event that never fired means the schedule was not what the run went through.
         down = min((e["step"] for e in faults["injected"] if e.get("target") == "coordinator"), default=None)
-        overtaken = [e for e in faults["not_fired"] if down is not None and e["step"] > down]
+        overtaken = [e for e in faults["not_fired"] if down is not None and e["step"] >= down]
         missed = [e for e in faults["not_fired"] if e not in overtaken]
         if completed and missed:
             broken.append(f"scheduled faults never fired: {missed}")

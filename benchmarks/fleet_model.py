@@ -4,7 +4,8 @@ policies, from a seeded discrete-event model driven by times measured on this ma
 Fleet. W machines = W workers (one GPU each) = R replicas x S stages; spares are not billed. Replicas
 train with (Streaming) DiLoCo and meet every H steps. Goodput = useful worker-seconds / (W x wall).
 Every lost worker-second is put in one bucket: `outage` (workers stopped), `discard` (work done but
-thrown away), `checkpoint` (blocking saves) or `regroup` (everyone waiting on a cross-replica group).
+thrown away), `checkpoint` (blocking saves), `regroup` (everyone waiting on a cross-replica group)
+or `wait` (replicas waiting for a lagging one at a matched sync; `laggard="wait"` only).
 
 Inputs and where they come from (printed in the JSON line under "inputs"):
 - measured here, `benchmarks/rendezvous.py` (outputs/benchmarks/rendezvous.json, or its --quick run
@@ -46,6 +47,12 @@ global generations every H steps of the fleet's up-time, since everyone stops to
   (`missed_sync="discard"`, the default and the conservative reading). `"catch_up"` instead applies
   the missed outer update to the replica's local state and keeps its progress: nothing more is lost;
   it is reported next to the default as "isolated_catch_up".
+  `laggard="wait"` (reported as "isolated_matched_syncs"): what Kintsugi's Streaming DiLoCo does as
+  measured (BENCHMARKS.md, "Fleet model against measured runs"): the k-th sync of a replica meets
+  the k-th of its peers, so the replicas that went on during an outage wait for the lagging one at a
+  later sync (or at the end of a fixed-steps job). Whenever at least one replica is down, every
+  replica that is up eventually waits as long: + S x the integral of (R - replicas down) over the
+  time some replica is down (bucket `wait`); with catch-up on missed syncs.
 - checkpoint (torchrun elastic): every failure restarts all W from the last checkpoint.
   D = detect + process_start + rdv(W) + load. Training runs in cycles of interval + save (all W
   blocked while saving). Lost: W x D + W x (training since the last completed save) + W x saves.
@@ -56,14 +63,16 @@ global generations every H steps of the fleet's up-time, since everyone stops to
   (the quorum changes when it leaves and when it rejoins).
 A failure inside an outage restarts that outage and discards nothing more (second order).
 
-Left out: correlated failures (a rack, a zone, a spot price jump), failures of the coordinator or
-store, stragglers, convergence effects (an absent replica or a rebuilt stage changes the loss, not
-just the time), fragments (Streaming DiLoCo's P staggered syncs miss P times as often, each costing
-1/P: the same to first order), the alternative of waiting for a replica at a sync instead of
-proceeding without it, links shared by concurrent rebuilds, and rdv() beyond 32 ranks, which is an
-extrapolation of a loopback fit.
+Left out here: correlated failures (a whole machine, a zone, the coordinator's machine: see
+`benchmarks/fleet_correlated.py`, which runs this model on such traces), stragglers, convergence
+effects (an absent replica or a rebuilt stage changes the loss, not just the time), fragments
+(Streaming DiLoCo's P staggered syncs miss P times as often, each costing 1/P: the same to first
+order), links shared by concurrent rebuilds, and rdv() beyond 32 ranks, which is an extrapolation of
+a loopback fit. Waiting for a lagging replica at a matched sync is `laggard="wait"` (above); checked
+against measured runs by `benchmarks/fleet_check.py`.
 
     python -m benchmarks.fleet_model [--quick] [--plot docs/fleet_model.png]
+    python -m benchmarks.fleet_model --trace RUN_DIR     # one measured run: predicted vs recorded
 
 Prints one JSON line; the Markdown table goes to stderr and outputs/benchmarks/fleet_model.md (--md).
 """
@@ -90,7 +99,8 @@ REPORT_DIR = os.path.join(ROOT, "outputs", "benchmarks")
 POLICIES = ("global", "isolated", "checkpoint", "drop_replica")
 LABELS = {"global": "global generations", "isolated": "per-replica isolation",
           "checkpoint": "checkpoint-restart (torchrun elastic)", "drop_replica": "drop replica (torchft)",
-          "isolated_catch_up": "per-replica isolation, catch-up on a missed sync"}
+          "isolated_catch_up": "per-replica isolation, catch-up on a missed sync",
+          "isolated_matched_syncs": "per-replica isolation, matched syncs (Kintsugi as measured)"}
 # BENCHMARKS.md, "Recovery" (benchmarks/recovery.py, SIGKILL, n = 3): median detect_s and recover_s.
 BENCH_DETECT_S = 0.042
 BENCH_RECOVER_S = 0.72
@@ -113,10 +123,13 @@ class Inputs:
     ckpt_interval_s: Optional[float] = None  # None: Young/Daly optimum for the cell
     storage_gbit: Optional[float] = None    # None: the link bandwidth
     missed_sync: str = "discard"            # or "catch_up" (isolated only; see the module docstring)
+    laggard: str = "proceed"                # or "wait": matched syncs (isolated only; see the docstring)
 
     def __post_init__(self):
         if self.missed_sync not in ("discard", "catch_up"):
             raise ValueError(f"missed_sync={self.missed_sync!r}: use 'discard' or 'catch_up'")
+        if self.laggard not in ("proceed", "wait"):
+            raise ValueError(f"laggard={self.laggard!r}: use 'proceed' or 'wait'")
 
     def rdv_s(self, n: int) -> float:
         return rendezvous.predict(self.rdv, n, self.rdv_form)
@@ -139,6 +152,7 @@ class Costs:
     ckpt_restart_s: float
     ckpt_save_s: float
     ckpt_interval_s: float
+    laggard: str = "proceed"
 
     @property
     def replicas(self) -> int:
@@ -166,7 +180,7 @@ def costs(inp: Inputs, workers: int, gbit: float, rate_per_h: float) -> Costs:
                  d_global=inp.detect_s + inp.rdv_s(workers) + rebuild,
                  d_replica=inp.detect_s + inp.rdv_s(s) + rebuild,
                  regroup_s=max(0.0, inp.rdv_s(workers // s) - inp.overlap_steps * inp.step_s),
-                 missed_sync=inp.missed_sync,
+                 missed_sync=inp.missed_sync, laggard=inp.laggard,
                  ft_ready_s=inp.detect_s + inp.process_start_s + inp.rdv_s(s), ft_heal_s=rebuild,
                  ckpt_restart_s=inp.detect_s + inp.process_start_s + inp.rdv_s(workers) + storage,
                  ckpt_save_s=storage, ckpt_interval_s=interval)
@@ -183,14 +197,17 @@ def _lost(**buckets) -> Dict[str, float]:
     return {k: float(v) for k, v in buckets.items()}
 
 
-def sim_global(times: Sequence[float], c: Costs, horizon: float) -> Dict[str, float]:
+def sim_global(times: Sequence[float], c: Costs, horizon: float,
+               durations: Optional[Sequence[float]] = None) -> Dict[str, float]:
+    """`durations`: each failure's own outage instead of `c.d_global` (benchmarks/fleet_correlated.py)."""
     w = c.workers
     outage = discard = 0.0
     up_before = 0.0                    # fleet up-time before the last resume (the sync clock)
     down_start, down_until = None, 0.0
-    for t in times:
+    for i, t in enumerate(times):
+        d = c.d_global if durations is None else durations[i]
         if t < down_until:             # a failure during the rebuild restarts it
-            down_until = t + c.d_global
+            down_until = max(down_until, t + d)
             continue
         if down_start is not None:
             outage += w * (down_until - down_start)
@@ -198,24 +215,44 @@ def sim_global(times: Sequence[float], c: Costs, horizon: float) -> Dict[str, fl
         phase = up % c.step_s
         discard += (w - 1) * phase + (up_before + up) % c.sync_s
         up_before += up
-        down_start, down_until = t, t + c.d_global
+        down_start, down_until = t, t + d
     if down_start is not None:
         outage += w * (min(down_until, horizon) - down_start)
     return _lost(outage=outage, discard=discard)
 
 
-def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool) -> Dict[str, float]:
-    """Per-replica units: `isolated` (rebuild in place) or `drop_replica` (torchft-style heal)."""
+def laggard_waits(spans: Sequence[tuple], replicas: int, stages: int) -> float:
+    """Worker-seconds the replicas that are up wait for those that are down, under matched syncs:
+    S x the integral of (R - replicas down) over the time at least one is down. `spans`: every
+    replica's (start, end) down intervals, disjoint within a replica."""
+    edges = sorted((t, d) for a, b in spans if b > a for t, d in ((a, 1), (b, -1)))
+    total, down, last = 0.0, 0, None
+    for t, d in edges:
+        if down > 0:
+            total += stages * (replicas - down) * (t - last)
+        down, last = down + d, t
+    return total
+
+
+def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool,
+                 durations: Optional[Sequence[float]] = None,
+                 exact: Optional[Sequence[bool]] = None) -> Dict[str, float]:
+    """Per-replica units: `isolated` (rebuild in place) or `drop_replica` (torchft-style heal).
+    A measured trace (benchmarks/fleet_trace.py) gives each failure's own outage (`durations`, instead
+    of `c.d_replica`) and whether its rebuild was exact (`exact`: a handoff of the leaving worker's own
+    state; the replica loses the step in flight, S x phase, and nothing since the last sync)."""
     s, r_count, sync = c.stages, c.replicas, c.sync_s
     down_start = [None] * r_count
     down_until = [0.0] * r_count
     unsynced_at_resume = [0.0] * r_count  # unsynced progress the replica carries into its resume
     kept = [0.0] * r_count                # survivors' unsynced progress at the failure (isolated)
     acc = {"outage": 0.0, "discard": 0.0, "regroup": 0.0}
+    spans = []                            # (start, end) of every outage, clipped to the horizon
+    last_regroup_t = None
 
-    def rejoin(t: float) -> float:
+    def rejoin(t: float, i: int) -> float:
         if not drop_replica:
-            return t + c.d_replica
+            return t + (c.d_replica if durations is None else durations[i])
         return math.ceil((t + c.ft_ready_s) / sync) * sync + c.ft_heal_s
 
     def close(r: int) -> None:
@@ -223,6 +260,7 @@ def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool) 
         if start is None:
             return
         acc["outage"] += s * (min(end, horizon) - start)
+        spans.append((start, min(end, horizon)))
         missed = math.floor(end / sync) * sync > start  # a sync fell inside the outage
         if drop_replica:
             unsynced_at_resume[r] = 0.0                 # healed to the global state
@@ -234,26 +272,36 @@ def _replica_sim(times, machines, c: Costs, horizon: float, drop_replica: bool) 
             unsynced_at_resume[r] = kept[r]
         down_start[r] = None
 
-    for t, m in zip(times, machines):
+    for i, (t, m) in enumerate(zip(times, machines)):
         r = int(m) // s
         if t < down_until[r]:
-            down_until[r] = rejoin(t)
+            down_until[r] = max(down_until[r], rejoin(t, i))
             continue
         close(r)
         e = down_until[r]
         last_sync = math.floor(t / sync) * sync
         unsynced = t - last_sync if last_sync >= e else unsynced_at_resume[r] + (t - e)
         phase = (t - e) % c.step_s
+        # Replicas lost at the same moment (a machine, a zone: benchmarks/fleet_correlated.py) share
+        # one re-formation of the cross-replica groups.
+        regroup = 0.0 if t == last_regroup_t else c.workers * c.regroup_s
+        last_regroup_t = t
         if drop_replica:
             acc["discard"] += s * unsynced
-            acc["regroup"] += 2 * c.workers * c.regroup_s
+            acc["regroup"] += 2 * regroup
+        elif exact is not None and exact[i]:
+            acc["discard"] += s * phase
+            kept[r] = unsynced - phase
+            acc["regroup"] += regroup
         else:
             acc["discard"] += unsynced + (s - 1) * phase
             kept[r] = unsynced - phase
-            acc["regroup"] += c.workers * c.regroup_s
-        down_start[r], down_until[r] = t, rejoin(t)
+            acc["regroup"] += regroup
+        down_start[r], down_until[r] = t, rejoin(t, i)
     for r in range(r_count):
         close(r)
+    if c.laggard == "wait" and not drop_replica:
+        acc["wait"] = laggard_waits(spans, r_count, s)
     return _lost(**acc)
 
 
@@ -321,7 +369,7 @@ def sweep(inp: Inputs, workers: Sequence[int], rates: Sequence[float], gbits: Se
                     runs = [simulate(policy, t, m, c, horizon_s) for t, m in traces]
                     g = [run["goodput"] for run in runs]
                     buckets = {k: statistics.mean(run.get(k, 0.0) for run in runs) / (w * horizon_s)
-                               for k in ("outage", "discard", "checkpoint", "regroup")}
+                               for k in ("outage", "discard", "checkpoint", "regroup", "wait")}
                     cells.append({"workers": w, "replicas": w // inp.stages, "rate_per_h": rate, "gbit": gbit,
                                   "policy": policy, "goodput_mean": statistics.mean(g),
                                   "goodput_min": min(g), "goodput_max": max(g),
@@ -337,7 +385,7 @@ def cost_table(inp: Inputs, workers, gbits, rates) -> List[dict]:
         for gbit in gbits:
             c = costs(inp, w, gbit, rates[0])
             rows.append({"workers": w, "gbit": gbit, **{k: round(v, 4) for k, v in asdict(c).items()
-                                                          if k not in ("workers", "stages", "ckpt_interval_s", "missed_sync")},
+                                                          if k not in ("workers", "stages", "ckpt_interval_s", "missed_sync", "laggard")},
                          "rdv_W_s": round(inp.rdv_s(w), 4), "rdv_S_s": round(inp.rdv_s(inp.stages), 4),
                          "rdv_R_s": round(inp.rdv_s(w // inp.stages), 4)})
     return rows
@@ -434,8 +482,20 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default=os.path.join(REPORT_DIR, "fleet_model.md"), help="where the table goes")
     ap.add_argument("--rendezvous", default=rendezvous.OUT_PATH, help="benchmarks.rendezvous output to read")
     ap.add_argument("--plot", default=None, help="write the 10 Gbit/s figure here (e.g. docs/fleet_model.png)")
+    ap.add_argument("--trace", default=None, metavar="RUN_DIR",
+                    help="predict one measured run from its own failure trace, next to what it recorded "
+                         "(benchmarks/fleet_trace.py), instead of the fleet-scale sweep")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    if args.trace:
+        from kintsugi.benchmarks import fleet_trace  # it imports this module: not at the top
+        rdv_data, source = load_rendezvous(args.rendezvous)
+        with open(os.path.join(args.trace, "job.json")) as f:
+            replicas = int(json.load(f)["parallel"]["replicas"])
+        rdv_r = rendezvous.predict(rdv_data[f"fit_{args.rdv_basis}"], replicas, args.rdv_form)
+        print(json.dumps({"benchmark": "fleet_model", "mode": "trace", "rdv_source": source,
+                          **fleet_trace.compare(args.trace, rdv_r)}))
+        return 0
     hours, seeds = (2.0, 2) if args.quick else (args.hours, args.seeds)
     workers, rates, gbits = (64, 256, 1024, 4096), (0.05, 0.10, 0.16, 0.33), (1.0, 10.0)
 
@@ -448,6 +508,9 @@ def main(argv=None) -> int:
     catch_up = Inputs(**{**asdict(inp), "missed_sync": "catch_up"})
     cells += [dict(c, policy="isolated_catch_up")
               for c in sweep(catch_up, workers, rates, gbits, hours * 3600, list(range(seeds)), ("isolated",))]
+    matched = Inputs(**{**asdict(inp), "missed_sync": "catch_up", "laggard": "wait"})
+    cells += [dict(c, policy="isolated_matched_syncs")
+              for c in sweep(matched, workers, rates, gbits, hours * 3600, list(range(seeds)), ("isolated",))]
     sensitivity = rdv_sensitivity(inp, workers, hours * 3600, list(range(seeds)))
     table = markdown(cells, workers, rates, gbits)
     os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)

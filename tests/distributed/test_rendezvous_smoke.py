@@ -30,6 +30,6 @@ def test_rendezvous_quick_measures_formation_and_detection_then_feeds_the_fleet_
     fleet = run_benchmark("benchmarks.fleet_model", "--quick", "--rendezvous", str(rdv_path), "--plot", str(png),
                           "--md", str(md), timeout=120)
     assert fleet["inputs"]["rdv_source"].endswith("(--quick run)")
-    assert len(fleet["cells"]) == 4 * 4 * 2 * 5  # W x rates x bandwidths x (4 policies + catch-up)
+    assert len(fleet["cells"]) == 4 * 4 * 2 * 6  # W x rates x bandwidths x (4 policies + catch-up + matched syncs)
     assert all(0.0 <= c["goodput_mean"] <= 1.0 for c in fleet["cells"])
     assert os.path.getsize(png) > 10_000 and "| per-replica isolation |" in md.read_text()

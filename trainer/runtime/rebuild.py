@@ -78,9 +78,9 @@ def snapshot(host: SlotHost, **extra) -> dict:
 
 
 def load_dump(path: str) -> dict:
-    """A test dump read back, every tensor on the CPU whatever device wrote it. Dumps are written
-    and read by this project's tests only (trusted files), hence the full unpickler."""
-    return load_cpu(path, weights_only=False)
+    """A test dump read back, every tensor on the CPU whatever device wrote it (tensors, dicts,
+    lists and plain values: never the full unpickler, even for a file in a run directory)."""
+    return load_cpu(path, weights_only=True)
 
 
 # --- the plan ----------------------------------------------------------------------------------------------

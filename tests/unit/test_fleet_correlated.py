@@ -1,0 +1,41 @@
+"""benchmarks/fleet_correlated.py: how correlated losses are laid out and priced (worked by hand)."""
+import pytest
+
+from kintsugi.benchmarks.fleet_correlated import _spread, delayed, events
+
+
+def test_a_machine_takes_eight_distinct_slots_of_eight_replicas():
+    # W = 64 (R = 8, S = 8), first slot 13 = replica 1, stage 5: slot j is replica 1 + j, stage 5 + j.
+    slots = _spread(13, 8, 64, 8)
+    assert slots == [13, 22, 31, 32, 41, 50, 59, 4]
+    assert len({s // 8 for s in slots}) == 8
+
+
+def test_a_zone_takes_a_quarter_of_the_fleet_without_repeating_a_slot():
+    slots = _spread(5, 64, 256, 8)
+    assert len(set(slots)) == 64
+
+
+def test_a_rebuild_that_starts_while_the_coordinator_is_down_waits_for_its_successor():
+    # Coordinator lost at 100, failover 3 s: a failure at 101 with a 0.5 s outage ends at 103 -> 2 s;
+    # one at 90 or at 104 keeps its 0.5 s; one at 102.8 ends at 103 at the earliest -> max(0.5, 0.2).
+    assert delayed([90.0, 101.0, 102.8, 104.0], 0.5, [100.0], 3.0) == pytest.approx([0.5, 2.0, 0.5, 0.5])
+
+
+def test_machine_events_are_the_independent_ones_eight_slots_each():
+    t_ind, s_ind, _ = events("independent", 64, 8, 0.10, 7200.0, seed=3)
+    t_m, s_m, _ = events("machine", 64, 8, 0.10, 7200.0, seed=3)
+    assert len(t_m) == 8 * len(t_ind) and len(s_m) == len(t_m)
+    assert sorted(set(t_m)) == sorted(set(t_ind))
+
+
+def test_replicas_lost_at_one_moment_share_one_regroup():
+    # W = 4 (R = 2, S = 2), regroup 0.5 s: two replicas lost at t = 5 re-form the cross-replica
+    # groups once, W x 0.5 = 2 worker-seconds; lost at 5 and 50, twice: 4.
+    import math
+    from kintsugi.benchmarks import fleet_model as FM
+    c = FM.Costs(workers=4, stages=2, step_s=1.0, sync_s=10.0, transfer_s=0.0, d_global=0.0, d_replica=1.0,
+                 regroup_s=0.5, missed_sync="catch_up", ft_ready_s=0.0, ft_heal_s=0.0, ckpt_restart_s=0.0,
+                 ckpt_save_s=0.0, ckpt_interval_s=math.inf)
+    assert FM.sim_isolated([5.0, 5.0], [0, 2], c, 100.0)["regroup"] == pytest.approx(2.0)
+    assert FM.sim_isolated([5.0, 50.0], [0, 2], c, 100.0)["regroup"] == pytest.approx(4.0)
