@@ -44,11 +44,11 @@ def _exactly_once(records, replicas):
         assert steps == list(range(STEPS)), f"replica {q}: steps skipped or repeated: {steps}"
 
 
-def _logged_at(log, pattern):
-    """The launcher's timestamp (wall clock, ms) of the first line of entry.log matching `pattern`."""
-    m = re.search(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[kintsugi\.launch\]\[\w+\] - " + pattern, log)
-    assert m, f"no launcher line matching {pattern!r} in entry.log:\n{log[-3000:]}"
-    return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+def _logged(log, pattern):
+    """(wall time, match) of every launcher line of entry.log matching `pattern`, in order."""
+    stamp = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[kintsugi\.launch\]\[\w+\] - "
+    return [(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp(), m)
+            for m in re.finditer(stamp + pattern, log)]
 
 
 def test_leader_killed_mid_run_a_standby_takes_over(shared_etcd, tmp_path):
@@ -61,10 +61,18 @@ def test_leader_killed_mid_run_a_standby_takes_over(shared_etcd, tmp_path):
     # The launcher sees the new leader's address once it is published (the standby won, then filled
     # its store from the state in etcd) and reads etcd every 0.25 s: TTL + 1 s for the election, 1 s
     # more for these two.
-    killed = _logged_at(log, r"injecting kill into the coordinator \(pid \d+\) at step 5")
-    led = _logged_at(log, r"coordinator pid \d+ leads \(epoch 2\)")
+    # (On a host loaded far past its cores a leader can also lose its lease unkilled: then a later
+    # epoch leads at the kill, and the one after it must follow as fast.)
+    kills = _logged(log, r"injecting kill into the coordinator \(pid \d+\) at step 5")
+    assert kills, f"the launcher never killed the coordinator:\n{log[-3000:]}"
+    killed = kills[0][0]
+    leads = [(t, int(m.group(2))) for t, m in _logged(log, r"coordinator pid \d+ leads \(epoch (\d+)\)")]
+    at_kill = max([e for t, e in leads if t < killed], default=0)
+    after = [(t, e) for t, e in leads if t >= killed and e > at_kill]
+    assert at_kill >= 1 and after, f"no new leader after the kill:\n{log[-3000:]}"
+    led, successor = after[0]
     assert led - killed <= TTL_S + 2, f"the standby led {led - killed:.2f} s after the kill (lease TTL {TTL_S} s)"
-    assert "coordinator reachable again (a new leader, epoch 2" in err
+    assert f"coordinator reachable again (a new leader, epoch {successor}" in err
     _exactly_once(records, 1)
     assert summary["failures"] == 0 and summary["steps"] == STEPS and summary["error"] is None
     # Nothing was rolled back: every worker re-registered with the new leader at the kill's step or
@@ -77,8 +85,8 @@ def test_leader_killed_mid_run_a_standby_takes_over(shared_etcd, tmp_path):
     # killed leader's writes first, its successor's after, and the end written by the successor.
     history = list(EtcdStateStore(EtcdClient(shared_etcd.endpoints), prefix).history())
     epochs = [doc["epoch"] for _, doc in reversed(history)]
-    assert epochs == sorted(epochs) and set(epochs) == {1, 2}, epochs
-    assert history[0][1]["epoch"] == 2 and history[0][1]["state"]["ended"] == "finished"
+    assert epochs == sorted(epochs) and epochs[0] == 1 and {at_kill, successor} <= set(epochs), epochs
+    assert history[0][1]["epoch"] >= successor and history[0][1]["state"]["ended"] == "finished"
     assert time.monotonic() - t0 < 120
 
 
@@ -107,7 +115,7 @@ def test_leader_killed_changes_no_loss_against_the_local_control_plane(shared_et
                                           f"train.max_steps={STEPS}", *grid)
     proc, summary, records, _ = _etcd_run(shared_etcd, tmp_path / "run", *grid,
                                           "faults.schedule=[{step: 5, target: coordinator, kind: kill}]")
-    assert "coordinator reachable again (a new leader, epoch 2" in proc.stderr
+    assert "coordinator reachable again (a new leader, epoch" in proc.stderr
     _exactly_once(records, 2)
     for q in (0, 1):
         mine = {r["step"]: r["loss"] for r in _commits(records) if r["replica"] == q}
@@ -125,6 +133,6 @@ def test_leader_killed_right_after_a_worker(shared_etcd, tmp_path):
         "recovery.progress_timeout_s=20",
         "faults.schedule=[{step: 5, replica: 0, stage: 2, kind: kill},"
         "{step: 5, target: coordinator, kind: kill, delay_s: 0.05}]")
-    assert "coordinator reachable again (a new leader, epoch 2" in proc.stderr
+    assert "coordinator reachable again (a new leader, epoch" in proc.stderr
     assert summary["failures"] == 1 and [tuple(rb["slot"]) for rb in summary["rebuilds"]] == [(0, 2)]
     _exactly_once(records, 1)
