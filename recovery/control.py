@@ -5,11 +5,18 @@ Identity: the run id is sealed with a key from the token alone; the coordinator'
 `boot` id and a number that increases with every restart) is learnt by a challenge, so a copy of an
 old incarnation's records written back into a restarted coordinator's store cannot make a worker
 believe nothing restarted. Every record then sealed or verified uses that incarnation (recovery.auth).
+
+Where (recovery.control=etcd): a `locate` (recovery.etcd_locate.Locator) tells where the current
+leader's store is. The first address comes from it, and while the coordinator is away (or a request
+to it hangs while a newer leader has published itself) the connection moves to the new leader's
+address, verifies its identity like any restarted coordinator's, and runs `on_new_boot`. Workers get
+one from their environment (KINTSUGI_ETCD_ENDPOINTS); without it nothing of etcd is imported.
 """
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import secrets
 import threading
 import time
@@ -44,12 +51,15 @@ class _OpThread:
                 box.append((False, e))
             done.set()
 
-    def run(self, fn, timeout_s: float):
+    def run(self, fn, timeout_s: float, give_up: Optional[Callable[[], bool]] = None):
+        """`give_up()`: asked every second while `fn` runs; True abandons it (TimeoutError)."""
         box: list = []
         done = threading.Event()
         self.q.put((fn, box, done))
-        if not done.wait(timeout_s):
-            raise TimeoutError
+        deadline = time.monotonic() + timeout_s
+        while not done.wait(min(1.0, max(0.0, deadline - time.monotonic())) if give_up else timeout_s):
+            if give_up is None or time.monotonic() >= deadline or give_up():
+                raise TimeoutError
         ok, value = box[0]
         if ok:
             return value
@@ -72,8 +82,11 @@ class Control:
     # costs the training thread seconds, not the minutes of a rendezvous timeout.
     OP_TIMEOUT_S = 10.0
 
-    def __init__(self, host: str, port: int, timeout_s: float = 60.0, store=None, token: Optional[str] = None):
+    def __init__(self, host: str, port: int, timeout_s: float = 60.0, store=None, token: Optional[str] = None,
+                 locate=None):
         self.host, self.port, self.timeout_s = host, port, timeout_s
+        self.locate = locate        # recovery.etcd_locate.Locator (recovery.control=etcd), else None
+        self.leader_epoch = 0       # the etcd epoch of the leader at host:port (0: unknown, or no etcd)
         self._lock = threading.RLock()
         self.store = store if store is not None else connect(host, port, min(timeout_s, self.OP_TIMEOUT_S))
         self.token = token
@@ -141,7 +154,8 @@ class Control:
         with self._lock:
             store, ops = self.store, self._ops
             try:
-                return ops.run(lambda: fn(store, *args), self.OP_TIMEOUT_S)
+                return ops.run(lambda: fn(store, *args), self.OP_TIMEOUT_S,
+                               give_up=self._superseded if self.locate is not None else None)
             except TimeoutError:
                 self._ops = _OpThread()  # the blocked thread and its connection are left behind
                 self._lost(f"no answer within {self.OP_TIMEOUT_S:.0f}s")
@@ -149,6 +163,10 @@ class Control:
             except (RuntimeError, ConnectionError, OSError) as e:  # DistNetworkError is a RuntimeError
                 self._lost(str(e).splitlines()[0][:100])
                 raise CoordinatorAway(str(e)) from e
+
+    def _superseded(self) -> bool:
+        """A newer leader published its address: the one this request waits on was deposed."""
+        return self.locate.newer_than(self.leader_epoch) is not None
 
     def _lost(self, why: str) -> None:
         if self.away_since is None:
@@ -190,14 +208,23 @@ class Control:
         """One attempt (cheap when nothing listens). True once connected and caught up."""
         if self.away_since is None:
             return True
+        epoch = self.leader_epoch
+        if self.locate is not None:
+            info = self.locate.newer_than(self.leader_epoch)
+            if info is not None:
+                self.host, port = info.address.rsplit(":", 1)
+                self.port, epoch = int(port), info.epoch
         if not port_open(self.host, self.port):
             return False
         probe = _OpThread()  # a hung coordinator accepts connections but never answers
+        # etcd: an attempt on a leader that a newer one replaced (its port seen open as it died) is abandoned
+        moved_on = (lambda: self.locate.newer_than(epoch) is not None) if self.locate is not None else None
         try:
-            store = probe.run(lambda: connect(self.host, self.port, timeout_s=min(self.timeout_s, 5.0)), 10.0)
-            if not probe.run(lambda: store.check(["job"]), 5.0):
+            store = probe.run(lambda: connect(self.host, self.port, timeout_s=min(self.timeout_s, 5.0)), 10.0,
+                              give_up=moved_on)
+            if not probe.run(lambda: store.check(["job"]), 5.0, give_up=moved_on):
                 return False  # a restarted coordinator still filling its store
-            ident = probe.run(lambda: self.identify(store), 10.0)
+            ident = probe.run(lambda: self.identify(store), 10.0, give_up=moved_on)
         except Exception:  # noqa: BLE001 - not back yet
             return False
         if ident is None:
@@ -205,8 +232,11 @@ class Control:
         with self._lock:
             self.store, self._ops = store, probe
             new_boot = self._adopt(*ident)
+            moved = epoch != self.leader_epoch
+            self.leader_epoch = epoch
             self.away_since = None
-        log.warning("coordinator reachable again%s", " (restarted)" if new_boot else "")
+        log.warning("coordinator reachable again%s", f" (a new leader, epoch {epoch}, at {self.host}:{self.port})"
+                    if moved else " (restarted)" if new_boot else "")
         if new_boot:
             for cb in self.on_new_boot:
                 cb()
@@ -223,10 +253,24 @@ class Control:
             self.outbox.popleft()
 
 
-def open_control(host: str, port: int, token: str, timeout_s: float = 120, store=None, role: str = "worker") -> Control:
+def open_control(host: str, port: int, token: str, timeout_s: float = 120, store=None, role: str = "worker",
+                 locate=None) -> Control:
     """A connection whose seals verify with `token`, once the coordinator answered its challenge;
-    Forged if the coordinator's identity does not verify with this token."""
-    control = Control(host, port, timeout_s, store=store, token=token)
+    Forged if the coordinator's identity does not verify with this token. With `locate` (a
+    worker's comes from its environment, recovery.etcd_locate) the address is the current leader's."""
+    if locate is None and role == "worker" and os.environ.get("KINTSUGI_ETCD_ENDPOINTS"):
+        from .etcd_locate import from_env  # recovery.control=etcd only: the local mode imports no etcd
+        locate = from_env()
+    epoch = 0
+    if locate is not None:
+        info = locate.wait(timeout_s)
+        if store is None or info.address != f"{host}:{port}":
+            store = None
+            host, port = info.address.rsplit(":", 1)
+            port = int(port)
+        epoch = info.epoch
+    control = Control(host, port, timeout_s, store=store, token=token, locate=locate)
+    control.leader_epoch = epoch
     control.role = role
     deadline = time.monotonic() + timeout_s
     while True:

@@ -195,6 +195,7 @@ class CoordinatorState:
     rebuild_plans: int = 0        # generations published with a rebuild in them (fault injection keys on it)
     corpus: Optional[dict] = None
     bytes: Dict[str, int] = field(default_factory=dict)         # per channel, as last seen
+    ended: Optional[str] = None   # finished | suspended | stopped: <why>; set by the final save
     store_restarts: int = 0       # restarts with an empty store after a flood (recovery.coordinator)
     tampering: Dict[str, int] = field(default_factory=dict)     # records dropped or repaired, by kind, all incarnations
 

@@ -21,6 +21,13 @@ re-planned, dropping whoever never arrived; a cell that neither commits nor chan
 says which slots wait and how to add a worker, and after `recovery.spare_wait_s` suspends the job
 (exit 75). Started again with `restore=True`, it reads its state back, the workers re-register and
 replay what it missed, and the run goes on. All timeouts use the monotonic clock.
+
+Where the state rests is its `state_store` (recovery.state_store). With etcd (recovery.control=etcd,
+see recovery.etcd_leader) the store also decides who may act: the coordinator checks `leading()`
+before every record it handles and every write it releases, holds its TCPStore writes until the
+state that caused them is saved (write-ahead), and once deposed acts no further: `serve()` returns
+EX_DEPOSED without ending the run. Its incarnation is at least the election's epoch
+(`min_incarnation`), so every leader's is higher than its predecessors'.
 """
 from __future__ import annotations
 
@@ -45,10 +52,10 @@ from .plan import slot_key
 from .generations import Generations
 from .reactions import Reactions
 from .salvage import Salvage, load_state
-from .state_store import FileStateStore, StateStore
+from .state_store import Fenced, FileStateStore, StateStore, Unavailable
 from .records import write_strict_atomic
-from .runfiles import (ALIVE, CONTROL_STATE, EX_CANNOT_RECOVER, EX_RECORD, EX_RESTART_STORE, EX_SUSPENDED,
-                       FINAL_STATE, METRICS)
+from .runfiles import (ALIVE, CONTROL_STATE, EX_CANNOT_RECOVER, EX_DEPOSED, EX_RECORD, EX_RESTART_STORE,
+                       EX_SUSPENDED, FINAL_STATE, METRICS)
 
 log = logging.getLogger(__name__)
 STATE_FILE = CONTROL_STATE
@@ -72,7 +79,8 @@ class Coordinator:
     def __init__(self, job: dict, run_dir: str, port: int, host: str = "127.0.0.1", token: Optional[str] = None,
                  progress: bool = True, tracker=None, resume_from: Optional[Dict[int, int]] = None,
                  resume_missing: Optional[Dict[int, List[int]]] = None, layout: Optional[List[int]] = None,
-                 corpus: Optional[dict] = None, restore: bool = False, state_store: Optional[StateStore] = None):
+                 corpus: Optional[dict] = None, restore: bool = False, state_store: Optional[StateStore] = None,
+                 min_incarnation: int = 0):
         if not token:
             raise ValueError("a run always has a token: give the coordinator one (KINTSUGI_TOKEN)")
         self.job, self.run_dir = job, run_dir
@@ -91,7 +99,7 @@ class Coordinator:
             for r, k in resume_from.items():
                 st.committed[r] = k
                 st.latest_checkpoint = k if len(set(resume_from.values())) == 1 else None
-        st.incarnation += 1
+        st.incarnation = max(st.incarnation + 1, min_incarnation)
         self.boot = f"{uuid.uuid4().hex[:8]}-{st.incarnation}"
         st.run_id = st.run_id or uuid.uuid4().hex
         self.auth = Auth(token, st.run_id, self.boot, writer=writer_id("coordinator"))
@@ -101,6 +109,8 @@ class Coordinator:
         self.exit_code = EX_CANNOT_RECOVER  # with an error: 3 = cannot recover, 143 = terminated
         self.terminating: Optional[float] = None
         self.persist_error: Optional[str] = None
+        self.deposed: Optional[str] = None  # recovery.control=etcd: why this process no longer leads
+        self._save_waiting = False          # the store could not save (etcd without quorum); retrying
         self.final_errors: List[str] = []
         self.missing_steps: Dict[int, List[int]] = {}  # committed, never recorded (the record has a hole)
         self._restart_store = False
@@ -135,6 +145,8 @@ class Coordinator:
         self._answered: "collections.deque[Tuple[float, str]]" = collections.deque()
         self._identity_checked = 0.0
         self._fill_store()
+        if self.state_store.write_ahead:
+            self.board.hold_writes()
         self.readers = {name: P.LogReader(self.store, name, auth=self.auth, on_forged=(
             self.membership.on_forged_join if name == "join" else None)) for name in LOGS}
         self.handlers = {"join": self.membership.on_join, "rejoin": self.membership.on_rejoin,
@@ -285,6 +297,8 @@ class Coordinator:
     def _drain_logs(self) -> None:
         for name in LOGS:
             for rec in self.readers[name].poll():
+                if not self._leads():  # deposed: this record is for the successor (workers replay it)
+                    return
                 try:
                     self.handlers[name](rec)
                 except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -295,6 +309,8 @@ class Coordinator:
         clean = False
         try:
             while True:
+                if not self._leads():
+                    break
                 if st.corpus is None and self.store.check(["corpus"]):  # a launcher put it: keep it
                     st.corpus = self.board.get("corpus")
                     self._dirty = True
@@ -325,12 +341,16 @@ class Coordinator:
                 time.sleep(poll_s)
             clean = True
         finally:
-            if self._restart_store:
+            if self.deposed is not None:  # the run goes on under the successor: no shutdown, no final record
+                self.ledger.close()
+            elif self._restart_store:
                 self._dirty = True
-                self._persist()
+                self._persist(final=True)
                 self.ledger.close()
             else:
                 self._finish_run(clean)
+        if self.deposed is not None:
+            return EX_DEPOSED
         return EX_RESTART_STORE if self._restart_store else self._exit_status()
 
     def _exit_status(self) -> int:
@@ -363,20 +383,55 @@ class Coordinator:
             out[kind] = out.get(kind, 0) + n
         return out
 
-    def _persist(self) -> None:
+    def _leads(self) -> bool:
+        if self.deposed is None and not self.state_store.leading():
+            self._depose("its etcd lease ran out")
+        return self.deposed is None
+
+    def _depose(self, why: str) -> None:
+        if self.deposed is None:
+            self.deposed = why
+            log.error("this coordinator no longer leads the run (%s); it acts no further", why)
+
+    def _persist(self, final: bool = False) -> None:
+        """Save the state if it changed and the store says it is due (`final`: now), then release
+        the TCPStore writes that waited on it (write-ahead) while this process still leads."""
+        store = self.state_store
         self.st.tampering = self.tampering()
-        if not self._dirty and self.st.tampering == self._tampering_saved:
-            return
-        self._tampering_saved = dict(self.st.tampering)
-        self._dirty = False
-        self.ledger.refresh_bytes()
-        try:
-            self.state_store.save(self.st.to_json())
-        except OSError as e:
+        if self.st.tampering != self._tampering_saved:
             self._dirty = True
-            if not self.persist_error:
-                self.persist_error = str(e)
-                log.error("cannot persist the coordinator state (%s); a restart would lose recent changes", e)
+        if self._dirty:
+            built: List[dict] = []
+
+            def state() -> dict:
+                if not built:
+                    self.ledger.refresh_bytes()
+                    built.append(self.st.to_json())
+                return built[0]
+            if not (final or store.due(state, self.board.holding)):
+                return
+            self._dirty = False
+            try:
+                store.save(state())
+            except Fenced as e:
+                self._depose(str(e))
+                return
+            except Unavailable as e:  # no quorum: not a deposition (the lease decides); retried
+                self._dirty = True
+                if not self._save_waiting:
+                    log.warning("cannot save the coordinator state (%s); retrying, plans wait", e)
+                self._save_waiting = True
+                return
+            except OSError as e:
+                self._dirty = True
+                if not self.persist_error:
+                    self.persist_error = str(e)
+                    log.error("cannot persist the coordinator state (%s); a restart would lose recent changes", e)
+            else:
+                self._save_waiting = False
+                self._tampering_saved = dict(self.st.tampering)
+        if self.board.holding and self._leads():
+            self.board.release()
 
     def _alive(self) -> None:
         """Touch RUN_DIR/.coordinator_alive about once a second: a launcher replaces a coordinator
@@ -409,8 +464,17 @@ class Coordinator:
                 err = None
             if err:
                 self.final_errors.append(str(err))
+        st.ended = ("suspended" if rx.suspend_gen is not None else f"stopped: {self.error}" if self.error
+                    else "finished")
         self._dirty = True
-        self._persist()
+        for _ in range(20):  # etcd may be briefly without quorum: the final save matters (a standby reads it)
+            self._persist(final=True)
+            if not (self._dirty and self._save_waiting and self._leads()):
+                break
+            time.sleep(0.25)
+        if self.deposed is not None:  # refused at the very end: the successor ends the run
+            led.close()
+            return
         state = {"final_val_loss": st.final_val, "committed": st.committed, "rebuilds": st.rebuilds,
                  "failures": st.failures, "bytes": led.bytes(), "tokens": st.tokens,
                  "wall_s": time.time() - st.t0, "generations": st.publications, "error": self.error,

@@ -32,7 +32,7 @@ from typing import List, Optional
 from .etcd_client import EtcdClient, EtcdError, EtcdSettings
 from .etcd_election import Election, find_leader
 from .etcd_state import EtcdStateStore
-from .state_store import Fenced
+from .state_store import Fenced, Unavailable
 
 
 def _emit(event: str, **fields) -> None:
@@ -91,7 +91,7 @@ def _campaign(args) -> int:
             except Fenced as e:
                 _emit("fenced", epoch=election.epoch, error=str(e))
                 break
-            except EtcdError as e:       # an outage: the lease decides whether we still lead
+            except (EtcdError, Unavailable) as e:   # an outage: the lease decides whether we still lead
                 _emit("write_failed", epoch=election.epoch, error=str(e))
             stop.wait(args.save_every)
         if stop.is_set():

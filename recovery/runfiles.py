@@ -32,6 +32,7 @@ EX_CANNOT_RECOVER = 3   # the run stopped: no tier could rebuild what was lost (
 EX_RECORD = 74          # EX_IOERR: training finished, but its record could not be written whole
 EX_SUSPENDED = 75       # EX_TEMPFAIL: the job saved its state and stopped; resume it (a batch script requeues)
 EX_RESTART_STORE = 76   # internal: the coordinator saved its state and asks to start again with a fresh store
+EX_DEPOSED = 77         # recovery.control=etcd: another coordinator leads now; this one acted no further
 
 
 def read_jsonl(path: str) -> Iterator[dict]:

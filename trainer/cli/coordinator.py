@@ -6,6 +6,12 @@ point supplies the trainer's side: composing the job from Hydra overrides and pr
 (standalone), the resume points of `train.resume`, the live wandb run, and `summary.json` /
 `loss.png` at the end. `--resume` restarts a coordinator that died, from the state it persisted in
 the run directory, on the same address: the workers re-register and the run goes on.
+
+With `recovery.control=etcd` (recovery.etcd_leader) the start is: check the cluster (one line and
+exit 2 when it cannot be used; nothing started), refuse a new run's prefix that holds another run's
+state, campaign (a `--standby` waits here), load the state from etcd, serve a store of its own on
+`--host`/`--port`, publish its address. A deposed leader re-executes itself as a standby; a standby
+that wins a run that already ended exits 0.
 """
 from __future__ import annotations
 
@@ -142,6 +148,48 @@ def _start_dashboard(job: dict, run_dir: str, host: str, token: str, coordinator
     return dash
 
 
+# --- recovery.control=etcd ----------------------------------------------------------------------------
+def _etcd_lead(args, job: dict):
+    """(Leadership that leads now, saved state or None, error line or None); blocks while standing by."""
+    from kintsugi.recovery.etcd_client import EtcdError
+    from kintsugi.recovery.etcd_leader import Leadership, PrefixTaken
+    from kintsugi.trainer.config.job import JobConfig
+    from kintsugi.trainer.launch.etcd_control import default_prefix
+    cfg = JobConfig.from_dict(job).recovery.etcd
+    try:
+        settings = cfg.settings(cfg.prefix or default_prefix(job["name"], args.run_dir))
+        lead = Leadership(settings, flush_s=cfg.flush_s, on_deposed=_reexec_as_standby)
+        lead.check()
+        if not args.standby and not job["train"].get("resume"):
+            lead.refuse_taken()
+    except (ValueError, EtcdError, PrefixTaken) as e:
+        return None, None, f"kintsugi coordinator: recovery.control=etcd: {e}"
+    lead.campaign()
+    return lead, lead.store.load(), None
+
+
+def _reexec_as_standby(why: str) -> None:
+    """Deposed: act no further. Re-executing closes the store (its workers look for the next
+    leader) and makes this process a standby again, with the arguments it was started with."""
+    log.error("deposed (%s); restarting as a standby", why)
+    logging.shutdown()
+    sys.stderr.flush()
+    argv = list(sys.orig_argv[1:])
+    if "--standby" not in argv:
+        argv.insert(argv.index("--") if "--" in argv else len(argv), "--standby")
+    os.execv(sys.executable, [sys.executable] + argv)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
 def _restart_with_a_fresh_store(args) -> None:
     """The coordinator saved its state because its store was flooded: replace this process by a
     coordinator restarted from that state on the same address (same pid: a launcher watching it
@@ -174,6 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--outputs", action="store_true",
                     help="write summary.json and loss.png when the run ends (implied without --job)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--standby", action="store_true",
+                    help="recovery.control=etcd: campaign and wait; lead (from the state in etcd, on this --host/"
+                    "--port) when the leader is gone")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for `kintsugi` (only without --job)")
     args = ap.parse_args(argv)
     if isinstance(args.resume, str):
@@ -237,6 +288,22 @@ def main(argv=None) -> int:
         os.makedirs(args.run_dir, exist_ok=True)
         with open(os.path.join(args.run_dir, JOB), "w") as f:
             json.dump(job, f, indent=1)
+    lead = saved = None
+    if job["recovery"].get("control") == "etcd":
+        lead, saved, err = _etcd_lead(args, job)
+        if err:
+            print(err, file=sys.stderr)
+            return 2
+        if saved is not None and saved.get("ended"):
+            print(f"kintsugi coordinator: the run under {lead.settings.prefix} already ended ({saved['ended']}); "
+                  "nothing to take over", file=sys.stderr)
+            lead.resign()
+            return 0
+        if not _port_free(args.host, args.port):  # a standby's port may have been taken while it waited
+            args.port = P.free_port()
+        args.resume = args.resume or saved is not None
+    elif args.standby:
+        ap.error("--standby needs recovery.control=etcd (standbys campaign for the lead in etcd)")
     resume_from = resume_missing = layout = None
     if job["train"].get("resume") and not args.resume:
         resume_from, resume_missing, layout, err = resume_state(args.run_dir, job)
@@ -250,11 +317,15 @@ def main(argv=None) -> int:
     t0 = time.time()
     coordinator = Coordinator(job, args.run_dir, args.port, args.host, token, progress=progress, tracker=tracker,
                               resume_from=resume_from, resume_missing=resume_missing, layout=layout,
-                              corpus=corpus, restore=args.resume)
+                              corpus=corpus, restore=args.resume, state_store=lead.store if lead else None,
+                              min_incarnation=lead.epoch if lead else 0)
     signal.signal(signal.SIGTERM, coordinator.on_sigterm)
     if resume_from is not None:  # the earlier run's rows after the resume point are trained again
         from kintsugi.trainer.cli.resuming import resume_event
         coordinator.ledger.event(resume_event(args.run_dir, resume_from))
+    if lead is not None:
+        host = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
+        lead.publish(host, args.port)
     dashboard = _start_dashboard(job, args.run_dir, args.host, token, coordinator)
     if corpus is not None:
         log.info("job %r: %d x %d slots, waiting for workers at %s:%d (%s); run dir %s", job["name"],
@@ -266,7 +337,14 @@ def main(argv=None) -> int:
     finally:
         if dashboard is not None:
             dashboard.close()
-    if rc == EX_RESTART_STORE:
+    if lead is not None:
+        from kintsugi.recovery.runfiles import EX_DEPOSED
+        if rc == EX_DEPOSED:
+            _reexec_as_standby(coordinator.deposed or "deposed")
+        lead.resign()
+        if rc == EX_RESTART_STORE:  # saved; a standby (or this process, campaigning again) leads with a fresh store
+            _reexec_as_standby("its store was flooded")
+    elif rc == EX_RESTART_STORE:
         _restart_with_a_fresh_store(args)
     if args.outputs or not args.job:
         from kintsugi.trainer.config.job import JobConfig

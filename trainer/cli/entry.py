@@ -59,6 +59,12 @@ def train(job: JobConfig, run_dir: str) -> int:
 
     t0 = time.time()
     check_devices(job)  # the CLI checked already; direct callers of train() get the same line
+    if job.recovery.control == "etcd":  # the cluster must answer before anything starts
+        from kintsugi.trainer.launch.etcd_control import prepare
+        err = prepare(job, run_dir)
+        if err:
+            print(f"kintsugi: {err}", file=sys.stderr)
+            return 2
     corpus_d = prepare_corpus_and_model(job)
     if job.train.resume:  # the checkpoints must fit this job's slots, before any process starts
         from kintsugi.trainer.cli.resuming import check_resume

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from kintsugi.trainer.config.environment import check_device as _check_device, check_optimizer
-from kintsugi.trainer.config.errors import check as _check, choice as _choice, seconds as _seconds
+from kintsugi.trainer.config.errors import ConfigError, check as _check, choice as _choice, seconds as _seconds
 from kintsugi.trainer.config.faults import FaultsConfig
 from kintsugi.trainer.data.corpus import DataConfig
 from kintsugi.trainer.model.llama import ModelConfig
@@ -132,6 +132,38 @@ class DilocoConfig:
         _choice("diloco.quant", self.quant, ("none", "bf16", "int8", "fp4"))
 
 
+# --- recovery.control=etcd (the control plane on etcd; see docs/etcd_integration.md) -------------------
+@dataclass
+class RecoveryEtcdConfig:
+    """`recovery.etcd.*`, mirrored into recovery.etcd_client.EtcdSettings (which checks it) at the
+    entry point. Nothing secret: the password comes only from KINTSUGI_ETCD_PASSWORD or a file."""
+    endpoints: List[str] = field(default_factory=lambda: ["http://127.0.0.1:2379"])
+    prefix: str = ""              # one per run; "" = derived from the run dir (launcher=local only)
+    lease_ttl_s: int = 3          # a leader unheard of this long is replaced
+    request_timeout_s: float = 2.0
+    flush_s: float = 1.0          # watermark-only changes reach etcd at most this late
+    user: Optional[str] = None    # or KINTSUGI_ETCD_USER
+    password_file: Optional[str] = None  # or KINTSUGI_ETCD_PASSWORD / KINTSUGI_ETCD_PASSWORD_FILE
+    ca_file: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+
+    def settings(self, prefix: Optional[str] = None):
+        """The recovery layer's EtcdSettings (imports the etcd client module, not its library)."""
+        from kintsugi.recovery.etcd_client import EtcdSettings
+        try:
+            return EtcdSettings(endpoints=tuple(self.endpoints), prefix=prefix or self.prefix or "/kintsugi/check/",
+                                lease_ttl_s=self.lease_ttl_s, request_timeout_s=self.request_timeout_s,
+                                user=self.user, password_file=self.password_file, ca_file=self.ca_file,
+                                cert_file=self.cert_file, key_file=self.key_file)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def check(self) -> None:
+        _check(0.05 <= self.flush_s <= 60, f"recovery.etcd.flush_s={self.flush_s} must be 0.05 to 60 seconds")
+        self.settings()
+
+
 @dataclass
 class RecoveryConfig:
     strategy: str = "tiered"
@@ -161,6 +193,9 @@ class RecoveryConfig:
     # Each NCCL point-to-point work's and collective's deadline (parallel.backend=nccl): a killed
     # NCCL peer never makes a receive raise, so heartbeats or this deadline find it (gloo: ms).
     p2p_deadline_s: float = 300.0
+    control: str = "local"          # local | etcd: where the coordinator's state lives, who may lead
+    standbys: int = 0               # launcher=local, control=etcd: standby coordinators beside the leader
+    etcd: RecoveryEtcdConfig = field(default_factory=RecoveryEtcdConfig)
 
     STRATEGIES = ("tiered", "checkfree", "checkfree_plus", "copy", "average", "random", "checkpoint", "none")
 
@@ -184,6 +219,13 @@ class RecoveryConfig:
         _check(self.progress_timeout_s > 2 * self.heartbeat_timeout_s,
                f"recovery.progress_timeout_s={self.progress_timeout_s} must exceed twice "
                f"recovery.heartbeat_timeout_s={self.heartbeat_timeout_s} (a hung worker is caught by its heartbeat)")
+        _choice("recovery.control", self.control, ("local", "etcd"))
+        _check(self.standbys >= 0, f"recovery.standbys={self.standbys} must be >= 0")
+        if self.control == "etcd":
+            self.etcd.check()
+        else:
+            _check(self.standbys == 0, f"recovery.standbys={self.standbys} needs recovery.control=etcd (standbys "
+                                       "campaign for the lead in etcd); set it, or recovery.standbys=0")
 
 
 @dataclass
@@ -319,6 +361,12 @@ class JobConfig:
             _check(self.diloco.overlap < self.diloco.sync_every,
                    f"diloco.overlap={self.diloco.overlap} must be smaller than diloco.sync_every="
                    f"{self.diloco.sync_every}")
+        if self.recovery.control == "etcd" and self.launcher.name != "local":
+            _check(bool(self.recovery.etcd.prefix), f"recovery.control=etcd with launcher={self.launcher.name} needs "
+                   "recovery.etcd.prefix: give every node and coordinator the same one, e.g. "
+                   "recovery.etcd.prefix=/kintsugi/run1/")
+            _check(self.recovery.standbys == 0, f"recovery.standbys={self.recovery.standbys} starts standbys with "
+                   "launcher=local only; elsewhere start `kintsugi coordinator --standby` on another machine")
         for i, e in enumerate(self.faults.machine_schedule):
             _check(self.launcher.machines > 0, f"faults.schedule names machine {e['machine']!r} but launcher.machines=0; "
                                                "set launcher.machines to the number of simulated machines")

@@ -11,6 +11,11 @@ machine had active workers, so no worker is started twice. `term` is a preemptio
 active workers hand their state off; whatever still runs `faults.notice_s` later is SIGKILLed (the
 cloud reclaims the machine). Machine lifetimes go to `machines.json` in the run directory.
 
+With `recovery.control=etcd` (trainer.launch.etcd_control) it starts the coordinator and
+`recovery.standbys` standbys; a coordinator that dies is not restarted on its port: a standby takes
+over through the election, and a fresh standby replaces the dead process. Workers find the leader
+through etcd (their environment names the cluster and the run's prefix).
+
 Children get PR_SET_PDEATHSIG (via KINTSUGI_PDEATHSIG=1), so even a SIGKILLed launcher leaves no
 orphan; a normal exit, Ctrl-C or an error kills whatever is still running.
 """
@@ -80,6 +85,14 @@ class LocalLauncher:
         # device binding: Triton's interpreter for compression.kernels=triton on CPU stages
         self.env = child_env({P.TOKEN_ENV: self.token, **worker_env(job)})
         self.gpu_index: Dict[str, int] = {}  # device binding: wid -> KINTSUGI_WORKER_INDEX
+        # --- recovery.control=etcd: the coordinators and how workers find the leader ---
+        self.etcd = None  # trainer.launch.etcd_control.Coordinators
+        self._shutdown_seen = False
+        for var in ("KINTSUGI_ETCD_ENDPOINTS", "KINTSUGI_ETCD_PREFIX"):
+            self.env.pop(var, None)  # a shell's leftovers must not send a local run's workers to etcd
+        if job.recovery.control == "etcd":
+            from kintsugi.trainer.launch.etcd_control import worker_env as etcd_worker_env
+            self.env.update(etcd_worker_env(job))
 
     def start_worker(self, machine: Optional[str] = None) -> str:
         wid = f"w{self.n_workers}"
@@ -111,15 +124,26 @@ class LocalLauncher:
         self._write_job()
         self.port = P.free_port()
         # The coordinator reads the token from the same environment variable the workers present.
-        self.coordinator = self._start_coordinator(resume=False)
+        if self.job.recovery.control == "etcd":
+            from kintsugi.trainer.launch.etcd_control import Coordinators, locator
+            self.etcd = Coordinators(lambda standby: self._start_coordinator(resume=False, standby=standby),
+                                     self.job.recovery.standbys, locator(self.job))
+            self.coordinator = self.etcd.start()
+        else:
+            self.coordinator = self._start_coordinator(resume=False)
         try:
-            try:
-                store = self._connect_fresh()
-            except RuntimeError:
-                if self.coordinator.poll() is None:
-                    raise
-                return self.coordinator.returncode  # it said why on stderr (a resume it cannot do)
-            self.control = C.open_control("127.0.0.1", self.port, self.token, store=store, role="launcher")
+            if self.etcd is not None:
+                info = self.etcd.wait_for_leader(self.job.launcher.start_timeout_s)
+                self.control = C.open_control(*P.parse_addr(info.address), self.token, role="launcher",
+                                              timeout_s=self.job.launcher.start_timeout_s, locate=self.etcd.locate)
+            else:
+                try:
+                    store = self._connect_fresh()
+                except RuntimeError:
+                    if self.coordinator.poll() is None:
+                        raise
+                    return self.coordinator.returncode  # it said why on stderr (a resume it cannot do)
+                self.control = C.open_control("127.0.0.1", self.port, self.token, store=store, role="launcher")
             self.control.put_json("corpus", self.corpus)
             self.control.on_new_boot.append(self._on_coordinator_restart)
             # A preemption warning to the launcher (Slurm's `--signal=B:USR1@90`, a SIGTERM from a
@@ -143,12 +167,14 @@ class LocalLauncher:
         with open(self.job_path, "w") as f:
             json.dump(self.job.public_dict(), f, indent=1)
 
-    def _start_coordinator(self, resume: bool) -> subprocess.Popen:
+    def _start_coordinator(self, resume: bool, standby: bool = False) -> subprocess.Popen:
         if resume:  # whatever killed the coordinator may have damaged job.json too: this copy is whole
             self._write_job()
-        cmd = [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(self.port), "--host", "127.0.0.1",
+        port = P.free_port() if standby else self.port  # etcd: a standby serves its own store once it leads
+        cmd = [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host", "127.0.0.1",
                "--run-dir", self.run_dir, "--job", self.job_path] + ([] if self.progress else ["--no-progress"])
-        return subprocess.Popen(cmd + (["--resume"] if resume else []), env=self.env)
+        return subprocess.Popen(cmd + (["--resume"] if resume else []) + (["--standby"] if standby else []),
+                                env=self.env)
 
     def _connect_fresh(self):
         return P.wait_for_store("127.0.0.1", self.port, self.job.launcher.start_timeout_s, process=self.coordinator,
@@ -167,7 +193,11 @@ class LocalLauncher:
     def _coordinator_exit(self) -> Optional[int]:
         """The coordinator's exit code once it ended for good; a coordinator killed by a signal (not a
         SIGTERM it handled), or hung (its liveness file unchanged for `HUNG_S`), is started again on
-        the same port from the state it persisted."""
+        the same port from the state it persisted. (etcd: see trainer.launch.etcd_control.)"""
+        if self.etcd is not None:
+            rc = self.etcd.poll(self.control.leader_epoch if self._shutdown_seen and self.control else None)
+            self.coordinator = self.etcd.leader() or self.coordinator
+            return rc
         rc = self.coordinator.poll()
         if rc is None:
             alive = os.path.join(self.run_dir, ALIVE)
@@ -242,6 +272,7 @@ class LocalLauncher:
             time.sleep(0.001 if self._armed() else 0.02)
 
     def _await_coordinator(self) -> int:
+        self._shutdown_seen = True
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             rc = self._coordinator_exit()
@@ -493,7 +524,8 @@ class LocalLauncher:
         for p in self.procs.values():
             while p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
-        for p in list(self.procs.values()) + ([self.coordinator] if self.coordinator else []):
+        coordinators = self.etcd.procs if self.etcd is not None else [self.coordinator] if self.coordinator else []
+        for p in list(self.procs.values()) + coordinators:
             if p.poll() is None:
                 try:
                     p.kill()  # SIGKILL also ends SIGSTOPped processes

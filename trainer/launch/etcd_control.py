@@ -1,0 +1,144 @@
+"""`recovery.control=etcd` on the launchers' side: the run's key prefix, the check before anything
+starts, what workers get in their environment, and the local launcher's coordinator processes.
+
+- `prepare(job, run_dir)`: with launcher=local an empty `recovery.etcd.prefix` becomes one derived
+  from the run directory (`/kintsugi/<name>-<hash of the run dir>/`: a new directory is a new run,
+  `train.resume` of the same directory finds its own); then the cluster must answer with a quorum
+  and the credentials in the environment, and a new run's prefix must hold no state. Any failure is
+  one line, returned before a process is started.
+- `Coordinators` (launcher=local): the leader-to-be and `recovery.standbys` standbys, each a
+  `kintsugi coordinator` process with its own port. A coordinator process that dies is replaced by a
+  fresh standby (never restarted on its port: whoever wins the election leads, from the state in
+  etcd); the run ends with the exit code of the process that led when the run shut down.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+from typing import Callable, Dict, List, Optional
+
+from kintsugi.trainer.config.job import JobConfig
+
+log = logging.getLogger("kintsugi.launch")
+MAX_REPLACEMENTS = 5
+
+
+def default_prefix(name: str, run_dir: str) -> str:
+    digest = hashlib.sha1(os.path.realpath(run_dir).encode()).hexdigest()[:12]
+    return f"/kintsugi/{name}-{digest}/"
+
+
+def prepare(job: JobConfig, run_dir: str) -> Optional[str]:
+    """Fill the prefix (launcher=local) and check the cluster; one line of error, or None."""
+    from kintsugi.recovery.etcd_client import EtcdClient, EtcdError
+    from kintsugi.recovery.etcd_leader import PrefixTaken, refuse_taken
+    from kintsugi.trainer.config.errors import ConfigError
+    etcd = job.recovery.etcd
+    if not etcd.prefix:
+        etcd.prefix = default_prefix(job.name, run_dir)
+    try:
+        settings = etcd.settings()
+        etcd.prefix = settings.prefix  # normalised: /a/b/
+        client = EtcdClient.from_settings(settings)
+        client.check(settings.prefix)
+        if not job.train.resume:
+            refuse_taken(client, settings)
+    except (ConfigError, ValueError, EtcdError, PrefixTaken) as e:
+        return f"recovery.control=etcd: {e}"
+    return None
+
+
+def worker_env(job: JobConfig) -> Dict[str, str]:
+    """The environment a worker (or `kintsugi join`) needs to find the leader through etcd."""
+    from kintsugi.recovery.etcd_locate import worker_env as env
+    return env(job.recovery.etcd.settings())
+
+
+def locator(job: JobConfig):
+    from kintsugi.recovery.etcd_locate import Locator
+    return Locator(job.recovery.etcd.settings())
+
+
+def _pid_of(candidate: str) -> Optional[int]:
+    parts = candidate.split(":")  # recovery.etcd_election's default candidate: host:pid:tag
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+class Coordinators:
+    """The local launcher's coordinator processes under etcd. `start(standby)` starts one."""
+
+    def __init__(self, start: Callable[[bool], subprocess.Popen], standbys: int, locate):
+        self._start, self.standbys, self.locate = start, standbys, locate
+        self.procs: List[subprocess.Popen] = []
+        self.done: set = set()
+        self.led: Dict[int, int] = {}   # epoch -> pid of the process that led it
+        self.replacements = 0
+
+    def start(self) -> subprocess.Popen:
+        """The leader-to-be; the standbys follow once it leads (`wait_for_leader`): a standby that
+        won first would make the leader-to-be find the run's prefix taken."""
+        self.procs = [self._start(False)]
+        return self.procs[0]
+
+    def _proc(self, pid: Optional[int]) -> Optional[subprocess.Popen]:
+        return next((p for p in self.procs if p.pid == pid), None)
+
+    def observe(self) -> None:
+        info = self.locate.current()
+        if info is not None and info.epoch not in self.led:
+            pid = _pid_of(info.candidate)
+            if pid is not None and self._proc(pid) is not None:
+                self.led[info.epoch] = pid
+                log.info("coordinator pid %d leads (epoch %d) at %s", pid, info.epoch, info.address)
+
+    def leader(self) -> Optional[subprocess.Popen]:
+        """The process that leads the newest epoch seen (the target of `target: coordinator` faults)."""
+        self.observe()
+        return self._proc(self.led[max(self.led)]) if self.led else None
+
+    def wait_for_leader(self, timeout_s: float, poll_s: float = 0.1):
+        """The first leader's LeaderInfo; RuntimeError when every coordinator process exited first."""
+        import time
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = self.locate.current()
+            if info is not None:
+                self.observe()
+                self.procs += [self._start(True) for _ in range(self.standbys)]
+                return info
+            if all(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"the coordinator exited with code {self.procs[0].returncode} before it led; "
+                                   "see its log above")
+            time.sleep(poll_s)
+        raise RuntimeError(f"no coordinator led the run within {timeout_s:.0f}s (launcher.start_timeout_s)")
+
+    def poll(self, shutdown_epoch: Optional[int] = None) -> Optional[int]:
+        """The run's exit code once it ended, else None. After the shutdown (`shutdown_epoch`: the
+        epoch that announced it) that is the code of the process that led it; before, a leader's own
+        exit (>= 0) also ends the run. Any other exit is replaced by a fresh standby."""
+        self.observe()
+        for p in self.procs:
+            rc = p.poll()
+            if rc is None or p.pid in self.done:
+                continue
+            self.done.add(p.pid)
+            led = p.pid in self.led.values()
+            if shutdown_epoch is not None and self.led.get(shutdown_epoch) == p.pid:
+                return rc
+            if shutdown_epoch is None and led and rc >= 0:
+                return rc
+            if shutdown_epoch is not None:
+                continue  # a standby that found the run ended; the leader's code decides
+            if self.replacements >= MAX_REPLACEMENTS:
+                log.error("coordinator pid %d exited (%s); not replaced: %d replacements already", p.pid, rc,
+                          self.replacements)
+                continue
+            self.replacements += 1
+            log.warning("coordinator pid %d %s (code %s); starting a fresh standby (%d of %d)", p.pid,
+                        "led and died" if led else "exited", rc, self.replacements, MAX_REPLACEMENTS)
+            self.procs.append(self._start(True))
+        if all(p.poll() is not None for p in self.procs):
+            return self.procs[-1].returncode if shutdown_epoch is None else 1
+        return None
