@@ -9,6 +9,8 @@ from testkit import run_benchmark
 pytestmark = pytest.mark.distributed
 
 
+# ~75 s: fifty generations of real groups; run under -m slow
+@pytest.mark.slow
 def test_fifty_generations_leave_nothing_behind():
     closed = run_benchmark("benchmarks.resources", "--generations", "50", timeout=240)
     assert closed["fd_growth"] <= 2, closed

@@ -92,6 +92,8 @@ def _run(tmp_path, name, kernels, codec_a="int8", codec_g="fp8_e4m3", interpret=
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# the Triton interpreter is slow: under -m slow (scripts/gpu_check.sh runs the real kernels)
+@pytest.mark.slow
 def test_triton_interpreter_and_reference_train_bit_identically(tmp_path):
     pytest.importorskip("triton")
     ref = _run(tmp_path, "reference", "reference")

@@ -9,6 +9,8 @@ pytestmark = pytest.mark.distributed
 JOB = ["experiment=quick", "train.max_steps=30", "train.eval_batches=2", "faults=none"]
 
 
+# ~85 s: two 30-step runs; the golden and pipeline-equivalence tests keep fp32 training exact by default
+@pytest.mark.slow
 def test_bf16_with_activation_checkpointing_trains_like_fp32(tmp_path):
     _, fp32, _ = run_trainer(tmp_path / "fp32", *JOB)
     proc, bf16, records = run_trainer(tmp_path / "bf16", *JOB, "train.precision=bf16",

@@ -95,6 +95,8 @@ def test_resume_of_a_run_without_checkpoints_is_a_one_line_error(tmp_path):
     assert msg and "train.resume" in msg and "checkpoint_every" in msg and "\n" not in msg
 
 
+# ~30-95 s; the fallback itself is unit-tested (test_checkpoint_files.py::test_resume_falls_back_past_a_bad_step_and_reports_it)
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, uninterrupted):
     # The job dies after step 9 (checkpoints at steps 3 and 7); then one data file of step 7 is cut
     # short, as a crash mid-copy or a full disk leaves it. Resume must name the bad file, continue
