@@ -22,6 +22,7 @@ from kintsugi.benchmarks import _runs  # noqa: E402
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.slow  # 30-75 s; kept out of the default run for its length
 def test_run_helpers_measure_one_kill(tmp_path):
     schedule = [{"step": 4, "replica": 0, "stage": 1, "kind": "kill"}]
     res = _runs.run_job("smoke", str(tmp_path / "run"),

@@ -42,6 +42,7 @@ def test_killed_replica_worker_rebuilt_exactly_from_its_peer(tmp_path, monkeypat
     assert during, f"replica 0 committed nothing during replica 1's outage {gap}"
 
 
+@pytest.mark.slow  # 30-75 s; kept out of the default run for its length
 def test_data_parallel_baseline_commits_all_replicas_together_through_failures(tmp_path):
     # The plain data-parallel baseline pairs step k's gradient all-reduce across replicas, so a
     # replica must never commit a step its peer retries: one commit chain spans every slot.

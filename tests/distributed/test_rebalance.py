@@ -37,6 +37,7 @@ def test_slow_machine_stage_sheds_layers_and_the_loss_curve_is_unchanged(tmp_pat
     assert summary["slowest_stage"]["compute_s"] < 0.9 * max(ev["stage_compute_s"])
 
 
+@pytest.mark.slow  # 30-75 s; kept out of the default run for its length
 def test_rebalance_under_streaming_diloco_moves_global_copies_with_the_layers(tmp_path):
     # 2 replicas x 4 stages, Streaming DiLoCo with 2 fragments per stage: the moved layers take
     # their global copies and outer momentum along, every replica re-splits its fragments the same

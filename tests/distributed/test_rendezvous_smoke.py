@@ -12,6 +12,7 @@ from testkit import run_benchmark
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.slow  # 30-75 s; kept out of the default run for its length
 def test_rendezvous_quick_measures_formation_and_detection_then_feeds_the_fleet_model(tmp_path):
     rdv_path = tmp_path / "rendezvous.json"
     out = run_benchmark("benchmarks.rendezvous", "--quick", "--out", str(rdv_path), timeout=180)

@@ -54,6 +54,7 @@ def test_machine_event_accepted_and_kept_apart_from_slot_events():
     assert FaultsConfig(schedule=f.schedule, machine_schedule=f.machine_schedule).machine_schedule == f.machine_schedule
 
 
+@pytest.mark.slow  # 30-75 s; kept out of the default run for its length
 def test_peer_rebuild_then_handoff_of_the_same_slot_keeps_diloco_syncs_matched(tmp_path):
     # Regression: m0 (slot 0,0) is killed and rebuilt from replica 1 (peer); its replacement m4 is
     # then terminated and hands the slot off. The replicas resume from different committed steps
