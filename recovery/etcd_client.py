@@ -250,11 +250,7 @@ class EtcdClient:
                 return client.post(client.get_url(path), json=body,
                                    headers={"Authorization": self._token} if self._token else None)
             except E.Etcd3Exception as e:
-                if isinstance(e, (E.ConnectionFailedError, E.ConnectionTimeoutError, E.InternalServerError)):
-                    raise
-                detail = str(e.detail_text or e)
-                if not _is_etcd_error(e.detail_text):
-                    raise _NotEtcd(f"HTTP {e}") from None
+                detail = _etcd_detail(e)
                 # Simple tokens expire (--auth-token-ttl) and die with a restarted member: get another.
                 if "invalid auth token" in detail and self.credentials.user and attempt == 0:
                     self._token = None
@@ -268,11 +264,7 @@ class EtcdClient:
         try:
             result = client.post(client.get_url("auth/authenticate"), json={"name": cred.user, "password": cred.password})
         except E.Etcd3Exception as e:
-            if isinstance(e, (E.ConnectionFailedError, E.ConnectionTimeoutError, E.InternalServerError)):
-                raise
-            detail = str(e.detail_text or e)
-            if not _is_etcd_error(e.detail_text):
-                raise _NotEtcd(f"HTTP {e}") from None
+            detail = _etcd_detail(e)
             if "authentication is not enabled" in detail:
                 # A cluster without auth: the user is not needed; TLS (if any) still applies.
                 self._token = ""
@@ -376,6 +368,17 @@ def decode_kv(kv: dict) -> dict:
 
 class _NotEtcd(Exception):
     """Something answered HTTP at an endpoint, but not with etcd's JSON errors (a wrong port, a proxy)."""
+
+
+def _etcd_detail(e) -> str:
+    """The refusal text of an etcd3gw error that etcd itself answered. A transport failure is
+    re-raised as is (the caller tries another endpoint); an answer that is not etcd's is _NotEtcd."""
+    from etcd3gw import exceptions as E
+    if isinstance(e, (E.ConnectionFailedError, E.ConnectionTimeoutError, E.InternalServerError)):
+        raise e
+    if not _is_etcd_error(e.detail_text):
+        raise _NotEtcd(f"HTTP {e}") from None
+    return str(e.detail_text or e)
 
 
 def _is_etcd_error(detail) -> bool:
