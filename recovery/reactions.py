@@ -8,7 +8,6 @@ layout) or in a stop with a message that says why: never an endless wait.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -16,6 +15,7 @@ from typing import Dict, List, Optional, Set
 
 from .plan import Divergence, Slot, SuspendPlan
 from .planner import everyone_leaving, rebalance_decision
+from .records import write_strict_atomic
 
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,7 @@ class Reactions:
         holders = dict(st.slots) if holders is None else holders
         if st.layout != c.config_layout:
             os.makedirs(os.path.join(c.run_dir, "checkpoints"), exist_ok=True)
-            with open(os.path.join(c.run_dir, "checkpoints", "layout.json"), "w") as f:
-                json.dump({"layers_per_stage": st.layout}, f)
+            write_strict_atomic(os.path.join(c.run_dir, "checkpoints", "layout.json"), {"layers_per_stage": st.layout})
         self.suspend_lost = sorted(lost or [])
         c.board.put("suspend", SuspendPlan(holders, tuple(self.suspend_lost)).to_json())
         self.suspend_holders = holders

@@ -21,7 +21,6 @@ orphan; a normal exit, Ctrl-C or an error kills whatever is still running.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -39,6 +38,7 @@ from kintsugi.trainer.config.faults import fault_events, held_at_boundary
 from kintsugi.trainer.config.job import JobConfig
 from kintsugi.trainer.config.environment import worker_env  # device binding
 from kintsugi.recovery.runfiles import ALIVE, CONTROL_STATE, FAULTS, JOB, MACHINES
+from kintsugi.recovery.records import write_strict_atomic
 
 log = logging.getLogger("kintsugi.launch")
 SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}
@@ -164,8 +164,7 @@ class LocalLauncher:
             self.cleanup()
 
     def _write_job(self) -> None:
-        with open(self.job_path, "w") as f:
-            json.dump(self.job.public_dict(), f, indent=1)
+        write_strict_atomic(self.job_path, self.job.public_dict(), indent=1)
 
     def _start_coordinator(self, resume: bool, standby: bool = False) -> subprocess.Popen:
         if resume:  # whatever killed the coordinator may have damaged job.json too: this copy is whole
@@ -496,8 +495,7 @@ class LocalLauncher:
             alive = (v["t1"] if v["t1"] is not None else now) - v["t0"]
             out[m] = {"start": v["start"], "end": v["start"] + alive, "cause": v["cause"], "alive_s": alive,
                       "workers": [w for w, mm in self.machine_of.items() if mm == m]}
-        with open(os.path.join(self.run_dir, MACHINES), "w") as f:
-            json.dump(out, f, indent=1)
+        write_strict_atomic(os.path.join(self.run_dir, MACHINES), out, indent=1)
 
     def write_faults(self) -> None:
         """faults.json: every fault event this launcher was to inject, what it injected (with the
@@ -505,10 +503,10 @@ class LocalLauncher:
         first), so a test or a benchmark checks the run against what really happened to it."""
         scheduled = fault_events(self.job) + [dict(e) for e in self.job.faults.coordinator_schedule] + \
             [dict(e) for e in self.job.faults.machine_schedule]
-        with open(os.path.join(self.run_dir, FAULTS), "w") as f:
-            json.dump({"scheduled": scheduled, "injected": self.injected,
-                       "not_fired": [{k: v for k, v in e.items() if k not in ("armed", "due_at", "near")}
-                                     for e in self.events + self.machine_events]}, f, indent=1)
+        write_strict_atomic(os.path.join(self.run_dir, FAULTS), {
+            "scheduled": scheduled, "injected": self.injected,
+            "not_fired": [{k: v for k, v in e.items() if k not in ("armed", "due_at", "near")}
+                          for e in self.events + self.machine_events]}, indent=1)
 
     def cleanup(self) -> None:
         for write in (self.write_machines, self.write_faults):

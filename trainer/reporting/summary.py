@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Dict, List, Optional
 
-from kintsugi.recovery.records import dumps_strict
+from kintsugi.recovery.records import write_strict_atomic
 
 from kintsugi.trainer.config.job import JobConfig
 from kintsugi.recovery.runfiles import FINAL_STATE, SUMMARY, missing_steps, read_metrics, standing_commits
@@ -96,8 +96,8 @@ def write_outputs(run_dir: str, job: JobConfig, wall_s: float) -> Optional[dict]
         "config": dict(job.public_dict(), **_where_it_ran(events)),
     }
     try:
-        with open(os.path.join(run_dir, SUMMARY), "w") as f:
-            f.write(dumps_strict(summary, indent=1))  # a NaN loss becomes null: the file stays valid JSON
+        # Whole or not at all (a full disk once left a summary cut at 4 KiB); a NaN loss becomes null.
+        write_strict_atomic(os.path.join(run_dir, SUMMARY), summary, indent=1)
     except OSError as e:  # disk full: the caller still reports the run (and its exit code shows it)
         log.error("cannot write summary.json (%s)", e)
         summary["write_error"] = summary["write_error"] or f"summary.json: {e}"
