@@ -257,11 +257,11 @@ def _ids(rec: dict):
     return ids
 
 
-def baselines(out_dir: str) -> Dict[str, dict]:
-    """The failure-free run of each grid: its final validation loss and every committed loss. A
-    baseline that does not pass is an error, never a silently skipped comparison."""
+def baselines(out_dir: str, grids=GRIDS) -> Dict[str, dict]:
+    """The failure-free run of each grid in `grids`: its final validation loss and every committed
+    loss. A baseline that does not pass is an error, never a silently skipped comparison."""
     out = {}
-    for grid in GRIDS:
+    for grid in grids:
         res = run_case({"seed": f"baseline-{grid}", "grid": grid, "replicas": 1 if grid == "r1" else 2, "events": []},
                        out_dir)
         if not res["passed"] or res["final_val_loss"] is None:

@@ -16,6 +16,7 @@ def _commits_in_order(records):
     return [(r["step"], r["loss"]) for r in records if "loss" in r and "val_loss" not in r and r.get("replica") == 0]
 
 
+@pytest.mark.slow  # long; the default run stays near 20 minutes on 2 cores
 def test_failure_before_the_first_checkpoint_rolls_back_to_the_start(tmp_path):
     _, _, plain = run_trainer(tmp_path / "plain", *ARGS)
     proc, summary, records = run_trainer(tmp_path / "rolled", *ARGS,

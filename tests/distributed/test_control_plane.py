@@ -94,6 +94,7 @@ def test_incoming_spare_killed_right_after_publication(tmp_path):
     _exactly_once(records, 1, 12)
 
 
+@pytest.mark.slow  # long; the default run stays near 20 minutes on 2 cores
 def test_more_losses_than_spares(tmp_path):
     # Two non-adjacent stages die together with one spare waiting: the launcher starts the missing
     # one (the coordinator publishes how many the waiting slots lack), nothing waits forever.
@@ -104,6 +105,7 @@ def test_more_losses_than_spares(tmp_path):
     _exactly_once(records, 1, 12)
 
 
+@pytest.mark.slow  # long; the default run stays near 20 minutes on 2 cores
 def test_no_spare_suspends_after_spare_wait_then_resume_rebuilds_the_lost_slot(tmp_path):
     run = tmp_path / "run"
     proc, summary, records = run_trainer(run, *BASE, "train.max_steps=12", "faults.spares=0", "faults.respawn=false",
@@ -155,6 +157,7 @@ def _plain_run(tmp_path, *extra):
     return summary, records
 
 
+@pytest.mark.slow  # long; golden[coordinator] and chaos[4] kill the coordinator in the default run
 @pytest.mark.parametrize("grid", [["parallel.replicas=2", "parallel.stages=2", "model.n_layers=4",
                                    "diloco.enabled=false"]], ids=["dp2x2"])
 def test_coordinator_killed_mid_run_changes_nothing(tmp_path, grid):

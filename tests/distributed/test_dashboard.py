@@ -26,6 +26,7 @@ def _get(url, token=None):
         return e.code, e.read()
 
 
+@pytest.mark.slow  # long; the default run stays near 20 minutes on 2 cores
 def test_dashboard_serves_status_to_token_holders_only(tmp_path):
     port = free_port()
     run_dir = tmp_path / "run"

@@ -46,6 +46,7 @@ class _Imds(BaseHTTPRequestHandler):
         self.end_headers()
 
 
+@pytest.mark.slow  # long; the default run stays near 20 minutes on 2 cores
 def test_aws_notice_hands_off_every_slot_of_the_machine(tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Imds)
     threading.Thread(target=server.serve_forever, daemon=True).start()

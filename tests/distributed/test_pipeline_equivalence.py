@@ -88,6 +88,7 @@ def test_partition_and_routes():
     assert [h.stage for h in plain_route(3)] == [0, 1, 2]
 
 
+@pytest.mark.slow  # long; the default run stays near 20 minutes on 2 cores
 def test_training_curve_matches_single_process(tmp_path):
     """End to end through the launcher, coordinator and workers: a 4-stage GPipe run and a 2-stage
     1F1B run follow the 1-stage run's loss curve (fp32, 1e-5)."""

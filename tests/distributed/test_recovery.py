@@ -95,6 +95,7 @@ def test_sigstop_detected_by_heartbeat_and_replaced(tmp_path):
     _check_every_batch_once(records, 10)
 
 
+@pytest.mark.slow  # long; the default run stays near 20 minutes on 2 cores
 def test_sigterm_hands_exact_state_to_the_replacement(tmp_path, monkeypatch):
     dumps = tmp_path / "dumps"
     monkeypatch.setenv("KINTSUGI_DUMP_DIR", str(dumps))
@@ -130,6 +131,7 @@ def test_first_and_last_stage_rebuilt_by_checkfree_plus(tmp_path, monkeypatch):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
+@pytest.mark.slow  # long; the default run stays near 20 minutes on 2 cores
 def test_adjacent_double_kill_stops_with_a_clear_message(tmp_path):
     proc, summary, _ = run_trainer(tmp_path / "run", *BASE, "train.max_steps=10", "faults.spares=2",
                                    f"faults.schedule=[{_kill(4, 1)},{_kill(4, 2)}]", check=False)

@@ -66,6 +66,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path, uninterrupted):
     assert summary["steps"] == 12
 
 
+@pytest.mark.slow  # long; the default run stays near 20 minutes on 2 cores
 def test_preemption_warning_suspends_exactly_and_resume_continues(tmp_path, uninterrupted):
     # Slurm's `--signal=USR1@90` (or a scheduler's SIGTERM) to the launcher: every worker is leaving
     # and no spare is free, so each slot checkpoints its committed state and the job exits 75.

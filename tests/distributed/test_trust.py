@@ -133,6 +133,7 @@ def test_the_store_listens_on_the_configured_interface_only():
         socket.create_connection((other, port), timeout=2).close()
 
 
+@pytest.mark.slow  # long; the default run stays near 20 minutes on 2 cores
 def test_a_flood_of_forged_joins_is_counted_not_logged_or_stored_one_by_one(tmp_path, plain_run):
     # 3,000 joins without the token, each with a fresh worker id, while a job trains: every one is
     # refused and counted; the log and the store's refusal keys stay bounded (rate-limited, capped);
