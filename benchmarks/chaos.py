@@ -5,7 +5,10 @@ Each case is a real `python -m trainer` run in its own process session. Its sche
 steps: SIGKILL / SIGSTOP / SIGTERM of slot holders, SIGCONT of whoever was stopped (a hung worker
 that wakes up after it was replaced), kills of waiting spares, faults fired right after a rebuild
 generation is published (while it forms), and SIGKILL / SIGSTOP of the coordinator. Grids: one
-replica of 4 stages, and 2 x 2 under Streaming DiLoCo.
+replica of 4 stages, and 2 x 2 under Streaming DiLoCo. From seed 10 on, most schedules also mix in
+attacks from a client that reaches the coordinator's store without the token: the commit log's
+counter wound back (by 5 or by 1000), the run id overwritten, a worker's own earlier heartbeats
+written back, and a flood of 512 MB of values nobody asked for.
 
 Invariants (each case), read from what the run recorded (metrics.jsonl, coordinator_state.json, and
 the launcher's faults.json: every event scheduled, injected, never fired):
@@ -27,7 +30,10 @@ the launcher's faults.json: every event scheduled, injected, never fired):
   such a case is counted as `approximate`, its loss difference is reported, and it is held only to
   a sanity bound of 25 % (no divergence). An approximate stage 7 steps into a 16-step run of a tiny
   model can cost more than 5 %; that is the price of having lost every copy, not a bug;
-- no process of the job outlives it.
+- no process of the job outlives it;
+- an attack that reached the store is counted in the run's `tampering` (a rewind as `rewound`, a
+  run id as `overwritten`, a flood as `flood`; a replayed beat only when the coordinator read it
+  before the worker's next beat, so it is not required) and changes nothing above.
 
     python -m benchmarks.chaos --seeds 50 [--first 0]
 
@@ -44,7 +50,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from typing import Dict, List, Optional
 
 from kintsugi.benchmarks._runs import REPORT_DIR, ROOT, read_metrics
@@ -59,6 +67,9 @@ COMMON = ["experiment=quick", "train.eval_batches=1", "train.eval_every=0", "fau
           "logger=quiet", "recovery.heartbeat_timeout_s=2.0", "recovery.progress_timeout_s=20",
           "recovery.spare_wait_s=60", "recovery.embedding_copy_every=2"]
 STEPS = 16
+ATTACKS = ("rewind", "run_id", "replay", "flood")
+ATTACKS_FROM_SEED = 10   # seeds 0-9 keep their schedules (and the defaults their meaning)
+COUNTED_AS = {"rewind": "rewound", "run_id": "overwritten", "flood": "flood"}
 UNRECOVERABLE = ("cannot be rebuilt", "lost together")  # tiers.Unrecoverable: every copy gone at once
 LOSS_TOL = 0.05          # exact rebuilds only
 APPROX_LOSS_TOL = 0.25   # a stage rebuilt from its neighbours: a sanity bound (no divergence), reported
@@ -93,7 +104,83 @@ def schedule(seed: int) -> Dict:
             if rng.random() < 0.5:
                 ev["delay_s"] = round(rng.uniform(0.0, 0.8), 2)
         events.append(ev)
-    return {"seed": seed, "grid": grid, "replicas": R, "stages": S, "events": sorted(events, key=lambda e: e["step"])}
+    attacks: List[dict] = []
+    if seed >= ATTACKS_FROM_SEED and rng.random() < 0.75:
+        for _ in range(rng.choice((1, 2, 2, 3))):
+            attacks.append({"step": rng.randint(2, STEPS - 3), "attack": rng.choice(ATTACKS)})
+    return {"seed": seed, "grid": grid, "replicas": R, "stages": S, "events": sorted(events, key=lambda e: e["step"]),
+            "attacks": sorted(attacks, key=lambda a: a["step"])}
+
+
+class Attacker(threading.Thread):
+    """A store client without the token, firing a case's attacks as the run's committed steps reach
+    them. The coordinator may be stopped, dead or restarting at that moment: an attack that cannot
+    reach a store within a few seconds is listed as not delivered, never retried into a later state."""
+
+    def __init__(self, run_dir: str, attacks: List[dict], proc: subprocess.Popen):
+        super().__init__(daemon=True, name="chaos-attacker")
+        self.run_dir, self.attacks, self.proc = run_dir, attacks, proc
+        self.delivered: List[dict] = []
+        self.undelivered: List[dict] = []
+
+    def _steps(self) -> int:
+        try:
+            with open(os.path.join(self.run_dir, "metrics.jsonl")) as f:
+                return f.read().count('"loss"')
+        except OSError:
+            return 0
+
+    def _store(self):
+        import torch.distributed as dist
+        port = (_json(os.path.join(self.run_dir, "control_state.json")) or {}).get("port")
+        if port is None:
+            raise RuntimeError("no port yet")
+        return dist.TCPStore("127.0.0.1", int(port), is_master=False, timeout=timedelta(seconds=5),
+                             wait_for_workers=False, use_libuv=True)
+
+    def run(self) -> None:
+        for a in self.attacks:
+            while self._steps() < a["step"]:
+                if self.proc.poll() is not None:
+                    self.undelivered += [x for x in self.attacks if x not in self.delivered]
+                    return
+                time.sleep(0.05)
+            try:
+                self._fire(a)
+                self.delivered.append(a)
+            except Exception as e:  # noqa: BLE001 - the store away (a coordinator fault): recorded
+                self.undelivered.append(dict(a, why=str(e).splitlines()[0][:120] if str(e) else type(e).__name__))
+
+    def _fire(self, a: dict) -> None:
+        store = self._store()
+        kind = a["attack"]
+        if kind == "rewind":
+            store.add("commit/n", -5 if a["step"] % 2 else -1000)
+        elif kind == "run_id":
+            store.set("run_id", "forged")
+        elif kind == "replay":  # a live worker's own earlier beats written back while it beats on
+            workers = [k for k in (f"hb/w{i}" for i in range(8)) if store.check([k])]
+            if not workers:
+                raise RuntimeError("no heartbeat to replay")
+            key = workers[a["step"] % len(workers)]
+            beats = []
+            t_end = time.monotonic() + 1.5
+            while time.monotonic() < t_end:
+                v = store.get(key)
+                if not beats or v != beats[-1]:
+                    beats.append(v)
+                time.sleep(0.02)
+            for _ in range(3):
+                for v in beats[:-1]:
+                    store.set(key, v)
+                    time.sleep(0.02)
+        elif kind == "flood":
+            chunk = b"\x00" * (8 << 20)
+            for i in range(64):
+                try:
+                    store.set(f"junk/{a['step']}/{i}", chunk)
+                except RuntimeError:  # the flood guard restarted the store under us: the aim
+                    break
 
 
 def _override(events: List[dict]) -> str:
@@ -129,6 +216,9 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    attacker = Attacker(run_dir, case.get("attacks") or [], proc)
+    if attacker.attacks:
+        attacker.start()
     try:
         _, err = proc.communicate(timeout=CASE_TIMEOUT_S)
         hung = False
@@ -184,6 +274,12 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
         failed = [e for e in hit if e["kind"] != "term"]
         if completed and state.get("failures", 0) < len(failed):
             broken.append(f"{len(failed)} workers killed or stopped, {state.get('failures')} failures counted")
+    attacker.join(timeout=30)
+    tampering = state.get("tampering") or {}
+    for a in attacker.delivered:
+        kind = COUNTED_AS.get(a["attack"])
+        if completed and kind is not None and not tampering.get(kind):
+            broken.append(f"attack {a} reached the store but no '{kind}' tampering was counted ({tampering})")
     commits, evals, events = read_metrics(run_dir)
     rebuilds = [ev for ev in events if ev.get("kind") == "rebuild"]
     approximate = any(r.get("tier") not in EXACT_TIERS for r in rebuilds)
@@ -205,7 +301,8 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
     return {"seed": case["seed"], "grid": case["grid"], "events": case["events"], "rc": rc, "wall_s": round(wall, 1),
             "final_val_loss": final, "rebuilds": [(r["tier"], r["slot"]) for r in rebuilds],
             "approximate": approximate, "loss_rel_diff": rel, "workers_hit": len(hit),
-            "overtaken": overtaken,
+            "overtaken": overtaken, "attacks": attacker.delivered, "attacks_undelivered": attacker.undelivered,
+            "tampering": tampering,
             "broken": broken, "passed": not broken, "losses": _losses(commits)}
 
 
@@ -242,19 +339,12 @@ def check_records(commits: List[dict], replicas: int, completed: bool) -> List[s
             missing = sorted(set(range(want)) - set(steps))
             broken.append(f"replica {r}: steps missing {missing[:10]}")
         data = ShardedBatches(tokens, 128, 16, r, replicas, 0)
-        # Stage 0 reports the ids it read; a record relayed by another stage (its root was lost
-        # before the coordinator heard of the commit) says it computed them.
-        wrong = [c["step"] for c in commits if c.get("replica") == r and _ids(c) != data.batch_ids(c["step"])]
+        # Every record carries the ids the replica's stage 0 read (stated in the commit's sum, so a
+        # record relayed by another stage or written by a data-parallel root has them too).
+        wrong = [c["step"] for c in commits if c.get("replica") == r and c.get("batch_ids") != data.batch_ids(c["step"])]
         if wrong:
             broken.append(f"replica {r}: steps {wrong[:10]} trained on the wrong batches")
     return broken
-
-
-def _ids(rec: dict):
-    ids = rec.get("batch_ids")
-    if isinstance(ids, dict):
-        return ids.get("computed") if (rec.get("relayed_by") is not None or rec.get("replica", 0) != 0) else None
-    return ids
 
 
 def baselines(out_dir: str, grids=GRIDS) -> Dict[str, dict]:

@@ -74,18 +74,24 @@ class Commit:
 
     # --- one step --------------------------------------------------------------------------------------
     def reduce(self, transport: Transport, vec: torch.Tensor, chain: Sequence[int], step: int, scale: float,
-               records: Callable[[torch.Tensor], Dict[int, dict]], own_replica: int) -> torch.Tensor:
+               records: Callable[[torch.Tensor], Dict[int, dict]], own_replica: int,
+               exact_tail: int = 0) -> torch.Tensor:
         """Sum `vec` along `chain` (the replica's stages in order, or the cell's slots); the root
         records the commit before anyone applies it. `records(total)` builds the commit record of
-        every replica the chain commits (the root calls it once). Returns the scaled total."""
+        every replica the chain commits (the root calls it once). Returns the scaled total. The last
+        `exact_tail` entries are facts one member states and the others leave at zero (the batch ids
+        stage 0 read): summed, never scaled, so they arrive exactly as stated."""
         tag = COMMIT_TAG + 2 * (step % 1000)
         me = list(chain).index(transport.my_rank)
         n = len(chain)
         vec = vec.detach().clone().to(torch.float64)
+        factor = torch.full_like(vec, scale)
+        if exact_tail:
+            factor[len(vec) - exact_tail:] = 1.0
         if me < n - 1:
             vec += transport.recv(vec.shape, chain[me + 1], tag, "control", dtype=torch.float64)
         if me == 0:
-            self._publish(step, vec * scale, records(vec * scale), own_replica)
+            self._publish(step, vec * factor, records(vec * factor), own_replica, len(vec) - exact_tail)
         else:
             transport.send(vec, chain[me - 1], tag, "control")
             transport.flush()
@@ -93,12 +99,14 @@ class Commit:
         if me < n - 1:
             transport.send(vec, chain[me + 1], tag + 1, "control")
             transport.flush()
-        return vec * scale
+        return vec * factor
 
-    def _publish(self, step: int, total: torch.Tensor, recs: Dict[int, dict], own_replica: int) -> None:
+    def _publish(self, step: int, total: torch.Tensor, recs: Dict[int, dict], own_replica: int,
+                 head: Optional[int] = None) -> None:
         """The commit point, on the root: the store entry (with the record riding along), then the
-        record itself; only then does the total travel back along the chain."""
-        entry = ({"step": step, "total": total.tolist()} if finite_total(total)
+        record itself; only then does the total travel back along the chain. The entry keeps the
+        total's first `head` entries (the sums; the records carry the rest)."""
+        entry = ({"step": step, "total": total[:head].tolist()} if finite_total(total)
                  else {"step": step, "total": None, "skipped": True})
         for q, rec in recs.items():
             with contextlib.suppress(Exception):  # the coordinator away: reconcile covers it

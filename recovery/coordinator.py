@@ -328,6 +328,7 @@ class Coordinator:
                     rx.watchdog()
                 rx.maybe_suspend()
                 self.generations.maybe_publish()
+                self.generations.track_spares()
                 self.generations.maybe_stage_groups()
                 rx.maybe_rebalance()
                 self._persist()

@@ -32,13 +32,23 @@ class Generations:
         """`coordinator`: the recovery.coordinator.Coordinator these generations belong to."""
         self.c = coordinator
         self._full_since: Optional[float] = None
+        self._spares_free = 0
         self._waiting_logged = set()
 
     def put_counters(self) -> None:
         """What launchers act on, sealed: a forged count must not make them start processes."""
         st = self.c.st
         self.c.board.put("counters", {"rebuilt_slots": st.rebuilt_slots, "rebuild_plans": st.rebuild_plans,
-                                    "spares_needed": st.spares_needed})
+                                    "spares_needed": st.spares_needed, "spares_free": self._spares_free})
+
+    def track_spares(self) -> None:
+        """Slot holders under an interruption notice train on until a spare is free to take their
+        slot (recovery.train_under_notice_s at most): `spares_free` in the sealed counters tells
+        them, without a round trip through the coordinator after their notice."""
+        n = len(free_spares(self.c.st))
+        if n != self._spares_free:
+            self._spares_free = n
+            self.put_counters()
 
     def _set_spares_needed(self, n: int) -> None:
         if n != self.c.st.spares_needed:

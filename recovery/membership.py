@@ -102,8 +102,10 @@ class Membership:
             if not handed_off:
                 st.failures += 1
             injected = self.board.get(f"injected/{wid}")
-            failed_at = injected["t"] if injected else (time.time() if handed_off else
-                                                         time.time() - (time.monotonic() - w.hb_changed))
+            # A handoff's outage starts when the holder stops training (it may have trained on
+            # under its notice); a failure's when it was injected or last gave a sign of life.
+            failed_at = time.time() if handed_off else (
+                injected["t"] if injected else time.time() - (time.monotonic() - w.hb_changed))
             cell = st.cell_of(slot[0])
             cell.rebuilding.pop(slot, None)
             cell.lost[slot] = new_loss(st, slot, detected_at=time.time(), failed_at=failed_at, handed_off=handed_off,

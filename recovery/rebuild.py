@@ -116,9 +116,14 @@ def send_package(transport: Transport, obj, dst: int, tag: int) -> int:
     return payload.numel()
 
 
-def recv_package(transport: Transport, src: int, tag: int):
+def recv_package_sized(transport: Transport, src: int, tag: int):
+    """(the package, its payload's size in bytes as it arrived)."""
     n = int(transport.recv((1,), src, tag, channel="rebuild", dtype=torch.int64).item())
     if not 0 < n <= MAX_PACKAGE_BYTES:  # a garbled length must not become a huge allocation
         raise PackageError(f"package length {n} from rank {src} is outside (0, {MAX_PACKAGE_BYTES}]")
     payload = transport.recv((n,), src, tag + 1, channel="rebuild", dtype=torch.uint8)
-    return unpack(payload)
+    return unpack(payload), n
+
+
+def recv_package(transport: Transport, src: int, tag: int):
+    return recv_package_sized(transport, src, tag)[0]

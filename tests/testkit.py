@@ -53,15 +53,10 @@ def run_benchmark(module: str, *args: str, timeout: float) -> dict:
 
 
 def observed_batch_ids(rec, replicas=1):
-    """The batch a commit record says its step trained on. Stage 0 reports the ids it read; a
-    data-parallel root writing another replica's record, or another stage relaying a record whose
-    root died before sending it (marked `relayed_by`), falls back to the shard's definition and says
-    so ({"computed": ids})."""
+    """The batch a commit record says its step trained on: the ids the replica's stage 0 read and
+    stated in the commit's sum, whichever stage (or data-parallel root) wrote the record."""
     ids = rec["batch_ids"]
-    if isinstance(ids, dict):
-        assert rec.get("relayed_by") is not None or (replicas > 1 and rec["replica"] != 0), \
-            f"step {rec['step']}: batch ids not observed"
-        return ids["computed"]
+    assert isinstance(ids, list), f"replica {rec.get('replica')} step {rec['step']}: batch ids not observed ({ids!r})"
     return ids
 
 

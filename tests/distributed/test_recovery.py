@@ -190,7 +190,7 @@ def _alive(pid):
         return f.read().split()[2] != "Z"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_no_orphan_processes_when_the_launcher_dies(tmp_path, sig):
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -24,6 +24,7 @@ def hog():
         p.wait()
 
 
+@pytest.mark.slow  # long; the default run stays near 20 minutes on 2 cores
 def test_a_quiet_run_beside_a_cpu_hog_counts_no_failure(tmp_path, hog):
     _, summary, records = run_trainer(tmp_path / "run", *BASE, "faults.spares=0", timeout=400)
     assert summary["failures"] == 0 and summary["rebuilds"] == [], summary["rebuilds"]

@@ -12,26 +12,36 @@ pytestmark = pytest.mark.distributed
 
 
 def test_machine_sigterm_hands_off_and_replacement_machine_joins(tmp_path):
-    # 2x2 grid on 2 machines, no spare: m0 = w0, w2; m1 = w1, w3. Terminating m1 leaves two slots
-    # whose holders wait (notice) until replacement machine m2 joins, then hand their state to it.
+    # 2x2 grid on 2 machines, no spare: m0 = w0, w2; m1 = w1, w3. Terminating m1 at step 4 leaves two
+    # slots whose holders train on under the notice (recovery.train_under_notice_s, 10 s by default)
+    # until replacement machine m2 has joined (3 s later, then its workers start), then hand their
+    # state to it: the handoff happens steps after the notice, not at the next step.
     _, summary, records = run_trainer(
         tmp_path / "run", "experiment=quick", "parallel.replicas=2", "parallel.stages=2", "model.n_layers=4",
-        "train.max_steps=10", "train.eval_batches=1", "diloco.enabled=true", "diloco.sync_every=4",
+        "train.max_steps=24", "train.eval_batches=1", "diloco.enabled=true", "diloco.sync_every=4",
         # overlap=0: a handoff while an overlapped outer sync is in flight fails in StreamingDiLoCo.state_dict
         "diloco.overlap=0",
-        "launcher.machines=2", "faults.spares=0", "faults.rejoin_delay_s=0.5", "faults.notice_s=60",
-        "faults.schedule=[{step: 4, machine: m1, kind: term}]", timeout=120)
+        "launcher.machines=2", "faults.spares=0", "faults.rejoin_delay_s=3", "faults.notice_s=60",
+        "faults.schedule=[{step: 4, machine: m1, kind: term}]", timeout=180)
     tiers = [rb["tier"] for rb in summary["rebuilds"]]
     assert tiers and set(tiers) == {"handoff"}, summary["rebuilds"]
     assert len(tiers) == 2, "both slots of the preempted machine are handed off"
     assert summary["failures"] == 0, "a preemption with notice loses nothing"
     for r in (0, 1):
-        assert [c["step"] for c in commits(records, replica=r)] == list(range(10))
+        assert [c["step"] for c in commits(records, replica=r)] == list(range(24))
     with open(tmp_path / "run" / "machines.json") as f:
         machines = json.load(f)
     assert machines["m1"]["cause"] == "term" and machines["m0"]["cause"] is None
     assert sorted(machines) == ["m0", "m1", "m2"] and len(machines["m2"]["workers"]) == 2
     assert len(machines["m0"]["workers"]) == 2, "respawn must not start extra workers for a machine loss"
+    # Training went on under the notice: the replacement's machine exists only 3 s after the notice
+    # (at step 4 or 5) and its workers need more to start, while a step takes well under a second.
+    # With train_under_notice_s=0 the handoffs are at step 5 or 6.
+    with open(tmp_path / "run" / "faults.json") as f:
+        injected = json.load(f)["injected"]
+    assert {e["step"] for e in injected} == {4} and {e["wid"] for e in injected} == set(machines["m1"]["workers"])
+    took_over = min(rb["step"] for rb in summary["rebuilds"])
+    assert took_over >= 8, f"the holders under notice stopped at step {took_over}: they did not train on"
 
 
 @pytest.mark.parametrize("event, key", [

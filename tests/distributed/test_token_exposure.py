@@ -50,6 +50,7 @@ def test_a_token_on_the_command_line_is_refused_without_repeating_it(tmp_path, h
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # long; the default run stays near 20 minutes on 2 cores
 def test_a_failing_sweep_given_the_token_in_the_environment_leaves_no_copy(tmp_path):
     # Both stages are killed at step 2 and recovery.strategy=copy has nothing to copy from: the first
     # point of the sweep stops (exit 3) and Hydra's sweep ends there.

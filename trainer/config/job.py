@@ -190,6 +190,11 @@ class RecoveryConfig:
     notice: str = "none"            # aws | gcp | azure | none: poll the instance-metadata service
     metadata_address: Optional[str] = None  # instance-metadata host (tests: http://127.0.0.1:PORT)
     notice_interval_s: float = 5.0
+    # A slot holder under notice trains on until a free spare can take its slot, for this long at
+    # most; then it hands off (or waits for a replacement) as with no time to spare. Keep it well
+    # below the notice the platform gives (AWS 120 s, GCP / Azure 30 s, Slurm --signal's lead)
+    # minus the time to send one stage's state. 0: leave at the next step, spare or not.
+    train_under_notice_s: float = 10.0
     # Each NCCL point-to-point work's and collective's deadline (parallel.backend=nccl): a killed
     # NCCL peer never makes a receive raise, so heartbeats or this deadline find it (gloo: ms).
     p2p_deadline_s: float = 300.0
@@ -208,6 +213,9 @@ class RecoveryConfig:
                f"recovery.heartbeat_timeout_s={self.heartbeat_timeout_s} must exceed twice "
                f"recovery.heartbeat_interval_s={self.heartbeat_interval_s}")
         _check(self.lr_bump > 0, f"recovery.lr_bump={self.lr_bump} must be > 0")
+        _check(0 <= self.train_under_notice_s <= 3600,
+               f"recovery.train_under_notice_s={self.train_under_notice_s} must be 0 to 3600 seconds "
+               "(0 = leave at the next step)")
         _check(self.embedding_copy_every >= 1, "recovery.embedding_copy_every must be >= 1")
         _check(self.checkpoint_every >= 0, f"recovery.checkpoint_every={self.checkpoint_every} must be >= 0 "
                                            "(0 = no periodic checkpoints)")

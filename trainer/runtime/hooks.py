@@ -31,7 +31,7 @@ from kintsugi.recovery import control as C
 from kintsugi.recovery.checkpoint import checkpoint_path, is_complete
 from kintsugi.recovery.commit import Commit
 from kintsugi.recovery.plan import Slot
-from kintsugi.trainer.runtime.rebuild import refresh_neighbour_copies
+from kintsugi.trainer.runtime.rebuild import package_event, refresh_neighbour_copies
 
 log = logging.getLogger("kintsugi.worker")
 INITIAL_STEP = -1  # the checkpoint of the initial state: "committed up to step -1"
@@ -108,13 +108,14 @@ class CheckpointHook(StepHook):
 class NeighbourCopyHook(StepHook):
     """Every `every` steps (CheckFree+ only) the end stages refresh the copies their neighbours keep."""
 
-    def __init__(self, state, grid: Grid, transport: Transport, slot: Slot, num_stages: int, every: int):
+    def __init__(self, state, grid: Grid, transport: Transport, slot: Slot, num_stages: int, every: int, control):
         self.state, self.grid, self.transport, self.slot = state, grid, transport, slot
-        self.num_stages, self.every = num_stages, every
+        self.num_stages, self.every, self.control = num_stages, every, control
 
     def after_commit(self, step):
         if (step + 1) % self.every == 0:
-            refresh_neighbour_copies(self.state, self.grid, self.transport, self.slot, self.num_stages)
+            refresh_neighbour_copies(self.state, self.grid, self.transport, self.slot, self.num_stages,
+                                     lambda src, n: package_event(self.control, "copy", self.slot, src, n, step))
 
 
 class DonorHook(StepHook):
@@ -128,11 +129,20 @@ class DonorHook(StepHook):
 
 
 class LeaveHook(StepHook):
-    def __init__(self, leaving: threading.Event, announce: Callable[[], None]):
-        self.leaving, self.announce = leaving, announce
+    """Under an interruption notice the slot's holder trains on until `may_leave()` (a free spare
+    can take the slot) or for `train_s` at most, then announces its leave after the step."""
+
+    def __init__(self, leaving: threading.Event, announce: Callable[[], None], may_leave: Callable[[], bool],
+                 train_s: float):
+        self.leaving, self.announce, self.may_leave, self.train_s = leaving, announce, may_leave, train_s
+        self.noticed_at: Optional[float] = None
 
     def after_commit(self, step):
-        if self.leaving.is_set():
+        if not self.leaving.is_set():
+            return
+        now = time.monotonic()
+        self.noticed_at = self.noticed_at if self.noticed_at is not None else now
+        if now - self.noticed_at >= self.train_s or self.may_leave():
             self.announce()
             raise Leave()
 

@@ -26,7 +26,7 @@ from kintsugi.parallel.topology import Grid
 from kintsugi.parallel.transport import PeerFailure, Transport
 from kintsugi.recovery.checkpoint import restore
 from kintsugi.recovery.plan import CellPlan, DonateRequest, Slot, slot_key
-from kintsugi.recovery.rebuild import pack, recv_package, send_package
+from kintsugi.recovery.rebuild import pack, recv_package_sized, send_package
 
 if TYPE_CHECKING:
     from kintsugi.trainer.config.job import JobConfig
@@ -47,6 +47,7 @@ class SlotHost(Protocol):
     run_dir: str
     data: object
     commit: "Commit"
+    control: object
 
     def connect_store(self) -> object: ...
 
@@ -85,6 +86,20 @@ def load_dump(path: str) -> dict:
     return load_cpu(path, weights_only=True)
 
 
+def package_event(control, what: str, slot: Slot, src, nbytes: int, step: int) -> None:
+    """A `package` event row in metrics.jsonl for every package this slot received (its size as it
+    arrived), so the rebuild channel's byte counter can be held to the packages that crossed it."""
+    control.append_later("event", {"kind": "package", "what": what, "slot": list(slot),
+                                   "src": list(src) if isinstance(src, tuple) else src, "bytes": int(nbytes),
+                                   "step": int(step)})
+
+
+def _receive(host: SlotHost, transport: Transport, what: str, src, rank: int, tag: int, step: int):
+    pkg, n = recv_package_sized(transport, rank, tag)
+    package_event(host.control, what, host.slot, src, n, step)
+    return pkg
+
+
 # --- the plan ----------------------------------------------------------------------------------------------
 def execute_plan(host: SlotHost, plan: CellPlan, grid: Grid, transport: Transport, slot: Slot,
                  committed: int, abort) -> None:
@@ -107,13 +122,14 @@ def execute_plan(host: SlotHost, plan: CellPlan, grid: Grid, transport: Transpor
             continue
         if rb.tier == "handoff":
             if target == slot:
-                host.state.load_state_dict(recv_package(transport, plan.ranks[rb.leaver], REBUILD_TAG), "handoff")
+                host.state.load_state_dict(_receive(host, transport, "handoff", rb.leaver, plan.ranks[rb.leaver],
+                                                    REBUILD_TAG, committed), "handoff")
                 dump(f"g{gen}_target_{key}", lambda: snapshot(host, tier=rb.tier))
             continue
         if rb.tier == "peer":
             if target == slot:
                 t0 = time.time()
-                pkg = receive_snapshot(host, rb.xfer, abort)
+                pkg = receive_snapshot(host, rb.xfer, abort, committed)
                 host.state.load_state_dict(pkg, "peer")
                 host.state.step_done = committed  # the donor's own step belongs to its replica
                 dump(f"g{gen}_target_{key}", lambda: snapshot(host, tier=rb.tier, packages=[pkg]))
@@ -122,7 +138,8 @@ def execute_plan(host: SlotHost, plan: CellPlan, grid: Grid, transport: Transpor
         sources: List[Slot] = list(rb.sources)
         if target == slot:
             t0 = time.time()
-            packages = [recv_package(transport, grid.rank(src), REBUILD_TAG + 4 * i) for i, src in enumerate(sources)]
+            packages = [_receive(host, transport, rb.tier, src, grid.rank(src), REBUILD_TAG + 4 * i, committed)
+                        for i, src in enumerate(sources)]
             host.state.rebuild_from(rb.tier, packages, host.job.recovery.lr_bump, committed + 1)
             if host.diloco is not None:
                 host.diloco.needs_state = True  # an approximate stage adopts its group's outer state
@@ -146,7 +163,7 @@ def hand_off(host: SlotHost, plan: CellPlan, transport: Transport) -> None:
 
 
 # --- peer snapshots across replicas ---------------------------------------------------------------------
-def receive_snapshot(host: SlotHost, xfer: str, abort) -> dict:
+def receive_snapshot(host: SlotHost, xfer: str, abort, step: int) -> dict:
     """The target of a peer rebuild: rank 1 of the two-rank group `xfer`, waiting for the donor."""
     timeout = host.job.recovery.init_timeout_s
     try:
@@ -154,7 +171,7 @@ def receive_snapshot(host: SlotHost, xfer: str, abort) -> dict:
     except FormationError as e:
         raise XferFailed(f"the peer donor never came ({e})") from e
     try:
-        return recv_package(Transport(group, abort), 0, REBUILD_TAG)
+        return _receive(host, Transport(group, abort), "peer", xfer, 0, REBUILD_TAG, step)
     except PeerFailure as e:
         raise XferFailed(f"the peer donor failed while sending ({e})") from e
     finally:
@@ -213,7 +230,8 @@ class Donor:
 
 
 # --- CheckFree+'s copies of the end stages ------------------------------------------------------------
-def refresh_neighbour_copies(state: "StageState", grid: Grid, transport: Transport, slot: Slot, num_stages: int) -> None:
+def refresh_neighbour_copies(state: "StageState", grid: Grid, transport: Transport, slot: Slot, num_stages: int,
+                             report: Callable[[Slot, int], None] = lambda src, n: None) -> None:
     """The first stage sends its embedding to stage 1 and the last stage its norm + head to stage
     S-2, so a lost end stage gets them back exactly as of this copy. Lower stage sends first, so the
     S=2 exchange cannot deadlock."""
@@ -222,8 +240,12 @@ def refresh_neighbour_copies(state: "StageState", grid: Grid, transport: Transpo
     if s == 0:
         send_package(transport, state.end_params(), grid.rank((r, 1)), COPY_TAG)
     if s == 1:
-        state.neighbour_copy.update(recv_package(transport, grid.rank((r, 0)), COPY_TAG))
+        pkg, n = recv_package_sized(transport, grid.rank((r, 0)), COPY_TAG)
+        state.neighbour_copy.update(pkg)
+        report((r, 0), n)
     if s == S - 2:
-        state.neighbour_copy.update(recv_package(transport, grid.rank((r, S - 1)), COPY_TAG + 2))
+        pkg, n = recv_package_sized(transport, grid.rank((r, S - 1)), COPY_TAG + 2)
+        state.neighbour_copy.update(pkg)
+        report((r, S - 1), n)
     if s == S - 1:
         send_package(transport, state.end_params(), grid.rank((r, S - 2)), COPY_TAG + 2)

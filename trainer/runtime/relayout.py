@@ -16,8 +16,9 @@ import torch
 from kintsugi.parallel.topology import Grid, per_stage_layers
 from kintsugi.parallel.transport import Transport
 from kintsugi.recovery.plan import CellPlan
-from kintsugi.recovery.rebuild import recv_package, send_package
+from kintsugi.recovery.rebuild import recv_package_sized, send_package
 
+from kintsugi.trainer.runtime.rebuild import package_event
 from kintsugi.trainer.runtime.stage import StageState
 
 log = logging.getLogger("kintsugi.relayout")
@@ -61,7 +62,8 @@ def relayout(host, plan: CellPlan, grid: Grid, transport: Transport, slot) -> No
                                      "outer": {n: outer[n] for n in names if n in outer}},
                          grid.rank((r, b)), REBALANCE_TAG + 4 * l)
         else:
-            pkg = recv_package(transport, grid.rank((r, a)), REBALANCE_TAG + 4 * l)
+            pkg, n = recv_package_sized(transport, grid.rank((r, a)), REBALANCE_TAG + 4 * l)
+            package_event(host.control, "relayout", slot, (r, a), n, st.step_done)
             params.update(pkg["params"])
             opt.update(pkg["opt"])
             outer.update(pkg["outer"])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -87,11 +87,11 @@ class Evaluator:
 class StepLoop:
     def __init__(self, job: JobConfig, state, data: ShardedBatches, commit: Commit, transport: Transport,
                  grid: Grid, plan: CellPlan, slot: Slot, start_step: int, *, executor: StageExecutor, routes,
-                 data_parallel: bool, diloco, train_tokens, hooks: List[StepHook]):
+                 data_parallel: bool, diloco, hooks: List[StepHook]):
         self.job, self.state, self.data, self.commit = job, state, data, commit
         self.transport, self.grid, self.plan, self.slot = transport, grid, plan, slot
         self.step = start_step
-        self.executor, self.routes, self.diloco, self.train_tokens = executor, routes, diloco, train_tokens
+        self.executor, self.routes, self.diloco = executor, routes, diloco
         r, s = slot
         S = job.parallel.stages
         self.actions = actions_for(job.parallel.schedule, s, S, routes)
@@ -104,7 +104,6 @@ class StepLoop:
         self.replicas = list(plan.replicas) if self.dp else [r]
         self.scale = 1.0 / len(plan.replicas) if self.dp else 1.0  # each replica holds the same averaged gradient
         self.hooks = hooks
-        self.shards: Dict[int, ShardedBatches] = {}
         self.nonfinite_run = 0
         self._outer_wait_seen = diloco.wait_s if diloco is not None else 0.0
 
@@ -145,13 +144,19 @@ class StepLoop:
         self.commit.pending = (step, local_sq)
         # [grad sq-norm, loss, per-stage compute seconds, per-stage seconds blocked on outer syncs
         # since the stage's previous commit]: summed along the chain.
-        vec = torch.zeros(2 + 2 * S, dtype=torch.float64)
+        # Then, per replica of the chain, 1 + the id of each sequence its stage 0 read (0: not stated).
+        B = job.train.batch_size
+        vec = torch.zeros(2 + 2 * S + B * len(self.replicas), dtype=torch.float64)
         vec[0], vec[1], vec[2 + s] = local_sq, loss or 0.0, compute_s
         if self.diloco is not None:
             vec[2 + S + s] = self.diloco.wait_s - self._outer_wait_seen
             self._outer_wait_seen = self.diloco.wait_s
+        consumed = self.data.consumed
+        if s == 0 and consumed is not None and consumed[0] == step:
+            at = 2 + 2 * S + B * self.replicas.index(r)
+            vec[at:at + B] = torch.tensor(consumed[1], dtype=torch.float64) + 1
         total = self.commit.reduce(
-            self.transport, vec, self.chain, step, self.scale, own_replica=r,
+            self.transport, vec, self.chain, step, self.scale, own_replica=r, exact_tail=B * len(self.replicas),
             records=lambda tot: {q: self._record(q, step, tot, t0, root=True) for q in self.replicas})
         if not finite_total(total):
             st.skip_step(step)  # every stage of the replica saw the same total: all skip
@@ -165,26 +170,24 @@ class StepLoop:
         if self.nonfinite_run >= job.train.max_nonfinite:
             raise Diverged(step, self.nonfinite_run)
 
-    def _batch_ids(self, q: int, step: int):
-        """The sequences this step trained on: as stage 0 read them (observed), or, for another
-        replica's record or a stage that reads no tokens, as the shard defines them (marked)."""
-        consumed = self.data.consumed if q == self.slot[0] else None
-        if self.slot[1] == 0 and consumed is not None and consumed[0] == step:
-            return consumed[1]
-        return {"computed": self.shards[q].batch_ids(step)}
+    def _batch_ids(self, q: int, total) -> list:
+        """The sequences replica q's step trained on, as its stage 0 read them and stated them in
+        the commit's sum (whichever stage writes the record). A stage 0 that stated nothing (never
+        expected) shows as None, which every exactly-once check reports."""
+        B, S = self.job.train.batch_size, self.job.parallel.stages
+        at = 2 + 2 * S + B * self.replicas.index(q)
+        ids = [int(x) - 1 for x in total[at:at + B].tolist()]
+        return ids if min(ids) >= 0 else None
 
     def _record(self, q: int, step: int, total, t0: float, root: bool) -> dict:
         job = self.job
         S = job.parallel.stages
-        if q not in self.shards:
-            self.shards[q] = self.data if q == self.slot[0] else ShardedBatches(
-                self.train_tokens, job.data.seq_len, job.train.batch_size, q, job.parallel.replicas, job.train.seed)
         finite = finite_total(total)
         rec = {"replica": q, "step": step, "loss": float(total[1]) if finite else None,
                "grad_norm": float(total[0]) ** 0.5 if finite else None,
                "grad_sq": float(total[0]) if finite else None, "tokens": job.train.batch_size * job.data.seq_len,
                "lr": self.state.optimizer.param_groups[0]["lr"], "step_s": time.time() - t0,
-               "batch_ids": self._batch_ids(q, step), "cell_gen": self.plan.gen,
+               "batch_ids": self._batch_ids(q, total), "cell_gen": self.plan.gen,
                "layout_version": self.plan.layout_version,
                "stage_compute_s": [round(float(x), 4) for x in total[2:2 + S]]}
         if self.diloco is not None:  # per stage, blocked on outer syncs since its previous commit

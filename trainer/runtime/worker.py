@@ -323,8 +323,10 @@ class Worker:
             hooks.append(H.DilocoHook(self.diloco, job.train.max_steps))
         hooks.append(H.CheckpointHook(self.checkpointer, st, slot, self.run_dir))
         if S >= 2 and self.alternate():
-            hooks.append(H.NeighbourCopyHook(st, grid, transport, slot, S, job.recovery.embedding_copy_every))
-        hooks += [H.DonorHook(self.idle), H.LeaveHook(self.leaving, self._announce_leave)]
+            hooks.append(H.NeighbourCopyHook(st, grid, transport, slot, S, job.recovery.embedding_copy_every,
+                                                self.control))
+        hooks += [H.DonorHook(self.idle), H.LeaveHook(self.leaving, self._announce_leave, self._spare_ready,
+                                                             job.recovery.train_under_notice_s)]
         if slot[0] == plan.replicas[0] == 0:
             hooks.append(H.EvalHook(self.evaluate, job.train.eval_every, job.train.max_steps))
         if job.launcher.name == "local":  # only the local launcher injects faults
@@ -336,7 +338,15 @@ class Worker:
                                             self.watcher.cell_abort))
         return StepLoop(job, st, self.data, self.commit, transport, grid, plan, slot, start, executor=executor,
                         routes=routes, data_parallel=self.dp_group is not None, diloco=self.diloco,
-                        train_tokens=self.train_tokens, hooks=hooks)
+                        hooks=hooks)
+
+    def _spare_ready(self) -> bool:
+        """A spare is free to take this slot now (the coordinator's sealed `spares_free`); a
+        coordinator that is away cannot say so: train on."""
+        try:
+            return int((self.control.get_json_or("counters") or {}).get("spares_free") or 0) > 0
+        except C.CoordinatorAway:
+            return False
 
     def _announce_leave(self) -> None:
         self.control.append_later("leave", {"wid": self.wid, "why": "interruption notice",
