@@ -18,7 +18,8 @@ the launcher's faults.json: every event scheduled, injected, never fired):
   time), never exit 0 after a failure it did not mend;
 - every scheduled fault fired (a completed run; an event due at or after a coordinator fault may be
   overtaken, since the workers train on while it is away and the launcher sees steps through it:
-  such events are listed as `overtaken`), and at least one failure was counted per worker
+  such events are listed as `overtaken`; a flood that restarts the coordinator's store counts as a
+  coordinator fault here), and at least one failure was counted per worker
   killed or stopped;
 - every step of every replica is committed exactly once (a duplicate commit record is kept and
   marked, so it would show), on the batches of that replica's shard for that step;
@@ -120,7 +121,7 @@ class Attacker(threading.Thread):
     def __init__(self, run_dir: str, attacks: List[dict], proc: subprocess.Popen):
         super().__init__(daemon=True, name="chaos-attacker")
         self.run_dir, self.attacks, self.proc = run_dir, attacks, proc
-        self.delivered: List[dict] = []
+        self.delivered: List[dict] = []  # each attack as fired (a flood: how much it wrote, cut short or not)
         self.undelivered: List[dict] = []
 
     def _steps(self) -> int:
@@ -139,19 +140,18 @@ class Attacker(threading.Thread):
                              wait_for_workers=False, use_libuv=True)
 
     def run(self) -> None:
-        for a in self.attacks:
+        for i, a in enumerate(self.attacks):
             while self._steps() < a["step"]:
                 if self.proc.poll() is not None:
-                    self.undelivered += [x for x in self.attacks if x not in self.delivered]
+                    self.undelivered += [dict(x, why="the run ended first") for x in self.attacks[i:]]
                     return
                 time.sleep(0.05)
             try:
-                self._fire(a)
-                self.delivered.append(a)
+                self.delivered.append(dict(a, **(self._fire(a) or {})))
             except Exception as e:  # noqa: BLE001 - the store away (a coordinator fault): recorded
                 self.undelivered.append(dict(a, why=str(e).splitlines()[0][:120] if str(e) else type(e).__name__))
 
-    def _fire(self, a: dict) -> None:
+    def _fire(self, a: dict) -> Optional[dict]:
         store = self._store()
         kind = a["attack"]
         if kind == "rewind":
@@ -179,8 +179,10 @@ class Attacker(threading.Thread):
             for i in range(64):
                 try:
                     store.set(f"junk/{a['step']}/{i}", chunk)
-                except RuntimeError:  # the flood guard restarted the store under us: the aim
-                    break
+                except RuntimeError:  # the flood guard restarted the store under us (the aim), or the run ended
+                    return {"written_mb": 8 * i, "cut": True}
+            return {"written_mb": 512, "cut": False}
+        return None
 
 
 def _override(events: List[dict]) -> str:
@@ -258,14 +260,24 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
     completed = rc == 0 and not hung
     faults = _json(os.path.join(run_dir, FAULTS))
     hit, overtaken = [], []
+    if attacker.attacks:
+        attacker.join(timeout=30)
+    commits, evals, events = read_metrics(run_dir)
+    rebuilds = [ev for ev in events if ev.get("kind") == "rebuild"]
     if faults is None:
         broken.append(f"no {FAULTS}: what was injected is unknown")
     else:
         # The workers train on while the coordinator is stopped or dead, and the launcher sees steps
         # through it: an event due at or after a coordinator fault can be overtaken by the run's end.
         # Any other event that never fired means the schedule was not what the run went through.
-        down = min((e["step"] for e in faults["injected"] if e.get("target") == "coordinator"), default=None)
-        overtaken = [e for e in faults["not_fired"] if down is not None and e["step"] >= down]
+        # A flood that reached the store restarts the coordinator the same way (its flood guard).
+        down = min([e["step"] for e in faults["injected"] if e.get("target") == "coordinator"] +
+                   [a["step"] for a in attacker.delivered if a["attack"] == "flood"], default=None)
+        # An `on: rebuild` event that reached its step when no later generation rebuilt anything
+        # had nothing to fire on (the launcher marks it; the run's own rebuild records must agree).
+        overtaken = [e for e in faults["not_fired"]
+                     if (down is not None and e["step"] >= down) or
+                     (e.get("waited_for_rebuild") and not any(r.get("step", -1) > e["step"] for r in rebuilds))]
         missed = [e for e in faults["not_fired"] if e not in overtaken]
         if completed and missed:
             broken.append(f"scheduled faults never fired: {missed}")
@@ -274,14 +286,13 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
         failed = [e for e in hit if e["kind"] != "term"]
         if completed and state.get("failures", 0) < len(failed):
             broken.append(f"{len(failed)} workers killed or stopped, {state.get('failures')} failures counted")
-    attacker.join(timeout=30)
     tampering = state.get("tampering") or {}
     for a in attacker.delivered:
         kind = COUNTED_AS.get(a["attack"])
+        if a.get("cut"):  # cut short by the guard's restart or by the run's end: either may be
+            continue
         if completed and kind is not None and not tampering.get(kind):
             broken.append(f"attack {a} reached the store but no '{kind}' tampering was counted ({tampering})")
-    commits, evals, events = read_metrics(run_dir)
-    rebuilds = [ev for ev in events if ev.get("kind") == "rebuild"]
     approximate = any(r.get("tier") not in EXACT_TIERS for r in rebuilds)
     broken += check_records(commits, case["replicas"], completed=completed)
     final = next((e["val_loss"] for e in evals if e.get("final")), None)

@@ -505,7 +505,10 @@ class LocalLauncher:
             [dict(e) for e in self.job.faults.machine_schedule]
         write_strict_atomic(os.path.join(self.run_dir, FAULTS), {
             "scheduled": scheduled, "injected": self.injected,
-            "not_fired": [{k: v for k, v in e.items() if k not in ("armed", "due_at", "near")}
+            # `waited_for_rebuild`: an `on: rebuild` event that reached its step, after which no
+            # generation rebuilt anything (nothing to fire on).
+            "not_fired": [dict({k: v for k, v in e.items() if k not in ("armed", "due_at", "near")},
+                               **({"waited_for_rebuild": True} if "armed" in e and "due_at" not in e else {}))
                           for e in self.events + self.machine_events]}, indent=1)
 
     def cleanup(self) -> None:
