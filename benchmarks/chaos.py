@@ -71,6 +71,7 @@ STEPS = 16
 ATTACKS = ("rewind", "run_id", "replay", "flood")
 ATTACKS_FROM_SEED = 10   # seeds 0-9 keep their schedules (and the defaults their meaning)
 COUNTED_AS = {"rewind": "rewound", "run_id": "overwritten", "flood": "flood"}
+FLOOD_CHECK_S = 5.0      # the flood guard looks every 2 s; a run that ends sooner after a flood may not see it
 UNRECOVERABLE = ("cannot be rebuilt", "lost together")  # tiers.Unrecoverable: every copy gone at once
 LOSS_TOL = 0.05          # exact rebuilds only
 APPROX_LOSS_TOL = 0.25   # a stage rebuilt from its neighbours: a sanity bound (no divergence), reported
@@ -181,7 +182,7 @@ class Attacker(threading.Thread):
                     store.set(f"junk/{a['step']}/{i}", chunk)
                 except RuntimeError:  # the flood guard restarted the store under us (the aim), or the run ended
                     return {"written_mb": 8 * i, "cut": True}
-            return {"written_mb": 512, "cut": False}
+            return {"written_mb": 512, "cut": False, "done_at": time.monotonic()}
         return None
 
 
@@ -228,7 +229,8 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
         os.killpg(proc.pid, signal.SIGKILL)
         _, err = proc.communicate()
         hung = True
-    wall = time.monotonic() - t0
+    ended_at = time.monotonic()
+    wall = ended_at - t0
     with open(run_dir.rstrip("/") + ".stderr.log", "w") as f:
         f.write(err)
     time.sleep(1.0)
@@ -290,6 +292,8 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
     for a in attacker.delivered:
         kind = COUNTED_AS.get(a["attack"])
         if a.get("cut"):  # cut short by the guard's restart or by the run's end: either may be
+            continue
+        if ended_at - a.get("done_at", ended_at) < FLOOD_CHECK_S:  # the run ended before the guard looked
             continue
         if completed and kind is not None and not tampering.get(kind):
             broken.append(f"attack {a} reached the store but no '{kind}' tampering was counted ({tampering})")

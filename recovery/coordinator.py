@@ -87,6 +87,9 @@ class Coordinator:
         self.settings = s = Settings.from_job(job)
         self.config_layout = [len(x) for x in per_stage_layers(s.n_layers, s.stages, s.layers_per_stage)]
         self.resume_from, self.resume_missing = resume_from, resume_missing or {}
+        # The flood guard's baseline, taken before the store listens: a flood that arrives while this
+        # process starts (a restart's port answers at once) must not become part of the baseline.
+        rss_start = resident_bytes()
         self.store = P.connect(host, port, is_master=True, timeout_s=s.init_timeout_s)
         os.makedirs(run_dir, exist_ok=True)
         self.state_store = state_store or FileStateStore(os.path.join(run_dir, CONTROL_STATE))
@@ -116,7 +119,7 @@ class Coordinator:
         self._restart_store = False
         self._tampering_before, self._tampering_saved = dict(st.tampering), dict(st.tampering)
         self._memory_checked, self._flood_logged = 0.0, False
-        self._rss_start = resident_bytes()
+        self._rss_start = rss_start
         self._dirty = True
         self._finished_at: Optional[float] = None
         self._alive_at = 0.0
