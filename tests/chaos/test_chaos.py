@@ -2,7 +2,7 @@
 coordinator, some fired while a rebuild generation forms, for one replica of 4 stages and 2 x 2
 under Streaming DiLoCo (benchmarks/chaos.py builds and checks them). Each case asserts from the
 run's own records: it completes (or stops with a clear message), every step of every replica is
-committed exactly once on the batches stage 0 read, the final loss is within 5 % of the
+committed exactly once on the batches stage 0 read, the final loss is at most 5 % above the
 failure-free run, no process outlives the job, and it ends in bounded time.
 
 From seed 10 on, most schedules also mix in attacks from a client without the token (the commit
