@@ -87,7 +87,8 @@ class Campaigner:
         return not self.proc.stdout.closed and self.proc.returncode is None
 
     def stderr(self):
-        self._err.flush()
+        if not self._err.closed:
+            self._err.flush()
         with open(self.err_path) as f:
             return f.read()
 
@@ -188,7 +189,8 @@ class BackgroundRun:
                                      stderr=self._err, text=True)
 
     def stderr(self):
-        self._err.flush()
+        if not self._err.closed:
+            self._err.flush()
         with open(self.err_path) as f:
             return f.read()
 

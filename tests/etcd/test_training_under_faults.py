@@ -74,6 +74,7 @@ def test_one_member_killed_mid_run_changes_nothing(etcd_cluster, plain, tmp_path
         run.wait_steps(5)
         etcd_cluster.kill(lead)
         killed_at = run.steps()
+        run.wait_steps(STEPS, timeout=180)   # recording goes on to the end (generous; a stall fails sooner)
         rc, summary, records, err = run.wait(RUN_TIMEOUT_S)
     finally:
         run.stop()

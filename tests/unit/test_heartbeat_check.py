@@ -33,7 +33,8 @@ def _membership(write_ahead):
     return Membership(st, settings, board, lambda: None, lambda: None), st, board, store
 
 
-def test_a_joiner_whose_beat_waits_for_the_save_does_not_stall_the_check():
+def test_a_missing_beat_never_stalls_the_check_and_counts_as_none():
+    # A joiner whose placeholder beat waits for the save (etcd's write-ahead).
     m, st, board, store = _membership(write_ahead=True)
     m.on_join({"wid": "w5", "pid": 1, "host": "h"})
     assert board.holding and not store.check(["hb/w5"]), "the test needs the placeholder held"
@@ -45,8 +46,7 @@ def test_a_joiner_whose_beat_waits_for_the_save_does_not_stall_the_check():
     m.check_heartbeats()
     assert st.workers["w5"].state == "spare"
 
-
-def test_a_deleted_beat_is_no_beat():
+    # A beat deleted by someone without the token (or a worker that died): no stall, and no beat.
     m, st, board, store = _membership(write_ahead=False)
     m.on_join({"wid": "w1", "pid": 1, "host": "h"})
     m.on_join({"wid": "w2", "pid": 2, "host": "h"})
