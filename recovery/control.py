@@ -138,6 +138,10 @@ class Control:
     def _adopt(self, boot: str, inc: int) -> bool:
         """Seal and verify with `boot` from now on; True if it is a new incarnation."""
         new = boot != self.boot
+        if new:
+            # A new incarnation serves a new store whose logs count from 1 again: the indices this
+            # writer used in the old one are no floor there (kept, they read as a wound-back counter).
+            self.auth.max_index.clear()
         self.boot, self.incarnation = boot, max(self.incarnation, inc)
         self.auth.boot = boot
         return new

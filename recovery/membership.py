@@ -155,15 +155,25 @@ class Membership:
         live = [w for w in self.st.workers.values() if w.state in ("active", "spare")]
         if not live:
             return
+        keys = [f"hb/{w.wid}" for w in live]
+        store = self.board.store
         try:
-            values = self.board.store.multi_get([f"hb/{w.wid}" for w in live])
+            # multi_get waits for a missing key as long as the store's timeout (minutes), and a key
+            # can be missing: a joiner's hb/<wid> still held for the state save (write-ahead,
+            # recovery.control=etcd), or deleted by someone without the token. Read those present;
+            # a missing beat is no beat.
+            if not store.check(keys):
+                keys = [k for k in keys if store.check([k])]
+            values = dict(zip(keys, store.multi_get(keys) if keys else []))
         except RuntimeError:
             return
         silent = []
-        for w, raw in zip(live, values):
+        for w in live:
+            raw, status = values.get(f"hb/{w.wid}"), None
             try:
-                status = self.board.auth.open(f"hb/{w.wid}", raw)
-                n = int(status.get("n", -1))
+                if raw is not None:
+                    status = self.board.auth.open(f"hb/{w.wid}", raw)
+                n = int(status.get("n", -1)) if status is not None else w.hb
             except Forged as e:  # a forged beat never keeps a dead worker alive
                 self.board.auth.dropped(e)
                 n = w.hb

@@ -87,7 +87,8 @@ class Campaigner:
         return not self.proc.stdout.closed and self.proc.returncode is None
 
     def stderr(self):
-        self._err.flush()
+        if not self._err.closed:
+            self._err.flush()
         with open(self.err_path) as f:
             return f.read()
 
@@ -101,6 +102,161 @@ class Campaigner:
             self.proc.terminate()
             try:
                 self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._err.close()
+
+
+# --- whole runs under recovery.control=etcd (python -m trainer) -----------------------------------
+TTL_S = 3
+
+
+def new_prefix(name):
+    import uuid
+    return f"/test/{name}-{uuid.uuid4().hex[:8]}/"
+
+
+def etcd_args(endpoints, prefix, ttl_s=TTL_S, standbys=1):
+    """The overrides that put a run's control plane on the cluster at `endpoints`, under `prefix`."""
+    return ["recovery.control=etcd", f"recovery.etcd.endpoints=[{','.join(endpoints)}]",
+            f"recovery.etcd.prefix={prefix}", f"recovery.etcd.lease_ttl_s={ttl_s}", f"recovery.standbys={standbys}"]
+
+
+def quick_job(steps):
+    return ["experiment=quick", "train.eval_batches=1", f"train.max_steps={steps}"]
+
+
+def etcd_run(cluster, run_dir, steps, *extra, prefix=None, timeout=150):
+    """A whole run in the foreground: (completed process, summary, metrics records, prefix)."""
+    from testkit import run_trainer
+    prefix = prefix or new_prefix("run")
+    proc, summary, records = run_trainer(run_dir, *quick_job(steps), *etcd_args(cluster.endpoints, prefix), *extra,
+                                         timeout=timeout)
+    return proc, summary, records, prefix
+
+
+def commits(records):
+    return [r for r in records if "loss" in r and "val_loss" not in r and "event" not in r]
+
+
+def exactly_once(records, replicas, steps):
+    recs = commits(records)
+    assert not [r for r in recs if r.get("duplicate")], "a step was committed twice"
+    for q in range(replicas):
+        got = sorted(r["step"] for r in recs if r["replica"] == q)
+        assert got == list(range(steps)), f"replica {q}: steps skipped or repeated: {got}"
+
+
+def losses(records, replica=0):
+    return {r["step"]: r["loss"] for r in commits(records) if r["replica"] == replica}
+
+
+def logged(log, pattern):
+    """(wall time, match) of every launcher line of entry.log matching `pattern`, in order."""
+    import re
+    from datetime import datetime
+    stamp = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[kintsugi\.launch\]\[\w+\] - "
+    return [(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp(), m)
+            for m in re.finditer(stamp + pattern, log)]
+
+
+def raft_leader(cluster):
+    """The index of the member etcd elected its raft leader (asked of every member that answers)."""
+    from kintsugi.recovery.etcd_client import EtcdClient
+    for i, endpoint in enumerate(cluster.endpoints):
+        try:
+            status = EtcdClient([endpoint]).post("maintenance/status", {})
+        except Exception:  # noqa: BLE001 - a member that is down
+            continue
+        if status["leader"] == status["header"]["member_id"]:
+            return i
+    raise AssertionError(f"no raft leader among {cluster.endpoints}")
+
+
+class BackgroundRun:
+    """`python -m trainer` in the background, for a test that acts on the run while it trains. Its
+    stderr goes to a file (a pipe nobody reads while the test waits could fill and stall the run)."""
+
+    def __init__(self, run_dir, *overrides, env=None):
+        from testkit import ROOT
+        self.run_dir = run_dir
+        self.err_path = str(run_dir) + ".stderr"
+        self._err = open(self.err_path, "w")
+        full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+        self.proc = subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet",
+                                      *overrides], cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL,
+                                     stderr=self._err, text=True)
+
+    def stderr(self):
+        if not self._err.closed:
+            self._err.flush()
+        with open(self.err_path) as f:
+            return f.read()
+
+    def log(self):
+        path = os.path.join(str(self.run_dir), "entry.log")
+        return open(path).read() if os.path.exists(path) else ""
+
+    def steps(self):
+        """Commit rows in metrics.jsonl so far (what the coordinator recorded)."""
+        path = os.path.join(str(self.run_dir), "metrics.jsonl")
+        if not os.path.exists(path):
+            return 0
+        with open(path) as f:
+            return sum(1 for line in f if '"loss"' in line and '"val_loss"' not in line and '"event"' not in line)
+
+    def wait_steps(self, n, timeout=240):
+        deadline = time.monotonic() + timeout
+        while self.steps() < n:
+            assert self.proc.poll() is None, f"the run ended ({self.proc.returncode}) before step {n}:\n" \
+                                             f"{self.stderr()[-3000:]}"
+            assert time.monotonic() < deadline, f"fewer than {n} steps recorded after {timeout} s:\n" \
+                                                f"{self.stderr()[-3000:]}"
+            time.sleep(0.05)
+
+    def workers(self):
+        """{wid: pid} of this run's live worker processes (the launcher's children)."""
+        out = {}
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().decode(errors="replace").split("\0")
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == self.proc.pid and "kintsugi.trainer.runtime.worker" in argv and "--wid" in argv:
+                out[argv[argv.index("--wid") + 1]] = int(pid)
+        return out
+
+    def wait(self, timeout):
+        """(exit code, summary or None, metrics records, stderr) once the run ended; kills it after `timeout`."""
+        import json
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"the run did not end within {timeout} s:\n{self.stderr()[-4000:]}")
+        summary, records = None, []
+        path = os.path.join(str(self.run_dir), "summary.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                summary = json.load(f)
+        path = os.path.join(str(self.run_dir), "metrics.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+        return self.proc.returncode, summary, records, self.stderr()
+
+    def stop(self):
+        """SIGTERM, then SIGKILL: the launcher stops its own children (they also die with their parent)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)

@@ -7,48 +7,21 @@ Everything is read from what the run left: its exit code, metrics.jsonl, its log
 the state document in etcd (every version still there, with the epoch of the leader that wrote it)."""
 import re
 import time
-import uuid
-from datetime import datetime
 
 import pytest
 
+from etcd_helpers import TTL_S, commits, etcd_run, exactly_once, logged, new_prefix
 from testkit import run_trainer
 from kintsugi.recovery.etcd_client import EtcdClient
 from kintsugi.recovery.etcd_state import EtcdStateStore
 
 pytestmark = pytest.mark.distributed
 
-TTL_S = 3
 STEPS = 12
 
 
-def _etcd_run(cluster, run_dir, *extra, prefix=None, timeout=150):
-    prefix = prefix or f"/test/failover-{uuid.uuid4().hex[:8]}/"
-    endpoints = ",".join(cluster.endpoints)
-    proc, summary, records = run_trainer(
-        run_dir, "experiment=quick", "train.eval_batches=1", f"train.max_steps={STEPS}", "recovery.control=etcd",
-        f"recovery.etcd.endpoints=[{endpoints}]", f"recovery.etcd.prefix={prefix}",
-        f"recovery.etcd.lease_ttl_s={TTL_S}", "recovery.standbys=1", *extra, timeout=timeout)
-    return proc, summary, records, prefix
-
-
-def _commits(records):
-    return [r for r in records if "loss" in r and "val_loss" not in r and "event" not in r]
-
-
-def _exactly_once(records, replicas):
-    recs = _commits(records)
-    assert not [r for r in recs if r.get("duplicate")], "a step was committed twice"
-    for q in range(replicas):
-        steps = sorted(r["step"] for r in recs if r["replica"] == q)
-        assert steps == list(range(STEPS)), f"replica {q}: steps skipped or repeated: {steps}"
-
-
-def _logged(log, pattern):
-    """(wall time, match) of every launcher line of entry.log matching `pattern`, in order."""
-    stamp = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[kintsugi\.launch\]\[\w+\] - "
-    return [(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp(), m)
-            for m in re.finditer(stamp + pattern, log)]
+def _etcd_run(cluster, run_dir, *extra, timeout=150):
+    return etcd_run(cluster, run_dir, STEPS, *extra, prefix=new_prefix("failover"), timeout=timeout)
 
 
 def test_leader_killed_mid_run_a_standby_takes_over(shared_etcd, tmp_path):
@@ -63,17 +36,17 @@ def test_leader_killed_mid_run_a_standby_takes_over(shared_etcd, tmp_path):
     # more for these two.
     # (On a host loaded far past its cores a leader can also lose its lease unkilled: then a later
     # epoch leads at the kill, and the one after it must follow as fast.)
-    kills = _logged(log, r"injecting kill into the coordinator \(pid \d+\) at step 5")
+    kills = logged(log, r"injecting kill into the coordinator \(pid \d+\) at step 5")
     assert kills, f"the launcher never killed the coordinator:\n{log[-3000:]}"
     killed = kills[0][0]
-    leads = [(t, int(m.group(2))) for t, m in _logged(log, r"coordinator pid \d+ leads \(epoch (\d+)\)")]
+    leads = [(t, int(m.group(2))) for t, m in logged(log, r"coordinator pid \d+ leads \(epoch (\d+)\)")]
     at_kill = max([e for t, e in leads if t < killed], default=0)
     after = [(t, e) for t, e in leads if t >= killed and e > at_kill]
     assert at_kill >= 1 and after, f"no new leader after the kill:\n{log[-3000:]}"
     led, successor = after[0]
     assert led - killed <= TTL_S + 2, f"the standby led {led - killed:.2f} s after the kill (lease TTL {TTL_S} s)"
     assert f"coordinator reachable again (a new leader, epoch {successor}" in err
-    _exactly_once(records, 1)
+    exactly_once(records, 1, STEPS)
     assert summary["failures"] == 0 and summary["steps"] == STEPS and summary["error"] is None
     # Nothing was rolled back: every worker re-registered with the new leader at the kill's step or
     # later (how many steps they trained while no one led depends on this machine's load; the
@@ -116,10 +89,10 @@ def test_leader_killed_changes_no_loss_against_the_local_control_plane(shared_et
     proc, summary, records, _ = _etcd_run(shared_etcd, tmp_path / "run", *grid,
                                           "faults.schedule=[{step: 5, target: coordinator, kind: kill}]")
     assert "coordinator reachable again (a new leader, epoch" in proc.stderr
-    _exactly_once(records, 2)
+    exactly_once(records, 2, STEPS)
     for q in (0, 1):
-        mine = {r["step"]: r["loss"] for r in _commits(records) if r["replica"] == q}
-        theirs = {r["step"]: r["loss"] for r in _commits(plain_records) if r["replica"] == q}
+        mine = {r["step"]: r["loss"] for r in commits(records) if r["replica"] == q}
+        theirs = {r["step"]: r["loss"] for r in commits(plain_records) if r["replica"] == q}
         assert mine == theirs, f"replica {q}: the change of leader changed training"
     assert summary["final_val_loss"] == plain["final_val_loss"] and summary["failures"] == 0
 
@@ -135,4 +108,4 @@ def test_leader_killed_right_after_a_worker(shared_etcd, tmp_path):
         "{step: 5, target: coordinator, kind: kill, delay_s: 0.05}]")
     assert "coordinator reachable again (a new leader, epoch" in proc.stderr
     assert summary["failures"] == 1 and [tuple(rb["slot"]) for rb in summary["rebuilds"]] == [(0, 2)]
-    _exactly_once(records, 1)
+    exactly_once(records, 1, STEPS)

@@ -4,27 +4,18 @@ import time
 
 import pytest
 
+from etcd_helpers import raft_leader
 from kintsugi.recovery.etcd_client import EtcdClient
 from kintsugi.recovery.etcd_election import Election
 from kintsugi.recovery.etcd_state import EtcdStateStore
 from kintsugi.recovery.state_store import Unavailable
 
 
-def _raft_leader(cluster):
-    """The index of the member etcd elected its raft leader (asked of every member)."""
-    c = EtcdClient(cluster.endpoints)
-    for i, endpoint in enumerate(cluster.endpoints):
-        status = EtcdClient([endpoint]).post("maintenance/status", {})
-        if status["leader"] == status["header"]["member_id"]:
-            return i
-    raise AssertionError(f"no raft leader among {c.endpoints}")
-
-
 def test_one_member_killed_nothing_visible(etcd_cluster):
     """Kill the member the coordinator talks to, which is also etcd's raft leader: saves go on
     (another member, a raft election), the coordinator never stops leading."""
     prefix = "/test/one-down/"
-    lead = _raft_leader(etcd_cluster)
+    lead = raft_leader(etcd_cluster)
     endpoints = [etcd_cluster.endpoints[lead]] + [e for i, e in enumerate(etcd_cluster.endpoints) if i != lead]
     lost = []
     election = Election(EtcdClient(endpoints), prefix, ttl_s=3, candidate="a", on_lost=lambda: lost.append(1))

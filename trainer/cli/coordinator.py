@@ -11,7 +11,8 @@ With `recovery.control=etcd` (recovery.etcd_leader) the start is: check the clus
 exit 2 when it cannot be used; nothing started), refuse a new run's prefix that holds another run's
 state, campaign (a `--standby` waits here), load the state from etcd, serve a store of its own on
 `--host`/`--port`, publish its address. A deposed leader re-executes itself as a standby; a standby
-that wins a run that already ended exits 0.
+that wins a run that already ended exits 0. A standby waits out a cluster without quorum (the check
+only names it): a leader deposed by a lost quorum is re-executed while that quorum is still lost.
 """
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ def _start_dashboard(job: dict, run_dir: str, host: str, token: str, coordinator
 # --- recovery.control=etcd ----------------------------------------------------------------------------
 def _etcd_lead(args, job: dict):
     """(Leadership that leads now, saved state or None, error line or None); blocks while standing by."""
-    from kintsugi.recovery.etcd_client import EtcdError
+    from kintsugi.recovery.etcd_client import EtcdError, EtcdUnavailable
     from kintsugi.recovery.etcd_leader import Leadership, PrefixTaken
     from kintsugi.trainer.config.job import JobConfig
     from kintsugi.trainer.launch.etcd_control import default_prefix
@@ -159,7 +160,15 @@ def _etcd_lead(args, job: dict):
     try:
         settings = cfg.settings(cfg.prefix or default_prefix(job["name"], args.run_dir))
         lead = Leadership(settings, flush_s=cfg.flush_s, on_deposed=_reexec_as_standby)
-        lead.check()
+        try:
+            lead.check()
+        except EtcdUnavailable as e:
+            # A standby waits out an outage in its campaign. It must: a leader deposed because the
+            # cluster lost its quorum re-executes itself as a standby while that quorum is still
+            # lost, and its exit would end the run (the launcher takes a leader's exit for the run's).
+            if not args.standby:
+                raise
+            log.warning("standby: etcd does not answer now (%s); campaigning until it does", e)
         if not args.standby and not job["train"].get("resume"):
             lead.refuse_taken()
     except (ValueError, EtcdError, PrefixTaken) as e:
