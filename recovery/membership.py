@@ -38,6 +38,7 @@ class Membership:
         self._last_hb_check: Optional[float] = None
         self._intervals: Dict[str, "collections.deque[float]"] = {}  # recent beat intervals per worker
         self._blind_until = 0.0  # after a stall of the coordinator's own loop: silence not yet counted
+        self._rejoined: Set[str] = set()  # re-registered with this incarnation, no beat since
 
     # --- arriving --------------------------------------------------------------------------------------
     def on_join(self, req: dict) -> None:
@@ -79,6 +80,7 @@ class Membership:
             self.board.put(f"ack/{wid}", "refused")
             return
         w.hb_changed = time.monotonic()
+        self._rejoined.add(wid)
         self.board.put(f"ack/{wid}", "ok")
         log.info("worker %s re-registered (slot %s, step %s)", wid, req.get("slot"), req.get("step_done"))
 
@@ -125,7 +127,13 @@ class Membership:
         or longer when its recent beats came far apart (a loaded machine starves the heartbeat
         thread; a hung process stops it altogether): three times the longest recent interval."""
         recent = self._intervals.get(w.wid)
-        return max(self.settings.heartbeat_timeout_s, 3.0 * max(recent) if recent else 0.0)
+        bound = max(self.settings.heartbeat_timeout_s, 3.0 * max(recent) if recent else 0.0)
+        if w.wid in self._rejoined:
+            # It re-registered with this (restarted) coordinator and has not beaten since: its
+            # beating connection finds the new incarnation on its own, after the one that
+            # re-registered, and under load (or someone writing old beats back) that takes seconds.
+            bound = max(bound, 3.0 * self.settings.heartbeat_timeout_s)
+        return bound
 
     def last_sign_of_life(self, w: WorkerInfo) -> float:
         """Its last beat, or its cell's last commit if later: a commit needs every stage of the
@@ -180,6 +188,7 @@ class Membership:
             except (ValueError, AttributeError, TypeError):
                 continue
             if n > w.hb:
+                self._rejoined.discard(w.wid)
                 if w.hb >= 0:
                     self._intervals.setdefault(w.wid, collections.deque(maxlen=32)).append(now - w.hb_changed)
                 w.hb, w.hb_changed, w.status = n, now, status

@@ -17,7 +17,10 @@ from kintsugi.recovery import control as C
 log = logging.getLogger("kintsugi.worker")
 
 
-def await_ack(c: C.Control, wid: str, timeout_s: float) -> str:
+UNVERIFIED = "refused: its answer does not verify with this token"
+
+
+def await_ack(c: C.Control, wid: str, timeout_s: float, unverified_s: float = 5.0) -> str:
     deadline, unverified_since = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         if c.check(f"ack/{wid}"):
@@ -25,8 +28,8 @@ def await_ack(c: C.Control, wid: str, timeout_s: float) -> str:
             if ack is not None:
                 return ack
             unverified_since = unverified_since or time.monotonic()
-            if time.monotonic() - unverified_since > 5.0:
-                return "refused: its answer does not verify with this token"
+            if time.monotonic() - unverified_since > unverified_s:
+                return UNVERIFIED
         time.sleep(0.05)
     return "no answer"
 
@@ -43,11 +46,19 @@ def rejoin(w) -> None:
     """The coordinator came back (a new incarnation): re-register, then replay the commits it may
     not have recorded (it keeps the first record of each step). `w`: the worker."""
     c, st = w.bg, w.state
-    c.append("rejoin", {"wid": w.wid, "pid": os.getpid(), "host": socket.gethostname(),
-                        "machine": w.machine, "slot": list(w.slot) if w.slot else None,
-                        "cell": w.watcher.working_cell, "cell_gen": w.watcher.working_gen,
-                        "step_done": st.step_done if st is not None else None})
-    if await_ack(c, w.wid, 30.0) not in ("ok", "no answer"):
+    rec = {"wid": w.wid, "pid": os.getpid(), "host": socket.gethostname(),
+           "machine": w.machine, "slot": list(w.slot) if w.slot else None,
+           "cell": w.watcher.working_cell, "cell_gen": w.watcher.working_gen,
+           "step_done": st.step_done if st is not None else None}
+    deadline = time.monotonic() + 30.0
+    while True:
+        c.append("rejoin", rec)
+        ack = await_ack(c, w.wid, max(0.1, deadline - time.monotonic()), unverified_s=1.0)
+        # This coordinator just proved its identity to us, so an answer that does not verify was
+        # written by someone else (an old incarnation's answer written back): ask again.
+        if ack != UNVERIFIED or time.monotonic() >= deadline:
+            break
+    if ack not in ("ok", "no answer"):
         log.warning("the restarted coordinator does not count this worker as a member; stopping")
         w.watcher.shutdown.set()
         w.watcher.stop.set()
