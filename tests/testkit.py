@@ -3,8 +3,10 @@ benchmark's one JSON line, and readers of metrics.jsonl. (A module of its own, n
 conftest modules exist under tests/, and `from testkit import` would take whichever came first.)"""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,3 +68,89 @@ def commits(records, replica=0):
         if "loss" in r and r.get("replica") == replica and "val_loss" not in r:
             out[r["step"]] = r
     return [out[k] for k in sorted(out)]
+
+
+# --- processes: what a test left running ---------------------------------------------------------
+def _descendants(pid):
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    children = {}
+    for p, pp in zip(out[::2], out[1::2]):
+        children.setdefault(int(pp), []).append(int(p))
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def node_env(**extra):
+    """A "node"'s environment: this checkout, one thread, no etcd settings or death signal inherited."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KINTSUGI_ETCD_") and k != "KINTSUGI_PDEATHSIG"}
+    env.update(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               TORCH_CPP_LOG_LEVEL="ERROR", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+class Fleet:
+    """The processes of one scenario, each logging to a file; `tree` remembers every descendant seen,
+    so leftovers are found even after their parents exited."""
+
+    def __init__(self, tmp_path, **env):
+        self.tmp, self.procs, self.seen, self.env = tmp_path, {}, set(), env  # env: for every process
+
+    def start(self, name, cmd, **env):
+        env = dict(self.env, **env)
+        log = open(self.tmp / f"{name}.log", "w")
+        # Own session: a node is killed as a whole, never together with pytest.
+        self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=node_env(**env), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        return self.procs[name]
+
+    def watch(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                self.seen.update(_descendants(p.pid))
+
+    def kill_node(self, name):
+        """A node dies: its torchrun agent and all its workers at once. torchrun starts every worker in
+        a session of its own, so killing the agent's process group would leave them running."""
+        p = self.procs[name]
+        tree = [p.pid] + _descendants(p.pid)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait(timeout=10)
+        return tree
+
+    def wait(self, name, timeout):
+        deadline = time.time() + timeout
+        while self.procs[name].poll() is None and time.time() < deadline:
+            self.watch()
+            time.sleep(0.2)
+        return self.procs[name].poll()
+
+    def log(self, name):
+        return (self.tmp / f"{name}.log").read_text()[-3000:]
+
+    def cleanup(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                for pid in [p.pid] + _descendants(p.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                p.wait(timeout=10)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from testkit import ROOT, commits, observed_batch_ids, run_trainer
+from testkit import _alive, _descendants, ROOT, commits, observed_batch_ids, run_trainer
 from kintsugi.recovery.rebuild import checkfree_average, from_positional, to_positional
 from kintsugi.trainer.data.corpus import DataConfig, prepare_corpus
 from kintsugi.trainer.data.batches import ShardedBatches, load_tokens
@@ -166,28 +166,6 @@ def test_join_without_the_token_is_refused(tmp_path):
         coord.kill()
         _, err = coord.communicate()
     assert " joined " not in err
-
-
-def _descendants(pid):
-    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
-    children = {}
-    for p, pp in zip(out[::2], out[1::2]):
-        children.setdefault(int(pp), []).append(int(p))
-    found, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            found.append(c)
-            todo.append(c)
-    return found
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])

@@ -16,7 +16,7 @@ import pytest
 
 from testkit import run_trainer, start_trainer
 from kintsugi.recovery.runfiles import missing_steps, standing_commits
-from test_recovery import _descendants
+from testkit import _descendants
 
 pytestmark = pytest.mark.distributed
 ARGS = ["experiment=quick", "parallel.stages=2", "train.max_steps=60", "train.eval_batches=1",

@@ -8,80 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from testkit import ROOT, commits
-from test_recovery import _alive, _descendants
+from testkit import ROOT, Fleet, _alive, commits, node_env
 
 TOKEN = "n0des-s3cret"
 JOB = ["experiment=quick", "faults=none", "logger=quiet", "model.n_layers=4", "train.max_steps=10",
        "train.eval_batches=1", "recovery.heartbeat_timeout_s=2.0"]
-
-
-def _env(**extra):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               TORCH_CPP_LOG_LEVEL="ERROR", PYTHONUNBUFFERED="1", KINTSUGI_TOKEN=TOKEN)
-    env.pop("KINTSUGI_PDEATHSIG", None)
-    env.update(extra)
-    return env
-
-
-class Fleet:
-    """The processes of one scenario, each logging to a file; `tree` remembers every descendant seen,
-    so leftovers are found even after their parents exited."""
-
-    def __init__(self, tmp_path):
-        self.tmp, self.procs, self.seen = tmp_path, {}, set()
-
-    def start(self, name, cmd, **env):
-        log = open(self.tmp / f"{name}.log", "w")
-        # Own session: a node is killed as a whole, never together with pytest.
-        self.procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        return self.procs[name]
-
-    def watch(self):
-        for p in self.procs.values():
-            if p.poll() is None:
-                self.seen.update(_descendants(p.pid))
-
-    def kill_node(self, name):
-        """A node dies: its torchrun agent and all its workers at once. torchrun starts every worker in
-        a session of its own, so killing the agent's process group would leave them running."""
-        p = self.procs[name]
-        tree = [p.pid] + _descendants(p.pid)
-        for pid in tree:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        p.wait(timeout=10)
-        return tree
-
-    def wait(self, name, timeout):
-        deadline = time.time() + timeout
-        while self.procs[name].poll() is None and time.time() < deadline:
-            self.watch()
-            time.sleep(0.2)
-        return self.procs[name].poll()
-
-    def log(self, name):
-        return (self.tmp / f"{name}.log").read_text()[-3000:]
-
-    def cleanup(self):
-        for p in self.procs.values():
-            if p.poll() is None:
-                for pid in [p.pid] + _descendants(p.pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                p.wait(timeout=10)
 
 
 def _torchrun(fleet, name, coordinator, node_rank=None, master_port=None):
@@ -110,7 +47,7 @@ def test_two_torchrun_nodes_survive_a_killed_node_and_take_in_a_new_one(tmp_path
     run_dir = tmp_path / "run"
     port, master_port = free_port(), free_port()
     addr = f"127.0.0.1:{port}"
-    fleet = Fleet(tmp_path)
+    fleet = Fleet(tmp_path, KINTSUGI_TOKEN=TOKEN)
     try:
         fleet.start("coordinator", [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host",
                                     "127.0.0.1", "--run-dir", str(run_dir), "--", *JOB])
@@ -167,7 +104,7 @@ def test_two_torchrun_nodes_survive_a_killed_node_and_take_in_a_new_one(tmp_path
 @pytest.mark.distributed
 def test_standalone_coordinator_reports_a_config_error_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", "1", "--run-dir", str(tmp_path),
-                           "--", "parallel.stagez=4"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           "--", "parallel.stagez=4"], cwd=ROOT, env=node_env(KINTSUGI_TOKEN=TOKEN), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "config error" in proc.stderr and "stagez" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -199,7 +199,8 @@ class RecoveryConfig:
     # NCCL peer never makes a receive raise, so heartbeats or this deadline find it (gloo: ms).
     p2p_deadline_s: float = 300.0
     control: str = "local"          # local | etcd: where the coordinator's state lives, who may lead
-    standbys: int = 0               # launcher=local, control=etcd: standby coordinators beside the leader
+    standbys: int = 0               # control=etcd: standby coordinators (local: beside the leader; torchrun:
+                                    # on nodes 1..standbys)
     etcd: RecoveryEtcdConfig = field(default_factory=RecoveryEtcdConfig)
 
     STRATEGIES = ("tiered", "checkfree", "checkfree_plus", "copy", "average", "random", "checkpoint", "none")
@@ -373,8 +374,12 @@ class JobConfig:
             _check(bool(self.recovery.etcd.prefix), f"recovery.control=etcd with launcher={self.launcher.name} needs "
                    "recovery.etcd.prefix: give every node and coordinator the same one, e.g. "
                    "recovery.etcd.prefix=/kintsugi/run1/")
-            _check(self.recovery.standbys == 0, f"recovery.standbys={self.recovery.standbys} starts standbys with "
-                   "launcher=local only; elsewhere start `kintsugi coordinator --standby` on another machine")
+            _check(self.recovery.standbys == 0 or self.launcher.name == "torchrun",
+                   f"recovery.standbys={self.recovery.standbys} starts standbys with launcher=local or torchrun "
+                   f"only; with launcher={self.launcher.name} start `kintsugi coordinator --standby` on another machine")
+            _check(not self.recovery.coordinator, f"recovery.coordinator={self.recovery.coordinator} with "
+                   "recovery.control=etcd: workers find the leading coordinator through etcd; drop "
+                   "recovery.coordinator")
         for i, e in enumerate(self.faults.machine_schedule):
             _check(self.launcher.machines > 0, f"faults.schedule names machine {e['machine']!r} but launcher.machines=0; "
                                                "set launcher.machines to the number of simulated machines")

@@ -30,8 +30,10 @@ def default_prefix(name: str, run_dir: str) -> str:
     return f"/kintsugi/{name}-{digest}/"
 
 
-def prepare(job: JobConfig, run_dir: str) -> Optional[str]:
-    """Fill the prefix (launcher=local) and check the cluster; one line of error, or None."""
+def prepare(job: JobConfig, run_dir: str, refuse_taken_prefix: bool = True) -> Optional[str]:
+    """Fill the prefix (launcher=local) and check the cluster; one line of error, or None. torchrun's
+    ranks do not refuse a prefix that holds state: a node may join a run that leads there (the
+    leader-to-be coordinator refuses a taken prefix itself)."""
     from kintsugi.recovery.etcd_client import EtcdClient, EtcdError
     from kintsugi.recovery.etcd_leader import PrefixTaken, refuse_taken
     from kintsugi.trainer.config.errors import ConfigError
@@ -43,7 +45,7 @@ def prepare(job: JobConfig, run_dir: str) -> Optional[str]:
         etcd.prefix = settings.prefix  # normalised: /a/b/
         client = EtcdClient.from_settings(settings)
         client.check(settings.prefix)
-        if not job.train.resume:
+        if refuse_taken_prefix and not job.train.resume:
             refuse_taken(client, settings)
     except (ConfigError, ValueError, EtcdError, PrefixTaken) as e:
         return f"recovery.control=etcd: {e}"
@@ -59,6 +61,20 @@ def worker_env(job: JobConfig) -> Dict[str, str]:
 def locator(job: JobConfig):
     from kintsugi.recovery.etcd_locate import Locator
     return Locator(job.recovery.etcd.settings())
+
+
+def run_in_progress(job: JobConfig) -> bool:
+    """A leader leads under the run's prefix, or its state is there and has not ended (between two
+    leaders): a torchrun node started now joins that run instead of starting one."""
+    import json
+    loc = locator(job)
+    if loc.current() is not None:
+        return True
+    try:
+        kv = loc.client.get(loc.settings.prefix + "state")
+        return kv is not None and not json.loads(kv["value"])["state"].get("ended")
+    except Exception:  # noqa: BLE001 - unreadable or unreachable: the leader-to-be's own checks decide
+        return False
 
 
 def _pid_of(candidate: str) -> Optional[int]:

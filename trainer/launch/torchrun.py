@@ -17,6 +17,18 @@ after start-up membership goes through the coordinator only:
 - a node that joins later is a separate group: `torchrun --standalone ... recovery.coordinator=host:P`
   (all its ranks become spares) or `kintsugi join --coordinator host:P --workers K`.
 
+With `recovery.control=etcd` (and `recovery.etcd.prefix`, the same on every node) the coordinator's
+node is no single point of failure: global rank 0 starts the leader-to-be beside itself, local rank 0
+of nodes 1..`recovery.standbys` each start a standby coordinator (`--standby`) once a leader leads,
+and every worker finds the leader through etcd, so when node 0 dies whole a standby leads within the
+lease TTL, the workers move to it and the lost slots are rebuilt from spares. A node started while the
+run is in progress (a later `torchrun --standalone` group) joins that run: its rank 0 starts a
+standby, its ranks wait as spares. Give every node the same run directory on a shared filesystem
+(`hydra.run.dir=...`): whichever coordinator leads at the end writes the run's records and outputs
+there. A standby listens on KINTSUGI_COORDINATOR_HOST, else on the address this node reaches
+MASTER_ADDR from. Every node needs KINTSUGI_TOKEN (the same value). A standby is a child of its
+worker process and dies with it.
+
 Worker ids are unique across nodes, re-joins and several "nodes" on one host (host, torchrun job,
 node rank, local rank, pid). Set KINTSUGI_MACHINE per node when several nodes share one host, so
 placement treats them as different machines.
@@ -24,7 +36,6 @@ placement treats them as different machines.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -40,6 +51,7 @@ from kintsugi.recovery import protocol as P
 from kintsugi.trainer.config.errors import ConfigError
 from kintsugi.trainer.config.job import JobConfig
 from kintsugi.trainer.launch.local import child_env
+from kintsugi.recovery.records import write_strict_atomic
 from kintsugi.recovery.runfiles import JOB
 
 log = logging.getLogger("kintsugi.torchrun")
@@ -52,12 +64,18 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
         raise ConfigError(f"launcher=torchrun but {e.args[0]} is not set; start with `torchrun ... -m trainer "
                           "launcher=torchrun` or use launcher=local") from None
     external = bool(job.recovery.coordinator)
+    etcd = job.recovery.control == "etcd"
+    joining = False
+    if etcd:  # every worker finds the leader through etcd; a node started while the run goes on joins it
+        from kintsugi.trainer.launch.etcd_control import locator, run_in_progress, worker_env
+        os.environ.update(worker_env(job))
+        joining = run_in_progress(job)
     need = job.parallel.replicas * job.parallel.stages
-    if not external and world < need:
+    if not external and not joining and world < need:
         raise ConfigError(f"torchrun started {world} processes but parallel.replicas x parallel.stages = {need}; "
                           f"start at least {need} (extra ones wait as spares), or run a coordinator on a stable host "
                           "and pass recovery.coordinator=host:port so several torchrun groups add up to the job")
-    coordinator = None
+    coordinator = cmd = None
     if external:
         try:
             host, port = P.parse_addr(job.recovery.coordinator)
@@ -69,51 +87,103 @@ def run_torchrun(job: JobConfig, run_dir: str, corpus: dict) -> int:
         except KeyError as e:
             raise ConfigError(f"launcher=torchrun but {e.args[0]} is not set; start with `torchrun ... -m trainer "
                               "launcher=torchrun` or use launcher=local") from None
-        if rank == 0:
-            os.makedirs(run_dir, exist_ok=True)
-            job_path = os.path.join(run_dir, JOB)
-            with open(job_path, "w") as f:
-                json.dump(job.public_dict(), f, indent=1)
-            cmd = [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host", host,
-                   "--run-dir", run_dir, "--job", job_path] + ([] if job.logger.progress else ["--no-progress"])
+        if rank == 0 or (etcd and _hosts_standby(job)):
+            cmd = _coordinator_cmd(job, run_dir, host, port, standby=joining or rank != 0)
     token = P.resolve_token(job.recovery.token)
     if token is None:
         if external:
             raise ConfigError(f"recovery.coordinator={job.recovery.coordinator} needs the run's token: set "
                               f"{P.TOKEN_ENV} on every node (the coordinator shows it once when it starts)")
+        if etcd and (joining or world > int(os.environ.get("LOCAL_WORLD_SIZE", world))):
+            raise ConfigError(f"recovery.control=etcd across torchrun nodes needs the run's token on every node: set "
+                              f"{P.TOKEN_ENV} to the same value everywhere (the coordinators on other nodes check it)")
         token = _local_token(rank)  # one node: its ranks share a fresh token through a 0600 file
-    if rank == 0 and not external:
+    if cmd is not None and "--standby" in cmd:
+        locator(job).wait(job.launcher.start_timeout_s)  # a standby that won first would find the prefix taken
+    if cmd is not None:
         coordinator = subprocess.Popen(cmd, env=child_env({P.TOKEN_ENV: token}))
-    store = _connect(host, port, job.launcher.start_timeout_s)
-    control = C.open_control(host, port, token, store=store)
-    if not external:
-        if rank == 0:
-            control.put_json("corpus", corpus)
+        if etcd and "--standby" not in cmd:  # its one-line refusal (a taken prefix) ends this rank too
+            rc = _wait_to_lead(job, coordinator)
+            if rc is not None:
+                return rc
+    if etcd:  # the address is the leader's, from etcd (open_control reads it)
+        control = C.open_control(host, port, token, timeout_s=job.launcher.start_timeout_s)
+        bg = C.open_control(host, port, token, timeout_s=60)
     else:
+        control = C.open_control(host, port, token, store=_connect(host, port, job.launcher.start_timeout_s))
+        bg = C.open_control(host, port, token, store=_connect(host, port, 60))
+    if external:
         _shared_corpus(control, corpus)
+    elif rank == 0 and not joining:
+        control.put_json("corpus", corpus)
     from kintsugi.trainer.runtime.worker import Worker
     logging.getLogger("kintsugi.worker").setLevel(os.environ.get("KINTSUGI_LOG", "WARNING"))
     os.environ.setdefault("KINTSUGI_MACHINE", socket.gethostname())
     wid = worker_id()
-    worker = Worker(control, wid, token, bg=C.open_control(host, port, token, store=_connect(host, port, 60)))
+    worker = Worker(control, wid, token, bg=bg)
     rc = worker.run()
     if coordinator is not None:
         try:
-            rc = coordinator.wait(timeout=60) or rc
+            crc = coordinator.wait(timeout=60)
         except subprocess.TimeoutExpired:
             coordinator.kill()
-            rc = 1
+            crc = 1
+        # Under etcd a coordinator killed by a signal was replaced by a standby elsewhere; an exit
+        # code it chose (a run that stopped) still counts.
+        rc = (rc or (crc if crc > 0 else 0)) if etcd else (crc or rc)
     if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and worker is not None and worker.watcher.rebuilt_slots > 0:
         release_exit_barrier()
-    if coordinator is not None:
+    if rank == 0 and not external and not etcd:
         return rc  # global rank 0 beside its own coordinator writes the run's outputs (trainer.cli.entry)
     # Every other worker process ends here, as `python -m trainer.runtime.worker` does: waits abandoned in
     # helper threads (a dead peer's recv) must not hold up or crash the exit, which torchrun's agent
-    # would count as a failed worker. With an external coordinator the coordinator writes the outputs.
+    # would count as a failed worker. With an external coordinator, or under etcd, the coordinator
+    # writes the outputs.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
+
+
+def _wait_to_lead(job: JobConfig, coordinator: subprocess.Popen):
+    """None once a leader published its address; the coordinator's exit code if it exited first."""
+    from kintsugi.trainer.launch.etcd_control import locator
+    loc, deadline = locator(job), time.monotonic() + job.launcher.start_timeout_s
+    while loc.current() is None and time.monotonic() < deadline:
+        if coordinator.poll() is not None:
+            return coordinator.returncode or 1
+        time.sleep(0.1)
+    return None
+
+
+def _hosts_standby(job: JobConfig) -> bool:
+    """recovery.standbys under etcd: local rank 0 of nodes 1..standbys runs a standby coordinator."""
+    env = os.environ
+    return env.get("LOCAL_RANK", "0") == "0" and 1 <= int(env.get("GROUP_RANK", "0")) <= job.recovery.standbys
+
+
+def _coordinator_cmd(job: JobConfig, run_dir: str, host: str, port: int, standby: bool) -> list:
+    """`kintsugi coordinator` beside this rank: the leader-to-be (global rank 0), or a standby that
+    listens on this node's own address once it leads (under etcd it writes the outputs itself)."""
+    os.makedirs(run_dir, exist_ok=True)
+    job_path = os.path.join(run_dir, JOB)
+    if standby:  # several nodes may share the run dir: each writes its copy whole, under its own name
+        job_path = os.path.join(run_dir, f"job.standby-{socket.gethostname()}-{os.getpid()}.json")
+        host = os.environ.get("KINTSUGI_COORDINATOR_HOST") or _address_towards(host)
+    write_strict_atomic(job_path, job.public_dict(), indent=1)
+    return [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host", host,
+            "--run-dir", run_dir, "--job", job_path] + ([] if job.logger.progress else ["--no-progress"]) + \
+        (["--outputs"] if job.recovery.control == "etcd" else []) + (["--standby"] if standby else [])
+
+
+def _address_towards(host: str) -> str:
+    """The address of this node's interface that routes to `host` (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostname()
 
 
 def _local_token(rank: int) -> str:
