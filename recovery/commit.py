@@ -135,6 +135,11 @@ class Commit:
             self._ring = collections.deque(((t, r) for t, r in self._ring
                                             if r.get("replica") != replica or r["step"] <= step), maxlen=self.RING)
 
+    def newest(self, replica: int) -> Optional[int]:
+        """The newest step of `replica` this stage applied and still holds the record of."""
+        steps = [r["step"] for r in self._records() if r.get("replica") == replica]
+        return max(steps) if steps else None
+
     def _records(self):
         with self._lock:
             return [r for _, r in self._ring]

@@ -160,6 +160,7 @@ class Coordinator:
                          "suspended": self.reactions.on_suspended, "fault": self.reactions.on_fault}
         self.salvage = Salvage(self, damaged) if damaged else None
         if restore:
+            self.membership.restored()
             log.warning("coordinator restarted (incarnation %d): %d workers known, committed %s; waiting for "
                         "them to re-register", st.incarnation, len(st.workers), st.committed)
 

@@ -38,6 +38,8 @@ class Locator:
         self._at = float("-inf")
         self._info: Optional[LeaderInfo] = None
         self._outage = False
+        self._ended: Optional[str] = None
+        self._ended_at = float("-inf")
 
     def current(self) -> Optional[LeaderInfo]:
         """The leader that published its address, or None (no leader yet, or etcd unreachable)."""
@@ -56,6 +58,24 @@ class Locator:
             self._at = time.monotonic()
             self._info = info if info is not None and info.address else None
             return self._info
+
+    def ended(self) -> Optional[str]:
+        """How the run ended ("finished", ...) when its state in etcd says it did, else None. Only
+        a leader holding the lease writes that state, so a worker whose coordinator closed its store
+        before the worker read `shutdown` learns here that nobody will lead the run again."""
+        import json
+        with self._lock:
+            now = time.monotonic()
+            if now - self._ended_at < 1.0:
+                return self._ended
+            self._ended_at = now
+            try:
+                kv = self.client.get(self.settings.prefix + "state")
+                ended = json.loads(kv["value"])["state"].get("ended") if kv is not None else None
+                self._ended = str(ended) if ended else None
+            except Exception:  # noqa: BLE001 - unreadable or unreachable: not known to have ended
+                self._ended = None
+            return self._ended
 
     def newer_than(self, epoch: int) -> Optional[LeaderInfo]:
         info = self.current()

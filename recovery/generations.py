@@ -113,7 +113,7 @@ class Generations:
             self._initial_placement(spares)
             return
         for cell in st.cells.values():
-            if cell.needs_plan and not cell.lost:
+            if cell.needs_plan and not cell.lost and self.c.membership.caught_up(cell):
                 cell.needs_plan = False
                 self.replan_cell(cell, why="waited for every lost slot to have a holder")
         lost_cells = [c for c in st.cells.values() if c.lost]
@@ -123,6 +123,8 @@ class Generations:
         # Oldest losses first: a cell is re-planned when every one of its lost slots has a spare.
         for cell in sorted(lost_cells, key=lambda c: min(v.detected_mono for v in c.lost.values())):
             if now - min(v.detected_mono for v in cell.lost.values()) < self.c.settle_s:
+                continue
+            if not self.c.membership.caught_up(cell):  # a new incarnation: the replays come first
                 continue
             lost = sorted(cell.lost)
             if len(spares) < len(lost):

@@ -39,6 +39,34 @@ class Membership:
         self._intervals: Dict[str, "collections.deque[float]"] = {}  # recent beat intervals per worker
         self._blind_until = 0.0  # after a stall of the coordinator's own loop: silence not yet counted
         self._rejoined: Set[str] = set()  # re-registered with this incarnation, no beat since
+        # A restarted (or newly elected) coordinator: the members it restored, until each one
+        # re-registered or died, and the newest step each re-registered one says its replica
+        # committed (its replay of what this incarnation missed follows the re-registration).
+        self._awaiting: Set[str] = set()
+        self._claimed: Dict[str, Tuple[int, int]] = {}  # wid -> (replica, newest committed step it holds)
+        self._restored_at: Optional[float] = None
+
+    def restored(self) -> None:
+        """This incarnation restored the state of an earlier one: its members trained on meanwhile."""
+        self._restored_at = time.monotonic()
+        self._awaiting = {w.wid for w in self.st.workers.values() if w.state == "active"}
+
+    def caught_up(self, cell) -> bool:
+        """Whether `cell` may be planned now. After a restore the step a plan resumes at comes from
+        the committed steps, and those this incarnation missed arrive with the members' replays: a
+        plan made before them would have the cell train committed steps again. So a cell waits until
+        each of its members re-registered (or died) and the steps they hold were replayed, at most
+        3 x recovery.heartbeat_timeout_s (5 s at least) after the restore."""
+        if self._restored_at is None:
+            return True
+        if time.monotonic() - self._restored_at > max(5.0, 3 * self.settings.heartbeat_timeout_s):
+            self._restored_at = None
+            return True
+        members = {self.st.slots.get((r, s)) for r in cell.replicas for s in range(self.settings.stages)}
+        if members & self._awaiting:
+            return False
+        return all(self.st.committed.get(r, -1) >= k for wid, (r, k) in self._claimed.items()
+                   if wid in members and r in cell.replicas)
 
     # --- arriving --------------------------------------------------------------------------------------
     def on_join(self, req: dict) -> None:
@@ -81,6 +109,10 @@ class Membership:
             return
         w.hb_changed = time.monotonic()
         self._rejoined.add(wid)
+        self._awaiting.discard(wid)
+        held = req.get("committed")
+        if isinstance(held, list) and len(held) == 2 and all(isinstance(x, int) for x in held):
+            self._claimed[wid] = (held[0], held[1])
         self.board.put(f"ack/{wid}", "ok")
         log.info("worker %s re-registered (slot %s, step %s)", wid, req.get("slot"), req.get("step_done"))
 
@@ -97,6 +129,8 @@ class Membership:
             return
         was_active = w.state == "active"
         w.state = "left" if handed_off else "dead"
+        self._awaiting.discard(wid)
+        self._claimed.pop(wid, None)
         self.changed()
         log.warning("worker %s %s (%s)", wid, "left" if handed_off else "declared dead", why)
         if was_active and w.slot is not None:

@@ -50,6 +50,9 @@ def rejoin(w) -> None:
            "machine": w.machine, "slot": list(w.slot) if w.slot else None,
            "cell": w.watcher.working_cell, "cell_gen": w.watcher.working_gen,
            "step_done": st.step_done if st is not None else None}
+    newest = w.commit.newest(w.slot[0]) if w.slot is not None else None
+    if newest is not None:  # the coordinator plans this cell only once it recorded this far
+        rec["committed"] = [w.slot[0], newest]
     deadline = time.monotonic() + 30.0
     while True:
         c.append("rejoin", rec)

@@ -76,6 +76,15 @@ class Watcher(threading.Thread):
             if train_conn.away and not self.control.away:
                 train_conn.reconnect()  # the training thread's own connection
             if self.control.away:
+                ended = self.control.locate.ended() if self.control.locate is not None else None
+                if ended is not None and not self.control.locate.current():
+                    # recovery.control=etcd: the run ended while this worker was away from its
+                    # store (the leader closed it first); nobody will lead it again.
+                    log.warning("the run ended (%s, recorded in etcd) while the coordinator was away; stopping",
+                                ended)
+                    self.shutdown.set()
+                    self._stop_everything()
+                    return
                 if not self.control.reconnect():
                     if time.monotonic() - self.control.away_since > self.coordinator_wait_s:
                         log.error("the coordinator has been away for %.0fs (recovery.coordinator_wait_s); stopping",
