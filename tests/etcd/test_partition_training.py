@@ -101,18 +101,19 @@ def test_partitioned_leader_is_replaced_and_rejoins_as_a_standby(etcd_available,
                 assert time.time() < deadline, log("a") + log("workers")
                 time.sleep(0.2)
 
+            # A slot holder (from the state in etcd) dies as the new leader takes over: the steps its
+            # cell committed that the cut-off leader could not record reach the new leader as the
+            # workers' replays, and its plan must resume after them, not after the older ones it loaded.
+            state = EtcdStateStore(client, prefix).load()
+            victim = next(w["pid"] for w in state["workers"].values() if w["state"] == "active")
+            assert victim in _descendants(procs["workers"].pid)
             namespace.partition()
             t_cut, a_at_cut = time.time(), log("a")
             while (now := find_leader(client, prefix)) is None or now.epoch == first.epoch:
                 assert time.time() - t_cut < TTL_S + 10, "no new leader after the partition:\n" + log("b")
                 time.sleep(0.1)
             failover_s = time.time() - t_cut
-            # A worker dies while the old leader is cut off: the new one must plan its rebuild.
-            # (a slot holder, read from the state the new leader loaded from etcd)
-            state = EtcdStateStore(client, prefix).load()
-            victim = next(w["pid"] for w in state["workers"].values() if w["state"] == "active")
-            assert victim in _descendants(procs["workers"].pid)
-            os.kill(victim, signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)   # as the workers find the new leader, before their replays
             time.sleep(max(0.0, 2 * TTL_S - (time.time() - t_cut)))   # cut off for twice the TTL
             namespace.heal()
             rc_b = procs["b"].wait(timeout=300)
