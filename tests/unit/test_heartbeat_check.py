@@ -62,3 +62,36 @@ def test_a_missing_beat_never_stalls_the_check_and_counts_as_none():
         time.sleep(0.06)
     assert st.workers["w1"].state == "dead", "a worker whose beat is missing was kept alive"
     assert st.workers["w2"].state == "spare"
+
+
+def test_a_new_incarnation_plans_a_cell_only_after_its_members_replayed():
+    """After a restart or a change of leader the committed steps come from what the earlier
+    incarnation recorded, and the ones it missed arrive as the members' replays after they
+    re-register. A rebuild planned before them resumes too early: the cell trains committed steps
+    again (seen once in tests/etcd/test_partition_training.py as a step recorded `duplicate`)."""
+    m, st, board, store = _membership(write_ahead=False)
+    for i, slot in enumerate([(0, 0), (0, 1)]):
+        m.on_join({"wid": f"w{i}", "pid": i + 1, "host": "h"})
+        m.assign(slot, st.workers[f"w{i}"])
+    st.committed[0] = 4                      # what the earlier incarnation recorded
+    cell = st.cell_of(0)
+    assert m.caught_up(cell), "a coordinator that did not restore anything plans at once"
+
+    m.restored()
+    assert not m.caught_up(cell), "planned before any member re-registered"
+    m.on_rejoin({"wid": "w0", "slot": [0, 0], "step_done": 7, "committed": [0, 7]})
+    assert not m.caught_up(cell), "planned while w1 had not re-registered"
+    m.declare_dead("w1", "killed as the new leader took over")
+    assert not m.caught_up(cell), "planned before w0's replay of steps 5..7 arrived"
+    st.committed[0] = 7                      # the replay was recorded (ledger.accept)
+    assert m.caught_up(cell)
+
+    # A member that never re-registers (its link to the new leader is down) holds the plan back at
+    # most 3 x heartbeat_timeout_s, 5 s at least.
+    m, st, board, store = _membership(write_ahead=False)
+    m.on_join({"wid": "w0", "pid": 1, "host": "h"})
+    m.assign((0, 0), st.workers["w0"])
+    m.restored()
+    assert not m.caught_up(st.cell_of(0))
+    m._restored_at -= 5.1
+    assert m.caught_up(st.cell_of(0))
