@@ -59,7 +59,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
-from kintsugi.recovery.runfiles import CONTROL_STATE, JOB, MACHINES, read_metrics
+from kintsugi.recovery.runfiles import CONTROL_STATE, FINAL_STATE, JOB, MACHINES, read_metrics
 
 CAUSES = ("outage", "discard", "waits", "idle", "stall", "pace")
 OUTAGE_PARTS = ("detect", "replacement", "restart_regroup_transfer")
@@ -111,7 +111,10 @@ class RunRecord:
     def from_run_dir(cls, run_dir: str) -> "RunRecord":
         with open(os.path.join(run_dir, JOB)) as f:
             job = json.load(f)
-        with open(os.path.join(run_dir, CONTROL_STATE)) as f:
+        # The run's clock: the state file (local control plane), else the coordinator's final record
+        # (under recovery.control=etcd the state lives in etcd).
+        path = os.path.join(run_dir, CONTROL_STATE)
+        with open(path if os.path.exists(path) else os.path.join(run_dir, FINAL_STATE)) as f:
             t0 = float(json.load(f)["t0"])
         with open(os.path.join(run_dir, MACHINES)) as f:
             machines = [Machine(name, m["start"] - t0, m["end"] - t0, m.get("cause"), len(m.get("workers", [])) or 1)

@@ -18,7 +18,8 @@ its data on disk (not tmpfs: etcd fsyncs its log, as the local store fsyncs its 
 
 - Failover in training, `--train-runs` times (5): `python -m trainer experiment=quick` with
   `recovery.control=etcd recovery.standbys=1` and `faults.schedule=[{step: 5, target: coordinator,
-  kind: kill}]` (`--train-steps` steps, 12). Failover is the launcher's log line saying it saw the
+  kind: kill}]` (`--train-steps` steps, 40: the replicas train on past the failover, so their stall is
+  the failover's, not the end of a short run waiting for a leader). Failover is the launcher's log line saying it saw the
   new leader's published address minus its line saying it SIGKILLed the leader (entry.log, one
   process's wall clock; the launcher reads etcd every 0.25 s, so this is an upper bound that also
   counts the new leader filling its store), taking the first leader seen after the kill;
@@ -38,7 +39,7 @@ its data on disk (not tmpfs: etcd fsyncs its log, as the local store fsyncs its 
   median over pairs of their ratio, which contention moves much less.
 
     python -m benchmarks.control_failover [--runs 5] [--ttl 3] [--saves 300] [--train-runs 5]
-        [--train-steps 12] [--pairs 3] [--overhead-steps 30] [--out PATH]
+        [--train-steps 40] [--pairs 3] [--overhead-steps 30] [--out PATH]
 
 Prints one JSON line and writes it to outputs/benchmarks/control_failover.json (or --out).
 """
@@ -219,7 +220,8 @@ def measure_training_failover(endpoints: List[str], workdir: str, run: int, ttl:
     kill_step = 5
     rc, err, summary, records, _ = _trainer(
         run_dir, f"train.max_steps={steps}", *_etcd_overrides(endpoints, f"/bench/train-{os.getpid()}-{run}/", ttl),
-        f"faults.schedule=[{{step: {kill_step}, target: coordinator, kind: kill}}]")
+        f"faults.schedule=[{{step: {kill_step}, target: coordinator, kind: kill}}]",
+        "launcher.machines=2")  # machines.json: the machine-seconds benchmarks._goodput accounts
     if rc != 0:
         raise RuntimeError(f"failover run {run} exited {rc}: {err[-2000:]}")
     with open(os.path.join(run_dir, "entry.log")) as f:
@@ -238,7 +240,13 @@ def measure_training_failover(endpoints: List[str], workdir: str, run: int, ttl:
         replicas = json.load(f)["parallel"]["replicas"]
     expected = {(q, k) for q in range(replicas) for k in range(steps)}
     rereg = [int(x) for x in re.findall(r"worker w\d+ re-registered \(slot \[\d+, \d+\], step (\d+)\)", err)]
-    return {"failover_s": led - killed, "epoch_after_kill": epoch,
+    from kintsugi.benchmarks._goodput import goodput_of
+    try:  # how long the replicas stopped with no failure of their own (the fleet model's coordinator row)
+        stalls = goodput_of(run_dir).stall_s
+        stall = statistics.mean(stalls.values()) if stalls else 0.0
+    except (OSError, ValueError, KeyError) as e:
+        raise RuntimeError(f"failover run {run}: cannot account its records ({e})") from None
+    return {"failover_s": led - killed, "epoch_after_kill": epoch, "stall_s": stall,
             "epochs_before_kill": max([int(m.group(2)) for t, m in leads if t < killed], default=0), "steps_lost": len(expected - set(seen)) + (len(seen) - len(set(seen))),
             "reregistered_at": sorted(rereg),
             "final_val_loss": summary.get("final_val_loss")}
@@ -281,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--ttl", type=int, default=3)
     p.add_argument("--saves", type=int, default=300)
     p.add_argument("--train-runs", type=int, default=5)
-    p.add_argument("--train-steps", type=int, default=12)
+    p.add_argument("--train-steps", type=int, default=40)
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--overhead-steps", type=int, default=30)
     p.add_argument("--out", default=OUT_PATH)
@@ -309,6 +317,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "training_failover_mean_s": round(statistics.mean(in_training), 3) if in_training else None,
         "training_failover_max_s": round(max(in_training), 3) if in_training else None,
         "steps_lost": [t["steps_lost"] for t in trained],
+        "replica_stall_s": [round(t["stall_s"], 3) for t in trained],
+        "replica_stall_mean_s": round(statistics.mean(t["stall_s"] for t in trained), 3) if trained else None,
         "leader_epoch_at_kill": [t["epochs_before_kill"] for t in trained],
         "kill_step": 5, "reregistered_at": [t["reregistered_at"] for t in trained],
         "final_val_loss": sorted({t["final_val_loss"] for t in trained}, key=str),

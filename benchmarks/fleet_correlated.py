@@ -14,6 +14,12 @@ of events shared by every policy (paired):
   slots each.
 - zone: `independent`, plus one zone lost at a uniformly random time: a quarter of the machines (W/4
   slots, spread over the replicas the same way) at once.
+- coordinator_etcd: the same trace as `coordinator` with the control plane on etcd
+  (`recovery.control=etcd`, a standby on another machine): the stall and the failover are those
+  `benchmarks/control_failover.py` measures in training (ETCD_STALL_S, ETCD_FAILOVER_S; `--etcd-stall-s`,
+  `--etcd-failover-s`). The `coordinator` row keeps the local control plane's restart in place, which
+  a real loss of that machine does not allow: there the workers save and exit after
+  `recovery.coordinator_wait_s` and the run waits for a person to resume it (not modelled).
 - coordinator: `independent`, plus the coordinator's machine failing at the machine rate (8 GPUs'
   worth). Two costs, both measured here: every replica stalls `stall_s` (`benchmarks/fleet_check.py`,
   trace 2x2-coord: the coordinator SIGKILLed, restarted by the launcher 0.3 s later, and the replicas
@@ -46,7 +52,13 @@ from kintsugi.benchmarks import fleet_model as FM
 GPUS_PER_MACHINE = 8
 ZONES = 4
 FAILOVER_S = 3.04     # BENCHMARKS.md, "Control plane on etcd": mean etcd failover, lease TTL 3 s
-SCENARIOS = ("independent", "machine", "zone", "coordinator")
+SCENARIOS = ("independent", "machine", "zone", "coordinator", "coordinator_etcd")
+# recovery.control=etcd, measured by `python -m benchmarks.control_failover --runs 1 --saves 10 --train-runs 3
+# --train-steps 40 --pairs 0` (2026-12-06, load 2.8, BENCHMARKS.md "Control plane on etcd"): the
+# standby's address seen 2.93-2.98 s after the leader's SIGKILL, and the replicas stopped 0.32-0.66 s
+# (mean 0.443 s; benchmarks._goodput's stall, no failure of their own) while they trained on.
+ETCD_FAILOVER_S = 2.967
+ETCD_STALL_S = 0.443
 POLICIES = ("global", "isolated", "isolated_matched_syncs", "checkpoint", "drop_replica")
 
 
@@ -72,7 +84,7 @@ def events(scenario: str, workers: int, stages: int, rate: float, horizon: float
         lost = _spread(int(rng.integers(0, workers)), workers // ZONES, workers, stages)
         merged = sorted([*zip(times, slots), *((t, x) for x in lost)])
         times, slots = [a for a, _ in merged], [b for _, b in merged]
-    elif scenario == "coordinator":
+    elif scenario in ("coordinator", "coordinator_etcd"):
         n = rng.poisson(GPUS_PER_MACHINE * FM.hazard_per_s(rate) * horizon)
         coord = sorted(rng.uniform(0.0, horizon, n).tolist())
     return times, slots, coord
@@ -135,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hours", type=float, default=24.0)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--failover-s", type=float, default=FAILOVER_S)
+    ap.add_argument("--etcd-failover-s", type=float, default=ETCD_FAILOVER_S)
+    ap.add_argument("--etcd-stall-s", type=float, default=ETCD_STALL_S)
     ap.add_argument("--stall-s", type=float, default=None,
                     help="replica stall per coordinator loss (default: outputs/benchmarks/fleet_check.json)")
     ap.add_argument("--md", default=os.path.join(FM.REPORT_DIR, "fleet_correlated.md"))
@@ -150,7 +164,9 @@ def main(argv=None) -> int:
         for sc in SCENARIOS:
             traces = [events(sc, w, inp.stages, args.rate, horizon, 1000003 * seed + w) for seed in range(seeds)]
             for p in POLICIES:
-                runs = [run_policy(p, inp, w, args.gbit, args.rate, horizon, *tr, args.failover_s, stall) for tr in traces]
+                failover, pause = ((args.etcd_failover_s, args.etcd_stall_s) if sc == "coordinator_etcd"
+                                   else (args.failover_s, stall))
+                runs = [run_policy(p, inp, w, args.gbit, args.rate, horizon, *tr, failover, pause) for tr in traces]
                 g = [r["goodput"] for r in runs]
                 cells.append({"workers": w, "scenario": sc, "policy": p, "goodput_mean": statistics.mean(g),
                               "goodput_min": min(g), "goodput_max": max(g),
@@ -164,7 +180,7 @@ def main(argv=None) -> int:
         f.write(md + "\n")
     print(md, file=sys.stderr)
     print(json.dumps({"benchmark": "fleet_correlated", "quick": args.quick, "hours": hours, "seeds": seeds,
-                      "rate_per_h": args.rate, "gbit": args.gbit, "failover_s": args.failover_s,
+                      "rate_per_h": args.rate, "gbit": args.gbit, "failover_s": args.failover_s, "etcd_failover_s": args.etcd_failover_s, "etcd_stall_s": args.etcd_stall_s,
                       "coordinator_stall_s": stall, "stall_source": stall_source,
                       "gpus_per_machine": GPUS_PER_MACHINE, "zones": ZONES, "rdv_source": source, "cells": cells}))
     return 0

@@ -482,7 +482,7 @@ class Coordinator:
             return
         state = {"final_val_loss": st.final_val, "committed": st.committed, "rebuilds": st.rebuilds,
                  "failures": st.failures, "bytes": led.bytes(), "tokens": st.tokens,
-                 "wall_s": time.time() - st.t0, "generations": st.publications, "error": self.error,
+                 "t0": st.t0, "wall_s": time.time() - st.t0, "generations": st.publications, "error": self.error,
                  "stage_generations": ({str(s): g + 1 for s, g in st.stage_gen.items()}
                                        if self.settings.stage_groups else None),
                  "coordinator_incarnations": st.incarnation,

@@ -17,12 +17,14 @@ import hashlib
 import logging
 import os
 import subprocess
+import time
 from typing import Callable, Dict, List, Optional
 
 from kintsugi.trainer.config.job import JobConfig
 
 log = logging.getLogger("kintsugi.launch")
 MAX_REPLACEMENTS = 5
+FAST_S, SLOW_S = 0.25, 1.0   # how often the launcher reads who leads (see Coordinators.hurry)
 
 
 def default_prefix(name: str, run_dir: str) -> str:
@@ -91,6 +93,7 @@ class Coordinators:
         self.done: set = set()
         self.led: Dict[int, int] = {}   # epoch -> pid of the process that led it
         self.replacements = 0
+        self._seen_at, self._fast_until = float("-inf"), time.monotonic() + 30.0  # fast while it starts
 
     def start(self) -> subprocess.Popen:
         """The leader-to-be; the standbys follow once it leads (`wait_for_leader`): a standby that
@@ -101,7 +104,17 @@ class Coordinators:
     def _proc(self, pid: Optional[int]) -> Optional[subprocess.Popen]:
         return next((p for p in self.procs if p.pid == pid), None)
 
-    def observe(self) -> None:
+    def hurry(self, for_s: float = 30.0) -> None:
+        """Look for a new leader every FAST_S for a while (a coordinator process exited, or the
+        launcher injected a fault into one); otherwise every SLOW_S, which costs the training
+        machine less (each look is an etcd read)."""
+        self._fast_until = time.monotonic() + for_s
+
+    def observe(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._seen_at < (FAST_S if now < self._fast_until else SLOW_S):
+            return
+        self._seen_at = now
         info = self.locate.current()
         if info is not None and info.epoch not in self.led:
             pid = _pid_of(info.candidate)
@@ -116,12 +129,11 @@ class Coordinators:
 
     def wait_for_leader(self, timeout_s: float, poll_s: float = 0.1):
         """The first leader's LeaderInfo; RuntimeError when every coordinator process exited first."""
-        import time
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             info = self.locate.current()
             if info is not None:
-                self.observe()
+                self.observe(force=True)
                 self.procs += [self._start(True) for _ in range(self.standbys)]
                 return info
             if all(p.poll() is not None for p in self.procs):
@@ -134,7 +146,10 @@ class Coordinators:
         """The run's exit code once it ended, else None. After the shutdown (`shutdown_epoch`: the
         epoch that announced it) that is the code of the process that led it; before, a leader's own
         exit (>= 0) also ends the run. Any other exit is replaced by a fresh standby."""
-        self.observe()
+        exited = any(p.poll() is not None and p.pid not in self.done for p in self.procs)
+        if exited:
+            self.hurry()
+        self.observe(force=exited)
         for p in self.procs:
             rc = p.poll()
             if rc is None or p.pid in self.done:

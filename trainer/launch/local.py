@@ -382,6 +382,8 @@ class LocalLauncher:
                 log.warning("injecting %s into the coordinator (pid %d) at step %d", e["kind"], self.coordinator.pid,
                             e["step"])
                 os.kill(self.coordinator.pid, SIGNALS[e["kind"]])
+                if self.etcd is not None:
+                    self.etcd.hurry()
                 self.injected.append(dict(e, wid="coordinator", t=time.time()))
                 continue
             if e.get("target") == "stopped":  # kind cont: every worker stopped earlier wakes up
