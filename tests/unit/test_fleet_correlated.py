@@ -39,3 +39,10 @@ def test_replicas_lost_at_one_moment_share_one_regroup():
                  ckpt_save_s=0.0, ckpt_interval_s=math.inf)
     assert FM.sim_isolated([5.0, 5.0], [0, 2], c, 100.0)["regroup"] == pytest.approx(2.0)
     assert FM.sim_isolated([5.0, 50.0], [0, 2], c, 100.0)["regroup"] == pytest.approx(4.0)
+
+
+def test_the_etcd_row_prices_the_same_coordinator_losses():
+    # coordinator and coordinator_etcd share one trace; only the stall and failover differ.
+    a = events("coordinator", 64, 8, 0.10, 7200.0, seed=5)
+    b = events("coordinator_etcd", 64, 8, 0.10, 7200.0, seed=5)
+    assert a == b and a[2], "no coordinator loss in the trace: pick another seed"
