@@ -196,3 +196,39 @@ def test_tokenless_writes_to_the_leaders_store_are_dropped(shared_etcd, plain, t
     state = json.loads((tmp_path / "run" / "coordinator_state.json").read_text())
     kinds = state["tampering"]
     assert kinds.get("rewound", 0) >= 1 and kinds.get("overwritten", 0) >= 1 and kinds.get("forged", 0) >= 1, kinds
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_flood_of_the_leaders_store_hands_the_lead_to_a_fresh_store(shared_etcd, plain, tmp_path):
+    """512 MB of values nobody asked for, written into the leading coordinator's store by a client
+    without the token. Under etcd the flood guard does not restart the store in place: the leader
+    saves, resigns and re-executes itself as a standby, a candidate leads with a fresh store of its
+    own, and the workers find it through etcd. Nothing of training may change."""
+    plain_summary, plain_records = plain
+    prefix = new_prefix("flood")
+    client = EtcdClient(shared_etcd.endpoints)
+    run = BackgroundRun(tmp_path / "run", *quick_job(STEPS), *etcd_args(shared_etcd.endpoints, prefix))
+    try:
+        run.wait_steps(4)
+        first = find_leader(client, prefix)
+        a = _tokenless_client(first.address)
+        chunk = b"\x00" * (8 << 20)
+        for i in range(64):
+            try:
+                a.set(f"junk/{i}", chunk)
+            except RuntimeError:  # the guard closed the store under the attacker (the aim)
+                break
+        del a
+        rc, summary, records, err = run.wait(RUN_TIMEOUT_S)
+    finally:
+        run.stop()
+    assert rc == 0, err[-4000:]
+    exactly_once(records, 1, STEPS)
+    assert losses(records) == losses(plain_records), "the flood changed training"
+    assert summary["failures"] == 0 and summary["rebuilds"] == [] and summary["steps"] == STEPS
+    assert summary["final_val_loss"] == plain_summary["final_val_loss"]
+    state = json.loads((tmp_path / "run" / "coordinator_state.json").read_text())
+    assert state["tampering"].get("flood", 0) == 1, state["tampering"]
+    epochs = [doc["epoch"] for _, doc in reversed(list(EtcdStateStore(client, prefix).history()))]
+    assert epochs == sorted(epochs) and epochs[-1] > first.epoch, f"no new leader after the flood: {epochs}"
