@@ -63,6 +63,7 @@ def test_survivor_killed_while_the_rebuild_generation_forms(tmp_path):
     _exactly_once(records, 1, 12)
 
 
+@pytest.mark.slow  # long; test_survivor_killed_while_the_rebuild_generation_forms keeps this window in the default run
 def test_survivor_killed_one_step_after_the_rebuild_generation(tmp_path):
     _, summary, records = run_trainer(tmp_path / "run", *BASE, "train.max_steps=12",
                                       f"faults.schedule=[{_kill(4, 1)},{_kill(4, 3, on='rebuild', delay_s=0.6)}]")
@@ -71,6 +72,7 @@ def test_survivor_killed_one_step_after_the_rebuild_generation(tmp_path):
     _exactly_once(records, 1, 12)
 
 
+@pytest.mark.slow  # long, and recovery.strategy=copy is not the default; a regression test for one bug
 def test_copy_rebuild_never_makes_a_healthy_worker_look_dead(tmp_path):
     # recovery.strategy=copy once cascaded false suspects (BENCHMARKS.md, issue 15): stage 1 is
     # copied from stage 0 while stage 2, its other neighbour, is SIGKILLed as the rebuild generation
