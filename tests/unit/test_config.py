@@ -100,3 +100,23 @@ def test_job_config_round_trips_through_json():
 def test_cuda_or_nccl_without_cuda_is_one_line(override, needle):
     msg = validate_overrides([override])
     assert msg is not None and needle in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["launcher=torchrun", "recovery.coordinator=10.0.0.1:29400"], ["recovery.coordinator", "through etcd"]),
+    (["launcher=slurm", "recovery.standbys=1"], ["recovery.standbys=1", "launcher=local or torchrun"]),
+])
+def test_etcd_settings_a_launcher_cannot_honour_are_refused_in_one_line(extra, words):
+    from kintsugi.trainer.config.errors import ConfigError
+    base = ["recovery.control=etcd", "recovery.etcd.prefix=/kintsugi/run1/",
+            "recovery.etcd.endpoints=[http://127.0.0.1:2379]"]
+    with pytest.raises(ConfigError) as e:
+        compose_job(base + extra)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_torchrun_takes_standbys_under_etcd():
+    job, _ = compose_job(["launcher=torchrun", "recovery.control=etcd", "recovery.etcd.prefix=/kintsugi/run1/",
+                          "recovery.etcd.endpoints=[http://127.0.0.1:2379]", "recovery.standbys=2"])
+    assert job.recovery.standbys == 2
