@@ -93,6 +93,15 @@ def _alive(pid):
         return f.read().split()[2] != "Z"
 
 
+def kill_tree(pid):
+    """SIGKILL `pid` and every descendant it has now."""
+    for p in [pid] + _descendants(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def node_env(**extra):
     """A "node"'s environment: this checkout, one thread, no etcd settings or death signal inherited."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KINTSUGI_ETCD_") and k != "KINTSUGI_PDEATHSIG"}
@@ -148,9 +157,5 @@ class Fleet:
     def cleanup(self):
         for p in self.procs.values():
             if p.poll() is None:
-                for pid in [p.pid] + _descendants(p.pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                kill_tree(p.pid)
                 p.wait(timeout=10)

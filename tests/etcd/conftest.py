@@ -3,7 +3,7 @@ etcd-server, installed with apt-get when missing and this runs as root; the test
 when it cannot be), and campaigner processes stopped at teardown."""
 import pytest
 
-from etcd_helpers import Campaigner, etcd_missing
+from etcd_helpers import Campaigner, Namespace, etcd_missing, netns_unavailable
 from kintsugi.recovery.etcd_local import LocalEtcd
 
 
@@ -52,3 +52,15 @@ def campaigners(tmp_path):
     yield Factory()
     for c in started:
         c.stop()
+
+
+@pytest.fixture
+def namespace():
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    ns = Namespace()
+    try:
+        yield ns
+    finally:
+        ns.close()

@@ -261,3 +261,48 @@ class BackgroundRun:
                 self.proc.kill()
                 self.proc.wait(10)
         self._err.close()
+
+
+# --- network namespaces (partition tests; root only) ------------------------------------------------
+def netns_unavailable():
+    if os.geteuid() != 0:
+        return "needs root for network namespaces"
+    probe = subprocess.run(["ip", "netns", "add", f"ktprobe{os.getpid()}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"ip netns does not work here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", f"ktprobe{os.getpid()}"], capture_output=True)
+    return None
+
+
+class Namespace:
+    """A network namespace joined to this one by a veth pair (10.77.x.1 here, 10.77.x.2 there);
+    `partition()` takes both ends down (packets are lost, nothing is refused), `heal()` brings them
+    back up."""
+
+    def __init__(self):
+        n = os.getpid() % 250
+        self.ns, self.host_dev, self.ns_dev = f"ktetcd{os.getpid()}", f"kte{os.getpid()}h", f"kte{os.getpid()}n"
+        self.host_ip, self.ns_ip = f"10.77.{n}.1", f"10.77.{n}.2"
+        self._run("ip", "netns", "add", self.ns)
+        self._run("ip", "link", "add", self.host_dev, "type", "veth", "peer", "name", self.ns_dev)
+        self._run("ip", "link", "set", self.ns_dev, "netns", self.ns)
+        self._run("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_dev)
+        self._run("ip", "-n", self.ns, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_dev)
+        self.heal()
+        self._run("ip", "-n", self.ns, "link", "set", "lo", "up")
+
+    @staticmethod
+    def _run(*cmd):
+        subprocess.run(cmd, check=True, capture_output=True, timeout=20)
+
+    def partition(self):
+        self._run("ip", "link", "set", self.host_dev, "down")
+        self._run("ip", "-n", self.ns, "link", "set", self.ns_dev, "down")
+
+    def heal(self):
+        self._run("ip", "link", "set", self.host_dev, "up")
+        self._run("ip", "-n", self.ns, "link", "set", self.ns_dev, "up")
+
+    def close(self):
+        subprocess.run(["ip", "link", "del", self.host_dev], capture_output=True, timeout=20)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=20)

@@ -1,7 +1,6 @@
 """The etcd client's edges: settings that are wrong say so in one line, an unreachable cluster at
 start is one line and a non-zero exit, credentials are required by the cluster and never leak."""
 import logging
-import os
 import subprocess
 import sys
 

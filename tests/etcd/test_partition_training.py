@@ -20,25 +20,13 @@ import time
 import pytest
 
 from etcd_helpers import TTL_S, etcd_args, exactly_once, new_prefix
-from test_election import Namespace, _assert_never_interleaved, _epochs_in_history, _netns_unavailable
-from testkit import ROOT, _descendants, node_env
+from test_election import _assert_never_interleaved, _epochs_in_history
+from testkit import ROOT, _descendants, kill_tree, node_env
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TOKEN = "p4rtition-s3cret"
 STEPS = 40
-
-
-@pytest.fixture
-def namespace():
-    why = _netns_unavailable()
-    if why:
-        pytest.skip(why)
-    ns = Namespace()
-    try:
-        yield ns
-    finally:
-        ns.close()
 
 
 def _records(run_dir):
@@ -123,11 +111,7 @@ def test_partitioned_leader_is_replaced_and_rejoins_as_a_standby(etcd_available,
         finally:
             for p in procs.values():
                 if p.poll() is None:
-                    for pid in [p.pid] + _descendants(p.pid):
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
+                    kill_tree(p.pid)
         history = _epochs_in_history(client, prefix)
     print(f"\nfailover after the partition {failover_s:.2f} s; epochs {first.epoch} -> {now.epoch}")
 
