@@ -14,6 +14,7 @@ the Control still verifies the store's identity with the run's token before it t
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -38,8 +39,8 @@ class Locator:
         self._at = float("-inf")
         self._info: Optional[LeaderInfo] = None
         self._outage = False
-        self._ended: Optional[str] = None
-        self._ended_at = float("-inf")
+        self._state: Optional[str] = None
+        self._state_at = float("-inf")
 
     def current(self) -> Optional[LeaderInfo]:
         """The leader that published its address, or None (no leader yet, or etcd unreachable)."""
@@ -59,23 +60,27 @@ class Locator:
             self._info = info if info is not None and info.address else None
             return self._info
 
-    def ended(self) -> Optional[str]:
-        """How the run ended ("finished", ...) when its state in etcd says it did, else None. Only
-        a leader holding the lease writes that state, so a worker whose coordinator closed its store
-        before the worker read `shutdown` learns here that nobody will lead the run again."""
-        import json
+    def run_state(self) -> Optional[str]:
+        """The run's state in etcd, read at most once a second: None (none there, or unreadable),
+        "running", or how it ended ("finished", ...). Only a leader holding the lease writes it."""
         with self._lock:
             now = time.monotonic()
-            if now - self._ended_at < 1.0:
-                return self._ended
-            self._ended_at = now
+            if now - self._state_at < 1.0:
+                return self._state
+            self._state_at = now
             try:
                 kv = self.client.get(self.settings.prefix + "state")
                 ended = json.loads(kv["value"])["state"].get("ended") if kv is not None else None
-                self._ended = str(ended) if ended else None
-            except Exception:  # noqa: BLE001 - unreadable or unreachable: not known to have ended
-                self._ended = None
-            return self._ended
+                self._state = None if kv is None else str(ended) if ended else "running"
+            except Exception:  # noqa: BLE001 - unreadable or unreachable: nothing known
+                self._state = None
+            return self._state
+
+    def ended(self) -> Optional[str]:
+        """How the run ended when its state in etcd says so, else None: a worker whose coordinator
+        closed its store before the worker read `shutdown` learns here that nobody will lead again."""
+        state = self.run_state()
+        return state if state not in (None, "running") else None
 
     def newer_than(self, epoch: int) -> Optional[LeaderInfo]:
         info = self.current()

@@ -68,15 +68,8 @@ def locator(job: JobConfig):
 def run_in_progress(job: JobConfig) -> bool:
     """A leader leads under the run's prefix, or its state is there and has not ended (between two
     leaders): a torchrun node started now joins that run instead of starting one."""
-    import json
     loc = locator(job)
-    if loc.current() is not None:
-        return True
-    try:
-        kv = loc.client.get(loc.settings.prefix + "state")
-        return kv is not None and not json.loads(kv["value"])["state"].get("ended")
-    except Exception:  # noqa: BLE001 - unreadable or unreachable: the leader-to-be's own checks decide
-        return False
+    return loc.current() is not None or loc.run_state() == "running"
 
 
 def _pid_of(candidate: str) -> Optional[int]:
