@@ -126,3 +126,25 @@ def test_workers_find_the_next_leader(shared_etcd):
     assert (result["info"].epoch, result["info"].candidate, result["info"].address) == (2, "b", "10.0.0.2:29400")
     a.close()
     b.close()
+
+
+def test_a_worker_learns_from_etcd_that_the_run_ended(shared_etcd):
+    """A worker away from its store when the last leader closed it: the state in etcd says whether
+    the run is still going (a later node joins it) or ended (the worker stops instead of waiting
+    out recovery.coordinator_wait_s for a leader that will never come)."""
+    import time
+    from kintsugi.recovery.etcd_client import EtcdSettings
+    from kintsugi.recovery.etcd_locate import Locator
+    prefix = "/test/ended/"
+    loc = Locator(EtcdSettings(endpoints=tuple(shared_etcd.endpoints), prefix=prefix))
+    assert loc.run_state() is None and loc.ended() is None          # no run there yet
+    a = Election(EtcdClient(shared_etcd.endpoints), prefix, ttl_s=10, candidate="a")
+    assert a.campaign(timeout_s=10)
+    store = EtcdStateStore(EtcdClient(shared_etcd.endpoints), prefix, election=a, flush_s=0.05)
+    store.save({"committed": {"0": 3}, "ended": None})
+    time.sleep(1.05)                                                 # it reads at most once a second
+    assert loc.run_state() == "running" and loc.ended() is None
+    store.save({"committed": {"0": 9}, "ended": "finished"})
+    time.sleep(1.05)
+    assert loc.ended() == "finished"
+    a.resign()
