@@ -167,10 +167,22 @@ def test_quorum_lost_past_the_lease_and_a_worker_killed_meanwhile(etcd_cluster, 
     assert rereg and max(rereg) > before, f"re-registered at steps {rereg}; {before} recorded before the outage"
 
 
+def _undisturbed(rc, summary, records, err, plain, run_dir, what):
+    """The run completed as the undisturbed one did (exit 0, every step once, the same losses and
+    final loss, nothing failed or rebuilt); returns the tampering it counted, by kind."""
+    plain_summary, plain_records = plain
+    assert rc == 0, err[-4000:]
+    exactly_once(records, 1, STEPS)
+    assert losses(records) == losses(plain_records), f"{what} changed training"
+    assert summary["failures"] == 0 and summary["rebuilds"] == [] and summary["steps"] == STEPS
+    assert summary["final_val_loss"] == plain_summary["final_val_loss"]
+    return json.loads((run_dir / "coordinator_state.json").read_text())["tampering"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_tokenless_writes_to_the_leaders_store_are_dropped(shared_etcd, plain, tmp_path):
-    plain_summary, plain_records = plain
+    plain_summary, _ = plain
     prefix = new_prefix("forged")
     run = BackgroundRun(tmp_path / "run", *quick_job(STEPS), *etcd_args(shared_etcd.endpoints, prefix))
     try:
@@ -187,14 +199,8 @@ def test_tokenless_writes_to_the_leaders_store_are_dropped(shared_etcd, plain, t
         rc, summary, records, err = run.wait(RUN_TIMEOUT_S)
     finally:
         run.stop()
-    assert rc == 0, err[-4000:]
-    exactly_once(records, 1, STEPS)
-    assert losses(records) == losses(plain_records), "the forged writes changed training"
-    assert summary["failures"] == 0 and summary["rebuilds"] == [] and summary["steps"] == STEPS
+    kinds = _undisturbed(rc, summary, records, err, plain, tmp_path / "run", "the forged writes")
     assert summary["tokens"] == plain_summary["tokens"] and not summary.get("missing_steps")
-    assert summary["final_val_loss"] == plain_summary["final_val_loss"]
-    state = json.loads((tmp_path / "run" / "coordinator_state.json").read_text())
-    kinds = state["tampering"]
     assert kinds.get("rewound", 0) >= 1 and kinds.get("overwritten", 0) >= 1 and kinds.get("forged", 0) >= 1, kinds
 
 
@@ -205,7 +211,6 @@ def test_a_flood_of_the_leaders_store_hands_the_lead_to_a_fresh_store(shared_etc
     without the token. Under etcd the flood guard does not restart the store in place: the leader
     saves, resigns and re-executes itself as a standby, a candidate leads with a fresh store of its
     own, and the workers find it through etcd. Nothing of training may change."""
-    plain_summary, plain_records = plain
     prefix = new_prefix("flood")
     client = EtcdClient(shared_etcd.endpoints)
     run = BackgroundRun(tmp_path / "run", *quick_job(STEPS), *etcd_args(shared_etcd.endpoints, prefix))
@@ -223,12 +228,7 @@ def test_a_flood_of_the_leaders_store_hands_the_lead_to_a_fresh_store(shared_etc
         rc, summary, records, err = run.wait(RUN_TIMEOUT_S)
     finally:
         run.stop()
-    assert rc == 0, err[-4000:]
-    exactly_once(records, 1, STEPS)
-    assert losses(records) == losses(plain_records), "the flood changed training"
-    assert summary["failures"] == 0 and summary["rebuilds"] == [] and summary["steps"] == STEPS
-    assert summary["final_val_loss"] == plain_summary["final_val_loss"]
-    state = json.loads((tmp_path / "run" / "coordinator_state.json").read_text())
-    assert state["tampering"].get("flood", 0) == 1, state["tampering"]
+    kinds = _undisturbed(rc, summary, records, err, plain, tmp_path / "run", "the flood")
+    assert kinds.get("flood", 0) == 1, kinds
     epochs = [doc["epoch"] for _, doc in reversed(list(EtcdStateStore(client, prefix).history()))]
     assert epochs == sorted(epochs) and epochs[-1] > first.epoch, f"no new leader after the flood: {epochs}"
