@@ -16,8 +16,13 @@ on the server whatever its own clock says.
 A leader must also stop acting on things etcd does not guard (its own TCPStore, its workers)
 before anyone can succeed it. The lease expires on the server no earlier than TTL after the server
 received the last renewal, hence no earlier than TTL after this process *sent* it; `is_leader` turns
-False at send time + TTL - margin, strictly before any successor can win, and `on_lost` fires then
-(from the renewal thread). A process that was paused (SIGSTOP) comes back with its deadline passed.
+False at send time + TTL - margin, strictly before any successor can win. From then the leader is
+suspended: `confirm()` (what the coordinator and the state store ask) blocks, so it acts on
+nothing. If etcd answers a renewal, the lease was never gone and the leadership resumes: losing
+etcd's raft leader leaves no member able to renew for 1-2 s, and with a 3 s TTL a coordinator
+would otherwise give up a run it still holds. If etcd says the lease is gone, or it stays silent
+for `grace_s` (the TTL) more, the leadership ends and `on_lost` fires (from the renewal thread).
+A process that was paused (SIGSTOP) comes back with its deadline passed.
 """
 from __future__ import annotations
 
@@ -67,7 +72,8 @@ class Election:
         self.poll_s = poll_s
         self.epoch: Optional[int] = None
         self.revision: Optional[int] = None
-        self.lost_at: Optional[float] = None   # monotonic time the last leadership ended
+        self.lost_at: Optional[float] = None   # monotonic time the last leadership ended: is_leader
+                                               # was False from then on (a lapsed lease: its deadline)
         self._lease: Optional[int] = None
         self._valid_until = 0.0            # monotonic; the lease is surely alive on the server before it
         self._leading = False
@@ -77,6 +83,9 @@ class Election:
         self._closed = False
         self._stale: List[int] = []        # leases given up at their deadline, maybe still alive in etcd
         self._renew_failing = False
+        # How long past the lease deadline a leader that cannot reach etcd stays suspended before
+        # it gives up (see `confirm`): etcd's leaderless window after its raft leader dies.
+        self.grace_s = float(self.ttl_s)
 
     # --- the lease --------------------------------------------------------------------------------
     def _lease_alive(self) -> bool:
@@ -104,11 +113,11 @@ class Election:
                     return
                 lease, until = self._lease, self._valid_until
             sent = time.monotonic()
-            if sent >= until:
+            if sent >= until + self.grace_s:
                 # etcd may still hold it (a leader change there extends every lease): revoke it at
                 # the next campaign, so that the leader key goes at once rather than a TTL later.
                 self._stale.append(lease)
-                self._lease_gone(lease, "not renewed in time")
+                self._lease_gone(lease, "not renewed in time", at=until)   # it stopped acting then
                 continue
             try:
                 ttl: Optional[int] = client.keepalive(lease)
@@ -125,30 +134,34 @@ class Election:
                 continue
             if ttl:
                 self._renew_failing = False
+                if sent >= until:
+                    log.warning("coordinator %s leads again (epoch %s): etcd renewed its lease %.1f s past the "
+                                "deadline", self.candidate, self.epoch, sent - until)
             with self._cond:
                 if self._lease != lease:
                     continue
                 if ttl:
                     self._valid_until = sent + ttl - _margin(ttl)
                 # Renew four times per TTL (sooner after a failure); wake at the deadline at the
-                # latest, to declare the loss then.
+                # latest: past it this leader is suspended until a renewal answers or the grace ends.
                 pause = self.ttl_s / 4.0 if ttl else 0.1
-                self._cond.wait(max(0.0, min(pause, self._valid_until - time.monotonic())))
+                self._cond.notify_all()
+                self._cond.wait(max(0.0, min(pause, self._valid_until + self.grace_s - time.monotonic())))
 
-    def _lease_gone(self, lease: int, why: str) -> None:
+    def _lease_gone(self, lease: int, why: str, at: Optional[float] = None) -> None:
         with self._cond:
             if self._lease != lease:
                 return
             self._lease = None
-        self._end_leadership(f"its etcd lease expired ({why})")
+        self._end_leadership(f"its etcd lease expired ({why})", at)
 
-    def _end_leadership(self, why: str) -> None:
+    def _end_leadership(self, why: str, at: Optional[float] = None) -> None:
         with self._cond:
             was = self._leading
             self._leading = False
             self._cond.notify_all()
         if was:
-            self.lost_at = time.monotonic()
+            self.lost_at = time.monotonic() if at is None else at
             self._lost.set()
             log.warning("coordinator %s no longer leads (epoch %s): %s", self.candidate, self.epoch, why)
             if self.on_lost is not None:
@@ -158,6 +171,21 @@ class Election:
     @property
     def is_leader(self) -> bool:
         return self._leading and self._lease_alive()
+
+    def confirm(self, timeout_s: Optional[float] = None) -> bool:
+        """Whether this process leads, waiting out a suspension: past the lease deadline with etcd
+        not answering (a raft election after its leader died takes 1-2 s), the leadership is neither
+        sure nor lost. A renewal that etcd answers resumes it - the lease, hence the leader key, was
+        never gone, so nobody else can have won; etcd saying the lease is gone, or the grace
+        (`grace_s`) running out, ends it. Waits at most `timeout_s` (default: the grace)."""
+        give_up = time.monotonic() + (self.grace_s if timeout_s is None else timeout_s)
+        with self._cond:
+            while self._leading and not self._lease_alive() and self._lease is not None and not self._closed:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return self.is_leader
 
     @property
     def lost(self) -> threading.Event:
@@ -227,7 +255,7 @@ class Election:
     def fence(self) -> List[dict]:
         """The compare that makes a transaction a leader's: the leader key is still the one this
         process created. Raises Fenced when it knows it no longer leads."""
-        if not self.is_leader:
+        if not self.confirm():
             raise Fenced(f"coordinator {self.candidate} (epoch {self.epoch}) does not lead the run")
         return [{"key": b64(self.leader_key), "target": "CREATE", "result": "EQUAL", "create_revision": self.revision}]
 

@@ -73,7 +73,7 @@ class EtcdStateStore:
         self._compared_at = float("-inf")       # monotonic time `due` last serialised the state
 
     def leading(self) -> bool:
-        return self.election is not None and self.election.is_leader
+        return self.election is not None and self.election.confirm()
 
     def due(self, state: Callable[[], dict], waiting: bool) -> bool:
         now = time.monotonic()

@@ -79,7 +79,7 @@ def _campaign(args) -> int:
             _emit("fenced", epoch=election.epoch, error=str(e))
         held_until = None if args.hold is None else time.monotonic() + args.hold
         n = 0
-        while not stop.is_set() and election.is_leader:
+        while not stop.is_set() and election.confirm():
             if held_until is not None and time.monotonic() >= held_until:
                 election.resign()
                 break
@@ -96,10 +96,10 @@ def _campaign(args) -> int:
             stop.wait(args.save_every)
         if stop.is_set():
             break                  # close() below resigns: a standby takes over at once
-        # When the leadership ended: the renewal thread gives the lease up at its deadline, which
-        # this loop may notice first (is_leader turns False by itself); a refusal or resignation
-        # ends it here.
-        election.lost.wait(settings.lease_ttl_s)
+        # When the leadership ended: the renewal thread gives the lease up once its deadline and the
+        # grace after it passed, which this loop may notice first; a refusal or resignation ends it
+        # here.
+        election.lost.wait(settings.lease_ttl_s + election.grace_s)
         _emit("lost", epoch=election.epoch, at=election.lost_at, saves=n)
         if not args.rejoin:
             break

@@ -1,12 +1,13 @@
 """The control plane over a degraded etcd: one member of three lost changes nothing visible; two
 lost stop every control write (with one clear error) until a member returns."""
+import signal
 import time
 
 import pytest
 
 from etcd_helpers import raft_leader
 from kintsugi.recovery.etcd_client import EtcdClient
-from kintsugi.recovery.etcd_election import Election
+from kintsugi.recovery.etcd_election import Election, find_leader
 from kintsugi.recovery.etcd_state import EtcdStateStore
 from kintsugi.recovery.state_store import Unavailable
 
@@ -35,6 +36,40 @@ def test_one_member_killed_nothing_visible(etcd_cluster):
     assert EtcdStateStore(EtcdClient(endpoints[1:]), prefix).load() == {"n": n}
     assert worst < 2.5, f"a save took {worst:.2f} s while one member was down"
     election.close()
+
+
+def test_etcd_leaderless_past_the_lease_deadline_suspends_then_resumes(etcd_cluster):
+    """etcd has no raft leader for longer than the coordinator's lease deadline (its leader killed,
+    one survivor paused 4.6 s): the coordinator cannot renew and stops acting at its deadline, but
+    etcd extends every lease when a new raft leader takes over, so the leadership resumes - same
+    epoch, no `on_lost`, saves go on - rather than handing a run it still holds to a standby."""
+    prefix = "/test/leaderless/"
+    lead = raft_leader(etcd_cluster)
+    others = [i for i in range(3) if i != lead]
+    lost = []
+    a = Election(EtcdClient(etcd_cluster.endpoints), prefix, ttl_s=5, candidate="a", on_lost=lambda: lost.append(1))
+    store = EtcdStateStore(a.client, prefix, a)
+    assert a.campaign(timeout_s=10) and a.epoch == 1
+    store.save({"n": 0})
+    killed = time.monotonic()
+    etcd_cluster.kill(lead)
+    etcd_cluster.signal(others[0], signal.SIGSTOP)
+    suspended = False
+    try:
+        while time.monotonic() < killed + 4.6:    # past the deadline (TTL - margin = 4.5 s at most)
+            suspended = suspended or not a.is_leader
+            time.sleep(0.02)
+    finally:
+        etcd_cluster.signal(others[0], signal.SIGCONT)
+    assert suspended, "the coordinator kept acting with no renewal for longer than its lease deadline"
+    assert a.confirm(timeout_s=a.grace_s), "the leadership was given up although etcd kept its lease"
+    store.save({"n": 1})
+    assert not lost and a.epoch == 1 and find_leader(a.client, prefix).candidate == "a"
+    assert EtcdStateStore(EtcdClient(etcd_cluster.endpoints), prefix).load() == {"n": 1}
+    b = Election(EtcdClient(etcd_cluster.endpoints), prefix, ttl_s=5, candidate="b")
+    assert not b.campaign(timeout_s=1.0)
+    a.close()
+    b.close()
 
 
 def test_two_members_killed_no_write_until_quorum_returns(etcd_cluster):
@@ -71,10 +106,17 @@ def test_outage_longer_than_ttl_deposes_then_a_new_epoch_leads_at_once(etcd_clus
     prefix = "/test/long-outage/"
     a = Election(EtcdClient(etcd_cluster.endpoints), prefix, ttl_s=3, candidate="a")
     assert a.campaign(timeout_s=10) and a.epoch == 1
+    killed = time.monotonic()
     etcd_cluster.kill(1)
     etcd_cluster.kill(2)
-    assert a.lost.wait(5.0), "the leader kept leading through an outage longer than its TTL"
-    assert not a.is_leader
+    while a.is_leader and time.monotonic() < killed + 3.0:   # the lease deadline: TTL - margin at most
+        time.sleep(0.02)
+    assert not a.is_leader, "the leader kept acting past its lease deadline"
+    assert not a.confirm(timeout_s=0.5)                       # suspended: waits, then still does not lead
+    # It cannot tell the outage from a partition: once the grace passes it gives the run up, dated
+    # from its deadline (when it stopped acting), not from when it gave up.
+    assert a.lost.wait(3.0 + a.grace_s + 1.0), "the leader never gave up through an outage longer than its TTL"
+    assert a.lost_at <= killed + 3.0
     etcd_cluster.restart(1)
     etcd_cluster.wait_healthy(20, members=[0, 1])
     started = time.monotonic()
