@@ -114,6 +114,11 @@ def schedule(seed: int) -> Dict:
             "attacks": sorted(attacks, key=lambda a: a["step"])}
 
 
+# The run's token, known here only to name the keys an eavesdropper on the store's (unencrypted)
+# traffic would see (a replayed beat needs its key); the attacks never seal anything with it.
+TOKEN = "ch40s-" + "5eed" * 6
+
+
 class Attacker(threading.Thread):
     """A store client without the token, firing a case's attacks as the run's committed steps reach
     them. The coordinator may be stopped, dead or restarting at that moment: an attack that cannot
@@ -160,7 +165,11 @@ class Attacker(threading.Thread):
         elif kind == "run_id":
             store.set("run_id", "forged")
         elif kind == "replay":  # a live worker's own earlier beats written back while it beats on
-            workers = [k for k in (f"hb/w{i}" for i in range(8)) if store.check([k])]
+            from kintsugi.recovery import protocol as P
+            from kintsugi.recovery.auth import Auth
+            run_id = json.loads(store.get("run_id"))["run_id"]   # readable by anyone
+            sniffed = Auth(TOKEN, run_id)   # for the key names only, as seen on the wire
+            workers = [k for k in (P.beat_key(sniffed, f"w{i}") for i in range(8)) if store.check([k])]
             if not workers:
                 raise RuntimeError("no heartbeat to replay")
             key = workers[a["step"] % len(workers)]
@@ -215,7 +224,8 @@ def run_case(case: Dict, out_dir: str, baseline: Optional[float] = None) -> Dict
            f"train.max_steps={STEPS}"]
     if case["events"]:
         cmd.append(_override(case["events"]))
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               KINTSUGI_TOKEN=TOKEN)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

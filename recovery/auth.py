@@ -107,6 +107,15 @@ class Auth:
         self._dropped: Counter = Counter()
         self._last_warn = 0.0
 
+    def private_key(self, name: str) -> str:
+        """A store key that only holders of the token can name: `name` and a tag derived from the
+        token and the run. TCPStore lists no keys, so a client without the token cannot find the
+        key to overwrite, rewind or delete it (an eavesdropper on the network still can: the
+        store's traffic is not encrypted). For keys whose loss alone does harm: a beat that
+        someone keeps overwriting with garbage reads as no beat, and evicts a live worker."""
+        tag = hmac.new(self.key, b"key-name\x00" + name.encode(), hashlib.sha256).hexdigest()[:24]
+        return f"{name}/{tag}"
+
     def _mac(self, scope: str, writer: str, seq: int, body: str, with_boot: bool) -> str:
         place = f"{self.boot}/{scope}" if with_boot else scope
         msg = b"\x00".join((place.encode(), writer.encode(), str(seq).encode(), body.encode()))

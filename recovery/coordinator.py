@@ -191,7 +191,7 @@ class Coordinator:
             if st.stage_gen[s] >= 0:
                 b.put(f"stage/{s}", self.generations.stage_plan(s).to_json())
         for w in st.workers.values():
-            b.put(f"hb/{w.wid}", {"n": -1})
+            b.put(P.beat_key(b.auth, w.wid), {"n": -1})
             if w.slot is not None and w.state == "active":
                 b.put(f"role/{w.wid}", {"cell": st.cell_of(w.slot[0]).index})
         b.put("slots", {slot_key(k): v for k, v in st.slots.items()})
@@ -259,11 +259,11 @@ class Coordinator:
     def _guard_memory(self) -> bool:
         """The store holds whatever any client on the port writes (TCPStore has no limits): a flood
         of big values grows this process towards an out-of-memory kill. Its resident size is
-        watched (every 2 s); past twice its size at start, or that plus FLOOD_MARGIN_BYTES, the
+        watched (twice a second: one read of /proc/self/statm); past twice its size at start, or that plus FLOOD_MARGIN_BYTES, the
         coordinator saves its state and starts again with an empty store (the workers reconnect,
         re-register and replay), at most MAX_STORE_RESTARTS times. True: restart now."""
         now = time.monotonic()
-        if now - self._memory_checked < 2.0:
+        if now - self._memory_checked < 0.5:
             return False
         self._memory_checked = now
         rss = resident_bytes()

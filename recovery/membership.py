@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Callable, Dict, Optional, Set, Tuple
 
+from . import protocol as P
 from .auth import Forged
 from .board import Board
 from .control_state import CoordinatorState, Settings, WorkerInfo
@@ -74,7 +75,7 @@ class Membership:
         if wid in self.st.workers:
             return  # a replayed join (or a worker id used twice): the first one holds
         self.st.workers[wid] = WorkerInfo(wid, int(req["pid"]), str(req["host"]), str(req.get("machine", req["host"])))
-        self.board.put(f"hb/{wid}", {"n": -1})
+        self.board.put(P.beat_key(self.board.auth, wid), {"n": -1})
         self.board.put(f"ack/{wid}", "ok")
         self.changed()
         log.info("worker %s joined (pid %s on %s)", wid, req["pid"], req["host"])
@@ -197,11 +198,12 @@ class Membership:
         live = [w for w in self.st.workers.values() if w.state in ("active", "spare")]
         if not live:
             return
-        keys = [f"hb/{w.wid}" for w in live]
+        beat_keys = {w.wid: P.beat_key(self.board.auth, w.wid) for w in live}
+        keys = list(beat_keys.values())
         store = self.board.store
         try:
             # multi_get waits for a missing key as long as the store's timeout (minutes), and a key
-            # can be missing: a joiner's hb/<wid> still held for the state save (write-ahead,
+            # can be missing: a joiner's beat key still held for the state save (write-ahead,
             # recovery.control=etcd), or deleted by someone without the token. Read those present;
             # a missing beat is no beat.
             if not store.check(keys):
@@ -211,10 +213,10 @@ class Membership:
             return
         silent = []
         for w in live:
-            raw, status = values.get(f"hb/{w.wid}"), None
+            raw, status = values.get(beat_keys[w.wid]), None
             try:
                 if raw is not None:
-                    status = self.board.auth.open(f"hb/{w.wid}", raw)
+                    status = self.board.auth.open(beat_keys[w.wid], raw)
                 n = int(status.get("n", -1)) if status is not None else w.hb
             except Forged as e:  # a forged beat never keeps a dead worker alive
                 self.board.auth.dropped(e)

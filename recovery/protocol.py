@@ -13,7 +13,9 @@ can be read in one place:
   join/<i>                  log of join requests (worker id, pid, host; the seal proves the token,
                             which is never sent); ack/<wid> = ok | refused
   rejoin/<i>                log of workers re-registering with a restarted coordinator (their state)
-  hb/<wid>                  the worker's status (JSON: beat counter, cell, generation, step, phase)
+  hb/<wid>/<tag>            the worker's status (JSON: beat counter, cell, generation, step, phase);
+                            the tag comes from the token (`beat_key`): TCPStore lists no keys, so a
+                            client without the token cannot find a beat to overwrite or delete
   bytes/<wid>               bytes the worker sent, per channel (JSON), refreshed by the heartbeat
                             and written once more when it finished training
   end/<wid>                 the worker finished training (its final bytes/<wid> are in)
@@ -127,6 +129,11 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+def beat_key(auth: Auth, wid: str) -> str:
+    """Where worker `wid` beats: a key only token holders can name (`Auth.private_key`)."""
+    return auth.private_key(f"hb/{wid}")
 
 
 def put_json(store, key: str, obj: Any, auth: Optional[Auth] = None) -> None:

@@ -11,6 +11,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The job the attack tests run (tests/distributed/test_trust.py, test_freshness.py), attacked and
+# left alone (conftest's `undisturbed_attack_run`).
+ATTACK_JOB = ["experiment=quick", "train.max_steps=24", "train.eval_batches=1", "faults=none", "faults.spares=1",
+              "recovery.heartbeat_timeout_s=2.0"]
+
+
 def run_trainer(run_dir, *overrides, timeout=240, check=True, env=None):
     """Run `python -m trainer` for real (coordinator + worker processes) and return
     (completed process, summary dict or None, metrics records). `env`: extra environment variables."""

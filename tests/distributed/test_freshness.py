@@ -8,7 +8,7 @@ was rebuilt), summary.json tells the truth, and the tampering is counted by kind
 - B: the coordinator SIGKILLed, and everything a client could read from its first incarnation
   written back into the restarted one's store, over and over (the old identity, plans, beats).
 - C: a worker SIGSTOPped while its own genuine, earlier heartbeats and beats forged without its key
-  (an ever-growing counter) are written back in rotation (it must still be found within
+  (an ever-growing counter) are written back in rotation, at its beat key as an eavesdropper sees it (it must still be found within
   recovery.heartbeat_timeout_s + 1 s), and the run id overwritten while the replacement spare joins.
 """
 import json
@@ -19,14 +19,16 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from testkit import start_trainer
+from testkit import ATTACK_JOB, start_trainer
+from kintsugi.recovery import protocol as P
+from kintsugi.recovery.auth import Auth
 
 pytestmark = pytest.mark.distributed
 
 TOKEN = "fr3sh-" + "c0de" * 6
 TIMEOUT_S = 2.0
-JOB = ["experiment=quick", "train.max_steps=24", "train.eval_batches=1", "faults=none", "faults.spares=1",
-       f"recovery.heartbeat_timeout_s={TIMEOUT_S}"]
+JOB = ATTACK_JOB
+assert f"recovery.heartbeat_timeout_s={TIMEOUT_S}" in JOB
 
 
 class Attacker:
@@ -81,24 +83,24 @@ def _port(run_dir):
     return json.loads((run_dir / "control_state.json").read_text())["port"]
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    rc, err, summary, _, records = _run(tmp_path_factory.mktemp("plain") / "run")
-    assert rc == 0, err[-3000:]
-    return summary, records
+@pytest.fixture
+def plain(undisturbed_attack_run):
+    return undisturbed_attack_run
 
 
 def test_a_rewound_log_a_forged_run_id_and_a_flood_lose_nothing(tmp_path, plain):
     plain_summary, plain_records = plain
 
     def attack(run_dir, proc):
-        _wait_steps(run_dir, 3, proc)
+        # Early enough that the flood (~512 MB through the store, then the guard's check) is over
+        # well before step 24 on a loaded machine.
+        _wait_steps(run_dir, 2, proc)
         a = Attacker(_port(run_dir))
         a.s.add("commit/n", -5)
-        _wait_steps(run_dir, 6, proc)
+        _wait_steps(run_dir, 4, proc)
         a.s.add("commit/n", -1000)
         a.s.set("run_id", "forged")
-        _wait_steps(run_dir, 9, proc)
+        _wait_steps(run_dir, 6, proc)
         chunk = b"\x00" * (8 << 20)
         for i in range(64):  # 512 MB of values nobody asked for
             try:
@@ -130,7 +132,9 @@ def test_an_old_incarnation_written_back_after_a_coordinator_restart_changes_not
     def attack(run_dir, proc):
         _wait_steps(run_dir, 3, proc)
         a = Attacker(_port(run_dir))
-        old = {k: v for k in keys if (v := a.get(k)) is not None}
+        sniffed = Auth(TOKEN, json.loads(a.get("run_id"))["run_id"])   # to name the beat keys, as on the wire
+        beat_keys = [P.beat_key(sniffed, f"w{i}") for i in range(5)]
+        old = {k: v for k in keys + beat_keys if (v := a.get(k)) is not None}
         _wait_steps(run_dir, 6, proc)  # the coordinator is killed at step 6; its successor opens the port
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and '"coordinator_incarnations"' not in _final_marker(run_dir):
@@ -165,9 +169,12 @@ def test_a_hung_worker_is_found_though_its_old_beats_are_written_back(tmp_path):
         _wait_steps(run_dir, 2, proc)
         a = Attacker(_port(run_dir))
         victim = json.loads(json.loads(a.get("slots"))["b"])["0,1"]
+        # Its beat key as an eavesdropper on the store's traffic would see it: the token serves only
+        # to name the key (a client that merely reaches the port cannot), nothing is sealed with it.
+        beat = P.beat_key(Auth(TOKEN, json.loads(a.get("run_id"))["run_id"]), victim)
         beats, metrics = [], run_dir / "metrics.jsonl"
         while metrics.read_text().count('"loss"') < stop_step - 1:  # its own genuine beats, sealed by its key
-            v = a.get(f"hb/{victim}")
+            v = a.get(beat)
             if v is not None and (not beats or v != beats[-1]):
                 beats.append(v)
             time.sleep(0.02)
@@ -177,7 +184,7 @@ def test_a_hung_worker_is_found_though_its_old_beats_are_written_back(tmp_path):
         a.s.set("run_id", "forged")  # ... while the replacement spare joins
         while time.monotonic() < done and '"rebuild"' not in (run_dir / "metrics.jsonl").read_text():
             try:  # its own old beats, then beats forged without its key (a counter that only grows)
-                a.s.set(f"hb/{victim}", beats[i % len(beats)] if i % 2 == 0 else
+                a.s.set(beat, beats[i % len(beats)] if i % 2 == 0 else
                         json.dumps({"b": json.dumps({"n": 10 ** 6 + i, "wid": victim}), "m": "0" * 64}))
             except RuntimeError:  # the run is over (the assertions below say how it went)
                 return

@@ -13,13 +13,12 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from testkit import run_trainer, start_trainer
+from testkit import ATTACK_JOB, start_trainer
 
 pytestmark = pytest.mark.distributed
 
 TOKEN = "t0ken-" + "9f3a" * 6
-JOB = ["experiment=quick", "train.max_steps=24", "train.eval_batches=1", "faults=none", "faults.spares=1",
-       "recovery.heartbeat_timeout_s=2.0"]
+JOB = ATTACK_JOB
 
 
 def _losses(records):
@@ -50,11 +49,10 @@ def _wait_steps(run_dir, n, proc, timeout=120):
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def plain_run(tmp_path_factory):
+@pytest.fixture
+def plain_run(undisturbed_attack_run):
     """The same job left alone: what every attacked run must reproduce."""
-    _, summary, records = run_trainer(tmp_path_factory.mktemp("plain") / "run", *JOB, env={"KINTSUGI_TOKEN": TOKEN})
-    return summary, records
+    return undisturbed_attack_run
 
 
 def test_attacks_without_the_token_change_nothing(tmp_path, plain_run):
@@ -88,9 +86,18 @@ def test_attacks_without_the_token_change_nothing(tmp_path, plain_run):
         a.s.set("cell/0", json.dumps(plan))
         a.s.add("version", 1)
         a.s.set("shutdown", json.dumps({"b": json.dumps({"reason": "ok"}), "m": "f" * 64}))
-        # 4. a forged heartbeat to keep nobody alive, and the commit log's counter bumped far ahead
-        a.s.set(f"hb/{victim}", json.dumps({"n": 10 ** 9}))
+        # 4. the commit log's counter bumped far ahead, and the victim's beat under the name anyone
+        #    can guess overwritten and deleted as fast as the store takes it for 4x the heartbeat
+        #    timeout: were that the key it beats at, its beats would read as garbage or missing, and
+        #    a live worker would be evicted. (Its real key is one only token holders can name.)
         a.s.add("commit/n", 10 ** 9)
+        until = time.monotonic() + 8.0
+        try:
+            while time.monotonic() < until:
+                a.s.set(f"hb/{victim}", json.dumps({"n": 10 ** 9}))
+                a.s.delete_key(f"hb/{victim}")
+        except RuntimeError:   # the run ended meanwhile
+            pass
         _, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:

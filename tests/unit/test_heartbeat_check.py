@@ -1,5 +1,5 @@
 """The coordinator's heartbeat check against a real TCPStore (in this process): a worker's
-`hb/<wid>` key that is missing never stalls it, and a missing beat is no beat.
+beat key that is missing never stalls it, and a missing beat is no beat.
 
 A key is missing when a worker joined and its placeholder waits for the state save (write-ahead,
 recovery.control=etcd), or when someone without the token deleted it. TCPStore's multi_get waits
@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from kintsugi.recovery import protocol as P
 from kintsugi.recovery.auth import Auth
 from kintsugi.recovery.board import Board
 from kintsugi.recovery.control_state import CoordinatorState, Settings
@@ -37,7 +38,7 @@ def test_a_missing_beat_never_stalls_the_check_and_counts_as_none():
     # A joiner whose placeholder beat waits for the save (etcd's write-ahead).
     m, st, board, store = _membership(write_ahead=True)
     m.on_join({"wid": "w5", "pid": 1, "host": "h"})
-    assert board.holding and not store.check(["hb/w5"]), "the test needs the placeholder held"
+    assert board.holding and not store.check([P.beat_key(board.auth, "w5")]), "the test needs the placeholder held"
     started = time.monotonic()
     m.check_heartbeats()
     assert time.monotonic() - started < 5.0, "the heartbeat check waited for a key that was not there"
@@ -54,8 +55,8 @@ def test_a_missing_beat_never_stalls_the_check_and_counts_as_none():
     deadline = time.monotonic() + 3 * TIMEOUT_S + 1.0
     while time.monotonic() < deadline and st.workers["w1"].state == "spare":
         n += 1
-        board.put("hb/w2", {"n": n})   # w2 beats on time (what w2 would seal; the board's key is the run's)
-        store.delete_key("hb/w1")      # w1's beat is deleted as soon as it appears, or it died
+        board.put(P.beat_key(board.auth, "w2"), {"n": n})   # w2 beats on time (as w2 would seal it)
+        store.delete_key(P.beat_key(board.auth, "w1"))      # w1's beat is deleted as soon as it appears, or it died
         started = time.monotonic()
         m.check_heartbeats()
         assert time.monotonic() - started < 5.0, "the heartbeat check waited for a deleted key"

@@ -121,7 +121,7 @@ class Watcher(threading.Thread):
         status = {"n": self._n, "cell": self.working_cell, "cell_gen": self.working_gen, "phase": self.phase,
                   "step": w.state.step_done if w.state is not None else None,
                   "stage": w.slot[1] if w.slot is not None else None, "peak_bytes": peak_memory_bytes()}
-        self.control.put_json(f"hb/{w.wid}", status)
+        self.control.put_json(P.beat_key(self.control.auth, w.wid), status)
         self.control.put_json(f"bytes/{w.wid}", w.counter.as_dict())
         if w.leaving.is_set() and not self._intent_sent:
             self.control.append("intent", {"wid": w.wid})
