@@ -256,18 +256,25 @@ def _median_step_s(records: List[dict]) -> float:
     return statistics.median(r["step_s"] for r in _commits(records) if r["step"] >= 2)
 
 
-def measure_overhead(endpoints: List[str], workdir: str, pairs: int, steps: int, ttl: int) -> dict:
+def measure_overhead(endpoints: List[str], workdir: str, pairs: int, steps: int, ttl: int,
+                     variant: Optional[List[str]] = None) -> dict:
+    """Failure-free runs of each mode back to back, `pairs` rounds, the order rotating: local, etcd
+    and, when `variant` is given, etcd with those overrides too (to locate the overhead). Per run the
+    median step time over steps 2.., and the CPU seconds of its process tree."""
     if pairs == 0:
         return {"per_step_overhead_pct": None, "cpu_overhead_pct": None}
-    runs: dict = {"local": [], "etcd": []}
-    cpu: dict = {"local": [], "etcd": []}
-    ratios, cpu_ratios = [], []
+    modes = ["local", "etcd"] + (["variant"] if variant else [])
+    runs: dict = {m: [] for m in modes}
+    cpu: dict = {m: [] for m in modes}
+    ratios: dict = {m: [] for m in modes[1:]}
+    cpu_ratios: dict = {m: [] for m in modes[1:]}
     for k in range(pairs):
-        order = ("local", "etcd") if k % 2 == 0 else ("etcd", "local")
+        order = modes[k % len(modes):] + modes[:k % len(modes)]
         med, used = {}, {}
         for mode in order:
-            extra = _etcd_overrides(endpoints, f"/bench/overhead-{os.getpid()}-{k}/", ttl, standbys=0) if mode == "etcd" \
-                else ["recovery.control=local"]
+            extra = ["recovery.control=local"] if mode == "local" else \
+                _etcd_overrides(endpoints, f"/bench/overhead-{os.getpid()}-{k}-{mode}/", ttl, standbys=0) + \
+                (list(variant) if mode == "variant" else [])
             rc, err, summary, records, used[mode] = _trainer(os.path.join(workdir, f"overhead-{k}-{mode}"),
                                                              f"train.max_steps={steps}", *extra)
             if rc != 0:
@@ -275,12 +282,19 @@ def measure_overhead(endpoints: List[str], workdir: str, pairs: int, steps: int,
             med[mode] = _median_step_s(records)
             runs[mode].append(round(med[mode], 4))
             cpu[mode].append(round(used[mode], 2))
-        ratios.append(med["etcd"] / med["local"] - 1)
-        cpu_ratios.append(used["etcd"] / used["local"] - 1)
-    return {"per_step_overhead_pct": round(100 * statistics.median(ratios), 2),
-            "per_pair_overhead_pct": [round(100 * x, 2) for x in ratios], "median_step_s": runs,
-            "cpu_overhead_pct": round(100 * statistics.median(cpu_ratios), 2),
-            "per_pair_cpu_overhead_pct": [round(100 * x, 2) for x in cpu_ratios], "run_cpu_s": cpu}
+        for mode in modes[1:]:
+            ratios[mode].append(med[mode] / med["local"] - 1)
+            cpu_ratios[mode].append(used[mode] / used["local"] - 1)
+    out = {"per_step_overhead_pct": round(100 * statistics.median(ratios["etcd"]), 2),
+           "per_pair_overhead_pct": [round(100 * x, 2) for x in ratios["etcd"]], "median_step_s": runs,
+           "cpu_overhead_pct": round(100 * statistics.median(cpu_ratios["etcd"]), 2),
+           "per_pair_cpu_overhead_pct": [round(100 * x, 2) for x in cpu_ratios["etcd"]], "run_cpu_s": cpu}
+    if variant:
+        out.update({"variant": list(variant),
+                    "variant_per_step_overhead_pct": round(100 * statistics.median(ratios["variant"]), 2),
+                    "variant_per_pair_overhead_pct": [round(100 * x, 2) for x in ratios["variant"]],
+                    "variant_cpu_overhead_pct": round(100 * statistics.median(cpu_ratios["variant"]), 2)})
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -292,6 +306,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--train-steps", type=int, default=40)
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--overhead-steps", type=int, default=30)
+    p.add_argument("--variant", nargs="*", default=None, metavar="OVERRIDE",
+                   help="also run the etcd mode with these overrides in every round of the overhead "
+                        "(e.g. recovery.etcd.flush_s=60), to locate where its cost comes from")
     p.add_argument("--out", default=OUT_PATH)
     args = p.parse_args(argv)
     from kintsugi.recovery.etcd_local import LocalEtcd
@@ -302,7 +319,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         saves = measure_saves(cluster.endpoints, workdir, args.saves)
         trained = [measure_training_failover(cluster.endpoints, workdir, k, args.ttl, args.train_steps)
                    for k in range(args.train_runs)]
-        overhead = measure_overhead(cluster.endpoints, workdir, args.pairs, args.overhead_steps, args.ttl)
+        overhead = measure_overhead(cluster.endpoints, workdir, args.pairs, args.overhead_steps, args.ttl,
+                                    args.variant)
     in_training = [t["failover_s"] for t in trained]
     result = {
         "benchmark": "control_failover", "date": date.today().isoformat(), "etcd": version, "members": 3,
