@@ -57,6 +57,8 @@ class EtcdSettings:
     endpoints: Tuple[str, ...] = ("http://127.0.0.1:2379",)
     prefix: str = "/kintsugi/run/"        # every key of the run lives under it
     lease_ttl_s: int = 3                  # a leader unheard of this long is replaced
+    lease_grace_s: Optional[float] = None  # a leader etcd does not answer stays suspended this long past its
+                                           # lease deadline, then gives the run up (None: the TTL)
     request_timeout_s: float = 2.0        # per request and endpoint, before the next endpoint
     user: Optional[str] = None            # or KINTSUGI_ETCD_USER; the password only from env / file
     password_file: Optional[str] = None
@@ -84,6 +86,10 @@ class EtcdSettings:
         if not (isinstance(self.lease_ttl_s, int) and 2 <= self.lease_ttl_s <= 60):
             raise ValueError(f"recovery.etcd.lease_ttl_s={self.lease_ttl_s!r}: give whole seconds from 2 (etcd's "
                              f"least lease with its default election timeout) to 60")
+        if self.lease_grace_s is not None and not (isinstance(self.lease_grace_s, (int, float))
+                                                   and 0 <= float(self.lease_grace_s) <= 120):
+            raise ValueError(f"recovery.etcd.lease_grace_s={self.lease_grace_s!r}: give 0 to 120 seconds (at least "
+                             f"etcd's election timeout x 2), or null for the lease TTL")
         if not 0.1 <= float(self.request_timeout_s) <= 60:
             raise ValueError(f"recovery.etcd.request_timeout_s={self.request_timeout_s!r}: give 0.1 to 60 seconds")
         if bool(self.cert_file) != bool(self.key_file):

@@ -21,7 +21,7 @@ suspended: `confirm()` (what the coordinator and the state store ask) blocks, so
 nothing. If etcd answers a renewal, the lease was never gone and the leadership resumes: losing
 etcd's raft leader leaves no member able to renew for 1-2 s, and with a 3 s TTL a coordinator
 would otherwise give up a run it still holds. If etcd says the lease is gone, or it stays silent
-for `grace_s` (the TTL) more, the leadership ends and `on_lost` fires (from the renewal thread).
+for `grace_s` (recovery.etcd.lease_grace_s, default the TTL) more, the leadership ends and `on_lost` fires (from the renewal thread).
 A process that was paused (SIGSTOP) comes back with its deadline passed.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Election:
     `is_leader`, `epoch`, `fence()`, `publish(address)`, `resign()`."""
 
     def __init__(self, client: EtcdClient, prefix: str, ttl_s: int = 3, candidate: Optional[str] = None,
-                 on_lost: Optional[Callable[[], None]] = None, poll_s: float = 0.1):
+                 on_lost: Optional[Callable[[], None]] = None, poll_s: float = 0.1, grace_s: Optional[float] = None):
         self.client = client
         self.election_prefix = prefix + "election/"
         self.leader_key, self.epoch_key = self.election_prefix + "leader", self.election_prefix + "epoch"
@@ -85,7 +85,7 @@ class Election:
         self._renew_failing = False
         # How long past the lease deadline a leader that cannot reach etcd stays suspended before
         # it gives up (see `confirm`): etcd's leaderless window after its raft leader dies.
-        self.grace_s = float(self.ttl_s)
+        self.grace_s = float(self.ttl_s if grace_s is None else grace_s)
 
     # --- the lease --------------------------------------------------------------------------------
     def _lease_alive(self) -> bool:

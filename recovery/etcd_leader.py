@@ -74,7 +74,7 @@ class Leadership:
         self.client = client or EtcdClient.from_settings(settings)   # ValueError: credentials incomplete
         self.on_deposed = on_deposed or _default_deposed
         self.election = Election(self.client, settings.prefix, ttl_s=settings.lease_ttl_s, candidate=candidate,
-                                 on_lost=self._lost)
+                                 on_lost=self._lost, grace_s=settings.lease_grace_s)
         self.store = EtcdStateStore(self.client, settings.prefix, self.election, flush_s=flush_s)
         self._resigning = False
         self._once = threading.Lock()

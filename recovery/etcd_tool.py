@@ -63,7 +63,8 @@ def _campaign(args) -> int:
     settings = _settings(args)
     client = EtcdClient.from_settings(settings)
     client.check(settings.prefix)
-    election = Election(client, settings.prefix, ttl_s=settings.lease_ttl_s, candidate=args.name)
+    election = Election(client, settings.prefix, ttl_s=settings.lease_ttl_s, candidate=args.name,
+                        grace_s=settings.lease_grace_s)
     store = EtcdStateStore(client, settings.prefix, election)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -116,6 +116,22 @@ def test_etcd_settings_a_launcher_cannot_honour_are_refused_in_one_line(extra, w
     assert "\n" not in msg and all(w in msg for w in words), msg
 
 
+@pytest.mark.parametrize("grace,ok", [("null", True), ("7.5", True), ("0", True), ("-1", False), ("500", False)])
+def test_the_lease_grace_is_bounded_in_one_line(grace, ok):
+    from kintsugi.trainer.config.errors import ConfigError
+    overrides = ["recovery.control=etcd", "recovery.etcd.prefix=/kintsugi/run1/",
+                 "recovery.etcd.endpoints=[http://127.0.0.1:2379]", f"recovery.etcd.lease_grace_s={grace}"]
+    if ok:
+        job, _ = compose_job(overrides)
+        settings = job.recovery.etcd.settings()
+        assert settings.lease_grace_s == (None if grace == "null" else float(grace))
+        return
+    with pytest.raises(ConfigError) as e:
+        compose_job(overrides)
+    msg = str(e.value)
+    assert "\n" not in msg and "recovery.etcd.lease_grace_s" in msg and "0 to 120 seconds" in msg, msg
+
+
 def test_torchrun_takes_standbys_under_etcd():
     job, _ = compose_job(["launcher=torchrun", "recovery.control=etcd", "recovery.etcd.prefix=/kintsugi/run1/",
                           "recovery.etcd.endpoints=[http://127.0.0.1:2379]", "recovery.standbys=2"])

@@ -140,6 +140,7 @@ class RecoveryEtcdConfig:
     endpoints: List[str] = field(default_factory=lambda: ["http://127.0.0.1:2379"])
     prefix: str = ""              # one per run; "" = derived from the run dir (launcher=local only)
     lease_ttl_s: int = 3          # a leader unheard of this long is replaced
+    lease_grace_s: Optional[float] = None  # past its lease deadline, how long a leader waits for etcd (null: the TTL)
     request_timeout_s: float = 2.0
     flush_s: float = 1.0          # watermark-only changes reach etcd at most this late
     user: Optional[str] = None    # or KINTSUGI_ETCD_USER
@@ -153,7 +154,8 @@ class RecoveryEtcdConfig:
         from kintsugi.recovery.etcd_client import EtcdSettings
         try:
             return EtcdSettings(endpoints=tuple(self.endpoints), prefix=prefix or self.prefix or "/kintsugi/check/",
-                                lease_ttl_s=self.lease_ttl_s, request_timeout_s=self.request_timeout_s,
+                                lease_ttl_s=self.lease_ttl_s, lease_grace_s=self.lease_grace_s,
+                                request_timeout_s=self.request_timeout_s,
                                 user=self.user, password_file=self.password_file, ca_file=self.ca_file,
                                 cert_file=self.cert_file, key_file=self.key_file)
         except ValueError as e:
