@@ -27,7 +27,8 @@ standby, its ranks wait as spares. Give every node the same run directory on a s
 (`hydra.run.dir=...`): whichever coordinator leads at the end writes the run's records and outputs
 there. A standby listens on KINTSUGI_COORDINATOR_HOST, else on the address this node reaches
 MASTER_ADDR from. Every node needs KINTSUGI_TOKEN (the same value). A standby is a child of its
-worker process and dies with it.
+worker process and dies with it; with `--max-restarts=0` any worker's failure makes the node's agent
+stop all of that node's workers anyway, so a standby lives and dies with its node.
 
 Worker ids are unique across nodes, re-joins and several "nodes" on one host (host, torchrun job,
 node rank, local rank, pid). Set KINTSUGI_MACHINE per node when several nodes share one host, so
