@@ -52,7 +52,10 @@ def test_etcd_leaderless_past_the_lease_deadline_suspends_then_resumes(etcd_clus
     lead = raft_leader(etcd_cluster)
     others = [i for i in range(3) if i != lead]
     lost = []
-    a = Election(EtcdClient(etcd_cluster.endpoints), prefix, ttl_s=5, candidate="a", on_lost=lambda: lost.append(1))
+    # A grace of 10 s: the paused member's return, etcd's election and a renewal that may first try
+    # the paused member all fit, even on a loaded machine.
+    a = Election(EtcdClient(etcd_cluster.endpoints), prefix, ttl_s=5, candidate="a", on_lost=lambda: lost.append(1),
+                 grace_s=10)
     store = EtcdStateStore(a.client, prefix, a)
     assert a.campaign(timeout_s=10) and a.epoch == 1
     store.save({"n": 0})
