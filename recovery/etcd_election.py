@@ -21,8 +21,9 @@ suspended: `confirm()` (what the coordinator and the state store ask) blocks, so
 nothing. If etcd answers a renewal, the lease was never gone and the leadership resumes: losing
 etcd's raft leader leaves no member able to renew for 1-2 s, and with a 3 s TTL a coordinator
 would otherwise give up a run it still holds. If etcd says the lease is gone, or it stays silent
-for `grace_s` (recovery.etcd.lease_grace_s, default the TTL) more, the leadership ends and `on_lost` fires (from the renewal thread).
-A process that was paused (SIGSTOP) comes back with its deadline passed.
+for `grace_s` (recovery.etcd.lease_grace_s, default the TTL) more, the leadership ends and
+`on_lost` fires (from the renewal thread). A process that was paused (SIGSTOP) comes back with its
+deadline passed.
 """
 from __future__ import annotations
 
