@@ -260,8 +260,9 @@ class Coordinator:
         """The store holds whatever any client on the port writes (TCPStore has no limits): a flood
         of big values grows this process towards an out-of-memory kill. Its resident size is
         watched (twice a second: one read of /proc/self/statm); past twice its size at start, or
-        that plus FLOOD_MARGIN_BYTES, the coordinator saves its state and starts again with an empty store (the workers reconnect,
-        re-register and replay), at most MAX_STORE_RESTARTS times. True: restart now."""
+        that plus FLOOD_MARGIN_BYTES, the coordinator saves its state and starts again with an
+        empty store (the workers reconnect, re-register and replay), at most MAX_STORE_RESTARTS
+        times. True: restart now."""
         now = time.monotonic()
         if now - self._memory_checked < 0.5:
             return False
