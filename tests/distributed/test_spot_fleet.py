@@ -15,10 +15,13 @@ def test_machine_sigterm_hands_off_and_replacement_machine_joins(tmp_path):
     # 2x2 grid on 2 machines, no spare: m0 = w0, w2; m1 = w1, w3. Terminating m1 at step 4 leaves two
     # slots whose holders train on under the notice (recovery.train_under_notice_s, 10 s by default)
     # until replacement machine m2 has joined (3 s later, then its workers start), then hand their
-    # state to it: the handoff happens steps after the notice, not at the next step.
+    # state to it: the handoff happens steps after the notice, not at the next step. 40 steps: the
+    # replacement's workers are ready ~7 s after the notice, which at 0.3 s a step on a quiet machine
+    # came after step 24, so a 24-step run could end before the second holder handed off.
+    steps = 40
     _, summary, records = run_trainer(
         tmp_path / "run", "experiment=quick", "parallel.replicas=2", "parallel.stages=2", "model.n_layers=4",
-        "train.max_steps=24", "train.eval_batches=1", "diloco.enabled=true", "diloco.sync_every=4",
+        f"train.max_steps={steps}", "train.eval_batches=1", "diloco.enabled=true", "diloco.sync_every=4",
         # overlap=0: a handoff while an overlapped outer sync is in flight fails in StreamingDiLoCo.state_dict
         "diloco.overlap=0",
         "launcher.machines=2", "faults.spares=0", "faults.rejoin_delay_s=3", "faults.notice_s=60",
@@ -28,7 +31,7 @@ def test_machine_sigterm_hands_off_and_replacement_machine_joins(tmp_path):
     assert len(tiers) == 2, "both slots of the preempted machine are handed off"
     assert summary["failures"] == 0, "a preemption with notice loses nothing"
     for r in (0, 1):
-        assert [c["step"] for c in commits(records, replica=r)] == list(range(24))
+        assert [c["step"] for c in commits(records, replica=r)] == list(range(steps))
     with open(tmp_path / "run" / "machines.json") as f:
         machines = json.load(f)
     assert machines["m1"]["cause"] == "term" and machines["m0"]["cause"] is None
