@@ -22,7 +22,8 @@ Beside `load` and `save`, a store tells the coordinator how to use it:
 - `due(state, waiting)` (`state()` builds the state, only if needed): whether to save this dirty state now. The file store: always. etcd: at
   once when writes wait on it or the control part changed, else (watermarks only) at most every
   `recovery.etcd.flush_s`.
-- `leading()`: whether this process may still act on the run (always, for the file store).
+- `leading()`: whether this process may still act on the run (always, for the file store; etcd: it
+  may wait out a suspended lease, up to recovery.etcd.lease_grace_s).
 """
 from __future__ import annotations
 

@@ -17,6 +17,15 @@ ATTACK_JOB = ["experiment=quick", "train.max_steps=24", "train.eval_batches=1", 
               "recovery.heartbeat_timeout_s=2.0"]
 
 
+def beat_key_on_the_wire(store, token, wid):
+    """Worker `wid`'s beat key as an eavesdropper on the store's traffic would see it. The token only
+    names the key here (a client that merely reaches the port cannot); nothing is sealed with it."""
+    from kintsugi.recovery import protocol as P
+    from kintsugi.recovery.auth import Auth
+    run_id = json.loads(store.get("run_id"))["run_id"]   # readable by anyone
+    return P.beat_key(Auth(token, run_id), wid)
+
+
 def run_trainer(run_dir, *overrides, timeout=240, check=True, env=None):
     """Run `python -m trainer` for real (coordinator + worker processes) and return
     (completed process, summary dict or None, metrics records). `env`: extra environment variables."""

@@ -12,16 +12,13 @@ was rebuilt), summary.json tells the truth, and the tampering is counted by kind
   recovery.heartbeat_timeout_s + 1 s), and the run id overwritten while the replacement spare joins.
 """
 import json
-import threading
 import time
 from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
 
-from testkit import ATTACK_JOB, start_trainer
-from kintsugi.recovery import protocol as P
-from kintsugi.recovery.auth import Auth
+from testkit import ATTACK_JOB, beat_key_on_the_wire, start_trainer
 
 pytestmark = pytest.mark.distributed
 
@@ -132,8 +129,7 @@ def test_an_old_incarnation_written_back_after_a_coordinator_restart_changes_not
     def attack(run_dir, proc):
         _wait_steps(run_dir, 3, proc)
         a = Attacker(_port(run_dir))
-        sniffed = Auth(TOKEN, json.loads(a.get("run_id"))["run_id"])   # to name the beat keys, as on the wire
-        beat_keys = [P.beat_key(sniffed, f"w{i}") for i in range(5)]
+        beat_keys = [beat_key_on_the_wire(a.s, TOKEN, f"w{i}") for i in range(5)]
         old = {k: v for k in keys + beat_keys if (v := a.get(k)) is not None}
         _wait_steps(run_dir, 6, proc)  # the coordinator is killed at step 6; its successor opens the port
         deadline = time.monotonic() + 60
@@ -169,9 +165,7 @@ def test_a_hung_worker_is_found_though_its_old_beats_are_written_back(tmp_path):
         _wait_steps(run_dir, 2, proc)
         a = Attacker(_port(run_dir))
         victim = json.loads(json.loads(a.get("slots"))["b"])["0,1"]
-        # Its beat key as an eavesdropper on the store's traffic would see it: the token serves only
-        # to name the key (a client that merely reaches the port cannot), nothing is sealed with it.
-        beat = P.beat_key(Auth(TOKEN, json.loads(a.get("run_id"))["run_id"]), victim)
+        beat = beat_key_on_the_wire(a.s, TOKEN, victim)
         beats, metrics = [], run_dir / "metrics.jsonl"
         while metrics.read_text().count('"loss"') < stop_step - 1:  # its own genuine beats, sealed by its key
             v = a.get(beat)

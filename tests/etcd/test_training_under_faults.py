@@ -24,9 +24,7 @@ import pytest
 
 from etcd_helpers import (TTL_S, BackgroundRun, etcd_args, exactly_once, logged, losses, new_prefix, quick_job,
                           raft_leader)
-from testkit import run_trainer
-from kintsugi.recovery import protocol as P
-from kintsugi.recovery.auth import Auth
+from testkit import beat_key_on_the_wire, run_trainer
 from kintsugi.recovery.etcd_client import EtcdClient
 from kintsugi.recovery.etcd_election import find_leader
 from kintsugi.recovery.etcd_state import EtcdStateStore
@@ -193,13 +191,10 @@ def test_tokenless_writes_to_the_leaders_store_are_dropped(shared_etcd, plain, t
         run.wait_steps(3)
         leader = find_leader(EtcdClient(shared_etcd.endpoints), prefix)   # where workers look for it
         a = _tokenless_client(leader.address)
-        run_id = json.loads(a.get("run_id"))["run_id"]
+        victim = "w1"
+        beat = beat_key_on_the_wire(a, token, victim)   # read before the run id is overwritten below
         a.add("commit/n", -5)                 # the commit log wound back by 5
         a.set("run_id", "forged")            # the run's identity overwritten
-        victim = "w1"
-        # Its beat key, as an eavesdropper on the store's traffic would see it (the token serves here
-        # only to name the key; nothing is sealed with it).
-        beat = P.beat_key(Auth(token, run_id), victim)
         for i in range(40):                   # two seconds of beats forged without the worker's key
             a.set(beat, json.dumps({"b": json.dumps({"n": 10 ** 6 + i, "wid": victim}), "m": "0" * 64}))
             time.sleep(0.05)
