@@ -97,6 +97,7 @@ class WorkerInfo:
     state: str = "spare"          # spare | active | dead | left
     slot: Optional[Slot] = None
     leaving: bool = False         # announced a notice (SIGTERM / Slurm warning / spot notice)
+    leaving_since: Optional[float] = _runtime()  # when its notice reached this coordinator (monotonic)
     status: dict = field(default_factory=dict)  # the worker's last heartbeat record
     hb_changed: float = _runtime(factory=time.monotonic)
 

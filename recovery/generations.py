@@ -19,7 +19,7 @@ from kintsugi.parallel.stage_link import StageGroupPlan
 from .control_state import Cell
 from .placement import recoverability_report
 from .plan import Divergence, RebuildEntry, Rollback, Slot, slot_key
-from .planner import (cell_plan, choose_holders, free_spares, new_loss, plan_cell_rebuilds, plan_resume_rebuilds,
+from .planner import (cell_plan, choose_holders, free_spares, handoffs_ready, new_loss, plan_cell_rebuilds, plan_resume_rebuilds,
                       stage_holders)
 from .tiers import Unrecoverable
 
@@ -33,21 +33,24 @@ class Generations:
         self.c = coordinator
         self._full_since: Optional[float] = None
         self._spares_free = 0
+        self._handoffs_ready: List[str] = []
         self._waiting_logged = set()
 
     def put_counters(self) -> None:
         """What launchers act on, sealed: a forged count must not make them start processes."""
         st = self.c.st
         self.c.board.put("counters", {"rebuilt_slots": st.rebuilt_slots, "rebuild_plans": st.rebuild_plans,
-                                    "spares_needed": st.spares_needed, "spares_free": self._spares_free})
+                                    "spares_needed": st.spares_needed, "spares_free": self._spares_free,
+                                    "handoffs_ready": self._handoffs_ready})
 
     def track_spares(self) -> None:
-        """Slot holders under an interruption notice train on until a spare is free to take their
-        slot (recovery.train_under_notice_s at most): `spares_free` in the sealed counters tells
-        them, without a round trip through the coordinator after their notice."""
-        n = len(free_spares(self.c.st))
-        if n != self._spares_free:
-            self._spares_free = n
+        """Slot holders under an interruption notice train on until a spare is ready to take their
+        slot (recovery.train_under_notice_s at most): `handoffs_ready` in the sealed counters names
+        them, one per ready spare in the order their notices came, without a round trip through
+        the coordinator after their notice."""
+        n, ready = len(free_spares(self.c.st)), handoffs_ready(self.c.st)
+        if n != self._spares_free or ready != self._handoffs_ready:
+            self._spares_free, self._handoffs_ready = n, ready
             self.put_counters()
 
     def _set_spares_needed(self, n: int) -> None:
@@ -122,7 +125,7 @@ class Generations:
         now = time.monotonic()
         # Oldest losses first: a cell is re-planned when every one of its lost slots has a spare.
         for cell in sorted(lost_cells, key=lambda c: min(v.detected_mono for v in c.lost.values())):
-            if now - min(v.detected_mono for v in cell.lost.values()) < self.c.settle_s:
+            if now - min(v.detected_mono for v in cell.lost.values()) < self._settle_s(cell):
                 continue
             if not self.c.membership.caught_up(cell):  # a new incarnation: the replays come first
                 continue
@@ -153,6 +156,17 @@ class Generations:
                 if s.stage_groups:
                     for stage in range(s.stages):
                         self.publish_stage(stage)
+
+    def _settle_s(self, cell: Cell) -> float:
+        """How long after its first loss a cell waits for more: failures that come together are
+        planned together. Handoffs announced by their holders need no wait unless another holder
+        of the cell may leave any moment (its spare is reserved): they are planned at once."""
+        st = self.c.st
+        if not all(v.handed_off for v in cell.lost.values()):
+            return self.c.settle_s
+        imminent = any(w.state == "active" and w.slot is not None and w.slot[0] in cell.replicas for w in
+                       (st.workers.get(wid) for wid in self._handoffs_ready) if w is not None)
+        return self.c.settle_s if imminent else 0.0
 
     def replan_cell(self, cell: Cell, leavers: Sequence[str] = (), why: str = "") -> None:
         """Publish the cell's next generation, rebuilding every slot whose holder does not yet hold

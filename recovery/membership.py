@@ -260,8 +260,11 @@ class Membership:
         self.declare_dead(wid, f"reported by {rep['reporter']}: {str(rep.get('why', ''))[:80]}")
 
     def on_intent(self, it: dict) -> None:
-        if it["wid"] in self.st.workers:
-            self.st.workers[it["wid"]].leaving = True
+        w = self.st.workers.get(it["wid"])
+        if w is not None:
+            w.leaving = True
+            if w.leaving_since is None:  # first come, first served when spares are scarce
+                w.leaving_since = time.monotonic()
 
     def on_leave(self, lv: dict) -> None:
         self.declare_dead(lv["wid"], lv.get("why", "leaving"), handed_off=True)

@@ -30,6 +30,19 @@ def free_spares(st: CoordinatorState) -> List[WorkerInfo]:
     return [w for w in st.workers.values() if w.state == "spare" and not w.leaving]
 
 
+def handoffs_ready(st: CoordinatorState) -> List[str]:
+    """The slot holders under notice that may hand off now, first noticed first: one per spare
+    that is free and ready (its beat says it finished warming up and waits for a plan) and not
+    yet claimed by a slot that lost its holder (a kill, or a holder that left a moment ago and
+    whose cell is not re-planned yet). A holder beyond them trains on: it would otherwise leave
+    with nobody to take its slot, or wait in the handoff for a spare still importing."""
+    ready = [w for w in free_spares(st) if (w.status or {}).get("phase") == "spare"]
+    claimed = sum(len(c.lost) for c in st.cells.values())  # slots already left (or lost) that wait for one
+    under_notice = sorted((w for w in st.workers.values() if w.state == "active" and w.leaving and w.slot),
+                          key=lambda w: (w.leaving_since if w.leaving_since is not None else float("inf"), w.wid))
+    return [w.wid for w in under_notice[:max(0, len(ready) - claimed)]]
+
+
 def choose_holders(slots: Sequence[Slot], spares: Sequence[WorkerInfo], num_stages: int,
                    fixed: Optional[Dict[Slot, str]] = None) -> Dict[Slot, WorkerInfo]:
     """A spare for each slot, placed so that one machine's loss destroys as little as possible

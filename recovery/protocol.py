@@ -19,6 +19,8 @@ can be read in one place:
   bytes/<wid>               bytes the worker sent, per channel (JSON), refreshed by the heartbeat
                             and written once more when it finished training
   end/<wid>                 the worker finished training (its final bytes/<wid> are in)
+  handoff/<c>/<g>/<r,s>     the worker that took slot r,s in a handoff holds its state: the leaver
+                            exit (it waits for this at most 10 s)
   final_error/<s>           stage s could not write its final weights (disk full): the run exits 74
   cell/<c>                  the newest plan of cell c: the replicas whose pipelines are trained as
                             one unit (a replica under Streaming DiLoCo; all replicas when plain
@@ -29,7 +31,9 @@ can be read in one place:
   suspend                   a suspend plan: every holder saves its committed state and stops
   committed/<r>             the last committed step of replica r (and its commit vector)
   recorded/<r>              the steps of replica r a restarted coordinator already holds (replays start after)
-  counters                  rebuilt slots, rebuild generations, spares the waiting slots lack
+  counters                  rebuilt slots, rebuild generations, spares the waiting slots lack,
+                            free spares, and the holders under notice that may hand off now (one
+                            per ready spare, first noticed first)
   mail/<wid>/<i>            requests to one worker (donate a peer snapshot)
   suspect/<i>               log of "peer X failed" reports, tagged with the reporter's generation
   fault/<i>                 log of failed formations and generation errors (re-planned)

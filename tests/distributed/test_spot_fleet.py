@@ -47,6 +47,35 @@ def test_machine_sigterm_hands_off_and_replacement_machine_joins(tmp_path):
     assert took_over >= 8, f"the holders under notice stopped at step {took_over}: they did not train on"
 
 
+def test_two_notices_one_spare_each_first_noticed_first(tmp_path):
+    # 2x2 grid on 4 machines (m0..m3 hold slots 0,0 0,1 1,0 1,1), no spare. m2 is terminated at
+    # step 5 and m1 at step 8: both holders train on under notice. Replacement m4 (for m2) is up 3 s
+    # after the first notice and ready seconds later, while both notices are pending. Its one
+    # spare is m2's holder's (first noticed); m1's holder must train on until m5 is ready. When
+    # every holder under notice read "a spare is free" from one counter, both left on m4 and the
+    # second slot waited for m5 to be created and to start: its handoff took 3 s + a worker's start.
+    delay, steps = 3, 45
+    _, summary, records = run_trainer(
+        tmp_path / "run", "experiment=quick", "parallel.replicas=2", "parallel.stages=2", "model.n_layers=4",
+        f"train.max_steps={steps}", "train.eval_batches=1", "diloco.enabled=true", "diloco.sync_every=4",
+        "diloco.overlap=0", "launcher.machines=4", "faults.spares=0", f"faults.rejoin_delay_s={delay}",
+        "faults.notice_s=60", "faults.schedule=[{step: 5, machine: m2, kind: term}, {step: 8, machine: m1, kind: term}]",
+        timeout=180)
+    for r in (0, 1):
+        assert [c["step"] for c in commits(records, replica=r)] == list(range(steps))
+    assert summary["failures"] == 0
+    handoffs = sorted((rb for rb in summary["rebuilds"] if rb["tier"] == "handoff"), key=lambda rb: rb["step"])
+    assert [rb["tier"] for rb in summary["rebuilds"]] == ["handoff", "handoff"], summary["rebuilds"]
+    with open(tmp_path / "run" / "machines.json") as f:
+        machines = json.load(f)
+    assert machines["m2"]["cause"] == machines["m1"]["cause"] == "term"
+    slot_of = {"m1": [0, 1], "m2": [1, 0]}
+    assert [rb["slot"] for rb in handoffs] == [slot_of["m2"], slot_of["m1"]], "first noticed, first handed off"
+    for rb in handoffs:
+        assert rb["recover_s"] < delay, (f"the handoff of slot {rb['slot']} took {rb['recover_s']:.2f}s: its holder "
+                                         "left before a spare was ready for it")
+
+
 @pytest.mark.parametrize("event, key", [
     ({"step": 3, "machine": "m1", "stage": 0}, "faults.schedule[0] names machine and stage"),
     ({"step": 3, "machine": "node-1"}, "faults.schedule[0].machine"),

@@ -7,7 +7,7 @@ import pytest
 from kintsugi.recovery.control_state import Cell, CoordinatorState, Loss, Settings, WorkerInfo
 from kintsugi.recovery.plan import (CellPlan, DonateRequest, Divergence, PlanError, RebuildEntry, Rollback,
                                     SuspendPlan)
-from kintsugi.recovery.planner import (cell_plan, cells_waiting_on, choose_holders, everyone_leaving,
+from kintsugi.recovery.planner import (cell_plan, cells_waiting_on, choose_holders, everyone_leaving, handoffs_ready,
                                        plan_cell_rebuilds, rebalance_decision, stage_holders)
 from kintsugi.recovery.tiers import Unrecoverable
 
@@ -194,3 +194,29 @@ def test_the_coordinator_state_persists_as_one_object_and_reads_back():
     assert back.to_json() == st.to_json()
     assert back.cells[0].plan == _plan() and back.slots[(0, 1)] == "spare" and back.unsettled == {(0, 1): 5}
     assert isinstance(back.cells[1], Cell) and back.cells[1].lost[(1, 0)].why == "gone"
+
+
+def test_handoffs_go_first_noticed_first_one_per_ready_unclaimed_spare():
+    # 2 replicas x 2 stages under Streaming DiLoCo (a cell per replica). Holders w01 (noticed at
+    # t=5) and w10 (t=2) are under notice; w11 is not.
+    s = _settings(R=2, S=2, diloco=True)
+    st = _state(s)
+    st.workers["w01"].leaving, st.workers["w01"].leaving_since = True, 5.0
+    st.workers["w10"].leaving, st.workers["w10"].leaving_since = True, 2.0
+    assert handoffs_ready(st) == [], "no spare at all: everyone trains on"
+    # A spare that joined but still warms up (its beat says "starting") reserves nothing yet.
+    st.workers["a"] = WorkerInfo("a", 300, "host", "m7", state="spare", status={"n": 1, "phase": "starting"})
+    assert handoffs_ready(st) == []
+    st.workers["a"].status = {"n": 2, "phase": "spare"}
+    assert handoffs_ready(st) == ["w10"], "the first notice gets the only ready spare"
+    # A spare on a machine that is itself going away takes no slot.
+    st.workers["b"] = WorkerInfo("b", 301, "host", "m8", state="spare", leaving=True, status={"phase": "spare"})
+    assert handoffs_ready(st) == ["w10"]
+    # w10 left; its cell is not re-planned yet, so its slot already claims spare a: w01 waits.
+    st.workers["w10"].state = "left"
+    st.cell_of(1).lost[(1, 0)] = Loss(detected_at=10.0, failed_at=10.0, handed_off=True, leaver="w10",
+                                      why="notice", step=7)
+    assert handoffs_ready(st) == []
+    # A second ready spare: now w01 may go.
+    st.workers["c"] = WorkerInfo("c", 302, "host", "m9", state="spare", status={"phase": "spare"})
+    assert handoffs_ready(st) == ["w01"]

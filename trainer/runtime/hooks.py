@@ -129,16 +129,18 @@ class DonorHook(StepHook):
 
 
 class LeaveHook(StepHook):
-    """Under an interruption notice the slot's holder trains on until `may_leave()` (a free spare
-    can take the slot) or for `train_s` at most, then announces its leave after the step."""
+    """Under an interruption notice the slot's holder trains on until `may_leave()` (a spare is
+    ready and reserved for it) or for `train_s` at most, then announces its leave after the step.
+    After the run's last step there is nothing left to hand over: the holder ends the run instead."""
 
     def __init__(self, leaving: threading.Event, announce: Callable[[], None], may_leave: Callable[[], bool],
-                 train_s: float):
+                 train_s: float, max_steps: int):
         self.leaving, self.announce, self.may_leave, self.train_s = leaving, announce, may_leave, train_s
+        self.max_steps = max_steps
         self.noticed_at: Optional[float] = None
 
     def after_commit(self, step):
-        if not self.leaving.is_set():
+        if not self.leaving.is_set() or step + 1 >= self.max_steps:
             return
         now = time.monotonic()
         self.noticed_at = self.noticed_at if self.noticed_at is not None else now

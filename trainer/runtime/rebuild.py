@@ -124,6 +124,7 @@ def execute_plan(host: SlotHost, plan: CellPlan, grid: Grid, transport: Transpor
             if target == slot:
                 host.state.load_state_dict(_receive(host, transport, "handoff", rb.leaver, plan.ranks[rb.leaver],
                                                     REBUILD_TAG, committed), "handoff")
+                _ack_handoff(host, plan, slot)
                 dump(f"g{gen}_target_{key}", lambda: snapshot(host, tier=rb.tier))
             continue
         if rb.tier == "peer":
@@ -154,11 +155,37 @@ def execute_plan(host: SlotHost, plan: CellPlan, grid: Grid, transport: Transpor
             log.info("sent %s state to %s in %.3fs", rb.tier, target, time.time() - t0)
 
 
-def hand_off(host: SlotHost, plan: CellPlan, transport: Transport) -> None:
-    """Graceful leave: stream this slot's exact state to the worker that takes it over."""
+HANDOFF_ACK_WAIT_S = 10.0
+
+
+def _handoff_key(plan: CellPlan, slot: Slot) -> str:
+    return f"handoff/{plan.cell}/{plan.gen}/{slot_key(slot)}"
+
+
+def _ack_handoff(host: SlotHost, plan: CellPlan, slot: Slot) -> None:
+    """The new holder has the state: its leaver may exit (the machine is going away)."""
+    try:
+        host.control.put_json(_handoff_key(plan, slot), {"wid": host.wid})
+    except Exception as e:  # noqa: BLE001 - the coordinator away: the leaver waits out its bound instead
+        log.info("could not acknowledge the handoff of slot %s: %s", slot, e)
+
+
+def hand_off(host: SlotHost, plan: CellPlan, transport: Transport, abort=None) -> None:
+    """Graceful leave: stream this slot's exact state to the worker that takes it over, then wait
+    until it says it holds the state (HANDOFF_ACK_WAIT_S at most). The caller then exits at once:
+    a leaver's machine is billed until its process is gone, and closing a socket whose peer has
+    not read everything yet could cut the transfer short."""
     dst = plan.slots[host.slot]
     dump(f"g{plan.gen}_leaver_{slot_key(host.slot)}", lambda: snapshot(host))
     send_package(transport, host.state.state_dict(), plan.ranks[dst], REBUILD_TAG)
+    key, deadline = _handoff_key(plan, host.slot), time.monotonic() + HANDOFF_ACK_WAIT_S
+    while time.monotonic() < deadline and not (abort is not None and abort.is_set()):
+        try:
+            if host.control.get_json_or(key) is not None:
+                break
+        except Exception:  # noqa: BLE001 - the coordinator away: keep waiting out the bound
+            pass
+        time.sleep(0.01)
     log.info("handed slot %s over to %s", host.slot, dst)
 
 

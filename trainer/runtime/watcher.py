@@ -49,7 +49,7 @@ class Watcher(threading.Thread):
         self.suspend_plan: Optional[SuspendPlan] = None
         self.working_cell: Optional[int] = None
         self.working_gen = -1
-        self.phase = "spare"
+        self.phase = "starting"  # "spare" once the worker has warmed up and waits for a plan
         self._version = -1
         self._n = 0
         self._mail: Optional[P.LogReader] = None

@@ -143,6 +143,7 @@ class Worker:
     # --- the generation loop ------------------------------------------------------------------------
     def run(self) -> int:
         seen = {}
+        self.watcher.phase = "spare"  # warmed up: a holder under notice may hand its slot to this one
         while True:
             what, plan = self._next_plan(seen)
             if what == "shutdown":
@@ -278,8 +279,8 @@ class Worker:
         committed = self._agree_on_step(plan, group, abort,
                                         has_state=not new_here and self.state is not None and self.state_valid)
         if leaving:
-            hand_off(self, plan, transport)
-            raise SystemExit(0)
+            hand_off(self, plan, transport, abort)
+            return True  # the run is over for this worker: it exits now (its machine is going away)
         self.commit.replay_unrecorded(slot[0], plan.committed.get(slot[0]), committed)
         t_start = time.time()
         execute_plan(self, plan, grid, transport, slot, committed, abort)
@@ -326,7 +327,8 @@ class Worker:
             hooks.append(H.NeighbourCopyHook(st, grid, transport, slot, S, job.recovery.embedding_copy_every,
                                                 self.control))
         hooks += [H.DonorHook(self.idle), H.LeaveHook(self.leaving, self._announce_leave, self._spare_ready,
-                                                             job.recovery.train_under_notice_s)]
+                                                             job.recovery.train_under_notice_s,
+                                                             job.train.max_steps)]
         if slot[0] == plan.replicas[0] == 0:
             hooks.append(H.EvalHook(self.evaluate, job.train.eval_every, job.train.max_steps))
         if job.launcher.name == "local":  # only the local launcher injects faults
@@ -341,10 +343,10 @@ class Worker:
                         hooks=hooks)
 
     def _spare_ready(self) -> bool:
-        """A spare is free to take this slot now (the coordinator's sealed `spares_free`); a
-        coordinator that is away cannot say so: train on."""
+        """A ready spare is reserved for this holder (the coordinator's sealed `handoffs_ready`);
+        a coordinator that is away cannot say so: train on."""
         try:
-            return int((self.control.get_json_or("counters") or {}).get("spares_free") or 0) > 0
+            return self.wid in ((self.control.get_json_or("counters") or {}).get("handoffs_ready") or ())
         except C.CoordinatorAway:
             return False
 
