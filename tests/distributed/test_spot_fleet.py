@@ -102,12 +102,14 @@ def test_peer_rebuild_then_handoff_of_the_same_slot_keeps_diloco_syncs_matched(t
     # then terminated and hands the slot off. The replicas resume from different committed steps
     # after each generation change; when syncs were keyed on the step, replica 1 had abandoned the
     # sync of step 20 that replica 0 later started, and replica 0 waited in it forever.
+    # 45 steps: the holder under notice trains on until its replacement's worker is ready (seconds).
+    steps = 45
     _, summary, records = run_trainer(
-        tmp_path / "run", "experiment=quick", "parallel=grid2x4", "parallel.stages=2", "train.max_steps=30",
+        tmp_path / "run", "experiment=quick", "parallel=grid2x4", "parallel.stages=2", f"train.max_steps={steps}",
         "train.eval_batches=1", "diloco.enabled=true", "diloco.sync_every=10", "diloco.overlap=0",
         "launcher.machines=4", "faults.spares=0", "faults.rejoin_delay_s=2", "faults.notice_s=60",
         "faults.schedule=[{step: 9, machine: m0, kind: kill},{step: 19, machine: m4, kind: term}]", timeout=150)
     assert [rb["tier"] for rb in summary["rebuilds"]] == ["peer", "handoff"], summary["rebuilds"]
     for r in (0, 1):
-        assert [c["step"] for c in commits(records, replica=r)] == list(range(30))
+        assert [c["step"] for c in commits(records, replica=r)] == list(range(steps))
     assert summary["final_val_loss"] is not None
