@@ -15,12 +15,16 @@ time its stages sat blocked on an outer sync in that gap (those waits are their 
 gaps within 1/4 to 4 times their median (commit times are the coordinator's: while it restarts, the
 commits reach it late and in a batch). The mean, not the median: the mean is what a failure-free
 step costs this run, syncs' own compute and slow patches included; with a median those show up as a
-loss that no failure caused.
+loss that no failure caused. The waits at outer syncs in rounds of H steps that no outage touched
+(`healthy_sync_wait`) are part of that cost too: replicas on noisy shared cores wait for each other
+at every sync with nothing failed, so a failure-free step is priced with its share of them, and only
+the waits beyond it (a rebuilt replica lagging, the others waiting) are the `waits` loss.
 
 Accounting, per replica r (S slots, each one `share` machine: machines per worker at the start),
 over the window of length T:
 
-    S x T = n_r x pace_r x S - unsynced         useful (distinct committed steps)
+    S x T = n_r x (pace_r x S + w_r) - unsynced useful (distinct committed steps; w_r: r's healthy
+                                                 sync wait per step, its stages summed)
           + S x sum of r's outages               outage: failure -> training again (rebuild event),
                                                  split into detection, waiting for a replacement
                                                  machine (failure -> its start) and restart+regroup+transfer
@@ -33,8 +37,9 @@ over the window of length T:
                                                    step it resumes at): those steps stay committed,
                                                    but that stage's work on them is gone, so it
                                                    moves from useful to discard
-          + sum of outer-sync waits (stage-s)     waits: at syncs, and before r's first step and
-            + S x (head_r + tail_r)                after its last commit (the final meeting point)
+          + sum of outer-sync waits - n_r x w_r   waits: at syncs beyond the failure-free share,
+            + S x (head_r + tail_r)                and before r's first step and after its last
+                                                   commit (the final meeting point)
           + S x sum of (gap - pace) over gaps     stall: the replica stopped with no failure of its
             outside 1/4 to 4 medians               own (the coordinator away: a long gap, then the
                                                    late commits in a batch; net over both)
@@ -212,6 +217,30 @@ def paces(rec: RunRecord) -> Tuple[Dict[int, float], Dict[int, float], Dict[int,
     return mean, med, stall
 
 
+def healthy_sync_wait(rec: RunRecord, r: int, commits: List[Commit]) -> float:
+    """Replica r's outer-sync waits per step in rounds that no failure touched (machine-seconds,
+    its stages summed): part of its failure-free pace. Two replicas on shared, noisy cores wait
+    for each other at every sync with nothing failed; only what a failure adds (the replica that
+    was rebuilt lags, the others wait for it) is a loss. A round of H steps is touched when an
+    outage of any replica overlaps it or the round before it (a rebuilt replica lags into the
+    next round)."""
+    H = rec.sync_every
+    if not H:
+        return 0.0
+    rounds: Dict[int, List[Commit]] = {}
+    for c in commits:
+        rounds.setdefault(c.step // H, []).append(c)
+    healthy = []
+    for i, cs in sorted(rounds.items()):
+        if len({c.step for c in cs}) < H:  # a round cut short (the run's end, a rollback)
+            continue
+        a, b = min(c.t for c in rounds.get(i - 1, cs)), max(c.t for c in cs)
+        if any(_overlap(o.failed, o.resumed, a, b) > 0 or a <= o.failed <= b for o in rec.outages):
+            continue
+        healthy.append(sum(sum(c.outer_wait_s) for c in cs))
+    return statistics.fmean(healthy) / H if healthy else 0.0
+
+
 def machine_counts(machines: List[Machine], t0: float, t1: float, slot_machines: float) -> Tuple[float, float, float]:
     """(paid, idle, unpaid) machine-seconds in [t0, t1] from the step function n(t)."""
     edges = sorted({t0, t1, *(x for m in machines for x in (m.start, m.end) if t0 < x < t1)})
@@ -246,9 +275,10 @@ def account(rec: RunRecord) -> Goodput:
         distinct = {c.step for c in cs}
         steps[r] = len(distinct)
         repeated = len(cs) - len(distinct)
-        useful += steps[r] * pace[r] * S
+        synced = steps[r] * healthy_sync_wait(rec, r, cs)  # a failure-free run's syncs wait this long too
+        useful += steps[r] * pace[r] * S + synced
         discard_parts["repeated"] += repeated * pace[r] * S
-        wait_parts["sync"] += sum(sum(c.outer_wait_s) for c in cs)
+        wait_parts["sync"] += sum(sum(c.outer_wait_s) for c in cs) - synced
         wait_parts["start"] += S * (start[r] - t0)
         wait_parts["end"] += S * (t1 - cs[-1].t)
         for o in (o for o in rec.outages if o.replica == r):

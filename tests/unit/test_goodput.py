@@ -120,3 +120,61 @@ def test_a_handoff_keeps_the_stages_progress_since_the_last_sync(tmp_path):
     assert g.discard_parts_machine_s["unsynced"] == pytest.approx(0.0)
     assert g.useful_machine_s == pytest.approx(24.0)
     assert g.goodput == pytest.approx(24 / 35.65)
+
+
+def _synced_run(path, outage=False):
+    """2 replicas x 2 stages on 4 machines alive 5 -> 21, H = 2, no failure unless `outage`.
+
+    replica 0: steps 0..5 at 11..16, no waits. replica 1: steps 0..5 at 11, 12.5, 13.5, 15, 16, 18.5,
+    waiting on the outer sync (0.5, 0.5) at steps 1 and 3 and (1.5, 1.5) at step 5 (stage 0, stage 1).
+    Paces 1.0 (replica 1: 1.5 - 0.5, 1, 1.5 - 0.5, 1, 2.5 - 1.5). Window 10 -> 18.5: slot time and paid
+    4 x 8.5 = 34. `outage`: replica 0 hands slot 0,0 off from 15.2 to 15.3 (its step 5 in generation 1).
+    """
+    (path / "job.json").write_text(json.dumps({"parallel": {"replicas": 2, "stages": 2},
+                                               "diloco": {"enabled": True, "sync_every": 2}}))
+    (path / "control_state.json").write_text(json.dumps({"t0": T0}))
+    (path / "machines.json").write_text(json.dumps({
+        m: {"start": T0 + 5, "end": T0 + 21, "cause": None, "alive_s": 16, "workers": [f"w{m}"]}
+        for m in ("m0", "m1", "m2", "m3")}))
+    recs = [_commit(0, k, 11 + k, gen=1 if outage and k == 5 else 0) for k in range(6)]
+    waits = {1: (0.5, 0.5), 3: (0.5, 0.5), 5: (1.5, 1.5)}
+    recs += [_commit(1, k, t, wait=waits.get(k, (0.0, 0.0))) for k, t in enumerate((11, 12.5, 13.5, 15, 16, 18.5))]
+    if outage:
+        recs.append({"event": {"kind": "rebuild", "slot": [0, 0], "tier": "handoff", "step": 5, "detect_s": 0.0,
+                               "recover_s": 0.1, "failed_at": T0 + 15.2, "resumed_at": T0 + 15.3, "t": 15.3}})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(path)
+
+
+def test_waits_at_syncs_no_failure_touched_are_part_of_the_pace(tmp_path):
+    # Replica 1's rounds (steps 0-1, 2-3, 4-5) waited 1, 1 and 3 machine-s with nothing failed: what
+    # a failure-free run of these replicas on this machine waits too, 5/3 a round, 5/6 a step.
+    #   useful = 6 x 1.0 x 2 (replica 0) + 6 x 1.0 x 2 + 6 x 5/6 (replica 1) = 29
+    #   waits  = sync 5 - 5 = 0; end: replica 0 idles 2 x (18.5 - 16) = 5
+    #   goodput = 29 / 34
+    g = goodput_of(_synced_run(tmp_path))
+    assert g.pace_s == {0: pytest.approx(1.0), 1: pytest.approx(1.0)}
+    assert g.paid_machine_s == pytest.approx(34.0)
+    assert g.useful_machine_s == pytest.approx(29.0)
+    assert g.wait_parts_machine_s == {"sync": pytest.approx(0.0), "start": pytest.approx(0.0), "end": pytest.approx(5.0)}
+    assert g.lost_machine_s["pace"] == pytest.approx(0.0)
+    assert g.goodput == pytest.approx(29 / 34)
+
+
+def test_waits_in_a_round_a_failure_touched_stay_a_loss(tmp_path):
+    # The handoff (15.2 -> 15.3) overlaps replica 1's last round (and its window from the round before,
+    # 13.5 -> 18.5), not round 1 (11 -> 15) or round 0: the failure-free wait is (1 + 1) / 2 a round,
+    # 0.5 a step.
+    #   useful  = 12 + 12 + 6 x 0.5 = 27
+    #   outage  = 2 x 0.1 = 0.2; discard: the step in flight 2 x (15.2 - 15) = 0.4
+    #   waits   = sync 5 - 3 = 2; end 5 -> 7
+    #   pace    = 34 - 27 - 0.2 - 0.4 - 7 = -0.6 (replica 0's step 5 gap held the outage)
+    #   goodput = 27 / 34
+    g = goodput_of(_synced_run(tmp_path, outage=True))
+    assert g.useful_machine_s == pytest.approx(27.0)
+    assert g.lost_machine_s["outage"] == pytest.approx(0.2)
+    assert g.discard_parts_machine_s["in_flight"] == pytest.approx(0.4)
+    assert g.wait_parts_machine_s["sync"] == pytest.approx(2.0)
+    assert g.lost_machine_s["waits"] == pytest.approx(7.0)
+    assert g.lost_machine_s["pace"] == pytest.approx(-0.6)
+    assert g.goodput == pytest.approx(27 / 34)
