@@ -192,7 +192,7 @@ class RecoveryConfig:
     notice: str = "none"            # aws | gcp | azure | none: poll the instance-metadata service
     metadata_address: Optional[str] = None  # instance-metadata host (tests: http://127.0.0.1:PORT)
     notice_interval_s: float = 5.0
-    # A slot holder under notice trains on until a free spare can take its slot, for this long at
+    # A slot holder under notice trains on until a ready spare is reserved for it, for this long at
     # most; then it hands off (or waits for a replacement) as with no time to spare. Keep it well
     # below the notice the platform gives (AWS 120 s, GCP / Azure 30 s, Slurm --signal's lead)
     # minus the time to send one stage's state. 0: leave at the next step, spare or not.
