@@ -3,9 +3,11 @@ alike: their goodputs, each read from the run's own records, agree within 0.03 (
 runs' tokens per machine-second it replaced moved by 0.4-1.2 with the load), and the losses account
 for every paid machine-second.
 
-Why "played out alike": seed 5's kill of m5 at step 36 lands either after m5 took over its slot by
-handoff (4 rebuilds) or before, while m5 holds nothing yet (an idle machine is lost: 3 rebuilds); the
-two cost differently (BENCHMARKS.md, "Spot fleet"). With two outcomes, three runs hold two alike.
+Why "played out alike": seed 5's last notice (m4 at step 81) is handed off only when its replacement
+is ready before the run's end (3 handoffs), which depends on the pace; otherwise the holder trains to
+the end (2 handoffs). Its kill of m5 at step 36 now always finds m5 a spare still starting, as a
+holder under notice waits for a ready spare. The outcomes cost differently (BENCHMARKS.md, "Spot
+fleet"). With two outcomes, three runs hold two alike. Goodput >= 0.8 is the issue's target.
 
     python -m pytest -m slow tests/slow/test_spot_fleet_goodput.py     # 6-10 min on 2 cores
 """
@@ -28,6 +30,7 @@ def test_two_runs_of_one_seed_give_the_same_goodput(tmp_path):
     goodputs = [r["goodput"] for r in alike[:2]]
     assert all(g is not None and 0.0 < g < 1.0 for g in goodputs), alike
     assert abs(goodputs[0] - goodputs[1]) <= 0.03, (goodputs, outcomes)
+    assert min(goodputs) >= 0.8, goodputs
     for r in runs:
         assert r["rebuilds_by_tier"], "the trace caused no rebuild: nothing was measured"
         spot = r["spot"]
