@@ -217,13 +217,14 @@ def paces(rec: RunRecord) -> Tuple[Dict[int, float], Dict[int, float], Dict[int,
     return mean, med, stall
 
 
-def healthy_sync_wait(rec: RunRecord, r: int, commits: List[Commit]) -> float:
+def healthy_sync_wait(rec: RunRecord, r: int, commits: List[Commit], median_gap: float) -> float:
     """Replica r's outer-sync waits per step in rounds that no failure touched (machine-seconds,
     its stages summed): part of its failure-free pace. Two replicas on shared, noisy cores wait
     for each other at every sync with nothing failed; only what a failure adds (the replica that
     was rebuilt lags, the others wait for it) is a loss. A round of H steps is touched when an
     outage of any replica overlaps it or the round before it (a rebuilt replica lags into the
-    next round)."""
+    next round), or when one of its waits is longer than 4 median steps (a lag that outlived
+    those rounds: noise does not hold a replica back for steps)."""
     H = rec.sync_every
     if not H:
         return 0.0
@@ -233,6 +234,8 @@ def healthy_sync_wait(rec: RunRecord, r: int, commits: List[Commit]) -> float:
     healthy = []
     for i, cs in sorted(rounds.items()):
         if len({c.step for c in cs}) < H:  # a round cut short (the run's end, a rollback)
+            continue
+        if any(w > 4.0 * median_gap for c in cs for w in c.outer_wait_s):
             continue
         a, b = min(c.t for c in rounds.get(i - 1, cs)), max(c.t for c in cs)
         if any(_overlap(o.failed, o.resumed, a, b) > 0 or a <= o.failed <= b for o in rec.outages):
@@ -275,7 +278,7 @@ def account(rec: RunRecord) -> Goodput:
         distinct = {c.step for c in cs}
         steps[r] = len(distinct)
         repeated = len(cs) - len(distinct)
-        synced = steps[r] * healthy_sync_wait(rec, r, cs)  # a failure-free run's syncs wait this long too
+        synced = steps[r] * healthy_sync_wait(rec, r, cs, pace_med[r])  # a failure-free run's syncs wait this long too
         useful += steps[r] * pace[r] * S + synced
         discard_parts["repeated"] += repeated * pace[r] * S
         wait_parts["sync"] += sum(sum(c.outer_wait_s) for c in cs) - synced

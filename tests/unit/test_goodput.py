@@ -122,23 +122,25 @@ def test_a_handoff_keeps_the_stages_progress_since_the_last_sync(tmp_path):
     assert g.goodput == pytest.approx(24 / 35.65)
 
 
-def _synced_run(path, outage=False):
+def _synced_run(path, outage=False, lag=False):
     """2 replicas x 2 stages on 4 machines alive 5 -> 21, H = 2, no failure unless `outage`.
 
     replica 0: steps 0..5 at 11..16, no waits. replica 1: steps 0..5 at 11, 12.5, 13.5, 15, 16, 18.5,
     waiting on the outer sync (0.5, 0.5) at steps 1 and 3 and (1.5, 1.5) at step 5 (stage 0, stage 1).
     Paces 1.0 (replica 1: 1.5 - 0.5, 1, 1.5 - 0.5, 1, 2.5 - 1.5). Window 10 -> 18.5: slot time and paid
     4 x 8.5 = 34. `outage`: replica 0 hands slot 0,0 off from 15.2 to 15.3 (its step 5 in generation 1).
+    `lag`: replica 1 waits (5, 5) at step 5, at 22 (machines alive to 25).
     """
     (path / "job.json").write_text(json.dumps({"parallel": {"replicas": 2, "stages": 2},
                                                "diloco": {"enabled": True, "sync_every": 2}}))
     (path / "control_state.json").write_text(json.dumps({"t0": T0}))
     (path / "machines.json").write_text(json.dumps({
-        m: {"start": T0 + 5, "end": T0 + 21, "cause": None, "alive_s": 16, "workers": [f"w{m}"]}
+        m: {"start": T0 + 5, "end": T0 + 25, "cause": None, "alive_s": 20, "workers": [f"w{m}"]}
         for m in ("m0", "m1", "m2", "m3")}))
     recs = [_commit(0, k, 11 + k, gen=1 if outage and k == 5 else 0) for k in range(6)]
-    waits = {1: (0.5, 0.5), 3: (0.5, 0.5), 5: (1.5, 1.5)}
-    recs += [_commit(1, k, t, wait=waits.get(k, (0.0, 0.0))) for k, t in enumerate((11, 12.5, 13.5, 15, 16, 18.5))]
+    waits = {1: (0.5, 0.5), 3: (0.5, 0.5), 5: (5.0, 5.0) if lag else (1.5, 1.5)}
+    recs += [_commit(1, k, t, wait=waits.get(k, (0.0, 0.0)))
+             for k, t in enumerate((11, 12.5, 13.5, 15, 16, 22 if lag else 18.5))]
     if outage:
         recs.append({"event": {"kind": "rebuild", "slot": [0, 0], "tier": "handoff", "step": 5, "detect_s": 0.0,
                                "recover_s": 0.1, "failed_at": T0 + 15.2, "resumed_at": T0 + 15.3, "t": 15.3}})
@@ -178,3 +180,16 @@ def test_waits_in_a_round_a_failure_touched_stay_a_loss(tmp_path):
     assert g.lost_machine_s["waits"] == pytest.approx(7.0)
     assert g.lost_machine_s["pace"] == pytest.approx(-0.6)
     assert g.goodput == pytest.approx(27 / 34)
+
+
+def test_a_wait_of_several_steps_at_a_sync_stays_a_loss_without_a_recorded_failure(tmp_path):
+    # Replica 1 waits 5 s per stage at step 5 (median step 1.0 s: beyond 4 medians, a lag, not noise):
+    # that round is not failure-free, the others (1 and 1) are: 0.5 a step. Window 10 -> 22: 48.
+    #   useful = 12 + 12 + 6 x 0.5 = 27; waits: sync 1 + 1 + 10 - 3 = 9, end 2 x (22 - 16) = 12 -> 21
+    #   goodput = 27 / 48
+    g = goodput_of(_synced_run(tmp_path, lag=True))
+    assert g.paid_machine_s == pytest.approx(48.0)
+    assert g.useful_machine_s == pytest.approx(27.0)
+    assert g.wait_parts_machine_s == {"sync": pytest.approx(9.0), "start": pytest.approx(0.0), "end": pytest.approx(12.0)}
+    assert g.lost_machine_s["pace"] == pytest.approx(0.0)
+    assert g.goodput == pytest.approx(27 / 48)
