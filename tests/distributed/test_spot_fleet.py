@@ -11,6 +11,7 @@ from kintsugi.trainer.config.faults import FaultsConfig
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.slow  # ~32 s; the default run keeps the two-notices test below (machine notices, training on, replacements)
 def test_machine_sigterm_hands_off_and_replacement_machine_joins(tmp_path):
     # 2x2 grid on 2 machines, no spare: m0 = w0, w2; m1 = w1, w3. Terminating m1 at step 4 leaves two
     # slots whose holders train on under the notice (recovery.train_under_notice_s, 10 s by default)
@@ -69,8 +70,16 @@ def test_two_notices_one_spare_each_first_noticed_first(tmp_path):
     with open(tmp_path / "run" / "machines.json") as f:
         machines = json.load(f)
     assert machines["m2"]["cause"] == machines["m1"]["cause"] == "term"
+    assert sorted(machines) == ["m0", "m1", "m2", "m3", "m4", "m5"], "one replacement machine per notice"
+    assert all(len(machines[m]["workers"]) == 1 for m in machines), "one worker per machine, no extra respawns"
+    with open(tmp_path / "run" / "faults.json") as f:
+        injected = json.load(f)["injected"]
+    assert sorted((e["step"], e["machine"]) for e in injected) == [(5, "m2"), (8, "m1")]
     slot_of = {"m1": [0, 1], "m2": [1, 0]}
     assert [rb["slot"] for rb in handoffs] == [slot_of["m2"], slot_of["m1"]], "first noticed, first handed off"
+    # Both holders trained on under their notices: a replacement exists 3 s after a notice and its
+    # worker needs seconds more to start, while a step takes well under a second.
+    assert min(rb["step"] for rb in handoffs) >= 10, handoffs
     for rb in handoffs:
         assert rb["recover_s"] < delay, (f"the handoff of slot {rb['slot']} took {rb['recover_s']:.2f}s: its holder "
                                          "left before a spare was ready for it")
