@@ -19,8 +19,8 @@ from kintsugi.parallel.stage_link import StageGroupPlan
 from .control_state import Cell
 from .placement import recoverability_report
 from .plan import Divergence, RebuildEntry, Rollback, Slot, slot_key
-from .planner import (cell_plan, choose_holders, free_spares, handoffs_ready, new_loss, plan_cell_rebuilds, plan_resume_rebuilds,
-                      stage_holders)
+from .planner import (cell_plan, choose_holders, free_spares, handoffs_ready, new_loss, plan_cell_rebuilds,
+                      plan_resume_rebuilds, stage_holders)
 from .tiers import Unrecoverable
 
 

@@ -20,7 +20,7 @@ can be read in one place:
                             and written once more when it finished training
   end/<wid>                 the worker finished training (its final bytes/<wid> are in)
   handoff/<c>/<g>/<r,s>     the worker that took slot r,s in a handoff holds its state: the leaver
-                            exit (it waits for this at most 10 s)
+                            may exit now (it waits for this at most 10 s)
   final_error/<s>           stage s could not write its final weights (disk full): the run exits 74
   cell/<c>                  the newest plan of cell c: the replicas whose pipelines are trained as
                             one unit (a replica under Streaming DiLoCo; all replicas when plain

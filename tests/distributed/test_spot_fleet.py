@@ -11,7 +11,7 @@ from kintsugi.trainer.config.faults import FaultsConfig
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.slow  # ~32 s; the default run keeps the two-notices test below (machine notices, training on, replacements)
+@pytest.mark.slow  # ~32 s; the default run keeps the two-notices test below (notices, training on, replacements)
 def test_machine_sigterm_hands_off_and_replacement_machine_joins(tmp_path):
     # 2x2 grid on 2 machines, no spare: m0 = w0, w2; m1 = w1, w3. Terminating m1 at step 4 leaves two
     # slots whose holders train on under the notice (recovery.train_under_notice_s, 10 s by default)
@@ -60,7 +60,8 @@ def test_two_notices_one_spare_each_first_noticed_first(tmp_path):
         tmp_path / "run", "experiment=quick", "parallel.replicas=2", "parallel.stages=2", "model.n_layers=4",
         f"train.max_steps={steps}", "train.eval_batches=1", "diloco.enabled=true", "diloco.sync_every=4",
         "diloco.overlap=0", "launcher.machines=4", "faults.spares=0", f"faults.rejoin_delay_s={delay}",
-        "faults.notice_s=60", "faults.schedule=[{step: 5, machine: m2, kind: term}, {step: 8, machine: m1, kind: term}]",
+        "faults.notice_s=60",
+        "faults.schedule=[{step: 5, machine: m2, kind: term}, {step: 8, machine: m1, kind: term}]",
         timeout=180)
     for r in (0, 1):
         assert [c["step"] for c in commits(records, replica=r)] == list(range(steps))

@@ -158,7 +158,8 @@ def test_waits_at_syncs_no_failure_touched_are_part_of_the_pace(tmp_path):
     assert g.pace_s == {0: pytest.approx(1.0), 1: pytest.approx(1.0)}
     assert g.paid_machine_s == pytest.approx(34.0)
     assert g.useful_machine_s == pytest.approx(29.0)
-    assert g.wait_parts_machine_s == {"sync": pytest.approx(0.0), "start": pytest.approx(0.0), "end": pytest.approx(5.0)}
+    assert g.wait_parts_machine_s == {"sync": pytest.approx(0.0), "start": pytest.approx(0.0),
+                                      "end": pytest.approx(5.0)}
     assert g.lost_machine_s["pace"] == pytest.approx(0.0)
     assert g.goodput == pytest.approx(29 / 34)
 
@@ -190,6 +191,7 @@ def test_a_wait_of_several_steps_at_a_sync_stays_a_loss_without_a_recorded_failu
     g = goodput_of(_synced_run(tmp_path, lag=True))
     assert g.paid_machine_s == pytest.approx(48.0)
     assert g.useful_machine_s == pytest.approx(27.0)
-    assert g.wait_parts_machine_s == {"sync": pytest.approx(9.0), "start": pytest.approx(0.0), "end": pytest.approx(12.0)}
+    assert g.wait_parts_machine_s == {"sync": pytest.approx(9.0), "start": pytest.approx(0.0),
+                                      "end": pytest.approx(12.0)}
     assert g.lost_machine_s["pace"] == pytest.approx(0.0)
     assert g.goodput == pytest.approx(27 / 48)

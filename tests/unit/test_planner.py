@@ -7,8 +7,8 @@ import pytest
 from kintsugi.recovery.control_state import Cell, CoordinatorState, Loss, Settings, WorkerInfo
 from kintsugi.recovery.plan import (CellPlan, DonateRequest, Divergence, PlanError, RebuildEntry, Rollback,
                                     SuspendPlan)
-from kintsugi.recovery.planner import (cell_plan, cells_waiting_on, choose_holders, everyone_leaving, handoffs_ready,
-                                       plan_cell_rebuilds, rebalance_decision, stage_holders)
+from kintsugi.recovery.planner import (cell_plan, cells_waiting_on, choose_holders, everyone_leaving,
+                                       handoffs_ready, plan_cell_rebuilds, rebalance_decision, stage_holders)
 from kintsugi.recovery.tiers import Unrecoverable
 
 
