@@ -8,6 +8,13 @@ syncs caught up, matched syncs make the others wait for a lagging replica). Scen
 of events shared by every policy (paired):
 
 - independent: every GPU fails alone (the fleet model's own trace).
+- notice: the same events, of which NOTICE_SHARE come with an interruption notice (the share
+  `benchmarks/spot_fleet.py` assumes: 30 % act as kills). A noticed loss is handed off: under
+  isolation and global generations the holder sends its own state after its step (exact: no unsynced
+  progress lost), and the outage is the group re-formation, the transfer and HANDOFF_S (a handoff's
+  fixed cost measured here) instead of detection + the exchange of a rebuild; checkpoint-restart
+  saves once more on the notice and rolls nothing back; torchft has no handoff (a noticed loss is
+  a loss).
 - machine: 8 GPUs per machine, and any failure of one takes the machine; its 8 slots belong to 8
   different replicas, each a different stage (a placement that keeps every lost stage's peers on
   other machines, as Kintsugi's placement check asks). Same number of events as `independent`, 8
@@ -52,7 +59,11 @@ from kintsugi.benchmarks import fleet_model as FM
 GPUS_PER_MACHINE = 8
 ZONES = 4
 FAILOVER_S = 3.04     # BENCHMARKS.md, "Control plane on etcd": mean etcd failover, lease TTL 3 s
-SCENARIOS = ("independent", "machine", "zone", "coordinator", "coordinator_etcd")
+SCENARIOS = ("independent", "notice", "machine", "zone", "coordinator", "coordinator_etcd")
+NOTICE_SHARE = 0.7    # benchmarks/spot_fleet.py: NO_NOTICE_FRACTION = 0.3 of preemptions act as kills
+# A handoff's fixed cost, measured: `python -m benchmarks.spot_fleet` r2 (2026-12-07, quiet, BENCHMARKS.md
+# "A ready spare reserved per holder"): recover_s 0.11 and 0.28 s, group formation and a tiny transfer included.
+HANDOFF_S = 0.2
 # recovery.control=etcd, measured by `python -m benchmarks.control_failover --runs 1 --saves 10 --train-runs 3
 # --train-steps 40 --pairs 0` (2026-12-06, load 2.8, BENCHMARKS.md "Control plane on etcd"): the
 # standby's address seen 2.93-2.98 s after the leader's SIGKILL, and the replicas stopped 0.32-0.66 s
@@ -71,11 +82,15 @@ def _spread(first: int, count: int, workers: int, stages: int) -> List[int]:
 
 
 def events(scenario: str, workers: int, stages: int, rate: float, horizon: float, seed: int):
-    """(times, slots, coordinator loss times), times sorted; one entry per lost slot."""
+    """(times, slots, coordinator loss times, noticed), times sorted; one entry per lost slot;
+    noticed[i]: loss i came with an interruption notice."""
     times, slots = FM.failure_trace(workers, rate, horizon, seed)
     times, slots = list(times), [int(m) for m in slots]
     coord: List[float] = []
     rng = np.random.default_rng(seed + 7919)
+    if scenario == "notice":
+        notice_rng = np.random.default_rng(seed + 104729)
+        return times, slots, coord, [bool(x) for x in notice_rng.random(len(times)) < NOTICE_SHARE]
     if scenario == "machine":
         times, slots = [t for t in times for _ in range(GPUS_PER_MACHINE)], \
             [x for m in slots for x in _spread(m, min(GPUS_PER_MACHINE, workers // stages), workers, stages)]
@@ -87,15 +102,17 @@ def events(scenario: str, workers: int, stages: int, rate: float, horizon: float
     elif scenario in ("coordinator", "coordinator_etcd"):
         n = rng.poisson(GPUS_PER_MACHINE * FM.hazard_per_s(rate) * horizon)
         coord = sorted(rng.uniform(0.0, horizon, n).tolist())
-    return times, slots, coord
+    return times, slots, coord, [False] * len(times)
 
 
-def delayed(times: Sequence[float], base: float, coord: Sequence[float], failover: float) -> List[float]:
-    """Each failure's outage: `base`, or until `failover` after a coordinator loss it starts inside."""
+def delayed(times: Sequence[float], base, coord: Sequence[float], failover: float) -> List[float]:
+    """Each failure's outage: `base` (one for all, or one per failure), or until `failover` after a
+    coordinator loss it starts inside."""
+    bases = list(base) if isinstance(base, (list, tuple)) else [base] * len(times)
     out = []
-    for t in times:
+    for t, b in zip(times, bases):
         ends = [c + failover for c in coord if c <= t < c + failover]
-        out.append(max(base, max(ends) - t) if ends else base)
+        out.append(max(b, max(ends) - t) if ends else b)
     return out
 
 
@@ -109,17 +126,23 @@ def measured_stall(path: str = os.path.join(FM.REPORT_DIR, "fleet_check.json")) 
 
 
 def run_policy(policy: str, inp: FM.Inputs, workers: int, gbit: float, rate: float, horizon: float,
-               times, slots, coord, failover: float, stall: float) -> Dict[str, float]:
+               times, slots, coord, noticed, failover: float, stall: float) -> Dict[str, float]:
     if policy == "isolated_matched_syncs":
         inp = FM.Inputs(**{**asdict(inp), "missed_sync": "catch_up", "laggard": "wait"})
     c = FM.costs(inp, workers, gbit, rate)
+
+    def outages(rebuild: float) -> List[float]:  # a handoff: no detection, HANDOFF_S instead of the exchange
+        handoff = rebuild - inp.detect_s - inp.exchange_s + HANDOFF_S
+        return delayed(times, [handoff if n else rebuild for n in noticed], coord, failover)
+
     if policy in ("global",):
-        lost = FM.sim_global(times, c, horizon, durations=delayed(times, c.d_global, coord, failover))
+        lost = FM.sim_global(times, c, horizon, durations=outages(c.d_global), exact=noticed)
     elif policy in ("isolated", "isolated_matched_syncs"):
-        lost = FM._replica_sim(times, slots, c, horizon, drop_replica=False,
-                               durations=delayed(times, c.d_replica, coord, failover))
+        lost = FM._replica_sim(times, slots, c, horizon, drop_replica=False, durations=outages(c.d_replica),
+                               exact=noticed)
     elif policy == "checkpoint":
-        lost = FM.sim_checkpoint(sorted([*times, *coord]), c, horizon)
+        merged = sorted([*zip(times, noticed), *((t, False) for t in coord)])
+        lost = FM.sim_checkpoint([t for t, _ in merged], c, horizon, noticed=[n for _, n in merged])
     else:
         lost = FM.sim_drop_replica(times, slots, c, horizon)
     if policy != "checkpoint" and coord:

@@ -198,8 +198,11 @@ def _lost(**buckets) -> Dict[str, float]:
 
 
 def sim_global(times: Sequence[float], c: Costs, horizon: float,
-               durations: Optional[Sequence[float]] = None) -> Dict[str, float]:
-    """`durations`: each failure's own outage instead of `c.d_global` (benchmarks/fleet_correlated.py)."""
+               durations: Optional[Sequence[float]] = None,
+               exact: Optional[Sequence[bool]] = None) -> Dict[str, float]:
+    """`durations`: each failure's own outage instead of `c.d_global` (benchmarks/fleet_correlated.py).
+    `exact`: the failures announced by a notice, handed off: the holder sends its own state after
+    its step and the others stop at their step's end, so nothing is thrown away."""
     w = c.workers
     outage = discard = 0.0
     up_before = 0.0                    # fleet up-time before the last resume (the sync clock)
@@ -213,7 +216,8 @@ def sim_global(times: Sequence[float], c: Costs, horizon: float,
             outage += w * (down_until - down_start)
         up = t - down_until
         phase = up % c.step_s
-        discard += (w - 1) * phase + (up_before + up) % c.sync_s
+        if exact is None or not exact[i]:
+            discard += (w - 1) * phase + (up_before + up) % c.sync_s
         up_before += up
         down_start, down_until = t, t + d
     if down_start is not None:
@@ -313,7 +317,10 @@ def sim_drop_replica(times, machines, c: Costs, horizon: float) -> Dict[str, flo
     return _replica_sim(times, machines, c, horizon, drop_replica=True)
 
 
-def sim_checkpoint(times: Sequence[float], c: Costs, horizon: float) -> Dict[str, float]:
+def sim_checkpoint(times: Sequence[float], c: Costs, horizon: float,
+                   noticed: Optional[Sequence[bool]] = None) -> Dict[str, float]:
+    """`noticed`: the failures announced by a notice: the job saves once more on the notice (all W
+    blocked for a save) and restarts from that, so nothing is rolled back."""
     w, tau, save = c.workers, c.ckpt_interval_s, c.ckpt_save_s
     outage = rollback = saves = 0.0
     down_start, down_until = None, 0.0
@@ -323,7 +330,7 @@ def sim_checkpoint(times: Sequence[float], c: Costs, horizon: float) -> Dict[str
         rem = x - cycles * (tau + save)
         return cycles * save + max(0.0, rem - tau), min(rem, tau)  # (saving, training since last save)
 
-    for t in times:
+    for i, t in enumerate(times):
         if t < down_until:
             down_until = t + c.ckpt_restart_s
             continue
@@ -331,7 +338,10 @@ def sim_checkpoint(times: Sequence[float], c: Costs, horizon: float) -> Dict[str
             outage += w * (down_until - down_start)
         saving, unsaved = segment(t - down_until)
         saves += w * saving
-        rollback += w * unsaved
+        if noticed is not None and noticed[i]:
+            saves += w * save
+        else:
+            rollback += w * unsaved
         down_start, down_until = t, t + c.ckpt_restart_s
     if down_start is not None:
         outage += w * (min(down_until, horizon) - down_start)
