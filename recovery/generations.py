@@ -32,7 +32,6 @@ class Generations:
         """`coordinator`: the recovery.coordinator.Coordinator these generations belong to."""
         self.c = coordinator
         self._full_since: Optional[float] = None
-        self._spares_free = 0
         self._handoffs_ready: List[str] = []
         self._waiting_logged = set()
 
@@ -40,17 +39,16 @@ class Generations:
         """What launchers act on, sealed: a forged count must not make them start processes."""
         st = self.c.st
         self.c.board.put("counters", {"rebuilt_slots": st.rebuilt_slots, "rebuild_plans": st.rebuild_plans,
-                                    "spares_needed": st.spares_needed, "spares_free": self._spares_free,
-                                    "handoffs_ready": self._handoffs_ready})
+                                    "spares_needed": st.spares_needed, "handoffs_ready": self._handoffs_ready})
 
     def track_spares(self) -> None:
         """Slot holders under an interruption notice train on until a spare is ready to take their
         slot (recovery.train_under_notice_s at most): `handoffs_ready` in the sealed counters names
         them, one per ready spare in the order their notices came, without a round trip through
         the coordinator after their notice."""
-        n, ready = len(free_spares(self.c.st)), handoffs_ready(self.c.st)
-        if n != self._spares_free or ready != self._handoffs_ready:
-            self._spares_free, self._handoffs_ready = n, ready
+        ready = handoffs_ready(self.c.st)
+        if ready != self._handoffs_ready:
+            self._handoffs_ready = ready
             self.put_counters()
 
     def _set_spares_needed(self, n: int) -> None:
@@ -164,8 +162,7 @@ class Generations:
         st = self.c.st
         if not all(v.handed_off for v in cell.lost.values()):
             return self.c.settle_s
-        imminent = any(w.state == "active" and w.slot is not None and w.slot[0] in cell.replicas for w in
-                       (st.workers.get(wid) for wid in self._handoffs_ready) if w is not None)
+        imminent = any(st.workers[wid].slot[0] in cell.replicas for wid in handoffs_ready(st))
         return self.c.settle_s if imminent else 0.0
 
     def replan_cell(self, cell: Cell, leavers: Sequence[str] = (), why: str = "") -> None:

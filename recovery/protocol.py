@@ -31,9 +31,9 @@ can be read in one place:
   suspend                   a suspend plan: every holder saves its committed state and stops
   committed/<r>             the last committed step of replica r (and its commit vector)
   recorded/<r>              the steps of replica r a restarted coordinator already holds (replays start after)
-  counters                  rebuilt slots, rebuild generations, spares the waiting slots lack,
-                            free spares, and the holders under notice that may hand off now (one
-                            per ready spare, first noticed first)
+  counters                  rebuilt slots, rebuild generations, spares the waiting slots lack, and
+                            the holders under notice that may hand off now (one per ready spare,
+                            first noticed first)
   mail/<wid>/<i>            requests to one worker (donate a peer snapshot)
   suspect/<i>               log of "peer X failed" reports, tagged with the reporter's generation
   fault/<i>                 log of failed formations and generation errors (re-planned)
