@@ -32,6 +32,8 @@ class Generations:
         """`coordinator`: the recovery.coordinator.Coordinator these generations belong to."""
         self.c = coordinator
         self._full_since: Optional[float] = None
+        self._short_since: Optional[float] = None   # the start waits for workers since (this incarnation)
+        self._short_logged = False
         self._handoffs_ready: List[str] = []
         self._waiting_logged = set()
 
@@ -187,7 +189,9 @@ class Generations:
 
     def _initial_placement(self, spares) -> None:
         st, s = self.c.st, self.c.settings
-        if len(spares) < s.replicas * s.stages:
+        need = s.replicas * s.stages
+        if len(spares) < need:
+            self._short_of_workers(len(spares), need)
             return
         # Place over the whole starting fleet: wait for the expected spares too (briefly), or the
         # first R x S joiners, whatever machines they happen to be on, would decide the layout.
@@ -262,6 +266,27 @@ class Generations:
         if self.c.settings.stage_groups:
             for s in range(self.c.settings.stages):
                 self.publish_stage(s)
+
+    def _short_of_workers(self, joined: int, need: int) -> None:
+        """The run cannot start with fewer workers than slots. Ask a launcher for the difference
+        (with faults.respawn it starts them), say so after a while, and after recovery.spare_wait_s
+        end with that line instead of waiting for ever (a worker that died before it joined, a
+        launcher that started too few)."""
+        now = time.monotonic()
+        if self._short_since is None:
+            self._short_since = now
+        self._set_spares_needed(need - joined)
+        waited = now - self._short_since
+        where = self.c.settings.coordinator_addr or "<this host>:<port>"
+        if waited > 30.0 and not self._short_logged:
+            self._short_logged = True
+            log.warning("%d of the %d workers the run needs to start have joined after %.0fs; add one with "
+                        "`KINTSUGI_TOKEN=... kintsugi join --coordinator %s`; the run ends after %.0fs without "
+                        "them (recovery.spare_wait_s)", joined, need, waited, where, self.c.settings.spare_wait_s)
+        if waited > self.c.settings.spare_wait_s:
+            self.c.error = (f"only {joined} of the {need} workers the run needs (parallel.replicas x parallel.stages) "
+                            f"joined within recovery.spare_wait_s={self.c.settings.spare_wait_s:.0f}s; start more "
+                            f"(kintsugi join --coordinator {where}) or raise recovery.spare_wait_s")
 
     def _wait_for_spares(self, cell: Cell, lost: List[Slot], free: int) -> None:
         now = time.monotonic()

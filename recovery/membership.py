@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import statistics
 import time
 from typing import Callable, Dict, Optional, Set, Tuple
 
@@ -72,8 +73,14 @@ class Membership:
     # --- arriving --------------------------------------------------------------------------------------
     def on_join(self, req: dict) -> None:
         wid = str(req["wid"])
-        if wid in self.st.workers:
-            return  # a replayed join (or a worker id used twice): the first one holds
+        known = self.st.workers.get(wid)
+        if known is not None:
+            # The same process asking again: an earlier incarnation took its join (restored from the
+            # saved state) but the answer went down with that incarnation's store. Answer it again.
+            # Anything else (a worker id used twice) leaves the first one as it is.
+            if known.pid == int(req["pid"]) and known.host == str(req["host"]) and known.state in ("spare", "active"):
+                self.board.put(f"ack/{wid}", "ok")
+            return
         self.st.workers[wid] = WorkerInfo(wid, int(req["pid"]), str(req["host"]), str(req.get("machine", req["host"])))
         self.board.put(P.beat_key(self.board.auth, wid), {"n": -1})
         self.board.put(f"ack/{wid}", "ok")
@@ -171,14 +178,19 @@ class Membership:
         return bound
 
     def last_sign_of_life(self, w: WorkerInfo) -> float:
-        """Its last beat, or its cell's last commit if later: a commit needs every stage of the
-        cell, so the worker was alive and its links worked then (slow, not dead)."""
+        """Its last beat, or its cell's last commit when that came after the beat was overdue (two
+        of its usual intervals): a commit needs every stage of the cell, so the worker was alive
+        and its links worked then although its heartbeat thread was starved (slow, not dead). A
+        commit while the beats were on time says nothing they did not, and counting it would
+        date a hang right after a commit from the commit instead of from the last beat."""
         if w.state != "active" or w.slot is None:
             return w.hb_changed
         cell = self.st.cell_of(w.slot[0])
         if cell.committed_at is None or cell.plan is None or w.wid not in cell.plan.slots.values():
             return w.hb_changed
-        return max(w.hb_changed, cell.committed_at)
+        recent = self._intervals.get(w.wid)
+        usual = max(self.settings.heartbeat_interval_s, statistics.median(recent) if recent else 0.0)
+        return cell.committed_at if cell.committed_at > w.hb_changed + 2 * usual else w.hb_changed
 
     def check_heartbeats(self) -> None:
         """Certain deaths (a broken link reported by a neighbour, the launcher seeing the process

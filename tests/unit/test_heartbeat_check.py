@@ -96,3 +96,53 @@ def test_a_new_incarnation_plans_a_cell_only_after_its_members_replayed():
     assert not m.caught_up(st.cell_of(0))
     m._restored_at -= 5.1
     assert m.caught_up(st.cell_of(0))
+
+
+def test_a_commit_is_a_sign_of_life_only_once_the_beat_was_overdue():
+    """Worked by hand, beats every 0.05 s (the usual interval; 2 x 0.05 = 0.10 s is overdue),
+    the last one at t = 100.00 and a timeout of 0.3 s.
+    - The cell commits at 100.04 and the worker hangs: the commit came while the beat was on time,
+      so silence counts from 100.00 and the worker is silent past its bound at 100.30, not 100.34.
+    - The heartbeat thread starves while the cell keeps committing (100.25, then 100.55): those
+      commits came with the beat overdue, so the worker was alive at 100.55 and is not silent
+      past its bound until 100.85."""
+    import collections
+
+    from kintsugi.recovery.plan import CellPlan
+    m, st, board, store = _membership(write_ahead=False)
+    for i, slot in enumerate([(0, 0), (0, 1)]):
+        m.on_join({"wid": f"w{i}", "pid": i + 1, "host": "h"})
+        m.assign(slot, st.workers[f"w{i}"])
+    cell = st.cell_of(0)
+    cell.plan = CellPlan(cell=0, gen=1, replicas=(0,), slots={(0, 0): "w0", (0, 1): "w1"}, ranks={"w0": 0, "w1": 1})
+    w = st.workers["w0"]
+    assert w.state == "active"
+    w.hb_changed = 100.0
+    m._intervals["w0"] = collections.deque([0.05] * 8)
+
+    cell.committed_at = 100.04
+    assert m.last_sign_of_life(w) == 100.0, "a commit while the beats were on time moved the silence's start"
+    assert m.silence_bound(w) == TIMEOUT_S
+    for cell.committed_at, alive_at in ((100.25, 100.25), (100.55, 100.55)):
+        assert m.last_sign_of_life(w) == alive_at, "a commit with the beat overdue is no sign of life"
+    # A worker whose beats usually come 0.2 s apart: 0.25 s after its beat is not overdue yet.
+    m._intervals["w0"] = collections.deque([0.2] * 8)
+    cell.committed_at = 100.25
+    assert m.last_sign_of_life(w) == 100.0
+
+
+def test_a_join_asked_again_by_the_same_process_is_answered_again():
+    """A restored incarnation knows a worker whose answer went down with the old store: the same
+    process (pid and host) asking again gets its answer; another process with that id does not."""
+    m, st, board, store = _membership(write_ahead=False)
+    m.on_join({"wid": "w5", "pid": 41, "host": "h"})
+    assert board.get("ack/w5") == "ok"
+    store.delete_key("ack/w5")            # the old incarnation's store, gone with its answer
+    m.on_join({"wid": "w5", "pid": 99, "host": "h"})
+    assert not store.check(["ack/w5"]), "another process took over a known worker id"
+    m.on_join({"wid": "w5", "pid": 41, "host": "h"})
+    assert board.get("ack/w5") == "ok", "the same process asking again got no answer"
+    m.declare_dead("w5", "test")
+    store.delete_key("ack/w5")
+    m.on_join({"wid": "w5", "pid": 41, "host": "h"})
+    assert not store.check(["ack/w5"]), "a worker declared dead was let back in by a join"

@@ -34,12 +34,31 @@ def await_ack(c: C.Control, wid: str, timeout_s: float, unverified_s: float = 5.
     return "no answer"
 
 
-def join(c: C.Control, wid: str, machine: str) -> None:
-    c.append("join", {"wid": wid, "pid": os.getpid(), "host": socket.gethostname(), "machine": machine})
-    ack = await_ack(c, wid, 120.0)
-    if ack != "ok":
+def join(c: C.Control, wid: str, machine: str, timeout_s: float = 120.0) -> None:
+    """Join the run: the join record, then the coordinator's answer. A coordinator that goes away
+    meanwhile (killed, restarted in place, a standby taking the lead from one whose etcd lease ran
+    out) took the record with its store, or never answered: join its successor instead, within
+    `timeout_s` in all. (The watcher, which reconnects a running worker, does not run yet.)"""
+    deadline = time.monotonic() + timeout_s
+    rec = {"wid": wid, "pid": os.getpid(), "host": socket.gethostname(), "machine": machine}
+    while True:
+        try:
+            c.append("join", rec)
+            ack = await_ack(c, wid, max(0.1, deadline - time.monotonic()))
+            break
+        except C.CoordinatorAway as e:
+            log.warning("the coordinator went away while this worker joined (%s); joining its successor",
+                        str(e).splitlines()[0][:120] if str(e) else "away")
+            while not c.reconnect():
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"kintsugi: the coordinator went away while worker {wid} joined and none "
+                                     f"answered within {timeout_s:.0f}s; start it again, then this worker") from None
+                time.sleep(0.1)
+    if ack == UNVERIFIED:
         raise SystemExit(f"kintsugi: the coordinator refused this worker ({ack}); set KINTSUGI_TOKEN to the "
                          "run's token")
+    if ack != "ok":
+        raise SystemExit(f"kintsugi: the coordinator did not take worker {wid} ({ack})")
 
 
 def rejoin(w) -> None:

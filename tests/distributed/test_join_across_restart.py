@@ -1,0 +1,110 @@
+"""A worker that is joining when its coordinator dies joins the coordinator that replaces it.
+
+Found in a run under recovery.control=etcd whose three etcd members were starved of CPU while the
+workers joined: the leader's lease ran out, it restarted as a standby and led again under a new
+epoch, and the two workers that were waiting for the answer to their join died of the lost
+connection (CoordinatorAway out of `joining.join`). The new incarnation had never heard of them, so
+the run waited for ever for the workers it lacked. The same window exists for the local control
+plane's restart in place, which this test uses: a real coordinator is SIGKILLed between a worker's
+connection and its join, and restarted on its port from its saved state, as the local launcher
+restarts it."""
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from testkit import ROOT
+
+pytestmark = pytest.mark.distributed
+
+
+def _coordinator(run, port, resume):
+    from kintsugi.trainer.launch.local import child_env
+    return subprocess.Popen([sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host",
+                             "127.0.0.1", "--run-dir", str(run), "--job", str(run / "job.json"), "--no-progress"]
+                            + (["--resume"] if resume else []), env=child_env(), cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_worker_joining_as_its_coordinator_dies_joins_the_restarted_one(tmp_path):
+    from kintsugi.recovery import control as C
+    from kintsugi.recovery import protocol as P
+    from kintsugi.trainer.cli.compose import compose_job
+    from kintsugi.trainer.runtime import joining
+
+    job, _ = compose_job(["experiment=quick", "faults=none", "parallel.stages=2", "train.max_steps=2"])
+    job.model.vocab_size, job.recovery.token = 256, "s3cret"
+    (tmp_path / "job.json").write_text(json.dumps(job.to_dict()))
+    port = P.free_port()
+    first = _coordinator(tmp_path, port, resume=False)
+    second = None
+    try:
+        control = C.open_control("127.0.0.1", port, "s3cret", role="worker", timeout_s=60)
+        first_boot = control.boot
+        while not (tmp_path / "control_state.json").exists():   # what a restart resumes from
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        outcome = {}
+
+        def worker_joins():
+            try:
+                joining.join(control, "w7", "m0", timeout_s=60)
+                outcome["joined"] = True
+            except BaseException as e:  # noqa: BLE001 - what the worker process would die of
+                outcome["error"] = repr(e)
+        t = threading.Thread(target=worker_joins, daemon=True)
+        t.start()
+        time.sleep(1.0)   # the worker finds its coordinator gone before a new one listens
+        second = _coordinator(tmp_path, port, resume=True)
+        t.join(timeout=90)
+        assert not t.is_alive(), "the worker never finished joining"
+        assert outcome.get("joined"), f"the worker died while joining: {outcome.get('error')}"
+        assert control.boot != first_boot, "the worker joined the dead incarnation"
+        # The restarted coordinator counts it: it answered the join and lists the worker.
+        assert control.get_json_or("ack/w7") == "ok"
+        state = {}
+        deadline = time.monotonic() + 20
+        while "w7" not in state.get("workers", {}) and time.monotonic() < deadline:
+            state = json.loads((tmp_path / "control_state.json").read_text())
+            time.sleep(0.1)
+        assert state["workers"]["w7"]["state"] == "spare"
+        assert state["incarnation"] == 2
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+
+
+def test_a_start_short_of_workers_ends_with_one_line_after_spare_wait_s(tmp_path):
+    """The other half of that run's hang: whatever the cause (a worker that died before it joined,
+    a launcher that started too few), a start that lacks workers ends after recovery.spare_wait_s
+    with a line saying how many joined, instead of waiting for ever."""
+    from kintsugi.recovery import control as C
+    from kintsugi.recovery import protocol as P
+    from kintsugi.trainer.cli.compose import compose_job
+    from kintsugi.trainer.runtime import joining
+
+    job, _ = compose_job(["experiment=quick", "faults=none", "parallel.stages=2", "train.max_steps=2",
+                          "recovery.spare_wait_s=3"])
+    job.model.vocab_size, job.recovery.token = 256, "s3cret"
+    (tmp_path / "job.json").write_text(json.dumps(job.to_dict()))
+    port = P.free_port()
+    coordinator = _coordinator(tmp_path, port, resume=False)
+    try:
+        control = C.open_control("127.0.0.1", port, "s3cret", role="worker", timeout_s=60)
+        joining.join(control, "w0", "m0", timeout_s=30)     # one of the two the run needs
+        started = time.monotonic()
+        _, err = coordinator.communicate(timeout=60)
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+            coordinator.wait(timeout=10)
+    assert coordinator.returncode not in (0, None)
+    assert time.monotonic() - started < 30
+    assert "only 1 of the 2 workers the run needs" in err and "recovery.spare_wait_s=3s" in err, err[-2000:]
