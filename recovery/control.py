@@ -261,27 +261,47 @@ def open_control(host: str, port: int, token: str, timeout_s: float = 120, store
                  locate=None) -> Control:
     """A connection whose seals verify with `token`, once the coordinator answered its challenge;
     Forged if the coordinator's identity does not verify with this token. With `locate` (a
-    worker's comes from its environment, recovery.etcd_locate) the address is the current leader's."""
+    worker's comes from its environment, recovery.etcd_locate) the address is the current leader's.
+    A worker whose coordinator dies while it connects waits for the successor (restarted on its
+    port, or the new leader), `timeout_s` in all."""
     if locate is None and role == "worker" and os.environ.get("KINTSUGI_ETCD_ENDPOINTS"):
         from .etcd_locate import from_env  # recovery.control=etcd only: the local mode imports no etcd
         locate = from_env()
-    epoch = 0
-    if locate is not None:
-        info = locate.wait(timeout_s)
-        if store is None or info.address != f"{host}:{port}":
-            store = None
-            host, port = info.address.rsplit(":", 1)
-            port = int(port)
-        epoch = info.epoch
-    control = Control(host, port, timeout_s, store=store, token=token, locate=locate)
-    control.leader_epoch = epoch
-    control.role = role
     deadline = time.monotonic() + timeout_s
+    warned = False
     while True:
-        ident = control.identify()
-        if ident is not None:
-            control._adopt(*ident)
-            return control
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the coordinator at {host}:{port} never published its identity")
-        time.sleep(0.05)
+        epoch = 0
+        if locate is not None:
+            info = locate.wait(max(1.0, deadline - time.monotonic()))
+            if store is None or info.address != f"{host}:{port}":
+                store = None
+                host, port = info.address.rsplit(":", 1)
+                port = int(port)
+            epoch = info.epoch
+        try:
+            control = Control(host, port, max(1.0, deadline - time.monotonic()), store=store, token=token,
+                              locate=locate)
+            control.leader_epoch = epoch
+            control.role = role
+            while True:
+                ident = control.identify()
+                if ident is not None:
+                    control._adopt(*ident)
+                    return control
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the coordinator at {host}:{port} never published its identity")
+                time.sleep(0.05)
+        except (RuntimeError, ConnectionError) as e:  # DistNetworkError: it died as we connected
+            # Its successor (restarted on this port, or a standby that publishes its own address)
+            # is the one to talk to, as for a worker that lost a running coordinator.
+            if role != "worker":  # a launcher supervises its coordinator itself: it sees the exit
+                raise
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the coordinator at {host}:{port} did not answer within {timeout_s:.0f}s "
+                                   f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+            if not warned:
+                warned = True
+                log.warning("the coordinator at %s:%d went away as this process connected (%s); waiting for it "
+                            "or its successor", host, port, str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+            store = None
+            time.sleep(0.2)

@@ -81,6 +81,48 @@ def test_a_worker_joining_as_its_coordinator_dies_joins_the_restarted_one(tmp_pa
                 p.wait(timeout=10)
 
 
+def test_a_worker_connecting_as_its_coordinator_dies_connects_to_the_restarted_one(tmp_path):
+    """One step earlier: the coordinator dies between a worker's connection and its challenge (the
+    connection is reset as the worker asks who it is). The worker waits for the successor."""
+    from kintsugi.recovery import control as C
+    from kintsugi.recovery import protocol as P
+    from kintsugi.trainer.cli.compose import compose_job
+
+    job, _ = compose_job(["experiment=quick", "faults=none", "parallel.stages=2", "train.max_steps=2"])
+    job.model.vocab_size, job.recovery.token = 256, "s3cret"
+    (tmp_path / "job.json").write_text(json.dumps(job.to_dict()))
+    port = P.free_port()
+    first = _coordinator(tmp_path, port, resume=False)
+    second = None
+    try:
+        connected = P.connect("127.0.0.1", port, timeout_s=60)   # the worker's connection, made
+        while not (tmp_path / "control_state.json").exists():
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)                       # and its coordinator gone
+        first.wait(timeout=10)
+        outcome = {}
+
+        def worker_connects():
+            try:
+                outcome["control"] = C.open_control("127.0.0.1", port, "s3cret", role="worker", timeout_s=60,
+                                                    store=connected)
+            except BaseException as e:  # noqa: BLE001 - what the worker process would die of
+                outcome["error"] = repr(e)
+        t = threading.Thread(target=worker_connects, daemon=True)
+        t.start()
+        time.sleep(1.0)
+        second = _coordinator(tmp_path, port, resume=True)
+        t.join(timeout=90)
+        assert not t.is_alive(), "the worker never finished connecting"
+        assert "control" in outcome, f"the worker died while connecting: {outcome.get('error')}"
+        assert outcome["control"].incarnation == 2, "the worker did not reach the restarted coordinator"
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+
+
 def test_a_start_short_of_workers_ends_with_one_line_after_spare_wait_s(tmp_path):
     """The other half of that run's hang: whatever the cause (a worker that died before it joined,
     a launcher that started too few), a start that lacks workers ends after recovery.spare_wait_s
