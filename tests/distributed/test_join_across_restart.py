@@ -150,3 +150,55 @@ def test_a_start_short_of_workers_ends_with_one_line_after_spare_wait_s(tmp_path
     assert coordinator.returncode not in (0, None)
     assert time.monotonic() - started < 30
     assert "only 1 of the 2 workers the run needs" in err and "recovery.spare_wait_s=3s" in err, err[-2000:]
+
+
+@pytest.mark.slow  # ~25 s; the default run stays near 20 minutes on 2 cores
+def test_a_worker_reading_its_start_as_its_coordinator_dies_starts_with_the_restarted_one(tmp_path):
+    """The last window: joined, then the coordinator dies while the worker reads what it starts
+    from (the corpus, the run dir). Here the corpus is not in the first coordinator's store yet, so
+    the worker waits on that read when the coordinator is SIGKILLed; the restarted one gets it. The
+    worker re-registers with the restarted coordinator and waits as a spare instead of dying."""
+    from kintsugi.recovery import control as C
+    from kintsugi.recovery import protocol as P
+    from kintsugi.trainer.cli.compose import compose_job
+    from kintsugi.trainer.data.corpus import prepare_corpus
+    from kintsugi.trainer.launch.local import child_env
+
+    job, _ = compose_job(["experiment=quick", "faults=none", "parallel.stages=2", "train.max_steps=2"])
+    corpus = prepare_corpus(job.data)
+    job.model.vocab_size, job.recovery.token = corpus.vocab_size, "s3cret"
+    (tmp_path / "job.json").write_text(json.dumps(job.to_dict()))
+    port = P.free_port()
+    first = _coordinator(tmp_path, port, resume=False)
+    second = worker = None
+    try:
+        launcher = C.open_control("127.0.0.1", port, "s3cret", role="launcher", timeout_s=60)
+        worker = subprocess.Popen([sys.executable, "-m", "kintsugi.trainer.runtime.worker", "--coordinator",
+                                   f"127.0.0.1:{port}", "--wid", "w0"], env=child_env({"KINTSUGI_TOKEN": "s3cret"}),
+                                  cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:      # joined: it now waits on the corpus
+            state = json.loads((tmp_path / "control_state.json").read_text())
+            if "w0" in state["workers"]:
+                break
+            time.sleep(0.1)
+        assert "w0" in state["workers"], "the worker never joined"
+        time.sleep(1.0)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        second = _coordinator(tmp_path, port, resume=True)
+        launcher = C.open_control("127.0.0.1", port, "s3cret", role="launcher", timeout_s=60)
+        launcher.put_json("corpus", {"train_path": corpus.train_path, "val_path": corpus.val_path,
+                                     "dtype": str(corpus.dtype), "vocab_size": corpus.vocab_size})
+        deadline = time.monotonic() + 20        # long enough to re-register and warm up
+        while time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(0.2)
+        assert worker.poll() is None, f"the worker died: {worker.stderr.read()[-3000:]}"
+        second.terminate()                      # its log: whom it counted
+        _, said = second.communicate(timeout=30)
+        assert "worker w0 re-registered" in said, said[-3000:]
+    finally:
+        for p in (worker, first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)

@@ -97,12 +97,12 @@ class Worker:
                                            interval_s=self.job.recovery.notice_interval_s)
         if self.notice_watcher is not None:
             self.notice_watcher.start()
-        corpus = control.get_json("corpus")
+        corpus = self._until_back(lambda: control.get_json("corpus"))
         self.train_tokens = load_tokens(corpus["train_path"], corpus["dtype"])
         self.val_tokens = load_tokens(corpus["val_path"], corpus["dtype"])
         # launcher.slow_machines: this (simulated) machine computes this many times slower.
         self.slowdown = float(os.environ.get("KINTSUGI_SLOWDOWN") or 1.0)
-        self.run_dir = control.get_json("run_dir")
+        self.run_dir = self._until_back(lambda: control.get_json("run_dir"))
         rec = self.job.recovery
         every = rec.checkpoint_every or (10 if rec.strategy == "checkpoint" else 0)
         self.checkpointer = AsyncCheckpointer(
@@ -113,6 +113,21 @@ class Worker:
                 "error": f"{type(e).__name__}: {str(e)[:300]}"}))
         set_idle_hook(self.idle)
         self._warm_up()
+
+    def _until_back(self, read):
+        """A read this worker cannot start without, made again while its coordinator is away (the
+        watcher reconnects both connections and re-registers with a successor), for
+        recovery.coordinator_wait_s at most, as a running worker waits."""
+        give_up = time.monotonic() + self.job.recovery.coordinator_wait_s
+        while True:
+            try:
+                return read()
+            except C.CoordinatorAway:
+                if time.monotonic() > give_up:
+                    raise SystemExit(f"kintsugi: the coordinator stayed away for recovery.coordinator_wait_s="
+                                     f"{self.job.recovery.coordinator_wait_s:.0f}s before worker {self.wid} "
+                                     "could start") from None
+                time.sleep(0.05)
 
     # --- membership -------------------------------------------------------------------------------
     def connect_store(self):
