@@ -30,15 +30,27 @@ def _coordinator(run, port, resume):
                             stderr=subprocess.PIPE, text=True)
 
 
+def _write_job(run, *overrides, vocab_size=256):
+    from kintsugi.trainer.cli.compose import compose_job
+    job, _ = compose_job(["experiment=quick", "faults=none", "parallel.stages=2", "train.max_steps=2", *overrides])
+    job.model.vocab_size, job.recovery.token = vocab_size, "s3cret"
+    (run / "job.json").write_text(json.dumps(job.to_dict()))
+    return job
+
+
+def _stop(*procs):
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
+
+
 def test_a_worker_joining_as_its_coordinator_dies_joins_the_restarted_one(tmp_path):
     from kintsugi.recovery import control as C
     from kintsugi.recovery import protocol as P
-    from kintsugi.trainer.cli.compose import compose_job
     from kintsugi.trainer.runtime import joining
 
-    job, _ = compose_job(["experiment=quick", "faults=none", "parallel.stages=2", "train.max_steps=2"])
-    job.model.vocab_size, job.recovery.token = 256, "s3cret"
-    (tmp_path / "job.json").write_text(json.dumps(job.to_dict()))
+    _write_job(tmp_path)
     port = P.free_port()
     first = _coordinator(tmp_path, port, resume=False)
     second = None
@@ -75,10 +87,7 @@ def test_a_worker_joining_as_its_coordinator_dies_joins_the_restarted_one(tmp_pa
         assert state["workers"]["w7"]["state"] == "spare"
         assert state["incarnation"] == 2
     finally:
-        for p in (first, second):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
+        _stop(first, second)
 
 
 def test_a_worker_connecting_as_its_coordinator_dies_connects_to_the_restarted_one(tmp_path):
@@ -86,11 +95,8 @@ def test_a_worker_connecting_as_its_coordinator_dies_connects_to_the_restarted_o
     connection is reset as the worker asks who it is). The worker waits for the successor."""
     from kintsugi.recovery import control as C
     from kintsugi.recovery import protocol as P
-    from kintsugi.trainer.cli.compose import compose_job
 
-    job, _ = compose_job(["experiment=quick", "faults=none", "parallel.stages=2", "train.max_steps=2"])
-    job.model.vocab_size, job.recovery.token = 256, "s3cret"
-    (tmp_path / "job.json").write_text(json.dumps(job.to_dict()))
+    _write_job(tmp_path)
     port = P.free_port()
     first = _coordinator(tmp_path, port, resume=False)
     second = None
@@ -117,10 +123,7 @@ def test_a_worker_connecting_as_its_coordinator_dies_connects_to_the_restarted_o
         assert "control" in outcome, f"the worker died while connecting: {outcome.get('error')}"
         assert outcome["control"].incarnation == 2, "the worker did not reach the restarted coordinator"
     finally:
-        for p in (first, second):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
+        _stop(first, second)
 
 
 def test_a_start_short_of_workers_ends_with_one_line_after_spare_wait_s(tmp_path):
@@ -129,13 +132,9 @@ def test_a_start_short_of_workers_ends_with_one_line_after_spare_wait_s(tmp_path
     with a line saying how many joined, instead of waiting for ever."""
     from kintsugi.recovery import control as C
     from kintsugi.recovery import protocol as P
-    from kintsugi.trainer.cli.compose import compose_job
     from kintsugi.trainer.runtime import joining
 
-    job, _ = compose_job(["experiment=quick", "faults=none", "parallel.stages=2", "train.max_steps=2",
-                          "recovery.spare_wait_s=3"])
-    job.model.vocab_size, job.recovery.token = 256, "s3cret"
-    (tmp_path / "job.json").write_text(json.dumps(job.to_dict()))
+    _write_job(tmp_path, "recovery.spare_wait_s=3")
     port = P.free_port()
     coordinator = _coordinator(tmp_path, port, resume=False)
     try:
@@ -144,9 +143,7 @@ def test_a_start_short_of_workers_ends_with_one_line_after_spare_wait_s(tmp_path
         started = time.monotonic()
         _, err = coordinator.communicate(timeout=60)
     finally:
-        if coordinator.poll() is None:
-            coordinator.kill()
-            coordinator.wait(timeout=10)
+        _stop(coordinator)
     assert coordinator.returncode not in (0, None)
     assert time.monotonic() - started < 30
     assert "only 1 of the 2 workers the run needs" in err and "recovery.spare_wait_s=3s" in err, err[-2000:]
@@ -160,14 +157,11 @@ def test_a_worker_reading_its_start_as_its_coordinator_dies_starts_with_the_rest
     worker re-registers with the restarted coordinator and waits as a spare instead of dying."""
     from kintsugi.recovery import control as C
     from kintsugi.recovery import protocol as P
-    from kintsugi.trainer.cli.compose import compose_job
     from kintsugi.trainer.data.corpus import prepare_corpus
     from kintsugi.trainer.launch.local import child_env
 
-    job, _ = compose_job(["experiment=quick", "faults=none", "parallel.stages=2", "train.max_steps=2"])
-    corpus = prepare_corpus(job.data)
-    job.model.vocab_size, job.recovery.token = corpus.vocab_size, "s3cret"
-    (tmp_path / "job.json").write_text(json.dumps(job.to_dict()))
+    corpus = prepare_corpus(_write_job(tmp_path).data)
+    _write_job(tmp_path, vocab_size=corpus.vocab_size)
     port = P.free_port()
     first = _coordinator(tmp_path, port, resume=False)
     second = worker = None
@@ -198,7 +192,4 @@ def test_a_worker_reading_its_start_as_its_coordinator_dies_starts_with_the_rest
         _, said = second.communicate(timeout=30)
         assert "worker w0 re-registered" in said, said[-3000:]
     finally:
-        for p in (worker, first, second):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
+        _stop(worker, first, second)
