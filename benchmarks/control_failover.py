@@ -46,15 +46,10 @@ its data on disk (not tmpfs: etcd fsyncs its log, as the local store fsyncs its 
   local run's core instead: the etcd run then pays only for its own processes (as with etcd on
   machines of its own) and the local run for the idle cluster. Each round reports the members'
   CPU as a share of one core.
-- Start-up taken out, `--steady` rounds (0: off): each mode at `--overhead-steps` and at
-  `--steady-steps` steps (90); per step = (long - short) / (steps apart), in wall seconds and in
-  CPU seconds of the process tree plus the etcd members (from /proc). On a saturated machine the
-  workers' CPU follows the wall clock, so this scatters like the back-to-back runs; it shows
-  that start-up (importing the etcd client, the election) is not what the per-step figure counts.
 
     python -m benchmarks.control_failover [--runs 5] [--ttl 3] [--saves 300] [--train-runs 5]
         [--train-steps 40] [--pairs 3] [--overhead-steps 30] [--side-by-side 0] [--side-steps 60] [--etcd-on etcd|local]
-        [--steady 0] [--steady-steps 90] [--out PATH]
+        [--out PATH]
 
 Prints one JSON line and writes it to outputs/benchmarks/control_failover.json (or --out).
 """
@@ -192,16 +187,23 @@ def measure_saves(endpoints: List[str], workdir: str, n: int) -> dict:
     return out
 
 
+def _trainer_env() -> dict:
+    import kintsugi
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [ROOT, os.path.dirname(os.path.dirname(os.path.abspath(kintsugi.__file__))), os.environ.get("PYTHONPATH", "")]))
+
+
+def _trainer_cmd(run_dir: str, *overrides: str) -> List[str]:
+    return [sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet", "experiment=quick",
+            "train.eval_batches=1", *overrides]
+
+
 def _trainer(run_dir: str, *overrides: str, timeout: float = 600) -> Tuple[int, str, dict, List[dict], float]:
     """`python -m trainer` for real: (exit code, stderr, summary, metrics records, CPU seconds of
     the whole process tree: launcher, coordinators, workers; not the etcd members)."""
-    import kintsugi
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [ROOT, os.path.dirname(os.path.dirname(os.path.abspath(kintsugi.__file__))), os.environ.get("PYTHONPATH", "")]))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "logger=quiet",
-                           "experiment=quick", "train.eval_batches=1", *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(_trainer_cmd(run_dir, *overrides), cwd=ROOT, env=_trainer_env(), capture_output=True,
+                          text=True, timeout=timeout)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     summary, records = {}, []
@@ -280,47 +282,6 @@ def _proc_cpu_s(pids: List[int]) -> float:
     return total
 
 
-def measure_steady(cluster, workdir: str, rounds: int, short: int, long: int, ttl: int) -> dict:
-    """The per-step cost of each mode with start-up and shutdown taken out: each round runs each
-    mode at `short` and at `long` steps (modes and lengths in a rotating order); a mode's per-step
-    figure is (long run - short run) / (long - short), for wall seconds (the launcher's whole run)
-    and for CPU seconds of everything the mode runs: the run's process tree and the three etcd
-    members (which the local mode's rounds leave idle). The overhead is the median over rounds of
-    etcd / local - 1 for each."""
-    endpoints = cluster.endpoints
-    members = [p.pid for p in cluster.procs if p is not None]
-    per: dict = {m: {"wall": [], "cpu": [], "etcd_cpu": [], "median_step_s": []} for m in ("local", "etcd")}
-    cells = [(m, n) for m in ("local", "etcd") for n in (short, long)]
-    for k in range(rounds):
-        order = cells[k % len(cells):] + cells[:k % len(cells)]
-        got: dict = {}
-        for mode, n in order:
-            extra = ["recovery.control=local"] if mode == "local" else \
-                _etcd_overrides(endpoints, f"/bench/steady-{os.getpid()}-{k}-{n}/", ttl, standbys=0)
-            etcd_before, t0 = _proc_cpu_s(members), time.monotonic()
-            rc, err, summary, records, tree = _trainer(os.path.join(workdir, f"steady-{k}-{mode}-{n}"),
-                                                       f"train.max_steps={n}", *extra)
-            wall, etcd_used = time.monotonic() - t0, _proc_cpu_s(members) - etcd_before
-            if rc != 0:
-                raise RuntimeError(f"steady run {k} ({mode}, {n} steps) exited {rc}: {err[-2000:]}")
-            got[mode, n] = (wall, tree + etcd_used, etcd_used)
-            if n == long:
-                per[mode]["median_step_s"].append(_median_step_s(records))
-        for mode in ("local", "etcd"):
-            (w1, c1, e1), (w2, c2, e2) = got[mode, short], got[mode, long]
-            per[mode]["wall"].append((w2 - w1) / (long - short))
-            per[mode]["cpu"].append((c2 - c1) / (long - short))
-            per[mode]["etcd_cpu"].append((e2 - e1) / (long - short))
-    wall = [e / l - 1 for e, l in zip(per["etcd"]["wall"], per["local"]["wall"])]
-    cpu = [e / l - 1 for e, l in zip(per["etcd"]["cpu"], per["local"]["cpu"])]
-    return {"steady_rounds": rounds, "steady_steps": [short, long],
-            "steady_wall_overhead_pct": round(100 * statistics.median(wall), 2),
-            "steady_per_round_wall_overhead_pct": [round(100 * x, 2) for x in wall],
-            "steady_cpu_overhead_pct": round(100 * statistics.median(cpu), 2),
-            "steady_per_round_cpu_overhead_pct": [round(100 * x, 2) for x in cpu],
-            "steady_per_step": {m: {k: [round(x, 4) for x in v] for k, v in d.items()} for m, d in per.items()}}
-
-
 def _pin(pid: int, cpus: set) -> None:
     """Every thread of process `pid` onto `cpus` (sched_setaffinity on a pid moves one thread)."""
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -339,12 +300,10 @@ def measure_side_by_side(cluster, workdir: str, rounds: int, steps: int, ttl: in
     both alike, which back-to-back runs cannot give. Each run's figure is its median step time over
     steps 2 and later; the overhead is the median over rounds of etcd / local - 1. Beside it, the
     etcd members' CPU seconds per second of the round (a share of one core, from /proc)."""
-    import kintsugi
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise RuntimeError("the side-by-side overhead needs two cores")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [ROOT, os.path.dirname(os.path.dirname(os.path.abspath(kintsugi.__file__))), os.environ.get("PYTHONPATH", "")]))
+    env = _trainer_env()
     members = [p.pid for p in cluster.procs if p is not None]
     meds: dict = {"local": [], "etcd": []}
     ratios, etcd_share = [], []
@@ -359,15 +318,16 @@ def measure_side_by_side(cluster, workdir: str, rounds: int, steps: int, ttl: in
                 extra = ["recovery.control=local"] if mode == "local" else \
                     _etcd_overrides(cluster.endpoints, f"/bench/side-{os.getpid()}-{k}/", ttl, standbys=0)
                 run_dir = os.path.join(workdir, f"side-{k}-{mode}")
-                procs[mode] = (run_dir, subprocess.Popen(
-                    ["taskset", "-c", str(core[mode]), sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}",
-                     "logger=quiet", "experiment=quick", "train.eval_batches=1", f"train.max_steps={steps}", *extra],
-                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                # stderr to a file: a pipe left unread while the other run is awaited could fill and stall it
+                with open(os.path.join(workdir, f"side-{k}-{mode}.err"), "w") as err:
+                    procs[mode] = (run_dir, subprocess.Popen(
+                        ["taskset", "-c", str(core[mode]), *_trainer_cmd(run_dir, f"train.max_steps={steps}", *extra)],
+                        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err))
             med = {}
             for mode, (run_dir, proc) in procs.items():
-                _, err = proc.communicate(timeout=900)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"side-by-side run {k} ({mode}) exited {proc.returncode}: {err[-2000:]}")
+                if proc.wait(timeout=900) != 0:
+                    with open(os.path.join(workdir, f"side-{k}-{mode}.err")) as f:
+                        raise RuntimeError(f"side-by-side run {k} ({mode}) exited {proc.returncode}: {f.read()[-2000:]}")
                 with open(os.path.join(run_dir, "metrics.jsonl")) as f:
                     med[mode] = _median_step_s([json.loads(line) for line in f])
                 meds[mode].append(round(med[mode], 4))
@@ -441,10 +401,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--variant", nargs="*", default=None, metavar="OVERRIDE",
                    help="also run the etcd mode with these overrides in every round of the overhead "
                         "(e.g. recovery.etcd.flush_s=60), to locate where its cost comes from")
-    p.add_argument("--steady", type=int, default=0, metavar="ROUNDS",
-                   help="also measure the per-step cost with start-up taken out (see measure_steady): "
-                        "ROUNDS rounds of both modes at --overhead-steps and at --steady-steps steps")
-    p.add_argument("--steady-steps", type=int, default=90)
     p.add_argument("--side-by-side", type=int, default=0, metavar="ROUNDS",
                    help="also run both modes at once, one core each, swapped every round (see "
                         "measure_side_by_side), ROUNDS rounds of --side-steps steps")
@@ -467,9 +423,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if args.side_by_side:
             overhead.update(measure_side_by_side(cluster, workdir, args.side_by_side, args.side_steps, args.ttl,
                                                  args.etcd_on))
-        if args.steady:
-            overhead.update(measure_steady(cluster, workdir, args.steady, args.overhead_steps, args.steady_steps,
-                                           args.ttl))
     in_training = [t["failover_s"] for t in trained]
     result = {
         "benchmark": "control_failover", "date": date.today().isoformat(), "etcd": version, "members": 3,

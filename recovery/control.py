@@ -296,12 +296,13 @@ def open_control(host: str, port: int, token: str, timeout_s: float = 120, store
             # is the one to talk to, as for a worker that lost a running coordinator.
             if role != "worker":  # a launcher supervises its coordinator itself: it sees the exit
                 raise
+            why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the coordinator at {host}:{port} did not answer within {timeout_s:.0f}s "
-                                   f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+                                   f"({why})") from None
             if not warned:
                 warned = True
                 log.warning("the coordinator at %s:%d went away as this process connected (%s); waiting for it "
-                            "or its successor", host, port, str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+                            "or its successor", host, port, why)
             store = None
             time.sleep(0.2)
