@@ -288,6 +288,7 @@ def test_join_fills_the_slots_of_a_running_job(tmp_path):
     `kintsugi join --workers 2` with the job's token supplies both; the run finishes and join exits 0.
     With the wrong token the workers are refused and join reports it."""
     from testkit import ROOT
+    from kintsugi.recovery import control as C
     from kintsugi.recovery import protocol as P
     from kintsugi.trainer.cli.compose import compose_job
     from kintsugi.trainer.data.corpus import prepare_corpus
@@ -306,10 +307,9 @@ def test_join_fills_the_slots_of_a_running_job(tmp_path):
                                         "127.0.0.1", "--run-dir", str(run), "--job", str(run / "job.json"),
                                         "--no-progress"], env=child_env(), cwd=ROOT)
         try:
-            store = P.connect("127.0.0.1", port, timeout_s=60)
-            while not store.check(["job"]):
-                time.sleep(0.05)
-            P.put_json(store, "corpus", {"train_path": corpus.train_path, "val_path": corpus.val_path,
+            # The corpus as a launcher publishes it: sealed with the run's token (workers refuse anything else).
+            launcher = C.open_control("127.0.0.1", port, "s3cret", role="launcher", timeout_s=60)
+            launcher.put_json("corpus", {"train_path": corpus.train_path, "val_path": corpus.val_path,
                                          "dtype": str(corpus.dtype), "vocab_size": corpus.vocab_size})
             join = subprocess.run([sys.executable, "-m", "trainer", "join", "--coordinator", f"127.0.0.1:{port}",
                                    "--workers", "2"], env=child_env({"KINTSUGI_TOKEN": token}), cwd=ROOT,
@@ -319,7 +319,8 @@ def test_join_fills_the_slots_of_a_running_job(tmp_path):
             if coordinator.poll() is None:
                 coordinator.terminate()
             coordinator.wait(timeout=30)
-    assert results["wrong"].returncode != 0 and "refused" in results["wrong"].stderr
+    # A wrong token is caught at the coordinator's identity, before any join: one line naming the token.
+    assert results["wrong"].returncode != 0 and "KINTSUGI_TOKEN" in results["wrong"].stderr, results["wrong"].stderr
     assert results["s3cret"].returncode == 0, results["s3cret"].stderr[-2000:]
     state = json.loads((tmp_path / "s3cret" / "coordinator_state.json").read_text())
     assert state["committed"] == {"0": 1} and state["error"] is None
