@@ -143,3 +143,94 @@ def test_usr1_suspends_requeues_and_resumes_exactly(cluster, tmp_path):
     with open(os.path.join(run_dir, "coordinator_state.json")) as f:
         assert not json.load(f).get("suspended")
     print(f"suspended at step {suspended_at}; finished {time.time() - t_signal:.0f}s after the signal")
+
+
+def _step_of(pid):
+    """The Slurm step a process runs in: '<jobid>.<step>' from the slurmstepd above it, or None."""
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode()
+            with open(f"/proc/{pid}/status") as f:
+                ppid = int(next(line.split()[1] for line in f if line.startswith("PPid:")))
+        except (OSError, StopIteration, ValueError):
+            return None
+        m = re.match(r"slurmstepd: \[(\d+\.\w+)\]", cmd)
+        if m:
+            return m.group(1)
+        pid = ppid
+    return None
+
+
+ETCD_STEPS = 100
+
+
+def test_etcd_standby_step_takes_over_from_the_batch_hosts_coordinator(cluster, tmp_path):
+    """recovery.control=etcd recovery.standbys=1 under sbatch: the batch host's coordinator leads, a
+    standby campaigns in an srun step of its own; SIGKILL the leader (its store dies with it) and the
+    standby step's coordinator leads, the workers move to it and the job completes: every step once,
+    the same losses as an uninterrupted run, exit 0."""
+    pytest.importorskip("etcd3gw")
+    from kintsugi.recovery.etcd_client import EtcdSettings
+    from kintsugi.recovery.etcd_local import LocalEtcd, etcd_binary
+    from kintsugi.recovery.etcd_locate import Locator
+    from testkit import run_trainer
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+    job = ["experiment=quick", "parallel.stages=2", f"train.max_steps={ETCD_STEPS}", "train.eval_batches=1",
+           "faults=none", "logger=quiet"]
+    etcd = LocalEtcd(3).start()
+    try:
+        run_dir, log = str(tmp_path / "run"), str(tmp_path / "slurm-%j.out")
+        env = dict(os.environ, KINTSUGI_RUN_DIR=run_dir, WANDB_MODE="disabled")
+        proc = subprocess.run(
+            ["sbatch", "--parsable", f"--output={log}", SBATCH, *job, "recovery.control=etcd", "recovery.standbys=1",
+             f"recovery.etcd.endpoints=[{','.join(etcd.endpoints)}]"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        jid = proc.stdout.strip().split(";")[0]
+        log = log.replace("%j", jid)
+        try:
+            _wait("5 committed steps", lambda: len(_commits(run_dir)) >= 5, 300, log)
+            with open(os.path.join(run_dir, "job.json")) as f:
+                prefix = json.load(f)["recovery"]["etcd"]["prefix"]
+            locate = Locator(EtcdSettings(endpoints=tuple(etcd.endpoints), prefix=prefix))
+            first = locate.current()
+            pid = int(first.candidate.split(":")[1])
+            assert _step_of(pid) == f"{jid}.batch", f"the first leader {first.candidate} is not the batch host's"
+            # (the launcher also starts a fresh standby here for the one it loses: the step's, campaigning
+            # all along, is the one that should win)
+            _wait("the standby step to campaign", lambda: "standby: campaigning for" in open(log).read(), 60, log)
+            os.kill(pid, 9)
+            t_kill = time.time()
+            new = _wait("a new leader", lambda: (lambda i: i if i and i.epoch > first.epoch and i.address else None)(
+                locate.current()), 60, log, poll=0.05)
+            failover_s = time.time() - t_kill
+            new_pid = int(new.candidate.split(":")[1])
+            step = _step_of(new_pid)
+            assert step is not None and step.startswith(jid + ".") and step != f"{jid}.batch", \
+                f"the new leader {new.candidate} runs in step {step}, not the standby step"
+            _wait("the job to finish",
+                  lambda: _job(jid).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                                         "NODE_FAIL", "OUT_OF_MEMORY"), 420, log)
+            info, text = _job(jid), open(log).read()
+            assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}:\n{text[-4000:]}"
+        finally:
+            if _job(jid).get("JobState") in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
+                subprocess.run(["scancel", jid], capture_output=True)
+    finally:
+        etcd.close()
+
+    steps = [r["step"] for r in _commits(run_dir)]
+    assert sorted(steps) == list(range(ETCD_STEPS)), steps
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["final_val_loss"] is not None and summary["rebuilds"] == [] and summary["failures"] == 0
+    # The replicas trained on through the failover: the same losses as a run without etcd or a kill.
+    _, ref, ref_records = run_trainer(str(tmp_path / "ref"), *job[:-1])
+    want = {r["step"]: r["loss"] for r in ref_records if "loss" in r and "step" in r and "val_loss" not in r}
+    got = {r["step"]: r["loss"] for r in _commits(run_dir)}
+    assert got == want
+    assert summary["final_val_loss"] == ref["final_val_loss"]
+    print(f"failover {failover_s:.2f}s: epoch {first.epoch} ({first.candidate}) -> {new.epoch} ({new.candidate}, "
+          f"step {step})")

@@ -1,8 +1,10 @@
 """launcher=slurm without a cluster: the configs compose, the scripts parse, the launcher builds the
 right srun line and refuses to run outside an allocation with one line. The real cluster run is
 tests/slow/test_slurm.py."""
+import hashlib
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -70,6 +72,40 @@ def test_srun_inside_a_step_overlaps_and_takes_extra_args():
     cmd = slurm.srun_command(job, "h:1", env={"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0",
                                               "KINTSUGI_SRUN_ARGS": "--cpus-per-task=8 --mem-per-cpu=2G"})
     assert "--overlap" in cmd and "--cpus-per-task=8" in cmd and "--mem-per-cpu=2G" in cmd
+
+
+@pytest.mark.parametrize("nodes,standbys,placement", [
+    ("4", 1, ["--relative=1", "--nodes=1"]),   # one standby, away from the batch host (node 0)
+    ("3", 2, ["--relative=1", "--nodes=2"]),   # one per other node
+    ("2", 3, ["--relative=1", "--nodes=1"]),   # more standbys than other nodes: they share node 1
+    ("1", 1, ["--nodes=1"]),                   # nowhere else to go: beside the leader on the batch host
+])
+def test_standby_step_runs_on_the_other_nodes_beside_the_workers(nodes, standbys, placement, tmp_path):
+    job, _ = compose_job(["launcher=slurm", "parallel.stages=2", "recovery.control=etcd",
+                          f"recovery.standbys={standbys}"])
+    cmd = slurm.standby_command(job, str(tmp_path), str(tmp_path / "job.json"),
+                                env={"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": nodes})
+    head = cmd[:cmd.index(sys.executable)]
+    assert head == ["srun", "--overlap", f"--ntasks={standbys}", "--kill-on-bad-exit=0",
+                    "--job-name=kintsugi-standby"] + placement
+    assert cmd[cmd.index(sys.executable) + 1:][:4] == ["-m", "kintsugi.trainer.launch.slurm", "standby", "--run-dir"]
+    assert not any(a.startswith("--gpus") for a in cmd), "a standby coordinator needs no GPU"
+
+
+def test_etcd_with_slurm_takes_standbys_and_derives_a_prefix_per_requeue(tmp_path, monkeypatch):
+    job, _ = compose_job(["launcher=slurm", "recovery.control=etcd", "recovery.standbys=2"])
+    assert job.recovery.standbys == 2 and job.recovery.etcd.prefix == ""
+    # No cluster answers at this endpoint: prepare() fills the prefix first, then fails with one line.
+    job.recovery.etcd.endpoints = ["http://127.0.0.1:1"]
+    job.recovery.etcd.request_timeout_s = 0.5
+    from kintsugi.trainer.launch.etcd_control import prepare
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    err = prepare(job, str(tmp_path))
+    assert err and "\n" not in err
+    digest = hashlib.sha1(os.path.realpath(tmp_path).encode()).hexdigest()[:12]  # the run dir's, as documented
+    assert job.recovery.etcd.prefix == f"/kintsugi/{job.name}-r2-{digest}/"
+    with pytest.raises(ConfigError, match="launcher=local, torchrun or slurm only"):
+        compose_job(["launcher=deepspeed", "recovery.control=etcd", "recovery.etcd.prefix=/a/", "recovery.standbys=1"])
 
 
 def test_worker_ids_are_unique_per_task_and_requeue():

@@ -159,7 +159,7 @@ def _etcd_lead(args, job: dict):
     cfg = JobConfig.from_dict(job).recovery.etcd
     try:
         settings = cfg.settings(cfg.prefix or default_prefix(job["name"], args.run_dir))
-        lead = Leadership(settings, flush_s=cfg.flush_s, on_deposed=_reexec_as_standby)
+        lead = Leadership(settings, flush_s=cfg.flush_s, on_deposed=_reexec_as_standby, candidate=_candidate())
         try:
             lead.check()
         except EtcdUnavailable as e:
@@ -171,10 +171,32 @@ def _etcd_lead(args, job: dict):
             log.warning("standby: etcd does not answer now (%s); campaigning until it does", e)
         if not args.standby and not job["train"].get("resume"):
             lead.refuse_taken()
+        now = None if args.standby else lead.leader()
+        if now is not None:  # train.resume beside a live run: this one would wait, then wipe its state
+            return None, None, (f"kintsugi coordinator: recovery.control=etcd: a coordinator leads the run under "
+                                f"{settings.prefix} now (epoch {now.epoch}, {now.candidate}): start this one with "
+                                "--standby to take that run over when it is gone, or give this run a prefix of its own")
     except (ValueError, EtcdError, PrefixTaken) as e:
         return None, None, f"kintsugi coordinator: recovery.control=etcd: {e}"
     lead.campaign()
-    return lead, lead.store.load(), None
+    saved = lead.store.load()
+    if saved is not None and not args.standby and job["train"].get("resume"):
+        # train.resume starts again from the checkpoints; the control state under the prefix is the
+        # previous run's (a requeued Slurm job resumes in the same run dir, hence the same prefix).
+        log.warning("train.resume: the control state under %s (%s) is the previous run's; starting from the "
+                    "checkpoints instead", settings.prefix, saved.get("ended") or "it did not end")
+        saved = None
+    return lead, saved, None
+
+
+def _candidate():
+    """The name this coordinator campaigns under: host:pid:tag, the tag led by KINTSUGI_CANDIDATE_TAG
+    when a launcher set one (so that it knows its own standbys on other nodes), else the default."""
+    tag = os.environ.get("KINTSUGI_CANDIDATE_TAG", "").replace(":", "_")
+    if not tag:
+        return None
+    import uuid
+    return f"{socket.gethostname()}:{os.getpid()}:{tag}-{uuid.uuid4().hex[:6]}"
 
 
 def _reexec_as_standby(why: str) -> None:

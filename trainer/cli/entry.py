@@ -61,7 +61,7 @@ def train(job: JobConfig, run_dir: str) -> int:
     check_devices(job)  # the CLI checked already; direct callers of train() get the same line
     if job.recovery.control == "etcd":  # the cluster must answer before anything starts
         from kintsugi.trainer.launch.etcd_control import prepare
-        err = prepare(job, run_dir, refuse_taken_prefix=job.launcher.name == "local")
+        err = prepare(job, run_dir, refuse_taken_prefix=job.launcher.name in ("local", "slurm"))
         if err:
             print(f"kintsugi: {err}", file=sys.stderr)
             return 2

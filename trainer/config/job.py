@@ -138,7 +138,7 @@ class RecoveryEtcdConfig:
     """`recovery.etcd.*`, mirrored into recovery.etcd_client.EtcdSettings (which checks it) at the
     entry point. Nothing secret: the password comes only from KINTSUGI_ETCD_PASSWORD or a file."""
     endpoints: List[str] = field(default_factory=lambda: ["http://127.0.0.1:2379"])
-    prefix: str = ""              # one per run; "" = derived from the run dir (launcher=local only)
+    prefix: str = ""              # one per run; "" = derived from the run dir (launcher=local, slurm)
     lease_ttl_s: int = 3          # a leader unheard of this long is replaced
     lease_grace_s: Optional[float] = None  # past its lease deadline, how long a leader waits for etcd (null: the TTL)
     request_timeout_s: float = 2.0
@@ -202,7 +202,7 @@ class RecoveryConfig:
     p2p_deadline_s: float = 300.0
     control: str = "local"          # local | etcd: where the coordinator's state lives, who may lead
     standbys: int = 0               # control=etcd: standby coordinators (local: beside the leader; torchrun:
-                                    # on nodes 1..standbys)
+                                    # on nodes 1..standbys; slurm: one srun step on nodes 1.. of the allocation)
     etcd: RecoveryEtcdConfig = field(default_factory=RecoveryEtcdConfig)
 
     STRATEGIES = ("tiered", "checkfree", "checkfree_plus", "copy", "average", "random", "checkpoint", "none")
@@ -372,13 +372,15 @@ class JobConfig:
             _check(self.diloco.overlap < self.diloco.sync_every,
                    f"diloco.overlap={self.diloco.overlap} must be smaller than diloco.sync_every="
                    f"{self.diloco.sync_every}")
-        if self.recovery.control == "etcd" and self.launcher.name != "local":
+        if self.recovery.control == "etcd" and self.launcher.name not in ("local", "slurm"):
+            # (local and slurm: one launcher starts the run, and derives a prefix from its run directory)
             _check(bool(self.recovery.etcd.prefix), f"recovery.control=etcd with launcher={self.launcher.name} needs "
                    "recovery.etcd.prefix: give every node and coordinator the same one, e.g. "
                    "recovery.etcd.prefix=/kintsugi/run1/")
             _check(self.recovery.standbys == 0 or self.launcher.name == "torchrun",
-                   f"recovery.standbys={self.recovery.standbys} starts standbys with launcher=local or torchrun "
-                   f"only; with launcher={self.launcher.name} start `kintsugi coordinator --standby` on another machine")
+                   f"recovery.standbys={self.recovery.standbys} starts standbys with launcher=local, torchrun or "
+                   f"slurm only; with launcher={self.launcher.name} start `kintsugi coordinator --standby` on another "
+                   "machine")
             _check(not self.recovery.coordinator, f"recovery.coordinator={self.recovery.coordinator} with "
                    "recovery.control=etcd: workers find the leading coordinator through etcd; drop "
                    "recovery.coordinator")

@@ -1,15 +1,16 @@
 """`recovery.control=etcd` on the launchers' side: the run's key prefix, the check before anything
 starts, what workers get in their environment, and the local launcher's coordinator processes.
 
-- `prepare(job, run_dir)`: with launcher=local an empty `recovery.etcd.prefix` becomes one derived
-  from the run directory (`/kintsugi/<name>-<hash of the run dir>/`: a new directory is a new run,
-  `train.resume` of the same directory finds its own); then the cluster must answer with a quorum
-  and the credentials in the environment, and a new run's prefix must hold no state. Any failure is
-  one line, returned before a process is started.
-- `Coordinators` (launcher=local): the leader-to-be and `recovery.standbys` standbys, each a
-  `kintsugi coordinator` process with its own port. A coordinator process that dies is replaced by a
-  fresh standby (never restarted on its port: whoever wins the election leads, from the state in
-  etcd); the run ends with the exit code of the process that led when the run shut down.
+- `prepare(job, run_dir)`: with launcher=local or slurm an empty `recovery.etcd.prefix` becomes one
+  derived from the run directory (`/kintsugi/<name>-<hash of the run dir>/`: a new directory is a new
+  run, `train.resume` of the same directory finds its own; Slurm adds the requeue count to the name);
+  then the cluster must answer with a quorum and the credentials in the environment, and a new run's
+  prefix must hold no state. Any failure is one line, returned before a process is started.
+- `Coordinators` (launchers local and slurm): the leader-to-be and `recovery.standbys` standbys, each
+  a `kintsugi coordinator` process with its own port (Slurm: the standbys are one srun step on other
+  nodes). A coordinator process that dies is replaced by a fresh standby on the launcher's host
+  (never restarted on its port: whoever wins the election leads, from the state in etcd); the run
+  ends with the exit code of the process that led when the run shut down.
 """
 from __future__ import annotations
 
@@ -41,7 +42,10 @@ def prepare(job: JobConfig, run_dir: str, refuse_taken_prefix: bool = True) -> O
     from kintsugi.trainer.config.errors import ConfigError
     etcd = job.recovery.etcd
     if not etcd.prefix:
-        etcd.prefix = default_prefix(job.name, run_dir)
+        # Slurm: a requeued job is a new run in the same run dir (it resumes from the checkpoints),
+        # so each of its starts gets a prefix of its own.
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0") if job.launcher.name == "slurm" else None
+        etcd.prefix = default_prefix(job.name if restart is None else f"{job.name}-r{restart}", run_dir)
     try:
         settings = etcd.settings()
         etcd.prefix = settings.prefix  # normalised: /a/b/
@@ -78,10 +82,20 @@ def _pid_of(candidate: str) -> Optional[int]:
 
 
 class Coordinators:
-    """The local launcher's coordinator processes under etcd. `start(standby)` starts one."""
+    """A launcher's coordinator processes under etcd. `start(standby)` starts one on this machine;
+    `start_standbys(n)` the first n standbys (default: n x `start(True)`; Slurm: one srun step whose
+    tasks run on other nodes). `owner(candidate)` is the process among `procs` that a leader's
+    candidate name belongs to (default: the one with its pid), None for a coordinator not ours."""
 
-    def __init__(self, start: Callable[[bool], subprocess.Popen], standbys: int, locate):
+    def __init__(self, start: Callable[[bool], subprocess.Popen], standbys: int, locate,
+                 start_standbys: Optional[Callable[[int], List[subprocess.Popen]]] = None,
+                 owner: Optional[Callable[[str], Optional[subprocess.Popen]]] = None):
         self._start, self.standbys, self.locate = start, standbys, locate
+        self._start_standbys = start_standbys or (lambda n: [start(True) for _ in range(n)])
+        self.steps: set = set()  # pids of the processes that start_standbys returned, when it is not the default
+        if start_standbys is not None:
+            self._start_standbys = lambda n: self._note_steps(start_standbys(n))
+        self._owner = owner or (lambda candidate: self._proc(_pid_of(candidate)))
         self.procs: List[subprocess.Popen] = []
         self.done: set = set()
         self.led: Dict[int, int] = {}   # epoch -> pid of the process that led it
@@ -94,8 +108,17 @@ class Coordinators:
         self.procs = [self._start(False)]
         return self.procs[0]
 
+    def _note_steps(self, procs: List[subprocess.Popen]) -> List[subprocess.Popen]:
+        self.steps.update(p.pid for p in procs)
+        return procs
+
+    def _killed(self, p: subprocess.Popen, rc: int) -> bool:
+        """Killed by a signal, not an exit code the coordinator chose (srun reports a task's signal
+        as 128 + signal)."""
+        return rc < 0 or (p.pid in self.steps and rc > 128)
+
     def _proc(self, pid: Optional[int]) -> Optional[subprocess.Popen]:
-        return next((p for p in self.procs if p.pid == pid), None)
+        return next((p for p in self.procs if p.pid == pid), None) if pid is not None else None
 
     def hurry(self, for_s: float = 30.0) -> None:
         """Look for a new leader every FAST_S for a while (a coordinator process exited, or the
@@ -110,10 +133,10 @@ class Coordinators:
         self._seen_at = now
         info = self.locate.current()
         if info is not None and info.epoch not in self.led:
-            pid = _pid_of(info.candidate)
-            if pid is not None and self._proc(pid) is not None:
-                self.led[info.epoch] = pid
-                log.info("coordinator pid %d leads (epoch %d) at %s", pid, info.epoch, info.address)
+            proc = self._owner(info.candidate)
+            if proc is not None:
+                self.led[info.epoch] = proc.pid
+                log.info("coordinator %s leads (epoch %d) at %s", info.candidate, info.epoch, info.address)
 
     def leader(self) -> Optional[subprocess.Popen]:
         """The process that leads the newest epoch seen (the target of `target: coordinator` faults)."""
@@ -127,7 +150,7 @@ class Coordinators:
             info = self.locate.current()
             if info is not None:
                 self.observe(force=True)
-                self.procs += [self._start(True) for _ in range(self.standbys)]
+                self.procs += self._start_standbys(self.standbys) if self.standbys else []
                 return info
             if all(p.poll() is not None for p in self.procs):
                 raise RuntimeError(f"the coordinator exited with code {self.procs[0].returncode} before it led; "
@@ -151,7 +174,7 @@ class Coordinators:
             led = p.pid in self.led.values()
             if shutdown_epoch is not None and self.led.get(shutdown_epoch) == p.pid:
                 return rc
-            if shutdown_epoch is None and led and rc >= 0:
+            if shutdown_epoch is None and led and not self._killed(p, rc):
                 return rc
             if shutdown_epoch is not None:
                 continue  # a standby that found the run ended; the leader's code decides

@@ -98,6 +98,27 @@ def srun_command(job: JobConfig, coordinator: str, env: Optional[Dict[str, str]]
     return cmd
 
 
+STANDBY_TAG = "slurm-standby"  # the candidate tag of the standby step's coordinators (recovery.control=etcd)
+
+
+def standby_command(job: JobConfig, run_dir: str, job_path: str, env: Optional[Dict[str, str]] = None) -> List[str]:
+    """The srun step of the `recovery.standbys` standby coordinators (recovery.control=etcd): on
+    nodes 1.. of the allocation, away from the batch host, sharing their CPUs with the workers
+    (--overlap). A one-node allocation has no other node: they share the batch host, where they
+    cover a coordinator process that dies alone (an out-of-memory kill), not the node's loss."""
+    env = os.environ if env is None else env
+    n = job.recovery.standbys
+    nodes = _int_env("SLURM_JOB_NUM_NODES", env=env) or _int_env("SLURM_NNODES", 1, env=env)
+    cmd = ["srun", "--overlap", f"--ntasks={n}", "--kill-on-bad-exit=0", "--job-name=kintsugi-standby"]
+    if nodes > 1:
+        cmd += ["--relative=1", f"--nodes={min(n, nodes - 1)}"]
+    else:
+        cmd += ["--nodes=1"]
+    cmd += [sys.executable, "-m", "kintsugi.trainer.launch.slurm", "standby", "--run-dir", os.path.abspath(run_dir),
+            "--job", os.path.abspath(job_path)] + ([] if job.logger.progress else ["--no-progress"])
+    return cmd
+
+
 def _maybe_resume(job: JobConfig, run_dir: str) -> None:
     """A requeued job resumes from the checkpoint its previous run left in the same run dir."""
     restarts = _int_env("SLURM_RESTART_COUNT")
@@ -118,6 +139,11 @@ class SlurmRun:
         self.pending: List[int] = []   # signals for the workers that came before they were up
         self.forwarded: Dict[int, float] = {}
         self.term_grace_s = float(os.environ.get("KINTSUGI_SLURM_TERM_GRACE_S", "20"))
+        # recovery.control=etcd: the coordinators (trainer.launch.etcd_control.Coordinators): the
+        # leader-to-be here, a step of standbys on other nodes, fresh standbys here for any that die
+        self.coordinators = None
+        self.standby_step: Optional[subprocess.Popen] = None
+        self.shutdown_epoch: Optional[int] = None
 
     # Signals that reach the batch host: hand them to the workers, keep the coordinator running so the
     # workers can still suspend into a checkpoint, and give up after term_grace_s (Slurm's KillWait
@@ -151,22 +177,30 @@ class SlurmRun:
         job_path = os.path.join(self.run_dir, JOB)
         with open(job_path, "w") as f:
             json.dump(job.public_dict(), f, indent=1)  # the token travels in the environment only
-        env = child_env({P.TOKEN_ENV: P.resolve_token(job.recovery.token) or new_token()})
+        self.env = env = child_env({P.TOKEN_ENV: P.resolve_token(job.recovery.token) or new_token()})
+        self.job_path = job_path
         port = P.free_port()
         host = os.environ.get("KINTSUGI_COORDINATOR_HOST") or socket.gethostname()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
-            # Its own session: a signal Slurm sends to the batch step's process group must not kill the
-            # store the workers still need (the coordinator dies with this process: KINTSUGI_PDEATHSIG).
-            self.coordinator = subprocess.Popen(
-                # Every interface: the tasks on the allocation's other nodes connect to it (the seals,
-                # not the address, keep others out; see the README's threat model).
-                [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(port), "--host", "0.0.0.0",
-                 "--run-dir", self.run_dir,
-                 "--job", job_path] + ([] if job.logger.progress else ["--no-progress"]),
-                env=env, start_new_session=True)
-            self.store = store = self._connect(port)
-            self.control = C.open_control("127.0.0.1", port, env[P.TOKEN_ENV], store=store, role="launcher")
+            if job.recovery.control == "etcd":  # workers (and the standbys) find the leader through etcd
+                from kintsugi.trainer.launch.etcd_control import Coordinators, locator, worker_env
+                env.update(worker_env(job))
+                self.coordinators = Coordinators(lambda standby: self._start_coordinator(standby, port),
+                                                 job.recovery.standbys, locator(job),
+                                                 start_standbys=self._start_standby_step, owner=self._owner)
+                self.coordinator = self.coordinators.start()
+                try:
+                    info = self.coordinators.wait_for_leader(job.launcher.start_timeout_s)
+                except RuntimeError as e:  # it said why on stderr (a prefix taken, etcd unreachable)
+                    print(f"kintsugi: {e}", file=sys.stderr, flush=True)
+                    return self.coordinator.poll() or 1
+                self.control = C.open_control(*P.parse_addr(info.address), env[P.TOKEN_ENV], role="launcher",
+                                              timeout_s=job.launcher.start_timeout_s, locate=self.coordinators.locate)
+            else:
+                self.coordinator = self._start_coordinator(False, port)
+                self.store = store = self._connect(port)
+                self.control = C.open_control("127.0.0.1", port, env[P.TOKEN_ENV], store=store, role="launcher")
             self.control.put_json("corpus", self.corpus)
             cmd = srun_command(job, f"{host}:{port}")
             log.info("coordinator on %s:%d; starting %d workers: %s", host, port, tasks_needed(job), shlex.join(cmd))
@@ -186,12 +220,59 @@ class SlurmRun:
                 signal.signal(s, h)
             self._cleanup()
 
-    def _check_workers_ready(self) -> None:
+    def _start_coordinator(self, standby: bool, port: int) -> subprocess.Popen:
+        """A coordinator on this host: the one the run starts with, or (etcd) a fresh standby on a port
+        of its own. Its own session: a signal Slurm sends to the batch step's process group must not
+        kill the store the workers still need (it dies with this process: KINTSUGI_PDEATHSIG). Every
+        interface: the tasks on the allocation's other nodes connect to it (the seals, not the
+        address, keep others out; see the README's threat model)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", str(P.free_port() if standby else port),
+             "--host", "0.0.0.0", "--run-dir", self.run_dir, "--job", self.job_path] +
+            ([] if self.job.logger.progress else ["--no-progress"]) + (["--standby"] if standby else []),
+            env=self.env, start_new_session=True)
+
+    def _start_standby_step(self, n: int) -> List[subprocess.Popen]:
+        cmd = standby_command(self.job, self.run_dir, self.job_path)
+        log.info("starting %d standby coordinator(s): %s", n, shlex.join(cmd))
+        self.standby_step = subprocess.Popen(cmd, env=dict(self.env, KINTSUGI_CANDIDATE_TAG=STANDBY_TAG),
+                                             start_new_session=True)
+        return [self.standby_step]
+
+    def _owner(self, candidate: str) -> Optional[subprocess.Popen]:
+        """The process a leader's candidate (host:pid:tag) belongs to: the standby step for a tag it
+        gave, a coordinator started here for one of this host's pids, None for someone else's."""
+        host, _, rest = candidate.partition(":")
+        pid, _, tag = rest.partition(":")
+        if tag.startswith(STANDBY_TAG + "-"):
+            return self.standby_step
+        if host == socket.gethostname() and pid.isdigit() and self.coordinators is not None:
+            return next((p for p in self.coordinators.procs if p.pid == int(pid)), None)
+        return None
+
+    def _coordinator_exit(self) -> Optional[int]:
+        """The run's exit code once its coordinator ended. Under etcd a coordinator that dies is one
+        of several: the run ends with the code of the one that led when it shut down."""
+        if self.coordinators is None:
+            return self.coordinator.poll()
+        if self.shutdown_epoch is None and self._read("shutdown") is not None:
+            self.shutdown_epoch = self.control.leader_epoch
+        rc = self.coordinators.poll(self.shutdown_epoch)
+        self.coordinator = self.coordinators.leader() or self.coordinator
+        return rc
+
+    def _read(self, key: str):
+        """A value from the leader's store, or None while it is away (the connection follows the
+        leader: etcd) or the value is not there."""
         try:
-            ready = self.control.get_json_or("started") is not None
-        except (RuntimeError, ValueError):
-            return
-        if ready:
+            if self.control.away and not self.control.reconnect():
+                return None
+            return self.control.get_json_or(key)
+        except (RuntimeError, ValueError):  # CoordinatorAway is a RuntimeError
+            return None
+
+    def _check_workers_ready(self) -> None:
+        if self._read("started") is not None:
             self.workers_ready = True
             while self.pending and self.srun.poll() is None:
                 sig = self.pending.pop(0)
@@ -215,7 +296,7 @@ class SlurmRun:
         grace = max(30.0, 3 * self.job.recovery.heartbeat_timeout_s)
         srun_gone: Optional[float] = None
         while True:
-            rc = self.coordinator.poll()
+            rc = self._coordinator_exit()
             if rc is not None:
                 return rc
             now = time.time()
@@ -241,13 +322,19 @@ class SlurmRun:
         coordinator; nothing is left behind."""
         if self.srun is not None:
             self._stop(self.srun, wait_s=15.0 if self.coordinator and self.coordinator.poll() is not None else 0.0)
-        if self.coordinator is not None and self.coordinator.poll() is None:
-            self.coordinator.terminate()  # writes coordinator_state.json on its way out
-            try:
-                self.coordinator.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.coordinator.kill()
-                self.coordinator.wait()
+        coordinators = self.coordinators.procs if self.coordinators is not None else [self.coordinator]
+        if self.coordinators is not None:  # standbys that find the run ended exit by themselves
+            deadline = time.monotonic() + 10.0
+            while any(p.poll() is None for p in coordinators) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        for p in coordinators:
+            if p is not None and p.poll() is None:
+                p.terminate()  # writes coordinator_state.json on its way out (srun passes it to its tasks)
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
 
     @staticmethod
     def _stop(proc: subprocess.Popen, wait_s: float) -> None:
@@ -283,9 +370,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`python -m trainer.launch.slurm worker --coordinator host:port`: one srun task = one Kintsugi worker."""
     import argparse
     ap = argparse.ArgumentParser(prog="python -m kintsugi.trainer.launch.slurm", description=main.__doc__)
-    ap.add_argument("role", choices=["worker"])
-    ap.add_argument("--coordinator", required=True, help="host:port of the coordinator on the batch host")
+    ap.add_argument("role", choices=["worker", "standby"])
+    ap.add_argument("--coordinator", help="worker: host:port of the coordinator on the batch host")
+    ap.add_argument("--run-dir", help="standby: the run directory (shared storage)")
+    ap.add_argument("--job", help="standby: the job.json the batch host wrote")
+    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.role == "standby":
+        if not (args.run_dir and args.job):
+            ap.error("standby needs --run-dir and --job")
+        # This task becomes the coordinator (its pid is the one it campaigns under), listening on
+        # every interface of this node on a free port; it publishes this node's name once it leads.
+        os.execv(sys.executable, [sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--standby",
+                                  "--port", str(P.free_port()), "--host", "0.0.0.0", "--run-dir", args.run_dir,
+                                  "--job", args.job] + (["--no-progress"] if args.no_progress else []))
+    if not args.coordinator:
+        ap.error("worker needs --coordinator")
     _hold_early_notices()
     from kintsugi.trainer.runtime.worker import main as worker_main
     return worker_main(["--coordinator", args.coordinator, "--wid", worker_id()])
