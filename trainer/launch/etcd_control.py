@@ -85,12 +85,18 @@ class Coordinators:
     """A launcher's coordinator processes under etcd. `start(standby)` starts one on this machine;
     `start_standbys(n)` the first n standbys (default: n x `start(True)`; Slurm: one srun step whose
     tasks run on other nodes). `owner(candidate)` is the process among `procs` that a leader's
-    candidate name belongs to (default: the one with its pid), None for a coordinator not ours."""
+    candidate name belongs to (default: the one with its pid), None for a coordinator not ours.
+    `defer_s` > 0: a lost coordinator's replacement waits while other standbys run, until one of them
+    leads or `defer_s` passes, so that a fresh process never races the standbys that campaigned all
+    along (Slurm: the failover goes to the standby step on another node, as meant)."""
 
     def __init__(self, start: Callable[[bool], subprocess.Popen], standbys: int, locate,
                  start_standbys: Optional[Callable[[int], List[subprocess.Popen]]] = None,
-                 owner: Optional[Callable[[str], Optional[subprocess.Popen]]] = None):
+                 owner: Optional[Callable[[str], Optional[subprocess.Popen]]] = None, defer_s: float = 0.0):
         self._start, self.standbys, self.locate = start, standbys, locate
+        self.defer_s = defer_s
+        self.deferred: List[tuple] = []  # (start by, newest epoch seen when it was lost) per replacement
+        self.newest_epoch = 0
         self._start_standbys = start_standbys or (lambda n: [start(True) for _ in range(n)])
         self.steps: set = set()  # pids of the processes that start_standbys returned, when it is not the default
         if start_standbys is not None:
@@ -132,6 +138,8 @@ class Coordinators:
             return
         self._seen_at = now
         info = self.locate.current()
+        if info is not None and info.address:
+            self.newest_epoch = max(self.newest_epoch, info.epoch)
         if info is not None and info.epoch not in self.led:
             proc = self._owner(info.candidate)
             if proc is not None:
@@ -183,8 +191,18 @@ class Coordinators:
                           self.replacements)
                 continue
             self.replacements += 1
+            if self.defer_s > 0 and any(q.poll() is None for q in self.procs):
+                log.warning("coordinator pid %d %s (code %s); a fresh standby follows once another leads "
+                            "(%d of %d)", p.pid, "led and died" if led else "exited", rc, self.replacements,
+                            MAX_REPLACEMENTS)
+                self.deferred.append((time.monotonic() + self.defer_s, self.newest_epoch))
+                continue
             log.warning("coordinator pid %d %s (code %s); starting a fresh standby (%d of %d)", p.pid,
                         "led and died" if led else "exited", rc, self.replacements, MAX_REPLACEMENTS)
+            self.procs.append(self._start(True))
+        for due in [d for d in self.deferred if shutdown_epoch is None and (
+                self.newest_epoch > d[1] or time.monotonic() > d[0] or all(q.poll() is not None for q in self.procs))]:
+            self.deferred.remove(due)
             self.procs.append(self._start(True))
         if all(p.poll() is not None for p in self.procs):
             return self.procs[-1].returncode if shutdown_epoch is None else 1

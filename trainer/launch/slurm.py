@@ -188,7 +188,8 @@ class SlurmRun:
                 env.update(worker_env(job))
                 self.coordinators = Coordinators(lambda standby: self._start_coordinator(standby, port),
                                                  job.recovery.standbys, locator(job),
-                                                 start_standbys=self._start_standby_step, owner=self._owner)
+                                                 start_standbys=self._start_standby_step, owner=self._owner,
+                                                 defer_s=job.recovery.etcd.lease_ttl_s + 2.0)
                 self.coordinator = self.coordinators.start()
                 try:
                     info = self.coordinators.wait_for_leader(job.launcher.start_timeout_s)
