@@ -104,7 +104,7 @@ def test_cuda_or_nccl_without_cuda_is_one_line(override, needle):
 
 @pytest.mark.parametrize("extra,words", [
     (["launcher=torchrun", "recovery.coordinator=10.0.0.1:29400"], ["recovery.coordinator", "through etcd"]),
-    (["launcher=slurm", "recovery.standbys=1"], ["recovery.standbys=1", "launcher=local or torchrun"]),
+    (["launcher=deepspeed", "recovery.standbys=1"], ["recovery.standbys=1", "launcher=local, torchrun or slurm"]),
 ])
 def test_etcd_settings_a_launcher_cannot_honour_are_refused_in_one_line(extra, words):
     from kintsugi.trainer.config.errors import ConfigError

@@ -144,7 +144,8 @@ class Coordinators:
             proc = self._owner(info.candidate)
             if proc is not None:
                 self.led[info.epoch] = proc.pid
-                log.info("coordinator %s leads (epoch %d) at %s", info.candidate, info.epoch, info.address)
+                log.info("coordinator pid %s leads (epoch %d) at %s", _pid_of(info.candidate), info.epoch,
+                         info.address)
 
     def leader(self) -> Optional[subprocess.Popen]:
         """The process that leads the newest epoch seen (the target of `target: coordinator` faults)."""

@@ -12,6 +12,11 @@ script requeues the job on 75; the requeued job (SLURM_RESTART_COUNT > 0) resume
 checkpoint in the same run dir. SIGTERM / SIGUSR1 that reach this process (`scancel --batch` or
 `--full`, `--signal=B:USR1@90`) are forwarded to the workers through srun, so they work too.
 
+With `recovery.control=etcd` the workers find the leader through etcd, and `recovery.standbys=N`
+starts N standby coordinators as a second srun step on nodes 1.. of the allocation (`standby_command`);
+a coordinator that dies is replaced by a fresh standby here once another leads. The run ends with the
+exit code of the coordinator that led when it shut down.
+
 Worker ids are `slurm-<jobid>-r<restart>-<task>`: unique per task and per requeue. Extra srun
 options: `KINTSUGI_SRUN_ARGS="--cpus-per-task=8 --mem-per-cpu=4G"`. The coordinator address the
 workers dial is this host's name; set `KINTSUGI_COORDINATOR_HOST` when compute nodes reach the batch
@@ -87,7 +92,8 @@ def allocation_has_gpus(env: Optional[Dict[str, str]] = None) -> bool:
 def srun_command(job: JobConfig, coordinator: str, env: Optional[Dict[str, str]] = None) -> List[str]:
     """The one srun that starts every worker: a task per slot plus the spares."""
     env = os.environ if env is None else env
-    cmd = ["srun", f"--ntasks={tasks_needed(job)}", "--kill-on-bad-exit=0", "--job-name=kintsugi-workers"]
+    # --no-kill: a node that fails takes its own tasks, not the step (its slots are rebuilt elsewhere)
+    cmd = ["srun", f"--ntasks={tasks_needed(job)}", "--kill-on-bad-exit=0", "--no-kill", "--job-name=kintsugi-workers"]
     if allocation_has_gpus(env):
         cmd.append("--gpus-per-task=1")
     if env.get("SLURM_STEP_ID") not in (None, "", "batch", "4294967294"):
@@ -109,7 +115,7 @@ def standby_command(job: JobConfig, run_dir: str, job_path: str, env: Optional[D
     env = os.environ if env is None else env
     n = job.recovery.standbys
     nodes = _int_env("SLURM_JOB_NUM_NODES", env=env) or _int_env("SLURM_NNODES", 1, env=env)
-    cmd = ["srun", "--overlap", f"--ntasks={n}", "--kill-on-bad-exit=0", "--job-name=kintsugi-standby"]
+    cmd = ["srun", "--overlap", f"--ntasks={n}", "--kill-on-bad-exit=0", "--no-kill", "--job-name=kintsugi-standby"]
     if nodes > 1:
         cmd += ["--relative=1", f"--nodes={min(n, nodes - 1)}"]
     else:
@@ -368,7 +374,8 @@ def worker_id(env: Optional[Dict[str, str]] = None) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m trainer.launch.slurm worker --coordinator host:port`: one srun task = one Kintsugi worker."""
+    """`python -m trainer.launch.slurm worker --coordinator host:port`: one srun task = one Kintsugi worker;
+    `... standby --run-dir D --job J`: one srun task = one standby coordinator (recovery.control=etcd)."""
     import argparse
     ap = argparse.ArgumentParser(prog="python -m kintsugi.trainer.launch.slurm", description=main.__doc__)
     ap.add_argument("role", choices=["worker", "standby"])
