@@ -45,10 +45,12 @@ its data on disk (not tmpfs: etcd fsyncs its log, as the local store fsyncs its 
   step times (steps 2 and later). Needs two cores. `--etcd-on local` pins the etcd members to the
   local run's core instead: the etcd run then pays only for its own processes (as with etcd on
   machines of its own) and the local run for the idle cluster. Each round reports the members'
-  CPU as a share of one core.
+  CPU as a share of one core. `--etcd-on both` alternates the two every two rounds (each pair
+  swaps the cores) and reports the etcd mode's own cost per step, the members' CPU cancelled: the
+  mean of the two groups' mean overheads, with its standard error and one-sided 95 % upper bound.
 
     python -m benchmarks.control_failover [--runs 5] [--ttl 3] [--saves 300] [--train-runs 5]
-        [--train-steps 40] [--pairs 3] [--overhead-steps 30] [--side-by-side 0] [--side-steps 60] [--etcd-on etcd|local]
+        [--train-steps 40] [--pairs 3] [--overhead-steps 30] [--side-by-side 0] [--side-steps 60] [--etcd-on etcd|local|both]
         [--out PATH]
 
 Prints one JSON line and writes it to outputs/benchmarks/control_failover.json (or --out).
@@ -57,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -306,12 +309,14 @@ def measure_side_by_side(cluster, workdir: str, rounds: int, steps: int, ttl: in
     env = _trainer_env()
     members = [p.pid for p in cluster.procs if p is not None]
     meds: dict = {"local": [], "etcd": []}
-    ratios, etcd_share = [], []
+    ratios, etcd_share, members_on = [], [], []
     try:
         for k in range(rounds):
             core = {"local": cpus[k % 2], "etcd": cpus[1 - k % 2]}
+            on = etcd_on if etcd_on != "both" else ("etcd", "local")[(k // 2) % 2]  # both: each pair of rounds
+            members_on.append(on)
             for pid in members:
-                _pin(pid, {core[etcd_on]})
+                _pin(pid, {core[on]})
             etcd_before, t0 = _proc_cpu_s(members), time.monotonic()
             procs = {}
             for mode in ("local", "etcd") if k % 2 == 0 else ("etcd", "local"):
@@ -336,12 +341,34 @@ def measure_side_by_side(cluster, workdir: str, rounds: int, steps: int, ttl: in
     finally:
         for pid in members:
             _pin(pid, set(cpus))
-    return {"side_by_side_rounds": rounds, "side_by_side_steps": steps, "side_by_side_etcd_on": etcd_on,
-            "side_by_side_etcd_core_share_pct": [round(100 * x, 2) for x in etcd_share],
-            "side_by_side_overhead_pct": round(100 * statistics.median(ratios), 2),
-            "side_by_side_mean_overhead_pct": round(100 * statistics.mean(ratios), 2),
-            "side_by_side_per_round_pct": [round(100 * x, 2) for x in ratios],
-            "side_by_side_median_step_s": meds}
+    out = {"side_by_side_rounds": rounds, "side_by_side_steps": steps, "side_by_side_etcd_on": etcd_on,
+           "side_by_side_etcd_core_share_pct": [round(100 * x, 2) for x in etcd_share],
+           "side_by_side_overhead_pct": round(100 * statistics.median(ratios), 2),
+           "side_by_side_mean_overhead_pct": round(100 * statistics.mean(ratios), 2),
+           "side_by_side_per_round_pct": [round(100 * x, 2) for x in ratios],
+           "side_by_side_members_on": members_on,
+           "side_by_side_median_step_s": meds}
+    if etcd_on == "both":
+        out.update(own_cost([r for r, on in zip(ratios, members_on) if on == "etcd"],
+                            [r for r, on in zip(ratios, members_on) if on == "local"]))
+    return out
+
+
+def own_cost(members_on_etcd: list, members_on_local: list) -> dict:
+    """What the etcd mode's own processes cost per step, the etcd members' CPU taken out: with the
+    members on the etcd run's core a round charges their share to the etcd run (+m), with them on
+    the local run's core to the local run (-m, nearly), so the mean of the two groups' means leaves
+    the mode's own cost. Its standard error from the two groups' spreads, and the one-sided 95 %
+    upper bound (mean + 1.645 s.e., normal approximation)."""
+    g, h = members_on_etcd, members_on_local
+    if len(g) < 2 or len(h) < 2:
+        return {}
+    est = (statistics.mean(g) + statistics.mean(h)) / 2
+    se = math.sqrt(statistics.variance(g) / len(g) + statistics.variance(h) / len(h)) / 2
+    return {"side_by_side_members_on_etcd_mean_pct": round(100 * statistics.mean(g), 2),
+            "side_by_side_members_on_local_mean_pct": round(100 * statistics.mean(h), 2),
+            "side_by_side_own_cost_pct": round(100 * est, 2), "side_by_side_own_cost_se_pct": round(100 * se, 2),
+            "side_by_side_own_cost_upper95_pct": round(100 * (est + 1.645 * se), 2)}
 
 
 def _median_step_s(records: List[dict]) -> float:
@@ -405,9 +432,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
                    help="also run both modes at once, one core each, swapped every round (see "
                         "measure_side_by_side), ROUNDS rounds of --side-steps steps")
     p.add_argument("--side-steps", type=int, default=60)
-    p.add_argument("--etcd-on", choices=("etcd", "local"), default="etcd",
+    p.add_argument("--etcd-on", choices=("etcd", "local", "both"), default="etcd",
                    help="side by side: whose core the etcd members share (etcd: the etcd run pays for "
-                        "them; local: the local run does, and the etcd run pays only for its own processes)")
+                        "them; local: the local run does, and the etcd run pays only for its own processes; "
+                        "both: alternately, every two rounds, and the mode's own cost with the members' "
+                        "taken out, its standard error and 95 %% upper bound)")
     p.add_argument("--out", default=OUT_PATH)
     args = p.parse_args(argv)
     from kintsugi.recovery.etcd_local import LocalEtcd
