@@ -242,16 +242,20 @@ class SlurmRun:
     def _start_standby_step(self, n: int) -> List[subprocess.Popen]:
         cmd = standby_command(self.job, self.run_dir, self.job_path)
         log.info("starting %d standby coordinator(s): %s", n, shlex.join(cmd))
-        self.standby_step = subprocess.Popen(cmd, env=dict(self.env, KINTSUGI_CANDIDATE_TAG=STANDBY_TAG),
+        self.standby_step = subprocess.Popen(cmd, env=dict(self.env, KINTSUGI_CANDIDATE_TAG=self._standby_tag()),
                                              start_new_session=True)
         return [self.standby_step]
+
+    @staticmethod
+    def _standby_tag() -> str:
+        return f"{STANDBY_TAG}{os.environ.get('SLURM_JOB_ID', '')}"
 
     def _owner(self, candidate: str) -> Optional[subprocess.Popen]:
         """The process a leader's candidate (host:pid:tag) belongs to: the standby step for a tag it
         gave, a coordinator started here for one of this host's pids, None for someone else's."""
         host, _, rest = candidate.partition(":")
         pid, _, tag = rest.partition(":")
-        if tag.startswith(STANDBY_TAG + "-"):
+        if tag.startswith(self._standby_tag() + "-"):
             return self.standby_step
         if host == socket.gethostname() and pid.isdigit() and self.coordinators is not None:
             return next((p for p in self.coordinators.procs if p.pid == int(pid)), None)
