@@ -97,6 +97,7 @@ class Control:
         self.away_since: Optional[float] = None
         self.outbox: Deque[Tuple[str, Any]] = collections.deque(maxlen=100_000)
         self.on_new_boot: List[Callable[[], None]] = []
+        self.kept: List[Tuple[str, Any, str]] = []  # append_kept's records: (log, record, key once recorded)
 
     def identify(self, store=None, wait_s: float = 5.0) -> Optional[Tuple[str, int]]:
         """The coordinator's current incarnation (boot id, number), learnt by a challenge: write a
@@ -168,6 +169,16 @@ class Control:
                 self._lost(str(e).splitlines()[0][:100])
                 raise CoordinatorAway(str(e)) from e
 
+    def catch_up(self, other: "Control") -> None:
+        """Reconnect when away, or when `other` (another connection of this process) already reached
+        a coordinator that replaced this one's: a newer incarnation or etcd leader. A connection
+        that nobody uses for a while would otherwise keep pointing at a dead store, and what it
+        alone sends again to a new incarnation (append_kept) would wait for its next use."""
+        if not self.away and (other.incarnation > self.incarnation or other.leader_epoch > self.leader_epoch):
+            self._lost(f"a newer coordinator leads (incarnation {other.incarnation}, epoch {other.leader_epoch})")
+        if self.away:
+            self.reconnect()
+
     def _superseded(self) -> bool:
         """A newer leader published its address: the one this request waits on was deposed."""
         return self.locate.newer_than(self.leader_epoch) is not None
@@ -203,6 +214,26 @@ class Control:
             except CoordinatorAway:
                 pass
         self.outbox.append((log_name, obj))
+
+    def append_kept(self, log_name: str, obj: Any, recorded_key: str) -> None:
+        """A record the run cannot end without (the final evaluation): appended as by append_later,
+        and appended again to every new incarnation whose store lacks `recorded_key` (which a
+        coordinator puts once it holds the record). A store can take a record its coordinator never
+        reads: one suspended by a lost etcd quorum serves its store until it is deposed, and a
+        successor starts from what was saved, without it."""
+        self.kept.append((log_name, obj, recorded_key))
+        self.append_later(log_name, obj)
+
+    def _send_kept_again(self) -> None:
+        for log_name, obj, key in self.kept:
+            if any(o is obj for _, o in self.outbox):
+                continue  # still queued: it goes out with the outbox
+            try:
+                if not self.check(key):
+                    log.warning("the new coordinator lacks the %s record sent to its predecessor; sent again", log_name)
+                    self.append_later(log_name, obj)
+            except CoordinatorAway:
+                return
 
     def check(self, key: str) -> bool:
         return self.call(lambda s: s.check([key]))
@@ -244,6 +275,7 @@ class Control:
         if new_boot:
             for cb in self.on_new_boot:
                 cb()
+            self._send_kept_again()
         self.flush()
         return self.away_since is None
 

@@ -197,6 +197,8 @@ class Coordinator:
         b.put("slots", {slot_key(k): v for k, v in st.slots.items()})
         if st.started:
             b.put("started", True)
+        if st.final_val is not None:
+            b.put(P.FINAL_EVAL_KEY, True)
         self.generations.put_counters()
         self.store.add("version", st.version + 1)
 

@@ -17,6 +17,7 @@ import os
 import time
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
+from . import protocol as P
 from .board import Board
 from .control_state import CoordinatorState, Settings
 from .records import dumps_strict
@@ -170,9 +171,12 @@ class Ledger:
 
     # --- evaluations, checkpoints, events ---------------------------------------------------------------
     def on_eval(self, e: dict) -> None:
+        if e.get("final") and self.st.final_val is not None:
+            return  # sent again to this incarnation (Control.append_kept): recorded already
         self.write(dumps_strict(dict(e, wall_s=time.time() - self.st.t0)))
         if e.get("final"):
             self.st.final_val = e["val_loss"]
+            self.board.put(P.FINAL_EVAL_KEY, True)
             self.changed()
         if self.tracker is not None:
             self.tracker.evaluation(e)

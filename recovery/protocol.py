@@ -70,6 +70,9 @@ from .auth import Auth, Forged, Stale
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "KINTSUGI_TOKEN"
+# Put once the coordinator holds the final evaluation (by the evaluating worker too, so that no
+# other runs it twice); a new incarnation's store has it only if the state it restored has it.
+FINAL_EVAL_KEY = "final_eval_done"
 
 
 _LISTENING: List[socket.socket] = []

@@ -167,6 +167,42 @@ def test_quorum_lost_past_the_lease_and_a_worker_killed_meanwhile(etcd_cluster, 
     assert rereg and max(rereg) > before, f"re-registered at steps {rereg}; {before} recorded before the outage"
 
 
+@pytest.mark.timeout(600)
+def test_quorum_lost_as_the_run_ends_the_final_evaluation_still_counts(etcd_cluster, tmp_path):
+    """Two members of three die as the workers train the last steps. The leader, suspended without
+    a quorum, still serves its store but records nothing; the workers finish, and the last stage
+    puts the final evaluation into that store. The leader is deposed (its store, and the record
+    in it, gone) and once quorum returns a new epoch leads from what was saved, which lacks the
+    final evaluation. The run must still end: the evaluating worker sends it again to the new
+    leader, which records it once. (Found by benchmarks.control_failover: the run waited for ever.)"""
+    # The leader is suspended from its lease deadline (at most the TTL after the kill) until the
+    # grace ends, 20 s later here; the workers' last 16 steps (~0.3 s each) and the final evaluation
+    # fall inside that window.
+    steps = 24
+    prefix = new_prefix("ending")
+    run = BackgroundRun(tmp_path / "run", *quick_job(steps), *etcd_args(etcd_cluster.endpoints, prefix),
+                        "recovery.etcd.lease_grace_s=20")
+    final_weights = tmp_path / "run" / "final" / "stage3.safetensors"   # written after the final evaluation
+    try:
+        run.wait_steps(steps - 16)
+        etcd_cluster.kill(1)
+        etcd_cluster.kill(2)
+        _wait_for("the workers' final evaluation", final_weights.exists, 120, run)
+        _wait_for("standing down of the leader", lambda: "no longer leads" in run.stderr(), TTL_S + 60, run)
+        etcd_cluster.restart(1)
+        etcd_cluster.restart(2)
+        etcd_cluster.wait_healthy(60)
+        rc, summary, records, err = run.wait(RUN_TIMEOUT_S)
+    finally:
+        run.stop()
+    assert rc == 0, err[-4000:]
+    exactly_once(records, 1, steps)
+    finals = [r for r in records if "val_loss" in r and r.get("final")]
+    assert len(finals) == 1 and summary["final_val_loss"] == finals[0]["val_loss"], finals
+    # The path this test exists for was taken: the new leader lacked the record and got it again.
+    assert "lacks the eval record sent to its predecessor; sent again" in err, err[-3000:]
+
+
 def _undisturbed(rc, summary, records, err, plain, run_dir, what):
     """The run completed as the undisturbed one did (exit 0, every step once, the same losses and
     final loss, nothing failed or rebuilt); returns the tampering it counted, by kind."""

@@ -19,6 +19,7 @@ import sys
 import time
 
 from kintsugi.recovery.plan import SuspendPlan
+from kintsugi.recovery.protocol import FINAL_EVAL_KEY
 from kintsugi.recovery.runfiles import EX_SUSPENDED
 
 log = logging.getLogger("kintsugi.worker")
@@ -27,7 +28,7 @@ log = logging.getLogger("kintsugi.worker")
 def end_of_run(w) -> None:
     if w.slot[0] == 0:
         try:
-            done_already = w.control.get_json_or("final_eval_done") is not None
+            done_already = w.control.get_json_or(FINAL_EVAL_KEY) is not None
         except Exception:  # noqa: BLE001 - the coordinator is away: evaluate anyway
             done_already = False
         if not done_already:

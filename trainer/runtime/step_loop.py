@@ -28,6 +28,7 @@ from kintsugi.parallel.schedules import StageExecutor, actions_for, routes_for
 from kintsugi.parallel.topology import Grid
 from kintsugi.parallel.transport import Transport
 from kintsugi.recovery import control as C
+from kintsugi.recovery.protocol import FINAL_EVAL_KEY
 from kintsugi.recovery.commit import Commit, finite_total
 from kintsugi.recovery.plan import CellPlan, Slot
 from kintsugi.trainer.config.job import JobConfig
@@ -78,10 +79,13 @@ class Evaluator:
                 if loss is not None:
                     total, n = total + loss, n + 1
         if self.executor.stage == S - 1:
-            self.control.append_later("eval", {"step": step, "val_loss": total / max(n, 1), "final": final})
-            if final:
+            rec = {"step": step, "val_loss": total / max(n, 1), "final": final}
+            if final:  # the run cannot end without it: a new coordinator that lacks it gets it again
+                self.control.append_kept("eval", rec, FINAL_EVAL_KEY)
                 with contextlib.suppress(Exception):
-                    self.control.put_json("final_eval_done", True)
+                    self.control.put_json(FINAL_EVAL_KEY, True)
+            else:
+                self.control.append_later("eval", rec)
 
 
 class StepLoop:

@@ -73,8 +73,8 @@ class Watcher(threading.Thread):
     def run(self) -> None:
         train_conn = self.w.control
         while not self.shutdown.is_set():
-            if train_conn.away and not self.control.away:
-                train_conn.reconnect()  # the training thread's own connection
+            if not self.control.away:
+                train_conn.catch_up(self.control)  # the training thread's own connection
             if self.control.away:
                 ended = self.control.locate.ended() if self.control.locate is not None else None
                 if ended is not None and not self.control.locate.current():
