@@ -109,3 +109,36 @@ def test_leader_killed_right_after_a_worker(shared_etcd, tmp_path):
     assert "coordinator reachable again (a new leader, epoch" in proc.stderr
     assert summary["failures"] == 1 and [tuple(rb["slot"]) for rb in summary["rebuilds"]] == [(0, 2)]
     exactly_once(records, 1, STEPS)
+
+
+def test_a_resume_beside_a_live_leader_is_refused_in_one_line(shared_etcd, tmp_path):
+    # train.resume starts a run again from its checkpoints and replaces the control state under its
+    # prefix; while another coordinator leads that prefix it must not campaign (it would wait, then
+    # wipe a live run's state) but stop at once, saying what to do instead.
+    import json
+    import subprocess
+    import sys
+    from etcd_helpers import subprocess_env
+    from kintsugi.recovery.etcd_election import Election
+    from kintsugi.trainer.cli.compose import compose_job
+    prefix = new_prefix("resume-live")
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)  # what compose checks; the refusal comes first
+    live = Election(EtcdClient(shared_etcd.endpoints), prefix, ttl_s=TTL_S, candidate="elsewhere:1:live")
+    assert live.campaign(timeout_s=30)
+    live.publish("10.0.0.9:29400")
+    try:
+        job, _ = compose_job(["experiment=quick", "recovery.control=etcd", f"recovery.etcd.prefix={prefix}",
+                              f"recovery.etcd.endpoints=[{','.join(shared_etcd.endpoints)}]",
+                              f"train.resume={tmp_path / 'old'}"])
+        job_path = tmp_path / "job.json"
+        job_path.write_text(json.dumps(job.public_dict()))
+        proc = subprocess.run([sys.executable, "-m", "kintsugi.trainer.cli.coordinator", "--port", "0",
+                               "--run-dir", str(tmp_path / "run"), "--job", str(job_path), "--no-progress"],
+                              env=dict(subprocess_env(), KINTSUGI_TOKEN="t" * 32), capture_output=True, text=True,
+                              timeout=60)
+        assert live.is_leader, "the refused coordinator took the lead"
+    finally:
+        live.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "recovery.control=etcd" in line]
+    assert len(lines) == 1 and "elsewhere:1:live" in lines[0] and "--standby" in lines[0], proc.stderr[-2000:]
