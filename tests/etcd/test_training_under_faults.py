@@ -52,6 +52,14 @@ def _wait_for(what, predicate, timeout, run):
         time.sleep(0.05)
 
 
+def _quorum_back_then_the_end(etcd_cluster, run):
+    """Members 1 and 2 (killed by the test) back, the cluster healthy, then the run's end (run.wait)."""
+    etcd_cluster.restart(1)
+    etcd_cluster.restart(2)
+    etcd_cluster.wait_healthy(60)
+    return run.wait(RUN_TIMEOUT_S)
+
+
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     """The same job under the default (local) control plane, undisturbed: the losses to match."""
@@ -130,10 +138,7 @@ def test_quorum_lost_past_the_lease_and_a_worker_killed_meanwhile(etcd_cluster, 
                                         f"{run.stderr()[-3000:]}"
         assert time.monotonic() - outage > TTL_S
         returned = time.time()
-        etcd_cluster.restart(1)
-        etcd_cluster.restart(2)
-        etcd_cluster.wait_healthy(60)
-        rc, summary, records, err = run.wait(RUN_TIMEOUT_S)
+        rc, summary, records, err = _quorum_back_then_the_end(etcd_cluster, run)
     finally:
         run.stop()
     log = run.log()
@@ -189,10 +194,7 @@ def test_quorum_lost_as_the_run_ends_the_final_evaluation_still_counts(etcd_clus
         etcd_cluster.kill(2)
         _wait_for("the workers' final evaluation", final_weights.exists, 120, run)
         _wait_for("standing down of the leader", lambda: "no longer leads" in run.stderr(), TTL_S + 60, run)
-        etcd_cluster.restart(1)
-        etcd_cluster.restart(2)
-        etcd_cluster.wait_healthy(60)
-        rc, summary, records, err = run.wait(RUN_TIMEOUT_S)
+        rc, summary, records, err = _quorum_back_then_the_end(etcd_cluster, run)
     finally:
         run.stop()
     assert rc == 0, err[-4000:]

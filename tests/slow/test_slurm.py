@@ -49,6 +49,17 @@ def cluster():
         subprocess.run([CLUSTER, "stop"], capture_output=True, timeout=60)
 
 
+def _submit(tmp_path, run_dir, *overrides):
+    """sbatch the template into `run_dir` with these overrides: (job id, path of its output)."""
+    log = str(tmp_path / "slurm-%j.out")
+    env = dict(os.environ, KINTSUGI_RUN_DIR=run_dir, WANDB_MODE="disabled")
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={log}", SBATCH, *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    jid = proc.stdout.strip().split(";")[0]
+    return jid, log.replace("%j", jid)
+
+
 def _job(jid):
     """`scontrol show job` as a dict (finished jobs stay visible for MinJobAge=600 s)."""
     out = _run("scontrol", "show", "job", "-o", jid, check=False).stdout
@@ -85,15 +96,9 @@ def _wait(what, cond, timeout, log_path, poll=1.0):
 
 
 def test_usr1_suspends_requeues_and_resumes_exactly(cluster, tmp_path):
-    run_dir, log = str(tmp_path / "run"), str(tmp_path / "slurm-%j.out")
-    env = dict(os.environ, KINTSUGI_RUN_DIR=run_dir, WANDB_MODE="disabled")
-    proc = subprocess.run(
-        ["sbatch", "--parsable", f"--output={log}", SBATCH, "experiment=quick", "parallel.stages=2",
-         f"train.max_steps={STEPS}", "faults=none", "logger=quiet"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    jid = proc.stdout.strip().split(";")[0]
-    log = log.replace("%j", jid)
+    run_dir = str(tmp_path / "run")
+    jid, log = _submit(tmp_path, run_dir, "experiment=quick", "parallel.stages=2", f"train.max_steps={STEPS}",
+                       "faults=none", "logger=quiet")
     try:
         # Training (a few committed steps), then Slurm's warning signal to the worker tasks: the same
         # delivery as `#SBATCH --signal=USR1@90` (every step, not the batch shell).
@@ -181,15 +186,9 @@ def test_etcd_standby_step_takes_over_from_the_batch_hosts_coordinator(cluster, 
            "faults=none", "logger=quiet"]
     etcd = LocalEtcd(3).start()
     try:
-        run_dir, log = str(tmp_path / "run"), str(tmp_path / "slurm-%j.out")
-        env = dict(os.environ, KINTSUGI_RUN_DIR=run_dir, WANDB_MODE="disabled")
-        proc = subprocess.run(
-            ["sbatch", "--parsable", f"--output={log}", SBATCH, *job, "recovery.control=etcd", "recovery.standbys=1",
-             f"recovery.etcd.endpoints=[{','.join(etcd.endpoints)}]"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        jid = proc.stdout.strip().split(";")[0]
-        log = log.replace("%j", jid)
+        run_dir = str(tmp_path / "run")
+        jid, log = _submit(tmp_path, run_dir, *job, "recovery.control=etcd", "recovery.standbys=1",
+                           f"recovery.etcd.endpoints=[{','.join(etcd.endpoints)}]")
         try:
             _wait("5 committed steps", lambda: len(_commits(run_dir)) >= 5, 300, log)
             with open(os.path.join(run_dir, "job.json")) as f:

@@ -97,9 +97,10 @@ class Coordinators:
         self.defer_s = defer_s
         self.deferred: List[tuple] = []  # (start by, newest epoch seen when it was lost) per replacement
         self.newest_epoch = 0
-        self._start_standbys = start_standbys or (lambda n: [start(True) for _ in range(n)])
-        self.steps: set = set()  # pids of the processes that start_standbys returned, when it is not the default
-        if start_standbys is not None:
+        self.steps: set = set()  # pids of the processes a given start_standbys returned (srun steps)
+        if start_standbys is None:
+            self._start_standbys = lambda n: [start(True) for _ in range(n)]
+        else:
             self._start_standbys = lambda n: self._note_steps(start_standbys(n))
         self._owner = owner or (lambda candidate: self._proc(_pid_of(candidate)))
         self.procs: List[subprocess.Popen] = []
@@ -192,15 +193,14 @@ class Coordinators:
                           self.replacements)
                 continue
             self.replacements += 1
-            if self.defer_s > 0 and any(q.poll() is None for q in self.procs):
-                log.warning("coordinator pid %d %s (code %s); a fresh standby follows once another leads "
-                            "(%d of %d)", p.pid, "led and died" if led else "exited", rc, self.replacements,
-                            MAX_REPLACEMENTS)
+            defer = self.defer_s > 0 and any(q.poll() is None for q in self.procs)
+            log.warning("coordinator pid %d %s (code %s); %s (%d of %d)", p.pid, "led and died" if led else "exited",
+                        rc, "a fresh standby follows once another leads" if defer else "starting a fresh standby",
+                        self.replacements, MAX_REPLACEMENTS)
+            if defer:
                 self.deferred.append((time.monotonic() + self.defer_s, self.newest_epoch))
-                continue
-            log.warning("coordinator pid %d %s (code %s); starting a fresh standby (%d of %d)", p.pid,
-                        "led and died" if led else "exited", rc, self.replacements, MAX_REPLACEMENTS)
-            self.procs.append(self._start(True))
+            else:
+                self.procs.append(self._start(True))
         for due in [d for d in self.deferred if shutdown_epoch is None and (
                 self.newest_epoch > d[1] or time.monotonic() > d[0] or all(q.poll() is not None for q in self.procs))]:
             self.deferred.remove(due)
